@@ -1,0 +1,111 @@
+"""The hypervisor driver contract: what the engine needs from QMP, libvirt, ...
+
+Owns the abstract :class:`HypervisorDriver` and :class:`PreparedCut`. A driver knows how to list
+a running VM's disks, prepare everything for a cut *before* the guest is frozen, switch all disks
+at one point in time (:meth:`HypervisorDriver.cut`), and undo a preparation. It never talks to
+the guest agent and never decides when to freeze: only :mod:`freezeframe.engine` sequences
+freeze -> cut -> thaw.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Self
+
+from freezeframe.models import DiskInfo
+
+__all__ = ["DriverCapabilities", "HypervisorDriver", "PreparedCut", "PreparedDisk"]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverCapabilities:
+    """What the planner checks before freezing."""
+
+    atomic_multi_disk: bool  # all disks switch in one atomic operation
+    prepare_outside_freeze: bool  # overlays/targets can be created before the freeze
+    agent_channel_check: bool  # can tell whether the VM has a guest-agent channel
+    pause_resume: bool = False  # can stop/cont the vCPUs (tests, diagnostics)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDisk:
+    """One disk ready to be cut: ``overlay_node`` is already known to the hypervisor and
+    ``overlay_file`` exists; after the cut the VM writes to it and ``image_at_cut``
+    (today's top image) holds the disk as it was at the cut."""
+
+    disk: DiskInfo
+    overlay_file: str
+    overlay_node: str
+    image_at_cut: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCut:
+    """All disks prepared for one cut (opaque to the engine except for reporting)."""
+
+    snapshot_id: str
+    disks: tuple[PreparedDisk, ...] = field(default_factory=tuple)
+
+
+class HypervisorDriver(abc.ABC):
+    """One connection to one running VM's hypervisor. Use as ``async with``.
+
+    Every method raises :class:`~freezeframe.errors.HypervisorError` (or a subclass) and never
+    a foreign error such as ``QMPError`` or ``libvirtError``.
+    """
+
+    name: str = "abstract"
+    capabilities: DriverCapabilities
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect. Raises HypervisorUnavailableError when the VM cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect; never raises."""
+
+    @abc.abstractmethod
+    async def disks(self) -> list[DiskInfo]:
+        """The VM's writable disks with their top node, image file, format and PCI address.
+        Excludes CD-ROMs and empty drives."""
+
+    @abc.abstractmethod
+    async def agent_channel(self) -> str | None:
+        """The guest-agent channel's host-side path (or id) if the VM has a virtio-serial port
+        named ``org.qemu.guest_agent.0``; None when it has none."""
+
+    @abc.abstractmethod
+    async def prepare_cut(
+        self, snapshot_id: str, disks: list[DiskInfo], overlay_dir: str | None = None
+    ) -> PreparedCut:
+        """Create one overlay per disk (next to its image unless ``overlay_dir``) and make it
+        known to the hypervisor, without switching anything. On failure everything already
+        prepared is removed and CutError is raised."""
+
+    @abc.abstractmethod
+    async def cut(self, prepared: PreparedCut) -> None:
+        """Switch every prepared disk to its overlay in ONE atomic operation. On failure
+        nothing is switched (the operation is all-or-nothing) and CutError is raised; the
+        preparation is still in place, call :meth:`abort`."""
+
+    @abc.abstractmethod
+    async def abort(self, prepared: PreparedCut) -> None:
+        """Remove a preparation that was not cut: forget the overlay nodes, delete the files.
+        Best effort, never raises; logs what it could not remove."""
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP ``stop``). Optional capability."""
+        raise NotImplementedError
+
+    async def resume(self) -> None:
+        """Resume the vCPUs (QMP ``cont``). Optional capability."""
+        raise NotImplementedError

@@ -1,0 +1,305 @@
+"""The data freezeframe talks about: frozen dataclasses and enums, no behaviour beyond helpers.
+
+Owns the vocabulary shared by every layer (agent, hypervisor, storage, catalog, engine, cli).
+Nothing here does I/O. Replies from QMP and QGA are narrowed into these types at the edge of
+the module that receives them; the rest of the code never sees raw JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = [
+    "AgentInfo",
+    "ConsistencyLevel",
+    "DiskInfo",
+    "ExecResult",
+    "FreezeIntent",
+    "FsCheck",
+    "FsFreezeState",
+    "FsVerdict",
+    "GuestDisk",
+    "GuestFilesystem",
+    "PciAddress",
+    "QuiescePolicy",
+    "SnapshotDisk",
+    "SnapshotFilesystem",
+    "SnapshotRecord",
+    "SnapshotStatus",
+    "TimelineEvent",
+    "Verification",
+    "VerifyVerdict",
+    "VmConfig",
+]
+
+
+class QuiescePolicy(enum.StrEnum):
+    """What to do about the guest freeze; mirrors the cloud's ``os_require_quiesce``.
+
+    - ``required``: any freeze problem fails the snapshot and leaves nothing behind.
+    - ``preferred``: try to freeze; on a problem, still cut atomically, record ``crash``.
+    - ``off``: do not freeze; the snapshot is crash-consistent.
+    """
+
+    REQUIRED = "required"
+    PREFERRED = "preferred"
+    OFF = "off"
+
+
+class ConsistencyLevel(enum.StrEnum):
+    """How consistent a snapshot is; ordered: application > filesystem > crash > none."""
+
+    APPLICATION = "application"
+    FILESYSTEM = "filesystem"
+    CRASH = "crash"
+    NONE = "none"
+
+    @property
+    def rank(self) -> int:
+        """Higher is stronger."""
+        return _LEVEL_RANK[self]
+
+    @staticmethod
+    def weakest(levels: list[ConsistencyLevel]) -> ConsistencyLevel:
+        """The weakest of ``levels``; ``NONE`` for an empty list."""
+        if not levels:
+            return ConsistencyLevel.NONE
+        return min(levels, key=lambda lv: lv.rank)
+
+
+_LEVEL_RANK = {
+    ConsistencyLevel.APPLICATION: 3,
+    ConsistencyLevel.FILESYSTEM: 2,
+    ConsistencyLevel.CRASH: 1,
+    ConsistencyLevel.NONE: 0,
+}
+
+
+class SnapshotStatus(enum.StrEnum):
+    """Lifecycle of a snapshot record."""
+
+    RUNNING = "running"  # write-ahead record exists, work in progress (or the process died)
+    DONE = "done"
+    FAILED = "failed"
+
+
+class FsFreezeState(enum.StrEnum):
+    """``guest-fsfreeze-status``."""
+
+    THAWED = "thawed"
+    FROZEN = "frozen"
+
+
+class VerifyVerdict(enum.StrEnum):
+    """Offline verdict for one filesystem or a whole snapshot (worst wins for the whole)."""
+
+    CONSISTENT = "verified-consistent"
+    NEEDS_RECOVERY = "needs-recovery"
+    CORRUPT = "corrupt"
+    UNCHECKED = "unchecked"  # no checker for that filesystem type
+
+    @property
+    def badness(self) -> int:
+        return {"verified-consistent": 0, "unchecked": 1, "needs-recovery": 2, "corrupt": 3}[
+            self.value
+        ]
+
+
+# ---------------------------------------------------------------------------- VM configuration
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """A VM known to freezeframe (``vm add`` or registered by ``lab up``).
+
+    ``agent`` mirrors ``hw_qemu_guest_agent``: when False, no agent is contacted at all.
+    ``agent_log_path`` is a path *inside the guest* of qemu-ga's log file, read as evidence.
+    """
+
+    name: str
+    driver: str = "qmp"
+    qmp_path: str | None = None
+    qga_path: str | None = None
+    agent: bool = True
+    quiesce: QuiescePolicy = QuiescePolicy.PREFERRED
+    freeze_timeout: float = 10.0
+    agent_log_path: str | None = None
+    exclude_mounts: tuple[str, ...] = ()
+    lab: bool = False
+
+
+# ---------------------------------------------------------------------------- guest agent
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    """``guest-info``: the agent's version and which commands it supports and has enabled."""
+
+    version: str
+    commands: dict[str, bool] = field(default_factory=dict)  # name -> enabled
+
+    def enabled(self, command: str) -> bool:
+        return self.commands.get(command, False)
+
+
+@dataclass(frozen=True, slots=True)
+class PciAddress:
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDisk:
+    """One backing device of a guest filesystem as the agent reports it."""
+
+    dev: str | None  # e.g. /dev/vdb
+    bus_type: str  # virtio, scsi, ide, ...
+    pci: PciAddress | None
+    serial: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestFilesystem:
+    """``guest-get-fsinfo`` entry."""
+
+    mountpoint: str
+    fstype: str
+    name: str  # kernel device name, e.g. vdb
+    disks: tuple[GuestDisk, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """``guest-exec`` + ``guest-exec-status`` once exited."""
+
+    exitcode: int | None
+    signal: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+# ---------------------------------------------------------------------------- hypervisor
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    """One disk of a running VM, from the hypervisor.
+
+    ``node`` is the top block node (the one an overlay goes on), ``file`` its image file,
+    ``format`` its driver (qcow2, raw, rbd), ``backing`` the chain below it (top first).
+    ``pci`` lets the engine map guest filesystems to disks.
+    """
+
+    device: str  # qdev id / libvirt target, e.g. disk0 / vda
+    node: str
+    file: str
+    format: str
+    virtual_size: int
+    backing: tuple[str, ...] = ()
+    pci: PciAddress | None = None
+    serial: str | None = None
+    read_only: bool = False
+
+
+# ---------------------------------------------------------------------------- snapshot records
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One step of a snapshot. ``t`` is wall-clock time (UTC); ``mono_ns`` a monotonic clock
+    (``time.monotonic_ns``) for exact intervals inside one process."""
+
+    name: str
+    t: datetime
+    mono_ns: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDisk:
+    """A disk in a snapshot: ``image`` is the file holding the disk *at the cut* (read-only
+    from then on), ``overlay`` the new active image the VM writes to after the cut."""
+
+    device: str
+    node: str
+    image: str
+    format: str
+    overlay: str | None
+    backend: str = "qcow2-external"
+    virtual_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotFilesystem:
+    """A guest filesystem and what happened to it at the freeze."""
+
+    mountpoint: str
+    fstype: str
+    device: str | None  # the snapshot disk it lives on (DiskInfo.device), None if unknown
+    frozen: bool
+    reason: str = ""  # why not frozen (unsupported type, excluded, no agent, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class FsCheck:
+    """Offline check of one filesystem of one disk image at the cut."""
+
+    device: str
+    fstype: str
+    verdict: VerifyVerdict
+    detail: str = ""
+    log_replayed: bool = False
+    partition: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """Result of ``snapshot verify``."""
+
+    verdict: VerifyVerdict
+    checked_at: datetime
+    checks: tuple[FsCheck, ...] = ()
+    bytes_read: int = 0
+    duration_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """One snapshot set of one VM, successful or failed."""
+
+    id: str
+    vm: str
+    created_at: datetime
+    status: SnapshotStatus
+    policy: QuiescePolicy
+    level: ConsistencyLevel
+    level_reason: str = ""
+    error: str = ""
+    parent_id: str | None = None
+    disks: tuple[SnapshotDisk, ...] = ()
+    filesystems: tuple[SnapshotFilesystem, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
+    freeze_window_ms: float | None = None
+    evidence: tuple[str, ...] = ()  # agent log lines from the freeze window
+    verification: Verification | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FreezeIntent:
+    """Write-ahead record: a freeze may be in effect in ``vm`` until ``closed_at`` is set."""
+
+    id: int
+    vm: str
+    snapshot_id: str
+    qga_path: str
+    opened_at: datetime
+    owner: str  # host:pid of the process that froze
+    closed_at: datetime | None = None
+    closed_by: str = ""  # "engine", "engine-followup", "recover"
