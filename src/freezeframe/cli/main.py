@@ -1,0 +1,46 @@
+"""The ``freezeframe`` command: one Typer app, one module per subcommand group.
+
+Handlers are thin: they turn arguments into one call on the async core (engine, lab, catalog)
+and print the result; only :func:`main` ever exits the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from freezeframe import __version__
+from freezeframe.cli import lab
+
+app = typer.Typer(
+    name="freezeframe",
+    help="Consistent snapshots of running QEMU/KVM VMs and all their volumes, with proof.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(lab.app, name="lab")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"freezeframe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress to stderr."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    level = logging.DEBUG if verbose or os.environ.get("FREEZEFRAME_DEBUG") else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
