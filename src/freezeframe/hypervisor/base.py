@@ -13,7 +13,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Self
 
-from freezeframe.models import DiskInfo
+from freezeframe.errors import UsageError
+from freezeframe.models import DiskInfo, VmConfig
 
 __all__ = ["DriverCapabilities", "HypervisorDriver", "PreparedCut", "PreparedDisk"]
 
@@ -57,6 +58,12 @@ class HypervisorDriver(abc.ABC):
 
     name: str = "abstract"
     capabilities: DriverCapabilities
+
+    @classmethod
+    def from_config(cls, cfg: VmConfig) -> Self:
+        """An unconnected driver for the VM ``cfg`` describes. Raises UsageError when ``cfg``
+        lacks a setting this driver needs."""
+        raise UsageError(f"driver {cls.name!r} cannot be built from a VM configuration")
 
     async def __aenter__(self) -> Self:
         await self.connect()
