@@ -1,0 +1,592 @@
+"""The QMP hypervisor driver: one QEMU process, reached through its QMP unix socket.
+
+Owns everything freezeframe says to QEMU over QMP (via :mod:`qemu.qmp`): listing the VM's
+writable disks (``query-block``, ``query-pci``, ``qom-get``), finding the guest-agent port
+(``qom-list``/``qom-get``/``query-chardev``), preparing external qcow2 overlays before the
+freeze (``qemu-img create`` + ``blockdev-add``), the atomic cut (ONE ``transaction`` of
+``blockdev-snapshot`` actions), undoing a preparation (``blockdev-del`` + file removal) and
+``stop``/``cont``.
+
+Errors of the layers underneath (``QMPError``, ``ExecuteError``, ``ConnectError``,
+``OSError``, a timeout) are translated here, once, into :class:`~freezeframe.errors.HypervisorError`
+and its subclasses, keeping the original as ``__cause__``. Every QMP command is bounded by the
+driver's ``timeout``.
+
+One client at a time: a QEMU QMP socket started as ``-qmp unix:PATH,server=on,wait=off``
+serves ONE client; a second client's ``connect()`` is accepted by the kernel but never gets a
+greeting until the first disconnects. :meth:`QmpDriver.connect` therefore times out and raises
+:class:`~freezeframe.errors.HypervisorUnavailableError` saying so. Give QEMU a second ``-qmp``
+(or a ``-chardev socket ... -mon chardev=...``) if another tool must stay connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from freezeframe._tools import require, run
+from freezeframe.errors import (
+    CutError,
+    FreezeframeError,
+    HypervisorError,
+    HypervisorUnavailableError,
+)
+from freezeframe.hypervisor.base import (
+    DriverCapabilities,
+    HypervisorDriver,
+    PreparedCut,
+    PreparedDisk,
+)
+from freezeframe.models import DiskInfo, PciAddress
+
+__all__ = ["GUEST_AGENT_PORT", "QmpCommandError", "QmpDriver", "overlay_node_name"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the virtio-serial port qemu-ga listens on inside the guest.
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+
+_SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: < 32 chars, id_wellformed
+_OVERLAY_SUFFIX = re.compile(r"\.ff-[A-Za-z0-9_-]+$")
+_UNIX_CHARDEV = re.compile(r"^(?:disconnected:)?unix:([^,]+)")
+_START_HINT = "start QEMU with -qmp unix:PATH,server=on,wait=off and pass that PATH"
+_ONE_CLIENT_HINT = (
+    "a QEMU QMP socket serves one client at a time: is another client (libvirt, another "
+    "freezeframe, qmp-shell) connected? Otherwise the socket is not a QMP monitor"
+)
+
+
+class QmpCommandError(HypervisorError):
+    """QEMU answered a QMP command with an error object.
+
+    ``command`` is the QMP command, ``qmp_class`` the error's ``class`` (e.g.
+    ``GenericError``, ``DeviceNotFound``).
+    """
+
+    def __init__(
+        self, message: str, *, command: str, qmp_class: str, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.command = command
+        self.qmp_class = qmp_class
+
+
+def overlay_node_name(snapshot_id: str, device: str) -> str:
+    """The QEMU node name of ``device``'s overlay for ``snapshot_id``.
+
+    ``ff-<id>-<device>`` when that is a valid node name (letters, digits, ``-._``, at most 31
+    characters), else ``ff-`` and a 16-hex-digit hash of both.
+    """
+    dev = re.sub(r"[^A-Za-z0-9_.-]", "_", device)
+    name = f"ff-{snapshot_id}-{dev}"
+    if _NODE_NAME.match(name):
+        return name
+    digest = hashlib.blake2s(f"{snapshot_id}\0{device}".encode(), digest_size=8).hexdigest()
+    return f"ff-{digest}"
+
+
+# ------------------------------------------------------------------ narrowing QMP replies
+
+
+def _dict(value: object, what: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise HypervisorError(f"unexpected QMP reply: {what} is not an object")
+    return value
+
+
+def _list(value: object, what: str) -> list[object]:
+    if not isinstance(value, list):
+        raise HypervisorError(f"unexpected QMP reply: {what} is not a list")
+    return value
+
+
+def _str(obj: dict[str, object], key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise HypervisorError(f"unexpected QMP reply: {what}.{key} is not a string")
+    return value
+
+
+def _int(obj: dict[str, object], key: str, what: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HypervisorError(f"unexpected QMP reply: {what}.{key} is not an integer")
+    return value
+
+
+def _qdev_root(qdev: str) -> str:
+    """The frontend device of a block backend's ``qdev`` path (virtio's ``/virtio-backend``
+    child belongs to the PCI proxy device above it)."""
+    return qdev.removesuffix("/virtio-backend")
+
+
+def _peripheral_id(path: str) -> str | None:
+    """``disk0`` for ``/machine/peripheral/disk0``; None for anonymous devices."""
+    prefix = "/machine/peripheral/"
+    if path.startswith(prefix) and "/" not in path[len(prefix) :]:
+        return path[len(prefix) :] or None
+    return None
+
+
+def _collect_pci(buses: list[object], into: dict[str, PciAddress]) -> None:
+    for bus_obj in buses:
+        bus = _dict(bus_obj, "query-pci bus")
+        for dev_obj in _list(bus.get("devices", []), "query-pci devices"):
+            dev = _dict(dev_obj, "query-pci device")
+            qdev_id = dev.get("qdev_id")
+            if isinstance(qdev_id, str) and qdev_id:
+                into[qdev_id] = PciAddress(
+                    domain=0,
+                    bus=_int(dev, "bus", "query-pci device"),
+                    slot=_int(dev, "slot", "query-pci device"),
+                    function=_int(dev, "function", "query-pci device"),
+                )
+            bridge = dev.get("pci_bridge")
+            if isinstance(bridge, dict):
+                sub = bridge.get("devices")
+                if isinstance(sub, list):
+                    _collect_pci([{"devices": sub}], into)
+
+
+def _overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> Path:
+    local = os.path.isabs(disk.file)
+    if overlay_dir is None and not local:
+        raise CutError(
+            f"disk {disk.device}: image {disk.file!r} is not a local absolute path",
+            hint="pass an overlay directory",
+        )
+    stem = _OVERLAY_SUFFIX.sub("", Path(disk.file).stem) if local else disk.device
+    directory = Path(overlay_dir) if overlay_dir is not None else Path(disk.file).parent
+    return directory / f"{stem}.ff-{snapshot_id}.qcow2"
+
+
+def _exists(path: str | Path) -> bool:
+    return os.path.exists(path)
+
+
+def _remove_file(path: str | Path, label: str) -> None:
+    """Delete ``path`` if it exists; only logs when it cannot."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: cannot remove %s: %s", label, path, exc)
+
+
+def _ms_since(start_ns: int) -> float:
+    return (time.perf_counter_ns() - start_ns) / 1e6
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+class QmpDriver(HypervisorDriver):
+    """Driver for one QEMU process reached through its QMP unix socket ``qmp_path``.
+
+    ``vm_name`` only labels messages and logs; ``timeout`` bounds the connection and every
+    QMP command (seconds). :attr:`last_timings` holds the durations measured by the last
+    :meth:`prepare_cut` / :meth:`cut` (milliseconds).
+    """
+
+    name = "qmp"
+    capabilities = DriverCapabilities(
+        atomic_multi_disk=True,
+        prepare_outside_freeze=True,
+        agent_channel_check=True,
+        pause_resume=True,
+    )
+
+    def __init__(self, qmp_path: str, *, vm_name: str = "", timeout: float = 10.0) -> None:
+        self.qmp_path = qmp_path
+        self.vm_name = vm_name
+        self.timeout = timeout
+        self._client: QMPClient | None = None
+        self._timings: dict[str, float] = {}
+
+    @property
+    def _label(self) -> str:
+        return f"VM {self.vm_name!r}" if self.vm_name else f"QMP {self.qmp_path}"
+
+    @property
+    def last_timings(self) -> dict[str, float]:
+        """Copy of the last measured durations in ms: ``prepare.<device>.create_ms`` (qemu-img),
+        ``prepare.<device>.add_ms`` (blockdev-add), ``cut.transaction_ms``."""
+        return dict(self._timings)
+
+    # ----------------------------------------------------------------- connection
+
+    async def connect(self) -> None:
+        """Connect and negotiate capabilities; a no-op when already connected.
+
+        Raises HypervisorUnavailableError (with a hint) when the socket is missing, refuses
+        the connection, does not greet within ``timeout`` (another client holds it, or it is
+        not a QMP monitor) or does not speak QMP. The driver stays disconnected on failure.
+        """
+        if self._client is not None:
+            return
+        if not _exists(self.qmp_path):
+            raise HypervisorUnavailableError(
+                f"{self._label}: QMP socket {self.qmp_path} does not exist",
+                hint=f"is the VM running? {_START_HINT}",
+            )
+        client = QMPClient(self.vm_name or None)
+        try:
+            await asyncio.wait_for(client.connect(self.qmp_path), self.timeout)
+        except TimeoutError as exc:
+            raise HypervisorUnavailableError(
+                f"{self._label}: no QMP greeting from {self.qmp_path} within {self.timeout:g}s",
+                hint=_ONE_CLIENT_HINT,
+            ) from exc
+        except ConnectError as exc:
+            root = exc.exc
+            if isinstance(root, ConnectionRefusedError):
+                msg, hint = "connection refused", f"stale socket? is the VM running? {_START_HINT}"
+            elif isinstance(root, OSError):
+                msg, hint = str(root), _START_HINT
+            elif isinstance(root, EOFError):
+                msg, hint = "the server hung up during the QMP handshake", _ONE_CLIENT_HINT
+            else:
+                msg, hint = f"not a QMP server ({root})", _START_HINT
+            raise HypervisorUnavailableError(
+                f"{self._label}: cannot connect to {self.qmp_path}: {msg}", hint=hint
+            ) from exc
+        except (QMPError, OSError) as exc:
+            raise HypervisorUnavailableError(
+                f"{self._label}: cannot connect to {self.qmp_path}: {exc}", hint=_START_HINT
+            ) from exc
+        self._client = client
+        log.debug("%s: connected", self._label)
+
+    async def close(self) -> None:
+        """Disconnect; never raises (a broken connection is only logged)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.disconnect(), self.timeout)
+        except Exception as exc:  # close() never raises: the connection is gone either way
+            log.debug("%s: disconnect: %r", self._label, exc)
+
+    async def _execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run one QMP command within ``timeout``.
+
+        Raises QmpCommandError when QEMU answers with an error, HypervisorError on timeout,
+        HypervisorUnavailableError when not connected or the connection broke.
+        """
+        client = self._client
+        if client is None:
+            raise HypervisorUnavailableError(f"{self._label}: not connected (call connect())")
+        try:
+            return await asyncio.wait_for(client.execute(command, arguments), self.timeout)
+        except ExecuteError as exc:
+            raise QmpCommandError(
+                f"{self._label}: QMP {command} failed: {exc}",
+                command=command,
+                qmp_class=exc.error_class,
+            ) from exc
+        except TimeoutError as exc:
+            raise HypervisorError(
+                f"{self._label}: QMP {command}: no reply within {self.timeout:g}s"
+            ) from exc
+        except ExecInterruptedError as exc:
+            raise HypervisorUnavailableError(
+                f"{self._label}: QMP connection lost during {command}"
+            ) from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise HypervisorUnavailableError(
+                f"{self._label}: QMP {command}: {exc or type(exc).__name__}"
+            ) from exc
+
+    # ----------------------------------------------------------------- inspection
+
+    async def disks(self) -> list[DiskInfo]:
+        """The VM's writable disks (``query-block``), in QEMU's order.
+
+        Skips empty drives, removable drives (CD-ROM, floppy) and read-only drives. ``device``
+        is the frontend's qdev id (``-device ...,id=disk0``), else the legacy drive id, else
+        the node name; ``pci`` comes from ``query-pci`` (for a disk on a SCSI/other bus: its
+        controller's address); ``serial`` from the frontend's ``serial`` property.
+        Raises HypervisorError (a subclass when the connection is gone).
+        """
+        blocks = _list(await self._execute("query-block"), "query-block")
+        pci = await self._pci_addresses()
+        result: list[DiskInfo] = []
+        for block_obj in blocks:
+            block = _dict(block_obj, "query-block entry")
+            inserted = block.get("inserted")
+            if not isinstance(inserted, dict):
+                continue  # empty drive
+            if block.get("removable") is True or inserted.get("ro") is True:
+                continue
+            node = _str(inserted, "node-name", "inserted")
+            image = _dict(inserted.get("image"), "inserted.image")
+            backing: list[str] = []
+            below = image.get("backing-image")
+            while isinstance(below, dict):
+                backing.append(_str(below, "filename", "backing-image"))
+                below = below.get("backing-image")
+            qdev = block.get("qdev")
+            root = _qdev_root(qdev) if isinstance(qdev, str) and qdev else ""
+            legacy = block.get("device")
+            device = _peripheral_id(root) or (legacy if isinstance(legacy, str) else "") or node
+            result.append(
+                DiskInfo(
+                    device=device,
+                    node=node,
+                    file=_str(image, "filename", "inserted.image"),
+                    format=_str(inserted, "drv", "inserted"),
+                    virtual_size=_int(image, "virtual-size", "inserted.image"),
+                    backing=tuple(backing),
+                    pci=await self._pci_of(root, pci) if root else None,
+                    serial=await self._serial_of(root) if root else None,
+                    read_only=False,
+                )
+            )
+        return result
+
+    async def _pci_addresses(self) -> dict[str, PciAddress]:
+        addresses: dict[str, PciAddress] = {}
+        _collect_pci(_list(await self._execute("query-pci"), "query-pci"), addresses)
+        return addresses
+
+    async def _qom_get(self, path: str, prop: str) -> object | None:
+        """``qom-get``; None when the object or property does not exist."""
+        try:
+            return await self._execute("qom-get", {"path": path, "property": prop})
+        except QmpCommandError:
+            return None
+
+    async def _pci_of(self, qdev_path: str, pci: dict[str, PciAddress]) -> PciAddress | None:
+        own = _peripheral_id(qdev_path)
+        if own is not None and own in pci:
+            return pci[own]
+        # Not a PCI device itself (scsi-hd, ide-hd, ...): the guest sees its controller.
+        bus = await self._qom_get(qdev_path, "parent_bus")
+        if isinstance(bus, str) and bus:
+            controller = _peripheral_id(bus.rsplit("/", 1)[0])
+            if controller is not None:
+                return pci.get(controller)
+        return None
+
+    async def _serial_of(self, qdev_path: str) -> str | None:
+        serial = await self._qom_get(qdev_path, "serial")
+        return serial if isinstance(serial, str) and serial else None
+
+    async def agent_channel(self) -> str | None:
+        """The host side of the VM's ``org.qemu.guest_agent.0`` virtio-serial port: the unix
+        socket path of its chardev, or the chardev id when it is not a unix socket. None when
+        the VM has no such port. Raises HypervisorError."""
+        chardev: str | None = None
+        for container in ("/machine/peripheral", "/machine/peripheral-anon"):
+            try:
+                children = _list(await self._execute("qom-list", {"path": container}), "qom-list")
+            except QmpCommandError:
+                continue  # container absent: no device of that kind
+            for child_obj in children:
+                child = _dict(child_obj, "qom-list entry")
+                if child.get("type") != "child<virtserialport>":
+                    continue
+                path = f"{container}/{_str(child, 'name', 'qom-list entry')}"
+                if await self._qom_get(path, "name") == GUEST_AGENT_PORT:
+                    found = await self._qom_get(path, "chardev")
+                    chardev = found if isinstance(found, str) else ""
+                    break
+            if chardev is not None:
+                break
+        if chardev is None:
+            return None
+        for entry_obj in _list(await self._execute("query-chardev"), "query-chardev"):
+            entry = _dict(entry_obj, "query-chardev entry")
+            if entry.get("label") == chardev:
+                match = _UNIX_CHARDEV.match(_str(entry, "filename", "query-chardev entry"))
+                if match:
+                    return match.group(1)
+        return chardev
+
+    # ----------------------------------------------------------------- the cut
+
+    async def prepare_cut(
+        self, snapshot_id: str, disks: list[DiskInfo], overlay_dir: str | None = None
+    ) -> PreparedCut:
+        """Create ``<image stem>.ff-<snapshot_id>.qcow2`` per disk (next to its image, or in
+        ``overlay_dir``) backed by the disk's current top image, and ``blockdev-add`` it as
+        node :func:`overlay_node_name` without attaching it. Nothing the guest sees changes.
+
+        Raises CutError (cause kept) if the id is malformed, a device repeats, an overlay file
+        already exists, ``qemu-img`` fails or QEMU refuses a node; everything created so far
+        has then been removed again.
+        """
+        if not _SNAPSHOT_ID.match(snapshot_id):
+            raise CutError(f"invalid snapshot id {snapshot_id!r} (letters, digits, - and _)")
+        if not disks:
+            raise CutError(f"{self._label}: no disks to prepare")
+        devices = [d.device for d in disks]
+        if len(set(devices)) != len(devices):
+            raise CutError(f"{self._label}: a disk is listed twice: {devices}")
+        self._timings = {}
+        files: list[Path] = []
+        nodes: list[str] = []
+        prepared: list[PreparedDisk] = []
+        try:
+            require("qemu-img")
+            for disk in disks:
+                overlay = _overlay_path(disk, snapshot_id, overlay_dir)
+                node = overlay_node_name(snapshot_id, disk.device)
+                if _exists(overlay):
+                    raise CutError(f"{self._label}: overlay {overlay} already exists")
+                start = time.perf_counter_ns()
+                files.append(overlay)
+                await run(
+                    "qemu-img", "create", "-q", "-f", "qcow2", "-u",
+                    "-b", disk.file, "-F", disk.format,
+                    str(overlay), str(disk.virtual_size),
+                    timeout=self.timeout, what=f"qemu-img create {overlay.name}",
+                )  # fmt: skip
+                created = time.perf_counter_ns()
+                await self._execute(
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": str(overlay)},
+                        "backing": None,
+                    },
+                )
+                nodes.append(node)
+                self._timings[f"prepare.{disk.device}.create_ms"] = (created - start) / 1e6
+                self._timings[f"prepare.{disk.device}.add_ms"] = _ms_since(created)
+                prepared.append(PreparedDisk(disk, str(overlay), node, disk.file))
+        except asyncio.CancelledError:
+            await self._undo(nodes, files)
+            raise
+        except FreezeframeError as exc:
+            await self._undo(nodes, files)
+            if isinstance(exc, CutError):
+                raise
+            raise CutError(
+                f"{self._label}: preparing the cut failed: {exc}", hint=exc.hint
+            ) from exc
+        log.debug("%s: prepared %s: %s", self._label, snapshot_id, self._timings)
+        return PreparedCut(snapshot_id, tuple(prepared))
+
+    async def _undo(self, nodes: list[str], files: list[Path]) -> None:
+        """Roll back a failed prepare: these nodes were never attached."""
+        removed = set()
+        for node in nodes:
+            try:
+                await self._execute("blockdev-del", {"node-name": node})
+                removed.add(node)
+            except HypervisorError as exc:
+                log.warning("%s: cannot remove node %s: %s", self._label, node, exc)
+        for i, path in enumerate(files):
+            if i < len(nodes) and nodes[i] not in removed:
+                log.warning("%s: keeping %s: its node is still open", self._label, path)
+                continue
+            _remove_file(path, self._label)
+
+    async def cut(self, prepared: PreparedCut) -> None:
+        """Switch every prepared disk to its overlay with ONE QMP ``transaction`` of
+        ``blockdev-snapshot`` actions (all-or-nothing in QEMU). Does nothing else.
+
+        Raises CutError when QEMU refuses the transaction (nothing was switched; call
+        :meth:`abort`). If the reply did not arrive (timeout, connection lost) the CutError
+        says the outcome is unknown: check with :meth:`verify_cut` before aborting
+        (:meth:`abort` never deletes an overlay QEMU still uses).
+        """
+        if not prepared.disks:
+            raise CutError(f"{self._label}: nothing to cut")
+        actions: list[object] = [
+            {"type": "blockdev-snapshot", "data": {"node": d.disk.node, "overlay": d.overlay_node}}
+            for d in prepared.disks
+        ]
+        start = time.perf_counter_ns()
+        try:
+            await self._execute("transaction", {"actions": actions})
+        except QmpCommandError as exc:
+            raise CutError(
+                f"{self._label}: the cut was refused, no disk switched: {exc}",
+                hint="abort the preparation",
+            ) from exc
+        except HypervisorError as exc:
+            raise CutError(
+                f"{self._label}: the cut's outcome is unknown: {exc}",
+                hint="reconnect and verify_cut() before aborting",
+            ) from exc
+        finally:
+            self._timings["cut.transaction_ms"] = _ms_since(start)
+
+    async def verify_cut(self, prepared: PreparedCut) -> None:
+        """Check with ``query-block`` that each prepared overlay is now its device's top node
+        and is backed by ``image_at_cut``. Raises CutError naming the disks that are not."""
+        tops: dict[str, dict[str, object]] = {}
+        for block_obj in _list(await self._execute("query-block"), "query-block"):
+            inserted = _dict(block_obj, "query-block entry").get("inserted")
+            if isinstance(inserted, dict) and isinstance(inserted.get("node-name"), str):
+                tops[str(inserted["node-name"])] = inserted
+        wrong: list[str] = []
+        for d in prepared.disks:
+            inserted = tops.get(d.overlay_node)
+            if inserted is None:
+                wrong.append(f"{d.disk.device}: {d.overlay_node} is not the active node")
+                continue
+            image = _dict(inserted.get("image"), "inserted.image")
+            below = image.get("backing-image")
+            backing = below.get("filename") if isinstance(below, dict) else None
+            if backing != d.image_at_cut:
+                wrong.append(f"{d.disk.device}: backed by {backing!r}, not {d.image_at_cut!r}")
+        if wrong:
+            raise CutError(f"{self._label}: cut not in effect: {'; '.join(wrong)}")
+
+    async def abort(self, prepared: PreparedCut) -> None:
+        """Remove a preparation that was not cut: ``blockdev-del`` each overlay node, then
+        delete its file, but only once QEMU no longer knows the node (an overlay that is in
+        use, e.g. after a cut whose reply was lost, is kept). Never raises; logs what stays."""
+        for d in prepared.disks:
+            try:
+                known = await self._node_names()
+                if d.overlay_node in known:
+                    await self._execute("blockdev-del", {"node-name": d.overlay_node})
+            except HypervisorError as exc:
+                log.warning(
+                    "%s: keeping overlay %s (node %s): %s",
+                    self._label,
+                    d.overlay_file,
+                    d.overlay_node,
+                    exc,
+                )
+                continue
+            except Exception:  # abort never raises
+                log.exception("%s: aborting %s", self._label, d.overlay_node)
+                continue
+            _remove_file(d.overlay_file, self._label)
+
+    async def _node_names(self) -> set[str]:
+        nodes = _list(
+            await self._execute("query-named-block-nodes", {"flat": True}),
+            "query-named-block-nodes",
+        )
+        names: set[str] = set()
+        for node_obj in nodes:
+            name = _dict(node_obj, "named block node").get("node-name")
+            if isinstance(name, str):
+                names.add(name)
+        return names
+
+    # ----------------------------------------------------------------- vCPUs
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP ``stop``). Raises HypervisorError."""
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        """Resume the vCPUs (QMP ``cont``). Raises HypervisorError."""
+        await self._execute("cont")
