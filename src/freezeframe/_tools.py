@@ -83,11 +83,13 @@ async def run(
     check: bool = True,
     input: bytes | None = None,
     what: str | None = None,
+    cwd: str | None = None,
 ) -> ToolResult:
     """Run ``argv`` (argv[0] looked up with :func:`require`), wait at most ``timeout`` seconds.
 
     Raises DependencyError if the program is missing; ToolError on timeout (the process is
-    killed first) or, with ``check``, on a non-zero exit. ``what`` names the step in messages.
+    killed first) or, with ``check``, on a non-zero exit. ``what`` names the step in messages;
+    ``cwd`` is the working directory of the program.
     """
     exe = require(argv[0])
     full = (exe, *argv[1:])
@@ -97,6 +99,7 @@ async def run(
         stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
