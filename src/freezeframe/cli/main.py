@@ -12,7 +12,7 @@ import os
 import typer
 
 from freezeframe import __version__
-from freezeframe.cli import lab
+from freezeframe.cli import lab, ops, snapshot, vm
 
 app = typer.Typer(
     name="freezeframe",
@@ -22,6 +22,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(lab.app, name="lab")
+app.add_typer(vm.app, name="vm")
+app.add_typer(snapshot.app, name="snapshot")
+app.command("doctor")(ops.doctor_cmd)
+app.command("recover")(ops.recover_cmd)
 
 
 def _version(value: bool) -> None:

@@ -1,1 +1,32 @@
-"""engine."""
+"""The engine: the only layer that sequences plan -> prepare -> freeze -> cut -> thaw -> record.
+
+Public entry points (all async, usable from the CLI and from a long-running server):
+
+- :class:`Snapshotter` / :class:`SnapshotRequest` -- take a snapshot (:mod:`.snapshot`);
+- :func:`recover` -- thaw guests left with an open freeze intent (:mod:`.recover`);
+- :func:`doctor` -- the preflight as a checklist (:mod:`.doctor`);
+- :func:`verify_snapshot` -- offline proof of a snapshot (:mod:`.verify`).
+"""
+
+from __future__ import annotations
+
+from freezeframe.engine.doctor import Check, CheckStatus, DoctorReport, doctor
+from freezeframe.engine.plan import Plan, make_plan
+from freezeframe.engine.recover import RecoverOutcome, recover
+from freezeframe.engine.snapshot import SnapshotRequest, Snapshotter, open_driver
+from freezeframe.engine.verify import verify_snapshot
+
+__all__ = [
+    "Check",
+    "CheckStatus",
+    "DoctorReport",
+    "Plan",
+    "RecoverOutcome",
+    "SnapshotRequest",
+    "Snapshotter",
+    "doctor",
+    "make_plan",
+    "open_driver",
+    "recover",
+    "verify_snapshot",
+]

@@ -1,0 +1,69 @@
+"""``freezeframe doctor`` and ``freezeframe recover``."""
+
+from __future__ import annotations
+
+import typer
+
+from freezeframe.catalog import Catalog
+from freezeframe.cli._common import console, die, emit_json, run, to_jsonable
+from freezeframe.cli._render import print_doctor
+from freezeframe.engine import DoctorReport, RecoverOutcome, doctor, recover
+from freezeframe.errors import RecoverError
+from freezeframe.models import QuiescePolicy
+
+
+def doctor_cmd(
+    vm: str = typer.Argument(..., help="A registered VM."),
+    quiesce: QuiescePolicy | None = typer.Option(None, "--quiesce", help="Policy to judge by."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Can this VM be snapshotted consistently now? A checklist with fixes. Exit 1 on a FAIL."""
+
+    async def go() -> DoctorReport:
+        async with await Catalog.open() as cat:
+            return await doctor(cat, vm, quiesce=quiesce)
+
+    rep = run(go, as_json=as_json)
+    if as_json:
+        emit_json({"ok": rep.ok, **to_jsonable(rep)})
+    else:
+        print_doctor(rep)
+    if not rep.ok:
+        raise SystemExit(1)
+
+
+def recover_cmd(
+    vm: str | None = typer.Argument(None, help="Only this VM (default: all)."),
+    force: bool = typer.Option(False, "--force", help="Also intents of live processes."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Thaw every guest left with an open freeze intent (e.g. after a killed snapshot)."""
+
+    async def go() -> list[RecoverOutcome]:
+        async with await Catalog.open() as cat:
+            return await recover(cat, vm, force=force)
+
+    out = run(go, as_json=as_json)
+    failed = [o for o in out if not o.thawed and not o.skipped]
+    if as_json:
+        emit_json(out)
+    elif not out:
+        console.print("no open freeze intents: no guest is left frozen by freezeframe")
+    for o in [] if as_json else out:
+        _print(o)
+    if failed:
+        err = RecoverError(
+            f"{len(failed)} guest(s) could not be confirmed thawed",
+            hint="is the VM running and its agent up? retry `freezeframe recover`",
+        )
+        if not as_json:
+            die(err)
+        raise SystemExit(err.exit_code)
+
+
+def _print(o: RecoverOutcome) -> None:
+    state = (
+        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped else "[red]FAILED[/]"
+    )
+    console.print(f"{o.vm} (snapshot {o.snapshot_id}, intent {o.intent_id}): {state} {o.detail}",
+                  highlight=False)  # fmt: skip

@@ -1,0 +1,155 @@
+"""``freezeframe snapshot``: create, list, show and verify snapshot sets.
+
+Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, crash with
+``--quiesce off``); 20 done but weaker than asked (``preferred`` fell back to crash); the error
+codes of :mod:`freezeframe.errors` otherwise (10 = attempted and failed, recorded; 9 = another
+snapshot of this VM is in progress).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from freezeframe.catalog import Catalog
+from freezeframe.cli._common import EXIT_WEAKER, console, emit_json, err_console, run
+from freezeframe.cli._render import print_record, print_verification
+from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
+from freezeframe.errors import FreezeframeError
+from freezeframe.models import (
+    ConsistencyLevel,
+    QuiescePolicy,
+    SnapshotRecord,
+    TimelineEvent,
+    Verification,
+)
+
+app = typer.Typer(help="Create, list, show and verify snapshots.", no_args_is_help=True)
+
+
+def expected_level(policy: QuiescePolicy) -> ConsistencyLevel:
+    return ConsistencyLevel.CRASH if policy is QuiescePolicy.OFF else ConsistencyLevel.FILESYSTEM
+
+
+@app.command("create")
+def create(
+    vm: str = typer.Argument(..., help="A registered VM (see `freezeframe vm list`)."),
+    quiesce: QuiescePolicy | None = typer.Option(
+        None, "--quiesce", help="required | preferred | off (default: the VM's policy)."
+    ),
+    freeze_timeout: float | None = typer.Option(
+        None, "--freeze-timeout", help="Freeze deadline in seconds (default: the VM's, 10)."
+    ),
+    exclude_mount: list[str] = typer.Option(
+        [], "--exclude-mount", help="Guest mount point not to freeze (repeatable)."
+    ),
+    exclude_disk: list[str] = typer.Option(
+        [], "--exclude-disk", help="Disk (device id) to leave out of the snapshot (repeatable)."
+    ),
+    verify: bool = typer.Option(False, "--verify", help="Verify the images right after the cut."),
+    check: list[str] = typer.Option([], "--check", help="With --verify: a user check command."),
+    hold_frozen: float = typer.Option(0.0, "--hold-frozen", hidden=True),
+    as_json: bool = typer.Option(False, "--json", help="Print the full record as JSON."),
+) -> None:
+    """Snapshot every disk of a running VM at one point in time, quiesced through the agent."""
+    req = SnapshotRequest(
+        quiesce=quiesce,
+        freeze_timeout=freeze_timeout,
+        exclude_mounts=tuple(exclude_mount),
+        exclude_disks=tuple(exclude_disk),
+        hold_frozen=hold_frozen,
+    )
+
+    def progress(ev: TimelineEvent) -> None:
+        err_console.print(f"[dim]{ev.t:%H:%M:%S.%f}"[:-3] + f"[/] {ev.name} {ev.detail}",
+                          highlight=False)  # fmt: skip
+
+    async def go() -> SnapshotRecord:
+        async with await Catalog.open() as cat:
+            rec = await Snapshotter(cat).snapshot(vm, req, progress=None if as_json else progress)
+            if verify:
+                try:
+                    await verify_snapshot(cat, rec.id, checks=check)
+                except FreezeframeError as exc:
+                    err_console.print(f"[red]verify failed to run:[/] {exc.message}")
+                rec = await cat.get_snapshot(rec.id)
+            return rec
+
+    rec = run(go, as_json=as_json)
+    if as_json:
+        emit_json(rec)
+    else:
+        print_record(rec)
+    asked = expected_level(rec.policy)
+    if rec.level.rank < asked.rank:
+        if not as_json:
+            err_console.print(
+                f"[yellow]weaker than asked:[/] {rec.level.value} instead of {asked.value}"
+            )
+        raise SystemExit(EXIT_WEAKER)
+    if verify and (rec.verification is None or rec.verification.verdict.badness > 0):
+        raise SystemExit(EXIT_WEAKER)
+
+
+@app.command("list")
+def list_(
+    vm: str | None = typer.Argument(None, help="Only this VM."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List snapshots, oldest first (failed attempts too)."""
+
+    async def go() -> list[SnapshotRecord]:
+        async with await Catalog.open() as cat:
+            if vm is not None:
+                await cat.get_vm(vm)
+            return await cat.list_snapshots(vm)
+
+    recs = run(go, as_json=as_json)
+    if as_json:
+        emit_json(recs)
+        return
+    for r in recs:
+        window = f"{r.freeze_window_ms:7.1f} ms" if r.freeze_window_ms is not None else "      -   "
+        ver = r.verification.verdict.value if r.verification else "unverified"
+        console.print(
+            f"{r.id}  {r.created_at:%Y-%m-%d %H:%M:%S}  {r.vm:12} {r.status.value:7} "
+            f"{r.level.value:11} window {window}  {ver}  parent {r.parent_id or '-'}",
+            highlight=False,
+        )
+
+
+@app.command("show")
+def show(snapshot_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one snapshot: level and why, disks, filesystems, timeline, evidence, verdict."""
+
+    async def go() -> SnapshotRecord:
+        async with await Catalog.open() as cat:
+            return await cat.get_snapshot(snapshot_id)
+
+    rec = run(go, as_json=as_json)
+    if as_json:
+        emit_json(rec)
+    else:
+        print_record(rec)
+
+
+@app.command("verify")
+def verify_cmd(
+    snapshot_id: str,
+    check: list[str] = typer.Option(
+        [], "--check", help="Command run in each read-only mounted filesystem (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every filesystem of every image at the cut, offline and read-only."""
+
+    async def go() -> Verification:
+        async with await Catalog.open() as cat:
+            return await verify_snapshot(cat, snapshot_id, checks=check)
+
+    v = run(go, as_json=as_json)
+    if as_json:
+        emit_json(v)
+    else:
+        print_verification(v)
+    if v.verdict.badness > 0:
+        raise SystemExit(EXIT_WEAKER)

@@ -1,0 +1,126 @@
+"""Closing freeze intents that nobody closed: a killed process must never leave a guest frozen.
+
+An intent is written before ``guest-fsfreeze-freeze`` is sent and closed once a thaw is
+confirmed. An intent still open means the guest may be frozen: :func:`recover` thaws it through
+the agent, confirms with ``guest-fsfreeze-status``, closes the intent and notes it on the
+snapshot record (marking a record left ``running`` by a dead process as failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass, replace
+
+from freezeframe.agent import GuestAgent
+from freezeframe.catalog import Catalog
+from freezeframe.engine.timeline import Timeline
+from freezeframe.errors import AgentError, FreezeframeError, NotFoundError
+from freezeframe.models import FreezeIntent, FsFreezeState, SnapshotStatus
+
+__all__ = ["RecoverOutcome", "owner_alive", "recover"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverOutcome:
+    """What happened to one open intent."""
+
+    intent_id: int
+    vm: str
+    snapshot_id: str
+    thawed: bool
+    skipped: bool = False
+    detail: str = ""
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Is the process ``host:pid:...`` alive? None when it lives on another host (unknown)."""
+    parts = owner.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname():
+        return None
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def recover(
+    catalog: Catalog,
+    vm: str | None = None,
+    *,
+    force: bool = False,
+    timeout: float = 5.0,
+) -> list[RecoverOutcome]:
+    """Thaw every VM with an open freeze intent (of ``vm`` only, if given).
+
+    Intents owned by a process that is still alive on this host are skipped (it will thaw
+    itself) unless ``force``. Never raises for one VM's trouble: each outcome says what
+    happened. Raises NotFoundError for an unknown ``vm``.
+    """
+    if vm is not None:
+        await catalog.get_vm(vm)
+    outcomes = []
+    for intent in await catalog.open_intents(vm):
+        alive = owner_alive(intent.owner)
+        if alive and not force:
+            outcomes.append(
+                RecoverOutcome(
+                    intent.id,
+                    intent.vm,
+                    intent.snapshot_id,
+                    thawed=False,
+                    skipped=True,
+                    detail=f"owned by a live process ({intent.owner}); use --force to thaw anyway",
+                )
+            )
+            continue
+        outcomes.append(await _recover_one(catalog, intent, timeout))
+    return outcomes
+
+
+async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -> RecoverOutcome:
+    tl = Timeline()
+    try:
+        async with GuestAgent(intent.qga_path, timeout=timeout) as agent:
+            async with asyncio.timeout(timeout * 3):
+                before = await agent.fsfreeze_status()
+                n = await agent.fsfreeze_thaw()
+                after = await agent.fsfreeze_status()
+    except (AgentError, TimeoutError) as exc:
+        msg = exc.message if isinstance(exc, AgentError) else "no answer"
+        return RecoverOutcome(
+            intent.id, intent.vm, intent.snapshot_id, thawed=False, detail=f"agent: {msg}"
+        )
+    if after is not FsFreezeState.THAWED:
+        return RecoverOutcome(
+            intent.id, intent.vm, intent.snapshot_id, thawed=False, detail="still frozen"
+        )
+    detail = f"was {before.value}; thawed {n} filesystem(s); confirmed thawed"
+    await catalog.close_intent(intent.id, "recover")
+    tl.mark("thaw_confirmed", f"by freezeframe recover: {detail}")
+    try:
+        rec = await catalog.get_snapshot(intent.snapshot_id)
+    except NotFoundError:
+        return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
+    changes: dict[str, object] = {"timeline": (*rec.timeline, *tl.events)}
+    if rec.status is SnapshotStatus.RUNNING:
+        changes["status"] = SnapshotStatus.FAILED
+        changes["error"] = "the process taking it died; the guest was thawed by freezeframe recover"
+    try:
+        await catalog.finish_snapshot(replace(rec, **changes))  # type: ignore[arg-type]
+    except FreezeframeError as exc:  # the thaw itself succeeded; the note is secondary
+        log.warning("could not note the recovery on snapshot %s: %s", rec.id, exc)
+    return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
