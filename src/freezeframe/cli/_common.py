@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import enum
 import json
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -79,8 +80,24 @@ def die(exc: FreezeframeError, *, as_json: bool = False) -> NoReturn:
 
 def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False) -> T:
     """Run one coroutine of the async core; turn FreezeframeError into its exit code."""
+
+    async def main() -> T:
+        # SIGTERM becomes a cancellation of the work, like SIGINT does under asyncio.run, so
+        # the engine's cleanup (the thaw above all) runs before the process ends.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await factory()
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
     try:
-        return asyncio.run(factory())
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        err_console.print("[red]terminated[/]")
+        raise SystemExit(143) from None
     except FreezeframeError as exc:
         die(exc, as_json=as_json)
     except KeyboardInterrupt:

@@ -1,0 +1,137 @@
+"""The planner decides what to freeze before anything touches the guest."""
+
+from __future__ import annotations
+
+from freezeframe.engine.plan import check_exclusions, level_of, make_plan, map_filesystem_to_disk
+from freezeframe.models import (
+    ConsistencyLevel,
+    DiskInfo,
+    GuestDisk,
+    GuestFilesystem,
+    PciAddress,
+    QuiescePolicy,
+    SnapshotFilesystem,
+)
+
+
+def disk(i: int) -> DiskInfo:
+    return DiskInfo(
+        device=f"disk{i}",
+        node=f"disk{i}",
+        file=f"/x/disk{i}.qcow2",
+        format="qcow2",
+        virtual_size=1 << 28,
+        pci=PciAddress(0, 0, 4 + i, 0),
+    )
+
+
+def fs(i: int, fstype: str, mount: str | None = None) -> GuestFilesystem:
+    return GuestFilesystem(
+        mountpoint=mount or f"/mnt/disk{i}",
+        fstype=fstype,
+        name=f"vd{chr(97 + i)}",
+        disks=(
+            GuestDisk(
+                dev=f"/dev/vd{chr(97 + i)}", bus_type="virtio", pci=PciAddress(0, 0, 4 + i, 0)
+            ),
+        ),
+    )
+
+
+DISKS = [disk(0), disk(1), disk(2)]
+
+
+def test_maps_filesystems_to_disks_by_pci_address() -> None:
+    assert map_filesystem_to_disk(fs(1, "xfs"), tuple(DISKS)) == DISKS[1]
+    stray = GuestFilesystem(
+        "/boot", "ext4", "sda1", (GuestDisk("/dev/sda", "scsi", PciAddress(0, 0, 9, 0)),)
+    )
+    assert map_filesystem_to_disk(stray, tuple(DISKS)) is None
+
+
+def test_all_freezable_means_plain_freeze_and_filesystem_level() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS[:2],
+        guest_fs=[fs(0, "ext4"), fs(1, "xfs")],
+    )
+    assert plan.quiesce
+    assert plan.freeze_list is None
+    assert plan.expected_frozen == 2
+    assert plan.problems == ()
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM
+
+
+def test_vfat_is_named_unfreezable_and_lowers_the_level() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.PREFERRED,
+        disks=DISKS,
+        guest_fs=[fs(0, "ext4"), fs(1, "xfs"), fs(2, "vfat")],
+    )
+    vfat = next(d for d in plan.filesystems if d.fs.fstype == "vfat")
+    assert not vfat.freeze
+    assert "FIFREEZE" in vfat.reason
+    assert any("/mnt/disk2" in p and "cannot be frozen" in p for p in plan.problems)
+    assert plan.freeze_list == ("/mnt/disk0", "/mnt/disk1")
+    assert plan.predicted_level is ConsistencyLevel.CRASH
+
+
+def test_excluding_the_vfat_disk_restores_filesystem_level() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS,
+        guest_fs=[fs(0, "ext4"), fs(1, "xfs"), fs(2, "vfat")],
+        exclude_disks=("disk2",),
+    )
+    assert [d.device for d in plan.disks] == ["disk0", "disk1"]
+    assert plan.problems == ()
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM
+
+
+def test_excluding_the_vfat_mount_clears_the_problem_but_not_the_truth() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS,
+        guest_fs=[fs(0, "ext4"), fs(1, "xfs"), fs(2, "vfat")],
+        exclude_mounts=("/mnt/disk2",),
+    )
+    assert plan.problems == ()
+    # disk2 is still in the cut, unfrozen: it is crash-consistent, and so is the set.
+    assert plan.predicted_level is ConsistencyLevel.CRASH
+
+
+def test_no_agent_is_a_problem_and_no_quiesce() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED, disks=DISKS, guest_fs=None, agent_problem="no agent"
+    )
+    assert not plan.quiesce
+    assert plan.problems == ("no agent",)
+    assert plan.predicted_level is ConsistencyLevel.CRASH
+
+
+def test_quiesce_off_never_freezes() -> None:
+    plan = make_plan(policy=QuiescePolicy.OFF, disks=DISKS, guest_fs=[fs(0, "ext4")])
+    assert not plan.quiesce
+    assert plan.problems == ()
+    assert plan.predicted_level is ConsistencyLevel.CRASH
+
+
+def test_disk_without_filesystem_is_a_problem() -> None:
+    plan = make_plan(policy=QuiescePolicy.REQUIRED, disks=DISKS[:2], guest_fs=[fs(0, "ext4")])
+    assert any("disk1" in p for p in plan.problems)
+
+
+def test_level_is_the_weakest_over_disks() -> None:
+    recs = [
+        SnapshotFilesystem("/mnt/disk0", "ext4", "disk0", frozen=True),
+        SnapshotFilesystem("/mnt/disk1", "xfs", "disk1", frozen=False, reason="freeze failed"),
+    ]
+    assert level_of(DISKS[:2], recs) is ConsistencyLevel.CRASH
+    assert level_of(DISKS[:1], recs) is ConsistencyLevel.FILESYSTEM
+    assert ConsistencyLevel.weakest([]) is ConsistencyLevel.NONE
+
+
+def test_exclusions_that_name_nothing_are_reported() -> None:
+    bad = check_exclusions(DISKS, [fs(0, "ext4")], ("/nope",), ("disk9",))
+    assert len(bad) == 2
+    assert check_exclusions(DISKS, [fs(0, "ext4")], ("/mnt/disk0",), ("disk1",)) == []
