@@ -1,1 +1,8 @@
-"""storage."""
+"""Offline access to disk images at the cut: read-only export through a throw-away overlay
+(:mod:`~freezeframe.storage.inspect`) and filesystem checks with verdicts
+(:mod:`~freezeframe.storage.verify`)."""
+
+from freezeframe.storage.inspect import ImageView, Partition, mounted, open_image
+from freezeframe.storage.verify import verify_disks
+
+__all__ = ["ImageView", "Partition", "mounted", "open_image", "verify_disks"]
