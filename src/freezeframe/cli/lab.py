@@ -1,7 +1,110 @@
-"""``freezeframe lab``: the built-in lab VM (placeholder until the lab lands)."""
+"""``freezeframe lab``: the built-in lab VM (up, down, list, status).
+
+Thin handlers over :mod:`freezeframe.lab`; ``--json`` prints one JSON document on stdout.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="The built-in lab VM: a real guest running the real qemu-guest-agent.")
+from freezeframe.cli._common import console, die, emit_json, err_console, run
+from freezeframe.errors import FreezeframeError
+from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
+
+app = typer.Typer(
+    help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
+    no_args_is_help=True,
+)
+
+_JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+
+def _print_vm(vm: LabVm) -> None:
+    state = "[green]running[/]" if vm.running else "[red]stopped[/]"
+    console.print(f"[bold]{vm.name}[/] {state} pid {vm.pid} accel {vm.accel}", highlight=False)
+    console.print(f"  qmp      {vm.qmp_path}", highlight=False)
+    console.print(f"  agent    {vm.qga_path or '(none)'}", highlight=False)
+    console.print(f"  console  {vm.console_log}", highlight=False)
+    for d in vm.disks:
+        console.print(
+            f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}",
+            highlight=False,
+        )
+
+
+def _sync(as_json: bool, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except FreezeframeError as exc:
+        die(exc, as_json=as_json)
+
+
+@app.command("up")
+def up(
+    name: str = typer.Argument(..., help="VM name: [a-z0-9][a-z0-9-]{0,31}."),
+    disks: str = typer.Option("ext4,xfs", "--disks", help="Data disk filesystems, in order."),
+    disk_size: str = typer.Option("256M", "--disk-size", help="Size of each data disk."),
+    no_agent: bool = typer.Option(False, "--no-agent", help="Do not start qemu-ga."),
+    accel: str = typer.Option("auto", "--accel", help="auto, kvm or tcg."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds for the guest to be ready."),
+    as_json: bool = _JSON,
+) -> None:
+    """Build (cached) and boot a lab VM; return once its agent answers guest-ping."""
+    fstypes = tuple(d for d in (p.strip() for p in disks.split(",")) if d)
+    vm = run(
+        lambda: lab_up(
+            name,
+            disks=fstypes,
+            disk_size=disk_size,
+            agent=not no_agent,
+            accel=accel,
+            timeout=timeout,
+        ),
+        as_json=as_json,
+    )
+    if as_json:
+        emit_json(vm.to_json())
+    else:
+        err_console.print(f"lab VM {vm.name} is up ({vm.accel})", highlight=False)
+        _print_vm(vm)
+
+
+@app.command("down")
+def down(
+    name: str = typer.Argument(...),
+    purge: bool = typer.Option(False, "--purge", help="Also delete its disks and logs."),
+    as_json: bool = _JSON,
+) -> None:
+    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files."""
+    run(lambda: lab_down(name, purge=purge), as_json=as_json)
+    if as_json:
+        emit_json({"name": name, "stopped": True, "purged": purge})
+    else:
+        err_console.print(f"lab VM {name} stopped{' and purged' if purge else ''}")
+
+
+@app.command("list")
+def list_(as_json: bool = _JSON) -> None:
+    """List the lab VMs."""
+    vms: list[LabVm] = _sync(as_json, lab_list)
+    if as_json:
+        emit_json([vm.to_json() for vm in vms])
+        return
+    if not vms:
+        err_console.print("no lab VMs")
+    for vm in vms:
+        state = "running" if vm.running else "stopped"
+        fs = ",".join(d.fstype for d in vm.disks) or "-"
+        console.print(f"{vm.name:<20} {state:<8} pid {vm.pid:<8} {vm.accel:<4} {fs}")
+
+
+@app.command("status")
+def status(name: str = typer.Argument(...), as_json: bool = _JSON) -> None:
+    """Show one lab VM."""
+    vm: LabVm = _sync(as_json, lab_status, name)
+    if as_json:
+        emit_json(vm.to_json())
+    else:
+        _print_vm(vm)

@@ -1,1 +1,32 @@
-"""lab."""
+"""The built-in lab VM: a real Debian kernel with busybox, the real qemu-guest-agent and a
+writer workload on qcow2 data disks, booted under QEMU for tests, benchmarks and demos.
+
+Public API (the CLI ``freezeframe lab`` is a thin layer over it):
+
+- ``await lab_up(name, *, disks=("ext4", "xfs"), disk_size="256M", agent=True,
+  accel="auto", timeout=60.0) -> LabVm``
+- ``await lab_down(name, *, purge=False) -> None``
+- ``lab_list() -> list[LabVm]``, ``lab_status(name) -> LabVm``
+- :class:`LabVm`, :class:`LabDisk`; the workload helpers are in :mod:`freezeframe.lab.workload`.
+
+Internals: ``_build`` (kernel, modules, initramfs, cache), ``_disks`` (qcow2 data disks),
+``_qemu`` (command line, accelerator probe, stopping by PID), ``_vm`` (lifecycle), the guest
+scripts in ``guest/``.
+"""
+
+from __future__ import annotations
+
+from freezeframe.lab._build import cache_dir
+from freezeframe.lab._model import FILESYSTEMS, LabDisk, LabVm
+from freezeframe.lab._vm import lab_down, lab_list, lab_status, lab_up
+
+__all__ = [
+    "FILESYSTEMS",
+    "LabDisk",
+    "LabVm",
+    "cache_dir",
+    "lab_down",
+    "lab_list",
+    "lab_status",
+    "lab_up",
+]

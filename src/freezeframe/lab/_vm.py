@@ -1,0 +1,293 @@
+"""Lab VM lifecycle: ``lab_up``, ``lab_down``, ``lab_list``, ``lab_status``.
+
+A lab VM lives in ``<lab dir>/NAME/``: ``vm.json`` (the :class:`LabVm` record), ``qemu.pid``,
+``qmp.sock``, ``qga.sock``, ``console.log`` and ``diskN.qcow2``. Operations on one name are
+serialised by a lock file in ``<lab dir>/.locks/``. A directory whose QEMU is gone is stale and
+is reused by the next ``lab_up`` of that name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from freezeframe import paths
+from freezeframe._tools import run
+from freezeframe.agent import GuestAgent
+from freezeframe.errors import (
+    AgentError,
+    AlreadyExistsError,
+    FreezeframeError,
+    LabError,
+    NotFoundError,
+)
+from freezeframe.lab import _build, _disks, _qemu
+from freezeframe.lab._model import (
+    LabDisk,
+    LabVm,
+    parse_size,
+    validate_accel,
+    validate_fstypes,
+    validate_name,
+)
+from freezeframe.lab._util import atomic_write, console_tail, file_lock
+
+__all__ = ["lab_down", "lab_list", "lab_status", "lab_up"]
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "FFLAB-READY"
+ERROR_MARKER = "fflab: ERROR"
+_RECORD = "vm.json"
+_SOCKET_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+def _vm_dir(name: str) -> Path:
+    return paths.lab_dir() / name
+
+
+def _lock(name: str) -> contextlib.AbstractAsyncContextManager[None]:
+    return file_lock(paths.lab_dir() / ".locks" / name, timeout=300, what=f"lab VM {name}")
+
+
+def _read_record(name: str) -> LabVm | None:
+    """The recorded VM (``running`` checked against /proc), or None if there is no record."""
+    try:
+        doc = json.loads((_vm_dir(name) / _RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LabError(f"lab VM {name}: unreadable {_RECORD}: {exc}") from exc
+    try:
+        pid = int(doc["pid"])
+        running = _qemu.qemu_alive(pid, Path(doc["qmp_path"]))
+        return LabVm.from_json(doc, running=running)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabError(f"lab VM {name}: malformed {_RECORD}: {exc}") from exc
+
+
+def _remove_runtime_files(vmdir: Path) -> None:
+    for leftover in ("qmp.sock", "qga.sock", "qemu.pid"):
+        (vmdir / leftover).unlink(missing_ok=True)
+
+
+async def _wait_ready(vm: LabVm, deadline: float) -> None:
+    """Wait until the guest is ready: READY on the console, then (with an agent) guest-ping.
+
+    Raises LabError if QEMU exits, the guest init reports an error, or the deadline passes.
+    """
+
+    def check_alive() -> None:
+        if not _qemu.qemu_alive(vm.pid, vm.qmp_path):
+            raise LabError(f"lab VM {vm.name}: QEMU exited during boot")
+
+    def console() -> str:
+        try:
+            return vm.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    while READY_MARKER not in console():
+        check_alive()
+        if time.monotonic() > deadline:
+            raise LabError(f"lab VM {vm.name}: not ready: no {READY_MARKER} on the console")
+        await asyncio.sleep(0.05)
+    text = console()
+    if ERROR_MARKER in text:
+        lines = [ln for ln in text.splitlines() if ERROR_MARKER in ln]
+        raise LabError(f"lab VM {vm.name}: the guest init failed: {'; '.join(lines)}")
+    if vm.qga_path is None:
+        return
+    agent = GuestAgent(str(vm.qga_path), timeout=2.0)
+    try:
+        while True:
+            check_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LabError(f"lab VM {vm.name}: the guest agent did not answer guest-ping")
+            try:
+                await agent.ping(timeout=min(2.0, left))
+                return
+            except AgentError as exc:
+                log.debug("lab %s: agent not ready yet: %s", vm.name, exc)
+                await asyncio.sleep(0.1)
+    finally:
+        await agent.close()
+
+
+async def lab_up(
+    name: str,
+    *,
+    disks: tuple[str, ...] | list[str] = ("ext4", "xfs"),
+    disk_size: str | int = "256M",
+    agent: bool = True,
+    accel: str = "auto",
+    timeout: float = 60.0,
+) -> LabVm:
+    """Build (cached) and boot the lab VM ``name``; return it once it is ready.
+
+    Ready means ``guest-ping`` answers (without an agent: READY on the console) within
+    ``timeout`` seconds of QEMU's start (building the kernel and initramfs the first time
+    comes on top). Raises UsageError (bad name, filesystem, size, accelerator),
+    AlreadyExistsError (the name is running), DependencyError (a host package is missing),
+    ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build failed; the guest did
+    not become ready: the message carries the console's last lines). On any failure no QEMU
+    of this VM is left running; its directory (with the console log) stays for inspection and
+    is reused by the next ``lab_up``.
+    """
+    validate_name(name)
+    fstypes = validate_fstypes(tuple(disks))
+    size = parse_size(disk_size)
+    validate_accel(accel)
+    if timeout <= 0:
+        raise LabError(f"timeout must be positive, got {timeout!r}")
+    _build.check_dependencies(fstypes)
+    vmdir = _vm_dir(name)
+    qmp_path, qga_path = vmdir / "qmp.sock", vmdir / "qga.sock"
+    if len(str(qga_path)) > _SOCKET_MAX:
+        raise LabError(
+            f"lab VM directory {vmdir} is too long for a unix socket path",
+            hint="set FREEZEFRAME_HOME to a shorter path",
+        )
+    async with _lock(name):
+        old = _read_record(name)
+        if old is not None and old.running:
+            raise AlreadyExistsError(
+                f"lab VM {name} is already running (pid {old.pid})",
+                hint=f"freezeframe lab down {name}",
+            )
+        artifacts = await _build.ensure_artifacts()
+        chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
+        log.info("lab %s: accelerator %s", name, chosen)
+        if vmdir.exists():
+            log.info("lab %s: reusing stale directory %s", name, vmdir)
+            shutil.rmtree(vmdir)
+        vmdir.mkdir(parents=True)
+        lab_disks: list[LabDisk] = []
+        for i, fstype in enumerate(fstypes):
+            disk = LabDisk(
+                device=f"disk{i}",
+                node=f"disk{i}",
+                file=vmdir / f"disk{i}.qcow2",
+                format="qcow2",
+                fstype=fstype,
+                mountpoint=f"/mnt/disk{i}",
+            )
+            await _disks.make_disk(disk.file, fstype, size, f"ffdisk{i}")
+            lab_disks.append(disk)
+        console_log = vmdir / "console.log"
+        pidfile = vmdir / "qemu.pid"
+        argv = _qemu.qemu_argv(
+            name=name,
+            artifacts=artifacts,
+            accel=chosen,
+            cmdline=_qemu.kernel_cmdline(fstypes, agent=agent),
+            console_log=console_log,
+            qmp_path=qmp_path,
+            qga_path=qga_path if agent else None,
+            disks=lab_disks,
+            pidfile=pidfile,
+        )
+        (vmdir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        started = time.monotonic()
+        pid = 0
+        try:
+            await run(*argv, timeout=60, what="qemu-system-x86_64")
+            pid = int(pidfile.read_text().strip())
+            vm = LabVm(
+                name=name,
+                pid=pid,
+                running=True,
+                qmp_path=qmp_path,
+                qga_path=qga_path if agent else None,
+                console_log=console_log,
+                accel=chosen,
+                disks=tuple(lab_disks),
+            )
+            atomic_write(vmdir / _RECORD, json.dumps(vm.to_json(), indent=2).encode())
+            await _wait_ready(vm, started + timeout)
+        except BaseException as exc:
+            if not pid:
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(pidfile.read_text().strip())
+            if pid:
+                _qemu.kill_now(pid, qmp_path)
+            _remove_runtime_files(vmdir)
+            if isinstance(exc, LabError | OSError | ValueError):
+                raise LabError(
+                    f"{exc} (after {time.monotonic() - started:.1f}s, timeout {timeout:g}s); "
+                    f"console {console_log}, last lines:\n{console_tail(console_log)}"
+                ) from exc
+            raise
+        log.info(
+            "lab %s: ready in %.2fs (pid %d, %s)", name, time.monotonic() - started, pid, chosen
+        )
+        return vm
+
+
+async def lab_down(name: str, *, purge: bool = False) -> None:
+    """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL) and remove its sockets;
+    with ``purge`` delete its directory (disks, console log) too.
+
+    The PID is checked to still be this VM's QEMU before any signal. Stopping a VM that is
+    not running is not an error. Raises UsageError for a bad name, NotFoundError if there is
+    no such lab VM, LabError if its record is unreadable or QEMU cannot be stopped.
+    """
+    validate_name(name)
+    vmdir = _vm_dir(name)
+    async with _lock(name):
+        if not vmdir.exists():
+            raise NotFoundError(f"no lab VM named {name}")
+        try:
+            vm = _read_record(name)
+        except LabError:
+            if not purge:
+                raise
+            vm = None
+        if vm is not None and vm.running:
+            how = await _qemu.stop_qemu(vm.pid, vm.qmp_path)
+            log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
+            if _qemu.qemu_alive(vm.pid, vm.qmp_path):
+                raise LabError(f"lab VM {name}: QEMU {vm.pid} could not be stopped")
+        _remove_runtime_files(vmdir)
+        if purge:
+            shutil.rmtree(vmdir, ignore_errors=True)
+            if vmdir.exists():
+                raise LabError(f"lab VM {name}: could not delete {vmdir}")
+
+
+def lab_status(name: str) -> LabVm:
+    """The lab VM ``name`` as recorded, with ``running`` checked now.
+
+    Raises UsageError for a bad name, NotFoundError if there is no such lab VM, LabError if
+    its record is unreadable.
+    """
+    validate_name(name)
+    vm = _read_record(name)
+    if vm is None:
+        raise NotFoundError(f"no lab VM named {name}")
+    return vm
+
+
+def lab_list() -> list[LabVm]:
+    """Every lab VM with a record, sorted by name (unreadable records are skipped, logged)."""
+    root = paths.lab_dir()
+    if not root.is_dir():
+        return []
+    out: list[LabVm] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not (entry / _RECORD).is_file():
+            continue
+        try:
+            vm = _read_record(entry.name)
+        except FreezeframeError as exc:
+            log.warning("lab: skipping %s: %s", entry, exc)
+            continue
+        if vm is not None:
+            out.append(vm)
+    return out

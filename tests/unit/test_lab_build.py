@@ -1,0 +1,147 @@
+"""Pure parts of the lab: validation, the newc writer, the QEMU command line, dependency checks."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from freezeframe.errors import DependencyError, UsageError
+from freezeframe.lab import _build, _qemu
+from freezeframe.lab._build import BootArtifacts
+from freezeframe.lab._cpio import CpioWriter
+from freezeframe.lab._model import LabDisk, parse_size, validate_fstypes, validate_name
+from freezeframe.lab._util import console_tail
+
+
+@pytest.mark.parametrize("name", ["a", "vm0", "lab-1", "0abc", "a" * 32])
+def test_valid_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-a", "A", "a_b", "a/b", "a" * 33, "a.b", "a b"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        validate_name(name)
+
+
+def test_sizes() -> None:
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("1GiB") == 1 << 30
+    assert parse_size(str(128 << 20)) == 128 << 20
+    for bad in ("12", "1T", "abc", "-1G", "1.5G"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+
+
+def test_fstypes() -> None:
+    assert validate_fstypes(["EXT4", " xfs", "vfat"]) == ("ext4", "xfs", "vfat")
+    with pytest.raises(UsageError, match="btrfs"):
+        validate_fstypes(["ext4", "btrfs"])
+
+
+def test_cpio_roundtrip_with_host_cpio(tmp_path: Path) -> None:
+    if not shutil.which("cpio"):
+        pytest.skip("cpio not installed")
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.file("etc/deep/dir/file.txt", b"hello\n")  # parents created on the way
+    w.dir("etc")  # adding a directory again is a no-op
+    w.file("bin/tool", b"#!/bin/sh\n", 0o755)
+    w.symlink("bin/sh", "tool")
+    w.close()
+    with pytest.raises(ValueError, match="duplicate"):
+        w.file("bin/tool", b"")
+    listing = subprocess.run(
+        ["cpio", "-itv"], input=buf.getvalue(), capture_output=True, check=True
+    ).stdout.decode()
+    assert "etc/deep/dir/file.txt" in listing
+    assert "bin/sh -> tool" in listing
+    subprocess.run(["cpio", "-id", "--quiet"], input=buf.getvalue(), cwd=tmp_path, check=True)
+    assert (tmp_path / "etc/deep/dir/file.txt").read_bytes() == b"hello\n"
+    assert (tmp_path / "bin/tool").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "bin/sh").readlink() == Path("tool")
+
+
+def test_qemu_argv(tmp_path: Path) -> None:
+    disks = [
+        LabDisk("disk0", "disk0", tmp_path / "a,b.qcow2", "qcow2", "ext4", "/mnt/disk0"),
+        LabDisk("disk1", "disk1", tmp_path / "d1.qcow2", "qcow2", "xfs", "/mnt/disk1"),
+    ]
+    art = BootArtifacts(tmp_path / "vmlinuz", tmp_path / "initrd", "6.1.0-1-amd64")
+    argv = _qemu.qemu_argv(
+        name="x",
+        artifacts=art,
+        accel="tcg",
+        cmdline=_qemu.kernel_cmdline(["ext4", "xfs"], agent=True),
+        console_log=tmp_path / "console.log",
+        qmp_path=tmp_path / "qmp.sock",
+        qga_path=tmp_path / "qga.sock",
+        disks=disks,
+        pidfile=tmp_path / "pid",
+    )
+    joined = " ".join(argv)
+    assert "-cpu max" in joined
+    assert "host" not in argv
+    assert "-nodefaults" in argv
+    assert argv[argv.index("-nic") + 1] == "none"
+    assert f"driver=file,node-name=disk0-file,filename={tmp_path}/a,,b.qcow2" in argv
+    assert "driver=qcow2,node-name=disk1,file=disk1-file" in argv
+    assert any(a.startswith("virtio-blk-pci,id=disk1,drive=disk1,serial=ffdisk1,") for a in argv)
+    assert f"socket,id=qga0,path={tmp_path}/qga.sock,server=on,wait=off" in argv
+    assert "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0" in argv
+    assert "ff.disks=ext4,xfs ff.agent=1" in argv[argv.index("-append") + 1]
+    assert argv[-3:] == ["-daemonize", "-pidfile", str(tmp_path / "pid")]
+
+
+def test_qemu_argv_without_agent_has_no_serial_port(tmp_path: Path) -> None:
+    art = BootArtifacts(tmp_path / "k", tmp_path / "i", "v")
+    argv = _qemu.qemu_argv(
+        name="x",
+        artifacts=art,
+        accel="kvm",
+        cmdline="c",
+        console_log=tmp_path / "c",
+        qmp_path=tmp_path / "q",
+        qga_path=None,
+        disks=[],
+        pidfile=None,
+    )
+    assert not any("virtserialport" in a or "virtio-serial" in a for a in argv)
+    assert "-cpu" not in argv
+    assert "-daemonize" not in argv
+
+
+def test_qemu_alive_refuses_foreign_pid(tmp_path: Path) -> None:
+    with subprocess.Popen(["sleep", "30"]) as proc:
+        try:
+            assert not _qemu.qemu_alive(proc.pid, tmp_path / "qmp.sock")
+            _qemu.kill_now(proc.pid, tmp_path / "qmp.sock")  # must not touch it
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+
+
+def test_check_dependencies_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_build, "HOST_FILES", {"/nonexistent/qemu-ga": "qemu-guest-agent"})
+    with pytest.raises(DependencyError) as info:
+        _build.check_dependencies(())
+    assert info.value.package == "qemu-guest-agent"
+    monkeypatch.setattr(_build, "HOST_FILES", {})
+    monkeypatch.setattr(_build, "MKFS_PROGRAMS", {"xfs": ("mkfs.nonexistent-ff", "xfsprogs")})
+    with pytest.raises(DependencyError) as info:
+        _build.check_dependencies(("xfs",))
+    assert info.value.package == "xfsprogs"
+
+
+def test_console_tail(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    assert console_tail(log) == "(missing)"
+    log.write_bytes(b"")
+    assert console_tail(log) == "(empty)"
+    log.write_bytes(b"".join(b"line %d\r\n" % i for i in range(100)))
+    assert console_tail(log, 3) == "line 97\nline 98\nline 99"
