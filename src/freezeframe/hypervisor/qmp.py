@@ -28,6 +28,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Self
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
@@ -37,6 +38,7 @@ from freezeframe.errors import (
     FreezeframeError,
     HypervisorError,
     HypervisorUnavailableError,
+    UsageError,
 )
 from freezeframe.hypervisor.base import (
     DriverCapabilities,
@@ -44,7 +46,7 @@ from freezeframe.hypervisor.base import (
     PreparedCut,
     PreparedDisk,
 )
-from freezeframe.models import DiskInfo, PciAddress
+from freezeframe.models import DiskInfo, PciAddress, VmConfig
 
 __all__ = ["GUEST_AGENT_PORT", "QmpCommandError", "QmpDriver", "overlay_node_name"]
 
@@ -212,6 +214,15 @@ class QmpDriver(HypervisorDriver):
         self._client: QMPClient | None = None
         self._timings: dict[str, float] = {}
 
+    @classmethod
+    def from_config(cls, cfg: VmConfig) -> Self:
+        """An unconnected driver for ``cfg.qmp_path``. Raises UsageError when it is unset."""
+        if not cfg.qmp_path:
+            raise UsageError(
+                f"VM {cfg.name!r} has no QMP socket path", hint="register it with its QMP path"
+            )
+        return cls(cfg.qmp_path, vm_name=cfg.name)
+
     @property
     def _label(self) -> str:
         return f"VM {self.vm_name!r}" if self.vm_name else f"QMP {self.qmp_path}"
@@ -372,7 +383,7 @@ class QmpDriver(HypervisorDriver):
         # Not a PCI device itself (scsi-hd, ide-hd, ...): the guest sees its controller.
         bus = await self._qom_get(qdev_path, "parent_bus")
         if isinstance(bus, str) and bus:
-            controller = _peripheral_id(bus.rsplit("/", 1)[0])
+            controller = _peripheral_id(_qdev_root(bus.rsplit("/", 1)[0]))
             if controller is not None:
                 return pci.get(controller)
         return None
