@@ -1,1 +1,58 @@
-"""catalog."""
+"""The catalog: freezeframe's memory of VMs, snapshots, freeze intents and per-VM locks.
+
+Owns the database. Nothing else in freezeframe talks SQL: the rest of the code calls
+:class:`Catalog` and gets the frozen dataclasses of :mod:`freezeframe.models` back, never ORM
+rows. SQLAlchemy 2 (typed ORM) is used synchronously; every public method is a coroutine that
+runs its blocking work in a worker thread (``asyncio.to_thread``). Foreign errors
+(``SQLAlchemyError``, ``sqlite3.Error``, alembic's ``CommandError``) become
+:class:`~freezeframe.errors.CatalogError` here, with the original as ``__cause__``.
+
+Database
+    Any SQLAlchemy URL; by default a SQLite file in the state directory
+    (:func:`freezeframe.paths.default_database_url`). The schema is portable (strings for
+    enums, JSON for whole lists, aware UTC timestamps), so PostgreSQL works the same way.
+    :meth:`Catalog.open` runs ``alembic upgrade head`` with the migrations shipped in
+    ``catalog/migrations`` (revision ``0001`` creates every table); production code never
+    calls ``create_all``.
+
+Tables
+    ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;
+                             ``exclude_mounts`` as a JSON list).
+    ``snapshots``            one row per snapshot attempt: id, vm, created_at, status, policy,
+                             level, level_reason, error, parent_id, freeze_window_ms, evidence
+                             (JSON list of agent log lines).
+    ``snapshot_disks``       the disks of a snapshot, ``(snapshot_id, ordinal)``.
+    ``snapshot_filesystems`` guest filesystems and whether each was frozen, same key.
+    ``timeline_events``      the steps of a snapshot (name, t, mono_ns, detail), same key.
+    ``verifications``        at most one per snapshot: the latest ``snapshot verify`` result.
+    ``fs_checks``            the per-filesystem checks of that verification, same key.
+    ``freeze_intents``       write-ahead freeze records: opened *before* ``guest-fsfreeze-freeze``
+                             is sent, closed once a thaw is confirmed; an open intent after a
+                             crash means "this guest may still be frozen".
+    ``vm_locks``             one row per VM being snapshotted; the primary key is the lock.
+    ``alembic_version``      the schema revision.
+
+Child rows are deleted with their snapshot (ORM cascade, and ``ON DELETE CASCADE``).
+
+Several processes (and hosts sharing a server database)
+    Every operation is one short transaction; nothing is held open between calls. SQLite runs
+    in WAL mode (readers never block the writer) with a busy timeout of
+    :data:`BUSY_TIMEOUT_MS`, both set on every new connection. A writing transaction starts
+    with ``BEGIN IMMEDIATE``: it queues for the single write lock up front instead of upgrading
+    a read snapshot that another writer may have made stale, which is what otherwise fails at
+    once with "database is locked". Migrations run in such a transaction too, so processes
+    opening a fresh file at the same time migrate it exactly once.
+
+    One snapshot per VM at a time: :meth:`Catalog.acquire_vm_lock` INSERTs the VM's row; the
+    database's uniqueness makes exactly one of racing processes win. A loser reads the holder
+    (``"<host>:<pid>:<random>"``, :func:`make_owner`): if it is a process of this host that is
+    gone (no such pid, or the pid now belongs to a process started after the lock was taken),
+    the lock is taken over in one transaction that deletes the row *only if it still names
+    that holder* and inserts ours; otherwise :class:`~freezeframe.errors.BusyError` names the
+    holder and since when it holds the lock. Holders on other hosts are never judged dead.
+"""
+
+from freezeframe.catalog._catalog import BUSY_TIMEOUT_MS, MIN_PREFIX, Catalog
+from freezeframe.catalog._owner import make_owner
+
+__all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog", "make_owner"]

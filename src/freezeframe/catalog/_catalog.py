@@ -1,0 +1,812 @@
+"""The :class:`Catalog` itself: engine set-up, migrations on open, and every query.
+
+See the package docstring (:mod:`freezeframe.catalog`) for the tables and the multi-process
+story. Rows of :mod:`freezeframe.catalog._schema` are converted to and from the frozen
+dataclasses of :mod:`freezeframe.models` here and never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy.engine import URL, CursorResult, Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.pool import StaticPool
+
+from freezeframe import paths
+from freezeframe.catalog._owner import holder_is_dead
+from freezeframe.catalog._schema import (
+    FreezeIntentRow,
+    FsCheckRow,
+    SnapshotDiskRow,
+    SnapshotFilesystemRow,
+    SnapshotRow,
+    TimelineEventRow,
+    VerificationRow,
+    VmLockRow,
+    VmRow,
+)
+from freezeframe.errors import (
+    AlreadyExistsError,
+    BusyError,
+    CatalogError,
+    FreezeframeError,
+    NotFoundError,
+    UsageError,
+)
+from freezeframe.models import (
+    ConsistencyLevel,
+    FreezeIntent,
+    FsCheck,
+    QuiescePolicy,
+    SnapshotDisk,
+    SnapshotFilesystem,
+    SnapshotRecord,
+    SnapshotStatus,
+    TimelineEvent,
+    Verification,
+    VerifyVerdict,
+    VmConfig,
+)
+
+__all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+#: How long a SQLite connection waits for another process's write transaction.
+BUSY_TIMEOUT_MS = 30_000
+#: Shortest snapshot id prefix :meth:`Catalog.get_snapshot` resolves.
+MIN_PREFIX = 4
+#: Execution option marking the engine whose transactions write (``BEGIN IMMEDIATE``).
+_WRITE = "freezeframe_write"
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_VM_HINT = "see `freezeframe vm list`"
+_SNAPSHOT_HINT = "see `freezeframe snapshot list`"
+_LOCK_STEAL_ATTEMPTS = 5
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise CatalogError(f"{what} is a naive datetime; the catalog stores aware UTC times")
+    return value
+
+
+def _enum(cls: type[E], value: str, what: str) -> E:
+    try:
+        return cls(value)
+    except ValueError as exc:
+        raise CatalogError(f"the catalog holds an unknown {what} {value!r}") from exc
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CatalogError(f"the catalog holds a malformed {what}: {value!r}")
+    return tuple(value)
+
+
+# ---------------------------------------------------------------------------- conversions
+
+
+def _vm_row(cfg: VmConfig) -> VmRow:
+    return VmRow(
+        name=cfg.name,
+        driver=cfg.driver,
+        qmp_path=cfg.qmp_path,
+        qga_path=cfg.qga_path,
+        agent=cfg.agent,
+        quiesce=QuiescePolicy(cfg.quiesce).value,
+        freeze_timeout=cfg.freeze_timeout,
+        agent_log_path=cfg.agent_log_path,
+        exclude_mounts=list(cfg.exclude_mounts),
+        lab=cfg.lab,
+    )
+
+
+def _vm(row: VmRow) -> VmConfig:
+    return VmConfig(
+        name=row.name,
+        driver=row.driver,
+        qmp_path=row.qmp_path,
+        qga_path=row.qga_path,
+        agent=row.agent,
+        quiesce=_enum(QuiescePolicy, row.quiesce, "quiesce policy"),
+        freeze_timeout=row.freeze_timeout,
+        agent_log_path=row.agent_log_path,
+        exclude_mounts=_strings(row.exclude_mounts, f"exclude_mounts of VM {row.name}"),
+        lab=row.lab,
+    )
+
+
+def _verification_row(snapshot_id: str, v: Verification) -> VerificationRow:
+    return VerificationRow(
+        snapshot_id=snapshot_id,
+        verdict=VerifyVerdict(v.verdict).value,
+        checked_at=_aware(v.checked_at, "verification.checked_at"),
+        bytes_read=v.bytes_read,
+        duration_ms=v.duration_ms,
+        checks=[
+            FsCheckRow(
+                ordinal=i,
+                device=c.device,
+                fstype=c.fstype,
+                verdict=VerifyVerdict(c.verdict).value,
+                detail=c.detail,
+                log_replayed=c.log_replayed,
+                partition=c.partition,
+            )
+            for i, c in enumerate(v.checks)
+        ],
+    )
+
+
+def _verification(row: VerificationRow) -> Verification:
+    return Verification(
+        verdict=_enum(VerifyVerdict, row.verdict, "verdict"),
+        checked_at=row.checked_at,
+        checks=tuple(
+            FsCheck(
+                device=c.device,
+                fstype=c.fstype,
+                verdict=_enum(VerifyVerdict, c.verdict, "verdict"),
+                detail=c.detail,
+                log_replayed=c.log_replayed,
+                partition=c.partition,
+            )
+            for c in row.checks
+        ),
+        bytes_read=row.bytes_read,
+        duration_ms=row.duration_ms,
+    )
+
+
+def _snapshot_row(rec: SnapshotRecord) -> SnapshotRow:
+    return SnapshotRow(
+        id=rec.id,
+        vm=rec.vm,
+        created_at=_aware(rec.created_at, "snapshot.created_at"),
+        status=SnapshotStatus(rec.status).value,
+        policy=QuiescePolicy(rec.policy).value,
+        level=ConsistencyLevel(rec.level).value,
+        level_reason=rec.level_reason,
+        error=rec.error,
+        parent_id=rec.parent_id,
+        freeze_window_ms=rec.freeze_window_ms,
+        evidence=list(rec.evidence),
+        disks=[
+            SnapshotDiskRow(
+                ordinal=i,
+                device=d.device,
+                node=d.node,
+                image=d.image,
+                format=d.format,
+                overlay=d.overlay,
+                backend=d.backend,
+                virtual_size=d.virtual_size,
+            )
+            for i, d in enumerate(rec.disks)
+        ],
+        filesystems=[
+            SnapshotFilesystemRow(
+                ordinal=i,
+                mountpoint=f.mountpoint,
+                fstype=f.fstype,
+                device=f.device,
+                frozen=f.frozen,
+                reason=f.reason,
+            )
+            for i, f in enumerate(rec.filesystems)
+        ],
+        timeline=[
+            TimelineEventRow(
+                ordinal=i,
+                name=e.name,
+                t=_aware(e.t, f"timeline event {e.name!r}"),
+                mono_ns=e.mono_ns,
+                detail=e.detail,
+            )
+            for i, e in enumerate(rec.timeline)
+        ],
+        verification=(
+            None if rec.verification is None else _verification_row(rec.id, rec.verification)
+        ),
+    )
+
+
+def _snapshot(row: SnapshotRow) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=row.id,
+        vm=row.vm,
+        created_at=row.created_at,
+        status=_enum(SnapshotStatus, row.status, "snapshot status"),
+        policy=_enum(QuiescePolicy, row.policy, "quiesce policy"),
+        level=_enum(ConsistencyLevel, row.level, "consistency level"),
+        level_reason=row.level_reason,
+        error=row.error,
+        parent_id=row.parent_id,
+        disks=tuple(
+            SnapshotDisk(
+                device=d.device,
+                node=d.node,
+                image=d.image,
+                format=d.format,
+                overlay=d.overlay,
+                backend=d.backend,
+                virtual_size=d.virtual_size,
+            )
+            for d in row.disks
+        ),
+        filesystems=tuple(
+            SnapshotFilesystem(
+                mountpoint=f.mountpoint,
+                fstype=f.fstype,
+                device=f.device,
+                frozen=f.frozen,
+                reason=f.reason,
+            )
+            for f in row.filesystems
+        ),
+        timeline=tuple(
+            TimelineEvent(name=e.name, t=e.t, mono_ns=e.mono_ns, detail=e.detail)
+            for e in row.timeline
+        ),
+        freeze_window_ms=row.freeze_window_ms,
+        evidence=_strings(row.evidence, f"evidence of snapshot {row.id}"),
+        verification=None if row.verification is None else _verification(row.verification),
+    )
+
+
+def _intent(row: FreezeIntentRow) -> FreezeIntent:
+    return FreezeIntent(
+        id=row.id,
+        vm=row.vm,
+        snapshot_id=row.snapshot_id,
+        qga_path=row.qga_path,
+        opened_at=row.opened_at,
+        owner=row.owner,
+        closed_at=row.closed_at,
+        closed_by=row.closed_by,
+    )
+
+
+_LOAD_SNAPSHOT = (
+    selectinload(SnapshotRow.disks),
+    selectinload(SnapshotRow.filesystems),
+    selectinload(SnapshotRow.timeline),
+    selectinload(SnapshotRow.verification).selectinload(VerificationRow.checks),
+)
+
+
+def _rowcount(result: sa.Result[Any]) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+def _is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or (url.query.get("mode") == "memory")
+
+
+def _create_engine(url: URL) -> Engine:
+    """An engine for ``url``; for SQLite with WAL, a busy timeout and our own BEGINs."""
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True)
+
+    memory = _is_memory(url)
+    if memory:
+        engine = sa.create_engine(
+            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        engine = sa.create_engine(url)
+
+    def on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        # SQLAlchemy, not the sqlite3 module, decides when a transaction starts (on_begin).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if not memory:
+                mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    log.warning("SQLite refused WAL mode (journal_mode=%s)", mode)
+        finally:
+            cur.close()
+
+    def on_begin(conn: sa.Connection) -> None:
+        # A writer takes SQLite's write lock up front (waiting up to the busy timeout), so it
+        # never upgrades a read snapshot that another writer made stale (SQLITE_BUSY at once).
+        immediate = bool(conn.get_execution_options().get(_WRITE))
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "begin", on_begin)
+    return engine
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
+    return cfg
+
+
+def _migrate(write_engine: Engine) -> None:
+    """``alembic upgrade head`` inside one write transaction (serialized between processes)."""
+    cfg = _alembic_config()
+    with write_engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        return f"{type(orig).__name__}: {orig}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+# ---------------------------------------------------------------------------- the catalog
+
+
+class Catalog:
+    """The freezeframe catalog: VMs, snapshots, freeze intents and per-VM locks.
+
+    Get one with :meth:`open` (or ``async with await Catalog.open() as cat``). Every public
+    method runs its database work in a worker thread (``asyncio.to_thread``); calls of one
+    Catalog are serialized. Every method raises :class:`CatalogError` when the database fails
+    (the SQLAlchemy error is its ``__cause__``) or the catalog is closed, plus what it lists.
+    """
+
+    def __init__(self, engine: Engine, display_url: str) -> None:
+        """Private: use :meth:`open`."""
+        self._engine: Engine | None = engine
+        self._write_engine = engine.execution_options(**{_WRITE: True})
+        self._display = display_url
+        self._serial = threading.Lock()
+
+    # -------------------------------------------------------------- life cycle
+
+    @classmethod
+    async def open(cls, url: str | None = None) -> Catalog:
+        """Open the catalog at ``url`` (default :func:`freezeframe.paths.default_database_url`).
+
+        Creates the directory of a SQLite file and migrates the schema to the newest revision.
+
+        Raises:
+            UsageError: ``url`` is not a database URL.
+            CatalogError: the database cannot be opened or migrated.
+        """
+        return await asyncio.to_thread(cls._open_sync, url or paths.default_database_url())
+
+    @classmethod
+    def _open_sync(cls, url_text: str) -> Catalog:
+        try:
+            url = sa.make_url(url_text)
+        except ArgumentError as exc:
+            raise UsageError(f"not a database URL: {url_text!r}") from exc
+        display = url.render_as_string(hide_password=True)
+        if url.get_backend_name() == "sqlite" and not _is_memory(url) and url.database:
+            try:
+                paths.ensure_dir(Path(url.database).expanduser().resolve().parent)
+            except OSError as exc:
+                raise CatalogError(f"cannot create the directory of {display}: {exc}") from exc
+        try:
+            engine = _create_engine(url)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise CatalogError(f"cannot open catalog {display}: {_describe(exc)}") from exc
+        catalog = cls(engine, display)
+        try:
+            _migrate(catalog._write_engine)
+        except CommandError as exc:
+            engine.dispose()
+            raise CatalogError(
+                f"cannot migrate catalog {display}: {exc}",
+                hint="the database may have been written by a newer freezeframe",
+            ) from exc
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            engine.dispose()
+            raise CatalogError(f"cannot open catalog {display}: {_describe(exc)}") from exc
+        log.debug("catalog %s open", display)
+        return catalog
+
+    async def close(self) -> None:
+        """Release the database connections. Idempotent; later calls raise CatalogError."""
+        await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._serial:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self._display
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._serial:
+            if self._engine is None:
+                raise CatalogError(f"catalog {self._display} is closed")
+            try:
+                return fn(*args)
+            except FreezeframeError:
+                raise
+            except (SQLAlchemyError, sqlite3.Error) as exc:
+                raise CatalogError(f"catalog {self._display}: {_describe(exc)}") from exc
+
+    def _reader(self) -> Session:
+        return Session(self._engine, expire_on_commit=False)
+
+    def _writer(self) -> Session:
+        return Session(self._write_engine, expire_on_commit=False)
+
+    # -------------------------------------------------------------- VMs
+
+    async def add_vm(self, cfg: VmConfig, *, replace: bool = False) -> None:
+        """Register ``cfg`` (or overwrite the VM of that name when ``replace``).
+
+        Raises:
+            AlreadyExistsError: a VM of that name exists and ``replace`` is false.
+        """
+        await self._run(self._add_vm, cfg, replace)
+
+    def _add_vm(self, cfg: VmConfig, replace: bool) -> None:
+        try:
+            with self._writer() as s, s.begin():
+                old = s.get(VmRow, cfg.name)
+                if old is not None:
+                    if not replace:
+                        raise AlreadyExistsError(
+                            f"VM {cfg.name!r} is already registered",
+                            hint="pass replace (--replace) to overwrite it",
+                        )
+                    s.delete(old)
+                    s.flush()
+                s.add(_vm_row(cfg))
+        except IntegrityError as exc:  # a concurrent add on a backend without write locks
+            raise AlreadyExistsError(f"VM {cfg.name!r} is already registered") from exc
+
+    async def get_vm(self, name: str) -> VmConfig:
+        """The VM registered as ``name``.
+
+        Raises:
+            NotFoundError: no such VM.
+        """
+        return await self._run(self._get_vm, name)
+
+    def _get_vm(self, name: str) -> VmConfig:
+        with self._reader() as s, s.begin():
+            row = s.get(VmRow, name)
+            if row is None:
+                raise NotFoundError(f"no VM named {name!r}", hint=_VM_HINT)
+            return _vm(row)
+
+    async def list_vms(self) -> list[VmConfig]:
+        """All registered VMs, by name."""
+        return await self._run(self._list_vms)
+
+    def _list_vms(self) -> list[VmConfig]:
+        with self._reader() as s, s.begin():
+            return [_vm(r) for r in s.scalars(sa.select(VmRow).order_by(VmRow.name))]
+
+    async def remove_vm(self, name: str) -> None:
+        """Forget the VM ``name`` (its snapshots stay in the catalog).
+
+        Raises:
+            NotFoundError: no such VM.
+        """
+        await self._run(self._remove_vm, name)
+
+    def _remove_vm(self, name: str) -> None:
+        with self._writer() as s, s.begin():
+            result = s.execute(sa.delete(VmRow).where(VmRow.name == name))
+            if _rowcount(result) == 0:
+                raise NotFoundError(f"no VM named {name!r}", hint=_VM_HINT)
+
+    # -------------------------------------------------------------- snapshots
+
+    async def begin_snapshot(self, rec: SnapshotRecord) -> None:
+        """Write-ahead: record ``rec`` (status RUNNING) before anything touches the VM.
+
+        Raises:
+            CatalogError: ``rec.status`` is not RUNNING or a datetime is naive.
+            AlreadyExistsError: a snapshot with that id exists.
+        """
+        await self._run(self._begin_snapshot, rec)
+
+    def _begin_snapshot(self, rec: SnapshotRecord) -> None:
+        if rec.status is not SnapshotStatus.RUNNING:
+            raise CatalogError(
+                f"begin_snapshot needs status {SnapshotStatus.RUNNING.value}, "
+                f"got {rec.status.value} for {rec.id}"
+            )
+        row = _snapshot_row(rec)
+        try:
+            with self._writer() as s, s.begin():
+                if s.get(SnapshotRow, rec.id) is not None:
+                    raise AlreadyExistsError(f"snapshot {rec.id} already exists")
+                s.add(row)
+        except IntegrityError as exc:
+            raise AlreadyExistsError(f"snapshot {rec.id} already exists") from exc
+
+    async def finish_snapshot(self, rec: SnapshotRecord) -> None:
+        """Replace the stored record ``rec.id`` with ``rec``, entirely.
+
+        Disks, filesystems, timeline, evidence and also the verification become those of
+        ``rec`` (a verification stored earlier is dropped if ``rec.verification`` is None).
+
+        Raises:
+            NotFoundError: :meth:`begin_snapshot` was never called for ``rec.id``.
+            CatalogError: a datetime is naive.
+        """
+        await self._run(self._finish_snapshot, rec)
+
+    def _finish_snapshot(self, rec: SnapshotRecord) -> None:
+        new = _snapshot_row(rec)
+        with self._writer() as s, s.begin():
+            old = s.scalars(
+                sa.select(SnapshotRow).where(SnapshotRow.id == rec.id).options(*_LOAD_SNAPSHOT)
+            ).one_or_none()
+            if old is None:
+                raise NotFoundError(f"no snapshot {rec.id} to finish", hint=_SNAPSHOT_HINT)
+            s.delete(old)
+            s.flush()
+            s.add(new)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """The snapshot ``snapshot_id``, or the only one whose id starts with it.
+
+        A prefix must have at least :data:`MIN_PREFIX` (4) characters.
+
+        Raises:
+            NotFoundError: no snapshot matches.
+            UsageError: the prefix matches several snapshots (they are named).
+        """
+        return await self._run(self._get_snapshot, snapshot_id)
+
+    def _get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        with self._reader() as s, s.begin():
+            return _snapshot(self._resolve(s, snapshot_id, prefix=True))
+
+    def _resolve(self, s: Session, snapshot_id: str, *, prefix: bool) -> SnapshotRow:
+        query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
+        row = s.scalars(query.where(SnapshotRow.id == snapshot_id)).one_or_none()
+        if row is not None:
+            return row
+        if not prefix or len(snapshot_id) < MIN_PREFIX:
+            hint = _SNAPSHOT_HINT
+            if prefix:
+                hint = f"give the full id or at least {MIN_PREFIX} characters; {_SNAPSHOT_HINT}"
+            raise NotFoundError(f"no snapshot {snapshot_id!r}", hint=hint)
+        # substr, not LIKE: case-sensitive everywhere and no wildcard escaping.
+        ids = list(
+            s.scalars(
+                sa.select(SnapshotRow.id)
+                .where(sa.func.substr(SnapshotRow.id, 1, len(snapshot_id)) == snapshot_id)
+                .order_by(SnapshotRow.id)
+                .limit(11)
+            )
+        )
+        if not ids:
+            raise NotFoundError(f"no snapshot id starts with {snapshot_id!r}", hint=_SNAPSHOT_HINT)
+        if len(ids) > 1:
+            shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+            raise UsageError(
+                f"snapshot id prefix {snapshot_id!r} is ambiguous: {shown}",
+                hint="give more characters of the id",
+            )
+        return s.scalars(query.where(SnapshotRow.id == ids[0])).one()
+
+    async def list_snapshots(self, vm: str | None = None) -> list[SnapshotRecord]:
+        """All snapshots (of ``vm`` if given), oldest first."""
+        return await self._run(self._list_snapshots, vm)
+
+    def _list_snapshots(self, vm: str | None) -> list[SnapshotRecord]:
+        query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
+        if vm is not None:
+            query = query.where(SnapshotRow.vm == vm)
+        query = query.order_by(SnapshotRow.created_at, SnapshotRow.id)
+        with self._reader() as s, s.begin():
+            return [_snapshot(r) for r in s.scalars(query)]
+
+    async def latest_snapshot(self, vm: str) -> SnapshotRecord | None:
+        """The newest snapshot of ``vm`` with status DONE, or None."""
+        return await self._run(self._latest_snapshot, vm)
+
+    def _latest_snapshot(self, vm: str) -> SnapshotRecord | None:
+        query = (
+            sa.select(SnapshotRow)
+            .options(*_LOAD_SNAPSHOT)
+            .where(SnapshotRow.vm == vm, SnapshotRow.status == SnapshotStatus.DONE.value)
+            .order_by(SnapshotRow.created_at.desc(), SnapshotRow.id.desc())
+            .limit(1)
+        )
+        with self._reader() as s, s.begin():
+            row = s.scalars(query).one_or_none()
+            return None if row is None else _snapshot(row)
+
+    async def set_verification(self, snapshot_id: str, v: Verification) -> None:
+        """Store ``v`` as the verification of ``snapshot_id`` (exact id), replacing any earlier.
+
+        Raises:
+            NotFoundError: no such snapshot.
+            CatalogError: ``v.checked_at`` is naive.
+        """
+        await self._run(self._set_verification, snapshot_id, v)
+
+    def _set_verification(self, snapshot_id: str, v: Verification) -> None:
+        new = _verification_row(snapshot_id, v)
+        with self._writer() as s, s.begin():
+            row = self._resolve(s, snapshot_id, prefix=False)
+            if row.verification is not None:
+                s.delete(row.verification)
+                s.flush()
+            row.verification = new
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete the record ``snapshot_id`` (exact id) and everything under it.
+
+        Only the record: image files are the storage layer's business.
+
+        Raises:
+            NotFoundError: no such snapshot.
+        """
+        await self._run(self._delete_snapshot, snapshot_id)
+
+    def _delete_snapshot(self, snapshot_id: str) -> None:
+        with self._writer() as s, s.begin():
+            s.delete(self._resolve(s, snapshot_id, prefix=False))
+
+    # -------------------------------------------------------------- freeze intents
+
+    async def open_intent(
+        self, vm: str, snapshot_id: str, qga_path: str, owner: str
+    ) -> FreezeIntent:
+        """Write-ahead: a freeze of ``vm`` may be in effect from now on. Committed on return."""
+        return await self._run(self._open_intent, vm, snapshot_id, qga_path, owner)
+
+    def _open_intent(self, vm: str, snapshot_id: str, qga_path: str, owner: str) -> FreezeIntent:
+        row = FreezeIntentRow(
+            vm=vm,
+            snapshot_id=snapshot_id,
+            qga_path=qga_path,
+            opened_at=_now(),
+            owner=owner,
+            closed_at=None,
+            closed_by="",
+        )
+        with self._writer() as s, s.begin():
+            s.add(row)
+            s.flush()
+            return _intent(row)
+
+    async def close_intent(self, intent_id: int, closed_by: str) -> None:
+        """Mark intent ``intent_id`` closed (a thaw was confirmed) by ``closed_by``.
+
+        Closing an already closed intent keeps the first closer and is not an error.
+
+        Raises:
+            NotFoundError: no such intent.
+        """
+        await self._run(self._close_intent, intent_id, closed_by)
+
+    def _close_intent(self, intent_id: int, closed_by: str) -> None:
+        with self._writer() as s, s.begin():
+            row = s.get(FreezeIntentRow, intent_id)
+            if row is None:
+                raise NotFoundError(f"no freeze intent {intent_id}")
+            if row.closed_at is not None:
+                log.debug("freeze intent %d already closed by %s", intent_id, row.closed_by)
+                return
+            row.closed_at = _now()
+            row.closed_by = closed_by
+
+    async def open_intents(self, vm: str | None = None) -> list[FreezeIntent]:
+        """Intents not closed yet (of ``vm`` if given), oldest first."""
+        return await self._run(self._open_intents, vm)
+
+    def _open_intents(self, vm: str | None) -> list[FreezeIntent]:
+        query = sa.select(FreezeIntentRow).where(FreezeIntentRow.closed_at.is_(None))
+        if vm is not None:
+            query = query.where(FreezeIntentRow.vm == vm)
+        with self._reader() as s, s.begin():
+            return [_intent(r) for r in s.scalars(query.order_by(FreezeIntentRow.id))]
+
+    # -------------------------------------------------------------- VM locks
+
+    async def acquire_vm_lock(self, vm: str, owner: str) -> None:
+        """Take the lock of ``vm`` for ``owner`` (see :func:`make_owner`). Not re-entrant.
+
+        A lock held by a process of this host that is gone is taken over (logged).
+
+        Raises:
+            BusyError: the lock is held by a live (or unjudgeable) owner; the message names it.
+        """
+        await self._run(self._acquire_vm_lock, vm, owner)
+
+    def _acquire_vm_lock(self, vm: str, owner: str) -> None:
+        for _ in range(_LOCK_STEAL_ATTEMPTS):
+            try:
+                with self._writer() as s, s.begin():
+                    s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now()))
+                return
+            except IntegrityError:
+                pass
+            with self._reader() as s, s.begin():
+                holder = s.get(VmLockRow, vm)
+                if holder is None:
+                    continue  # released in between: try again
+                held_by, since = holder.owner, holder.acquired_at
+            if not holder_is_dead(held_by, since):
+                raise BusyError(
+                    f"snapshot of VM {vm} in progress by {held_by} "
+                    f"since {since.isoformat(timespec='seconds')}",
+                    hint="wait for it to finish; a lock of a dead process on this host "
+                    "is taken over automatically",
+                )
+            with self._writer() as s, s.begin():
+                # Conditional on the old owner: of several racing stealers only one deletes.
+                gone = s.execute(
+                    sa.delete(VmLockRow).where(VmLockRow.vm == vm, VmLockRow.owner == held_by)
+                )
+                if _rowcount(gone) != 1:
+                    continue
+                s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now()))
+            log.warning("took over the lock of VM %s from dead process %s", vm, held_by)
+            return
+        raise BusyError(f"the lock of VM {vm} keeps changing hands; try again")
+
+    async def release_vm_lock(self, vm: str, owner: str) -> None:
+        """Release the lock of ``vm`` if ``owner`` holds it; otherwise log a warning only."""
+        await self._run(self._release_vm_lock, vm, owner)
+
+    def _release_vm_lock(self, vm: str, owner: str) -> None:
+        with self._writer() as s, s.begin():
+            gone = s.execute(
+                sa.delete(VmLockRow).where(VmLockRow.vm == vm, VmLockRow.owner == owner)
+            )
+            if _rowcount(gone) == 1:
+                return
+            holder = s.get(VmLockRow, vm)
+        if holder is None:
+            log.warning("lock of VM %s was not held (release by %s)", vm, owner)
+        else:
+            log.warning("lock of VM %s is held by %s, not %s: left alone", vm, holder.owner, owner)

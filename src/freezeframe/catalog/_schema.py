@@ -1,0 +1,214 @@
+"""The catalog's tables as typed SQLAlchemy 2 ORM classes (private to :mod:`freezeframe.catalog`).
+
+Rows never leave the package: :mod:`freezeframe.catalog._catalog` converts them to and from the
+frozen dataclasses of :mod:`freezeframe.models`. The schema is portable (no SQLite-only
+types): enums are stored as their string values, sequences that are only ever read whole
+(``exclude_mounts``, ``evidence``) as JSON, everything else in normalized child tables keyed by
+``(parent id, ordinal)``. Every change here needs a migration in ``migrations/versions``; a unit
+test checks that the migrated schema equals this metadata.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "FreezeIntentRow",
+    "FsCheckRow",
+    "SnapshotDiskRow",
+    "SnapshotFilesystemRow",
+    "SnapshotRow",
+    "TimelineEventRow",
+    "UtcDateTime",
+    "VerificationRow",
+    "VmLockRow",
+    "VmRow",
+]
+
+#: Constraint names are fixed so that migrations on every backend agree with the models.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    Binds an aware ``datetime`` converted to UTC (SQLite stores it without an offset; backends
+    with ``TIMESTAMP WITH TIME ZONE`` keep it aware) and always returns an aware UTC value.
+    Naive values are refused by the catalog before they get here.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+_NAME = sa.String(255)
+_ENUM = sa.String(32)
+
+
+class VmRow(Base):
+    __tablename__ = "vms"
+
+    name: Mapped[str] = mapped_column(_NAME, primary_key=True)
+    driver: Mapped[str] = mapped_column(sa.String(64))
+    qmp_path: Mapped[str | None] = mapped_column(sa.Text)
+    qga_path: Mapped[str | None] = mapped_column(sa.Text)
+    agent: Mapped[bool] = mapped_column(sa.Boolean)
+    quiesce: Mapped[str] = mapped_column(_ENUM)
+    freeze_timeout: Mapped[float] = mapped_column(sa.Double)
+    agent_log_path: Mapped[str | None] = mapped_column(sa.Text)
+    exclude_mounts: Mapped[list[str]] = mapped_column(sa.JSON)
+    lab: Mapped[bool] = mapped_column(sa.Boolean)
+
+
+class SnapshotRow(Base):
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(_NAME, primary_key=True)
+    vm: Mapped[str] = mapped_column(_NAME, index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    status: Mapped[str] = mapped_column(_ENUM)
+    policy: Mapped[str] = mapped_column(_ENUM)
+    level: Mapped[str] = mapped_column(_ENUM)
+    level_reason: Mapped[str] = mapped_column(sa.Text)
+    error: Mapped[str] = mapped_column(sa.Text)
+    parent_id: Mapped[str | None] = mapped_column(_NAME)
+    freeze_window_ms: Mapped[float | None] = mapped_column(sa.Double)
+    evidence: Mapped[list[str]] = mapped_column(sa.JSON)
+
+    disks: Mapped[list[SnapshotDiskRow]] = relationship(
+        order_by="SnapshotDiskRow.ordinal", cascade="all, delete-orphan", passive_deletes=True
+    )
+    filesystems: Mapped[list[SnapshotFilesystemRow]] = relationship(
+        order_by="SnapshotFilesystemRow.ordinal", cascade="all, delete-orphan", passive_deletes=True
+    )
+    timeline: Mapped[list[TimelineEventRow]] = relationship(
+        order_by="TimelineEventRow.ordinal", cascade="all, delete-orphan", passive_deletes=True
+    )
+    verification: Mapped[VerificationRow | None] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+def _snapshot_fk() -> sa.ForeignKey:
+    return sa.ForeignKey("snapshots.id", ondelete="CASCADE")
+
+
+class SnapshotDiskRow(Base):
+    __tablename__ = "snapshot_disks"
+
+    snapshot_id: Mapped[str] = mapped_column(_NAME, _snapshot_fk(), primary_key=True)
+    ordinal: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(_NAME)
+    node: Mapped[str] = mapped_column(_NAME)
+    image: Mapped[str] = mapped_column(sa.Text)
+    format: Mapped[str] = mapped_column(sa.String(64))
+    overlay: Mapped[str | None] = mapped_column(sa.Text)
+    backend: Mapped[str] = mapped_column(sa.String(64))
+    virtual_size: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class SnapshotFilesystemRow(Base):
+    __tablename__ = "snapshot_filesystems"
+
+    snapshot_id: Mapped[str] = mapped_column(_NAME, _snapshot_fk(), primary_key=True)
+    ordinal: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    mountpoint: Mapped[str] = mapped_column(sa.Text)
+    fstype: Mapped[str] = mapped_column(sa.String(64))
+    device: Mapped[str | None] = mapped_column(_NAME)
+    frozen: Mapped[bool] = mapped_column(sa.Boolean)
+    reason: Mapped[str] = mapped_column(sa.Text)
+
+
+class TimelineEventRow(Base):
+    __tablename__ = "timeline_events"
+
+    snapshot_id: Mapped[str] = mapped_column(_NAME, _snapshot_fk(), primary_key=True)
+    ordinal: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(_NAME)
+    t: Mapped[datetime] = mapped_column(UtcDateTime)
+    mono_ns: Mapped[int] = mapped_column(sa.BigInteger)
+    detail: Mapped[str] = mapped_column(sa.Text)
+
+
+class VerificationRow(Base):
+    __tablename__ = "verifications"
+
+    snapshot_id: Mapped[str] = mapped_column(_NAME, _snapshot_fk(), primary_key=True)
+    verdict: Mapped[str] = mapped_column(_ENUM)
+    checked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    bytes_read: Mapped[int] = mapped_column(sa.BigInteger)
+    duration_ms: Mapped[float] = mapped_column(sa.Double)
+
+    checks: Mapped[list[FsCheckRow]] = relationship(
+        order_by="FsCheckRow.ordinal", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class FsCheckRow(Base):
+    __tablename__ = "fs_checks"
+
+    snapshot_id: Mapped[str] = mapped_column(
+        _NAME,
+        sa.ForeignKey("verifications.snapshot_id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    ordinal: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(_NAME)
+    fstype: Mapped[str] = mapped_column(sa.String(64))
+    verdict: Mapped[str] = mapped_column(_ENUM)
+    detail: Mapped[str] = mapped_column(sa.Text)
+    log_replayed: Mapped[bool] = mapped_column(sa.Boolean)
+    partition: Mapped[str | None] = mapped_column(_NAME)
+
+
+class FreezeIntentRow(Base):
+    __tablename__ = "freeze_intents"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(_NAME, index=True)
+    snapshot_id: Mapped[str] = mapped_column(_NAME)
+    qga_path: Mapped[str] = mapped_column(sa.Text)
+    opened_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    owner: Mapped[str] = mapped_column(_NAME)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    closed_by: Mapped[str] = mapped_column(sa.String(64))
+
+
+class VmLockRow(Base):
+    __tablename__ = "vm_locks"
+
+    # The primary key is the lock: a second INSERT for the same VM fails on every backend.
+    vm: Mapped[str] = mapped_column(_NAME, primary_key=True)
+    owner: Mapped[str] = mapped_column(_NAME)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
