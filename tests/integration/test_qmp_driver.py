@@ -477,12 +477,18 @@ async def test_cut_refused_vs_outcome_unknown(sock_dir: Path) -> None:
 
 async def test_connection_lost_is_unavailable(sock_dir: Path) -> None:
     path = str(sock_dir / "x.sock")
-    async with FakeQmpServer(path, {"stop": Hangup()}), QmpDriver(path, timeout=2) as drv:
+    drv = QmpDriver(path, timeout=2)
+    async with FakeQmpServer(path, {"stop": Hangup()}) as fake:
+        await drv.connect()
         with pytest.raises(HypervisorUnavailableError):
             await drv.pause()
         with pytest.raises(HypervisorUnavailableError):
             await drv.resume()
-        await drv.close()  # never raises, even on a dead connection
+        await drv.connect()  # reconnects
+        with pytest.raises(QmpCommandError, match="cont has not been found"):
+            await drv.resume()
+        assert fake.commands().count("qmp_capabilities") == 2
+    await drv.close()  # never raises, even on a dead connection
 
 
 # ------------------------------------------------------------------------- small pieces

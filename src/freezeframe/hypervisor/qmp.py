@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 from typing import Self
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import (
+    ConnectError,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+    Runstate,
+)
 
 from freezeframe._tools import require, run
 from freezeframe.errors import (
@@ -236,14 +243,17 @@ class QmpDriver(HypervisorDriver):
     # ----------------------------------------------------------------- connection
 
     async def connect(self) -> None:
-        """Connect and negotiate capabilities; a no-op when already connected.
+        """Connect and negotiate capabilities; a no-op when connected, a reconnect when the
+        connection broke.
 
         Raises HypervisorUnavailableError (with a hint) when the socket is missing, refuses
         the connection, does not greet within ``timeout`` (another client holds it, or it is
         not a QMP monitor) or does not speak QMP. The driver stays disconnected on failure.
         """
         if self._client is not None:
-            return
+            if self._client.runstate == Runstate.RUNNING:
+                return
+            await self.close()  # the connection broke: start over
         if not _exists(self.qmp_path):
             raise HypervisorUnavailableError(
                 f"{self._label}: QMP socket {self.qmp_path} does not exist",
