@@ -19,7 +19,6 @@ __all__ = [
     "FreezeIntent",
     "FsCheck",
     "FsFreezeState",
-    "FsVerdict",
     "GuestDisk",
     "GuestFilesystem",
     "PciAddress",
