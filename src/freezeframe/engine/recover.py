@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from dataclasses import dataclass, replace
 
 from freezeframe.agent import GuestAgent
-from freezeframe.catalog import Catalog
+from freezeframe.catalog import Catalog, holder_is_dead
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import AgentError, FreezeframeError, NotFoundError
 from freezeframe.models import FreezeIntent, FsFreezeState, SnapshotStatus
 
-__all__ = ["RecoverOutcome", "owner_alive", "recover"]
+__all__ = ["RecoverOutcome", "recover"]
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +35,6 @@ class RecoverOutcome:
     detail: str = ""
 
 
-def owner_alive(owner: str) -> bool | None:
-    """Is the process ``host:pid:...`` alive? None when it lives on another host (unknown)."""
-    parts = owner.split(":")
-    if len(parts) < 2 or parts[0] != socket.gethostname():
-        return None
-    try:
-        pid = int(parts[1])
-    except ValueError:
-        return None
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def recover(
     catalog: Catalog,
     vm: str | None = None,
@@ -66,16 +44,15 @@ async def recover(
 ) -> list[RecoverOutcome]:
     """Thaw every VM with an open freeze intent (of ``vm`` only, if given).
 
-    Intents owned by a process that is still alive on this host are skipped (it will thaw
-    itself) unless ``force``. Never raises for one VM's trouble: each outcome says what
-    happened. Raises NotFoundError for an unknown ``vm``.
+    Intents whose owner is not provably dead (alive on this host, or on another host) are
+    skipped (the owner thaws itself) unless ``force``. Never raises for one VM's trouble:
+    each outcome says what happened. Raises NotFoundError for an unknown ``vm``.
     """
     if vm is not None:
         await catalog.get_vm(vm)
     outcomes = []
     for intent in await catalog.open_intents(vm):
-        alive = owner_alive(intent.owner)
-        if alive and not force:
+        if not force and not holder_is_dead(intent.owner, intent.opened_at):
             outcomes.append(
                 RecoverOutcome(
                     intent.id,
@@ -83,7 +60,7 @@ async def recover(
                     intent.snapshot_id,
                     thawed=False,
                     skipped=True,
-                    detail=f"owned by a live process ({intent.owner}); use --force to thaw anyway",
+                    detail=f"owned by a live process ({intent.owner}); --force thaws anyway",
                 )
             )
             continue
