@@ -40,6 +40,7 @@ PACKAGE_OF: dict[str, str] = {
     "mount": "mount",
     "umount": "mount",
     "blkid": "util-linux",
+    "partx": "util-linux",
     "apt-get": "apt",
     "dpkg": "dpkg",
     "dpkg-deb": "dpkg",

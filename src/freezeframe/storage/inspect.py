@@ -29,7 +29,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -85,17 +85,30 @@ class ImageView:
     partition_table: str | None = None
     virtual_size: int = 0
 
-    def bytes_read(self) -> int:
-        """Bytes read so far from the exported disk (its loop device's sectors read * 512).
+    #: Every loop device on the export: ``device`` and, when the kernel cannot read the
+    #: partition table, one per partition.
+    loop_devices: tuple[str, ...] = ()
+    #: Sectors already counted on each of ``loop_devices`` when it was attached (a reused loop
+    #: device keeps its counters).
+    sectors_before: tuple[int, ...] = field(default=(), repr=False)
 
-        Raises VerifyError when the loop device is gone (outside :func:`open_image`).
+    def bytes_read(self) -> int:
+        """Bytes read from the exported disk since it was attached (loop devices' sectors
+        read * 512).
+
+        Raises VerifyError when a loop device is gone (outside :func:`open_image`).
         """
-        stat = Path("/sys/block") / Path(self.device).name / "stat"
-        try:
-            fields = stat.read_text().split()
-            return int(fields[2]) * 512
-        except (OSError, IndexError, ValueError) as exc:
-            raise VerifyError(f"cannot read I/O statistics of {self.device}: {exc}") from exc
+        now = sum(_sectors_read(dev) for dev in self.loop_devices)
+        return (now - sum(self.sectors_before)) * 512
+
+
+def _sectors_read(dev: str) -> int:
+    """Sectors read from block device ``dev`` since it was set up; VerifyError if gone."""
+    stat = Path("/sys/block") / Path(dev).name / "stat"
+    try:
+        return int(stat.read_text().split()[2])
+    except (OSError, IndexError, ValueError) as exc:
+        raise VerifyError(f"cannot read I/O statistics of {dev}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -245,13 +258,60 @@ def _partition_devices(loop: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-async def _scan(loop: str) -> tuple[tuple[Partition, ...], str | None]:
+_EXTENDED_TYPES = frozenset({"0x5", "0xf", "0x85"})
+
+
+async def _partition_table(loop: str) -> list[tuple[int, int, int]]:
+    """``(number, start sector, sectors)`` of each partition, read in user space by partx
+    (the kernel may have no partition-table support: this host's has neither msdos nor efi)."""
+    res = await run(
+        "partx", "--show", "-g", "-o", "NR,START,SECTORS,TYPE", loop, check=False, timeout=60.0
+    )
+    if res.returncode != 0:
+        log.warning("partx %s: %s", loop, _tail(res.err))
+        return []
+    table = []
+    for line in res.out.splitlines():
+        cols = line.split()
+        if len(cols) < 3 or (len(cols) > 3 and cols[3].lower() in _EXTENDED_TYPES):
+            continue
+        with contextlib.suppress(ValueError):
+            table.append((int(cols[0]), int(cols[1]), int(cols[2])))
+    return table
+
+
+async def _scan(
+    loop: str, backing_file: str, extra_loops: list[str], baselines: dict[str, int]
+) -> tuple[tuple[Partition, ...], str | None]:
+    """Find the filesystems of the exported disk. Partitions come from the kernel
+    (``losetup -P``) or, when it found none, from partx, each then attached as its own loop
+    device (``--offset``/``--sizelimit``) recorded in ``extra_loops`` for the teardown and
+    its read counter in ``baselines``."""
     whole = await _probe(loop)
     if whole.get("TYPE"):
         return (Partition(loop, whole["TYPE"], whole.get("LABEL")),), None
     table = whole.get("PTTYPE")
+    devices = _partition_devices(loop)
+    if table and not devices:
+        for number, start, sectors in await _partition_table(loop):
+            res = await run(
+                "losetup",
+                "--find",
+                "--show",
+                "--offset",
+                str(start * 512),
+                "--sizelimit",
+                str(sectors * 512),
+                backing_file,
+                timeout=60.0,
+                what=f"losetup (partition {number})",
+            )
+            dev = res.out.strip()
+            extra_loops.append(dev)
+            baselines[dev] = _sectors_read(dev)
+            devices.append((number, dev))
     parts = []
-    for number, dev in _partition_devices(loop):
+    for number, dev in devices:
         fields = await _probe(dev)
         if not fields.get("TYPE") and fields.get("PTTYPE"):
             continue  # a container (extended partition), its members are listed themselves
@@ -440,7 +500,7 @@ async def open_image(
     damaged), still open for writing by another process, when ``/dev/fuse`` is missing or the
     export or loop device cannot be set up; DependencyError when a program is missing.
     """
-    for program in ("qemu-img", "qemu-storage-daemon", "losetup", "blkid", "mount", "umount"):
+    for program in ("qemu-img", "qemu-storage-daemon", "losetup", "blkid", "partx", "mount"):
         require(program)
     path = _preflight(image)
     info = await _image_info(path, fmt)
@@ -452,18 +512,23 @@ async def open_image(
     socket = os.path.join(tmp, "qmp.sock")
     export = _Export(path, fmt, overlay, export_file, socket)
     loop_dev: str | None = None
+    extra_loops: list[str] = []
+    baselines: dict[str, int] = {}
 
     async def teardown() -> None:
+        loops = [*reversed(extra_loops), *([loop_dev] if loop_dev else [])]
+        mine = set(loops)
         if loop_dev is not None:
-            mine = {loop_dev, *(dev for _, dev in _partition_devices(loop_dev))}
-            for source, target in reversed(_mount_targets()):
-                if source in mine:
-                    log.warning("%s still mounted at %s; unmounting it", source, target)
-                    await _umount(target)
+            mine.update(dev for _, dev in _partition_devices(loop_dev))
+        for source, target in reversed(_mount_targets()):
+            if source in mine:
+                log.warning("%s still mounted at %s; unmounting it", source, target)
+                await _umount(target)
+        for dev in loops:
             try:
-                await run("losetup", "-d", loop_dev, timeout=60.0, what="losetup -d")
+                await run("losetup", "-d", dev, timeout=60.0, what="losetup -d")
             except FreezeframeError as exc:
-                log.warning("cannot detach %s: %s", loop_dev, exc)
+                log.warning("cannot detach %s: %s", dev, exc)
         await export.stop()
         _remove_dir(tmp)
 
@@ -499,7 +564,8 @@ async def open_image(
         except ToolError as exc:
             raise VerifyError(f"cannot attach a loop device for {image}: {exc}") from exc
         loop_dev = res.out.strip()
-        partitions, table = await _scan(loop_dev)
+        baselines[loop_dev] = _sectors_read(loop_dev)
+        partitions, table = await _scan(loop_dev, export_file, extra_loops, baselines)
         view = ImageView(
             image=image,
             format=fmt,
@@ -507,6 +573,8 @@ async def open_image(
             partitions=partitions,
             partition_table=table,
             virtual_size=size,
+            loop_devices=(loop_dev, *extra_loops),
+            sectors_before=tuple(baselines[d] for d in (loop_dev, *extra_loops)),
         )
         log.debug("%s exported as %s: %s", image, loop_dev, partitions)
         yield view

@@ -76,11 +76,11 @@ def _family(fstype: str | None) -> str | None:
 # ---------------------------------------------------------------------------- checkers
 
 
-async def _replay(part: Partition) -> str | None:
+async def _replay(part: Partition, workdir: str | None) -> str | None:
     """Replay a journal/log into the overlay by mounting and unmounting; the error text or
     None."""
     try:
-        async with mounted(part, readonly=True):
+        async with mounted(part, readonly=True, workdir=workdir):
             pass
     except VerifyError as exc:
         return exc.message
@@ -97,7 +97,7 @@ async def _e2fsck(device: str, timeout: float) -> tuple[bool, str]:
     return res.returncode == 0, _tail(res.out + "\n" + res.err)
 
 
-async def _check_ext(part: Partition, timeout: float) -> _Result:
+async def _check_ext(part: Partition, timeout: float, workdir: str | None) -> _Result:
     dump = await run("dumpe2fs", "-h", part.device, check=False, timeout=timeout)
     if dump.returncode != 0:
         return _Result(
@@ -106,7 +106,7 @@ async def _check_ext(part: Partition, timeout: float) -> _Result:
     state = _dumpe2fs_field(dump.out, "Filesystem state")
     features = _dumpe2fs_field(dump.out, "Filesystem features").split()
     if "needs_recovery" in features:
-        failed = await _replay(part)
+        failed = await _replay(part, workdir)
         if failed:
             return _Result(
                 VerifyVerdict.CORRUPT,
@@ -136,14 +136,14 @@ async def _check_ext(part: Partition, timeout: float) -> _Result:
 _XFS_DIRTY_LOG = re.compile(r"metadata changes in a log|log.*(dirty|replay)", re.IGNORECASE)
 
 
-async def _check_xfs(part: Partition, timeout: float) -> _Result:
+async def _check_xfs(part: Partition, timeout: float, workdir: str | None) -> _Result:
     first = await run("xfs_repair", "-n", part.device, check=False, timeout=timeout)
     if first.returncode == 0:
         return _Result(VerifyVerdict.CONSISTENT, "log clean; xfs_repair -n passes")
     output = first.out + "\n" + first.err
     if not _XFS_DIRTY_LOG.search(output):
         return _Result(VerifyVerdict.CORRUPT, f"xfs_repair -n fails: {_tail(output)}")
-    failed = await _replay(part)
+    failed = await _replay(part, workdir)
     if failed:
         return _Result(VerifyVerdict.CORRUPT, f"log replay failed: {failed}")
     second = await run("xfs_repair", "-n", part.device, check=False, timeout=timeout)
@@ -189,12 +189,12 @@ async def _check_vfat(part: Partition, timeout: float) -> _Result:
     return _Result(VerifyVerdict.CORRUPT, f"fsck.vfat -n fails: {_tail(output)}")
 
 
-async def _check_fs(part: Partition, fstype: str, timeout: float) -> _Result:
+async def _check_fs(part: Partition, fstype: str, timeout: float, workdir: str | None) -> _Result:
     family = _family(fstype)
     if family == "ext":
-        return await _check_ext(part, timeout)
+        return await _check_ext(part, timeout, workdir)
     if family == "xfs":
-        return await _check_xfs(part, timeout)
+        return await _check_xfs(part, timeout, workdir)
     if family == "vfat":
         return await _check_vfat(part, timeout)
     return _Result(VerifyVerdict.UNCHECKED, f"no checker for {fstype}")
@@ -331,7 +331,7 @@ async def _check_disk(
                 )
             )
             continue
-        result = await _check_fs(part, fstype, timeout)
+        result = await _check_fs(part, fstype, timeout, workdir)
         verdict, details = result.verdict, [result.detail]
         if user_checks and verdict in (VerifyVerdict.CONSISTENT, VerifyVerdict.NEEDS_RECOVERY):
             ok, notes = await _user_checks(disk, part, fstype, user_checks, user_timeout, workdir)

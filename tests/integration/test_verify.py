@@ -1,0 +1,510 @@
+"""Offline verification of disk images at the cut, on real images made on this host.
+
+The images are built with mkfs on raw files (loop-mounted to write files), then converted to
+qcow2 -- small (64-320 MiB virtual, a few MiB on disk). How each one is made:
+
+- ext4 "quiesced": copied while ``fsfreeze -f`` holds the mounted filesystem -> clean.
+- ext4 "crash": copied while mounted, after ``sync``, without a freeze -> ``needs_recovery``
+  (ext4 sets it on disk at mount and clears it only at freeze/umount).
+- xfs "quiesced": copied while frozen -> the log is still dirty (as measured in real guests).
+- vfat: mkfs.vfat only (the host cannot mount vfat); a second one with the dirty bit poked in.
+- a partitioned disk (MBR written here: ext4 + vfat), a blank disk, an ext4 damaged with
+  ``debugfs -w -R "clri ..."`` (a directory entry pointing to a wiped inode).
+
+Every test runs with ``workdir`` under its own tmp_path and then checks that nothing is left:
+no mount or loop device under it, no qemu-storage-daemon child, no files left in workdir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from freezeframe.errors import VerifyError
+from freezeframe.models import SnapshotDisk, VerifyVerdict
+from freezeframe.storage import mounted, open_image, verify_disks
+
+TOOLS = ("qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(
+        any(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None for t in TOOLS),
+        reason="needs qemu-utils, qemu-storage-daemon, e2fsprogs, xfsprogs, dosfstools",
+    ),
+]
+
+MiB = 1024 * 1024
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@contextlib.contextmanager
+def loop_mounted(raw: Path, mnt: Path) -> Iterator[Path]:
+    """Mount a raw filesystem image through a loop device; always undone."""
+    dev = sh("losetup", "--find", "--show", str(raw)).strip()
+    try:
+        mnt.mkdir(exist_ok=True)
+        sh("mount", dev, str(mnt))
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, check=False)
+            sh("umount", str(mnt))
+    finally:
+        sh("losetup", "-d", dev)
+
+
+def write_app_files(root: Path) -> None:
+    (root / "app").mkdir()
+    (root / "app" / "state.txt").write_text("counter=42\n")
+    for i in range(50):
+        (root / f"file{i}.dat").write_bytes(os.urandom(4096))
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    sh("cp", "--sparse=always", str(src), str(dst))
+
+
+def to_qcow2(raw: Path) -> Path:
+    out = raw.with_suffix(".qcow2")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out))
+    raw.unlink()
+    return out
+
+
+def make_fs_image(d: Path, name: str, fstype: str, size_mib: int, *, frozen: bool) -> Path:
+    """mkfs on a raw file, write files while mounted, copy it (frozen or not), qcow2."""
+    live = d / f"{name}.live.raw"
+    with open(live, "wb") as f:
+        f.truncate(size_mib * MiB)
+    if fstype == "ext4":
+        sh("mkfs.ext4", "-q", "-F", str(live))
+    else:
+        sh("mkfs.xfs", "-q", "-f", str(live))
+    copy = d / f"{name}.raw"
+    with loop_mounted(live, d / f"{name}.mnt") as mnt:
+        write_app_files(mnt)
+        sh("sync")
+        if frozen:
+            sh("fsfreeze", "-f", str(mnt))
+            try:
+                copy_sparse(live, copy)
+            finally:
+                sh("fsfreeze", "-u", str(mnt))
+        else:
+            copy_sparse(live, copy)
+    live.unlink()
+    return to_qcow2(copy)
+
+
+def make_vfat(d: Path, name: str, *, dirty: bool) -> Path:
+    raw = d / f"{name}.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    sh("mkfs.vfat", "-F", "16", "-n", "FFTEST", str(raw))
+    if dirty:  # FAT12/16 boot sector byte 0x25, bit 0: the Linux driver's "mounted" flag
+        with open(raw, "r+b") as f:
+            f.seek(0x25)
+            f.write(b"\x01")
+    return to_qcow2(raw)
+
+
+def make_partitioned(d: Path) -> Path:
+    """128 MiB disk, MBR: partition 1 ext4 (1-65 MiB), partition 2 vfat (65-127 MiB)."""
+    disk = d / "parts.raw"
+    with open(disk, "wb") as f:
+        f.truncate(128 * MiB)
+    parts = [(2048, 64 * 2048, 0x83, "ext4"), (65 * 2048, 62 * 2048, 0x0C, "vfat")]
+    mbr = bytearray(512)
+    for i, (start, count, ptype, _) in enumerate(parts):
+        entry = struct.pack("<B3sB3sII", 0, b"\xff\xff\xff", ptype, b"\xff\xff\xff", start, count)
+        mbr[446 + 16 * i : 446 + 16 * (i + 1)] = entry
+    mbr[510:512] = b"\x55\xaa"
+    with open(disk, "r+b") as f:
+        f.write(mbr)
+    for i, (start, count, _, fstype) in enumerate(parts):
+        part = d / f"part{i}.raw"
+        with open(part, "wb") as f:
+            f.truncate(count * 512)
+        if fstype == "ext4":
+            sh("mkfs.ext4", "-q", "-F", "-L", "FFROOT", str(part))
+        else:
+            sh("mkfs.vfat", "-n", "FFBOOT", str(part))
+        sh("dd", f"if={part}", f"of={disk}", "bs=512", f"seek={start}", "conv=notrunc,sparse")
+        part.unlink()
+    return to_qcow2(disk)
+
+
+def make_blank(d: Path) -> Path:
+    raw = d / "blank.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    return to_qcow2(raw)
+
+
+def make_damaged_ext4(d: Path) -> Path:
+    raw = d / "damaged.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    sh("mkfs.ext4", "-q", "-F", str(raw))
+    with loop_mounted(raw, d / "damaged.mnt") as mnt:
+        write_app_files(mnt)
+    inode = sh("debugfs", "-R", "stat /app/state.txt", str(raw)).split()[1]
+    sh("debugfs", "-w", "-R", f"clri <{inode}>", str(raw))
+    return to_qcow2(raw)
+
+
+@dataclass(frozen=True)
+class Images:
+    ext4: Path
+    ext4_crash: Path
+    xfs: Path
+    vfat: Path
+    vfat_dirty: Path
+    parts: Path
+    blank: Path
+    damaged: Path
+
+    def all(self) -> list[Path]:
+        return [getattr(self, f) for f in self.__dataclass_fields__]
+
+
+def fingerprint(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_size
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    d = tmp_path_factory.mktemp("images")
+    imgs = Images(
+        ext4=make_fs_image(d, "ext4", "ext4", 64, frozen=True),
+        ext4_crash=make_fs_image(d, "ext4crash", "ext4", 64, frozen=False),
+        xfs=make_fs_image(d, "xfs", "xfs", 320, frozen=True),
+        vfat=make_vfat(d, "vfat", dirty=False),
+        vfat_dirty=make_vfat(d, "vfatdirty", dirty=True),
+        parts=make_partitioned(d),
+        blank=make_blank(d),
+        damaged=make_damaged_ext4(d),
+    )
+    before = {p: fingerprint(p) for p in imgs.all()}
+    yield imgs
+    # The cut images are never written, by any test of this module.
+    assert {p: fingerprint(p) for p in imgs.all()} == before
+
+
+def qsd_children() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and comm.startswith("qemu-storage"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def leftovers(workdir: Path) -> list[str]:
+    found = [line for line in Path("/proc/mounts").read_text().splitlines() if str(workdir) in line]
+    found += [line for line in sh("losetup", "-a").splitlines() if str(workdir) in line]
+    found += [f"qsd pid {pid}" for pid in qsd_children()]
+    found += [str(p) for p in workdir.iterdir()]
+    return found
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    w = tmp_path / "work"
+    w.mkdir()
+    yield w
+    left = leftovers(w)
+    for pid in qsd_children():  # clean up after a failing test before reporting it
+        os.kill(pid, 9)
+    assert not left, f"left behind: {left}"
+
+
+def disk(image: Path, device: str = "disk0", fmt: str = "qcow2") -> SnapshotDisk:
+    return SnapshotDisk(device=device, node=device, image=str(image), format=fmt, overlay=None)
+
+
+# ---------------------------------------------------------------------------- verdicts
+
+
+async def test_quiesced_ext4_is_consistent(images: Images, workdir: Path) -> None:
+    before = fingerprint(images.ext4)
+    v = await verify_disks([disk(images.ext4)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    (check,) = v.checks
+    assert (check.device, check.fstype, check.log_replayed) == ("disk0", "ext4", False)
+    assert "e2fsck -fn passes" in check.detail
+    assert 0 < v.bytes_read < 64 * MiB
+    assert v.duration_ms > 0
+    assert fingerprint(images.ext4) == before
+
+
+async def test_unquiesced_ext4_needs_recovery(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.ext4_crash)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.NEEDS_RECOVERY
+    (check,) = v.checks
+    assert "needs_recovery" in check.detail
+    assert check.log_replayed
+
+
+async def test_frozen_xfs_log_replayed_then_consistent(images: Images, workdir: Path) -> None:
+    before = fingerprint(images.xfs)
+    v = await verify_disks([disk(images.xfs)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    (check,) = v.checks
+    assert check.fstype == "xfs"
+    assert check.log_replayed, check.detail
+    # the replay went to the throw-away overlay: a second run must replay again
+    again = await verify_disks([disk(images.xfs)], workdir=str(workdir))
+    assert again.checks[0].log_replayed
+    assert fingerprint(images.xfs) == before
+
+
+async def test_vfat_checked_without_mounting(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.vfat)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    assert v.checks[0].fstype == "vfat"
+    assert "fsck.vfat -n passes" in v.checks[0].detail
+
+
+async def test_vfat_dirty_bit_needs_recovery(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.vfat_dirty)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.NEEDS_RECOVERY
+    assert "dirty bit" in v.checks[0].detail
+
+
+async def test_damaged_ext4_is_corrupt(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.damaged)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CORRUPT
+    assert "e2fsck -fn fails" in v.checks[0].detail
+
+
+async def test_partitions_checked_each(images: Images, workdir: Path) -> None:
+    async with open_image(str(images.parts), workdir=str(workdir)) as view:
+        assert view.partition_table == "dos"
+        assert [(p.number, p.fstype, p.label) for p in view.partitions] == [
+            (1, "ext4", "FFROOT"),
+            (2, "vfat", "FFBOOT"),
+        ]
+        async with mounted(view.partitions[0]) as mnt:
+            assert (mnt / "lost+found").is_dir()
+            with pytest.raises(OSError, match="Read-only file system"):
+                (mnt / "x").write_text("read-only mount")
+    v = await verify_disks([disk(images.parts)], workdir=str(workdir))
+    assert [(c.partition, c.fstype, c.verdict) for c in v.checks] == [
+        ("1", "ext4", VerifyVerdict.CONSISTENT),
+        ("2", "vfat", VerifyVerdict.CONSISTENT),
+    ]
+    assert 0 < v.bytes_read < 128 * MiB
+
+
+async def test_blank_disk_unchecked_and_worst_verdict_wins(images: Images, workdir: Path) -> None:
+    v = await verify_disks(
+        [disk(images.ext4, "disk0"), disk(images.blank, "disk1")], workdir=str(workdir)
+    )
+    assert [c.verdict for c in v.checks] == [VerifyVerdict.CONSISTENT, VerifyVerdict.UNCHECKED]
+    assert v.verdict is VerifyVerdict.UNCHECKED
+    v = await verify_disks(
+        [disk(images.ext4, "disk0"), disk(images.ext4_crash, "disk1")], workdir=str(workdir)
+    )
+    assert v.verdict is VerifyVerdict.NEEDS_RECOVERY
+    assert v.bytes_read > 0
+
+
+async def test_expected_fstype_missing_is_corrupt(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.ext4)], expect={"disk0": "xfs"}, workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CORRUPT
+    assert "the guest had xfs" in v.checks[-1].detail
+    ok = await verify_disks([disk(images.ext4)], expect={"disk0": "ext4"}, workdir=str(workdir))
+    assert ok.verdict is VerifyVerdict.CONSISTENT
+
+
+# ---------------------------------------------------------------------------- user checks
+
+
+async def test_user_check_reads_a_file(images: Images, workdir: Path) -> None:
+    check = (
+        'sh -c \'test "$PWD" = "$FF_MOUNT" && test "$FF_DEVICE" = disk0 '
+        '&& test "$FF_FSTYPE" = xfs && test -n "$FF_IMAGE" && cat app/state.txt\''
+    )
+    v = await verify_disks([disk(images.xfs)], user_checks=[check], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    assert "counter=42" in v.checks[0].detail
+    assert v.checks[0].log_replayed
+
+
+async def test_failing_user_check_is_corrupt(images: Images, workdir: Path) -> None:
+    checks = ["cat app/state.txt", "sh -c 'echo app state is bad >&2; exit 3'"]
+    v = await verify_disks([disk(images.ext4)], user_checks=checks, workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CORRUPT
+    detail = v.checks[0].detail
+    assert "counter=42" in detail
+    assert "exit 3" in detail
+    assert "app state is bad" in detail
+
+
+async def test_user_check_on_unmountable_vfat_says_not_run(images: Images, workdir: Path) -> None:
+    if "vfat" in read_text("/proc/filesystems"):
+        pytest.skip("this host can mount vfat")
+    v = await verify_disks([disk(images.vfat)], user_checks=["true"], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    assert "user checks NOT run" in v.checks[0].detail
+
+
+async def test_bad_user_check_rejected_before_any_export(workdir: Path, images: Images) -> None:
+    with pytest.raises(VerifyError, match="not found"):
+        await verify_disks(
+            [disk(images.ext4)], user_checks=["no-such-program-ff"], workdir=str(workdir)
+        )
+    with pytest.raises(VerifyError, match="empty"):
+        await verify_disks([disk(images.ext4)], user_checks=["  "], workdir=str(workdir))
+
+
+# ---------------------------------------------------------------------------- errors, teardown
+
+
+async def test_missing_image(tmp_path: Path, workdir: Path) -> None:
+    with pytest.raises(VerifyError, match="deleted behind freezeframe's back"):
+        await verify_disks([disk(tmp_path / "gone.qcow2")], workdir=str(workdir))
+
+
+async def test_truncated_and_junk_images(images: Images, tmp_path: Path, workdir: Path) -> None:
+    truncated = tmp_path / "truncated.qcow2"
+    shutil.copyfile(images.xfs, truncated)
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    with pytest.raises(VerifyError, match="damaged"):
+        await verify_disks([disk(truncated)], workdir=str(workdir))
+    junk = tmp_path / "junk.qcow2"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(VerifyError, match="cannot be opened as qcow2"):
+        await verify_disks([disk(junk)], workdir=str(workdir))
+
+
+async def test_second_disk_failing_tears_down_the_first(
+    images: Images, tmp_path: Path, workdir: Path
+) -> None:
+    orphan = tmp_path / "orphan.qcow2"
+    sh(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+        str(tmp_path / "missing-base.qcow2"), "-u", str(orphan), "64M",
+    )  # fmt: skip
+    with pytest.raises(VerifyError):
+        await verify_disks(
+            [disk(images.ext4, "disk0"), disk(orphan, "disk1")], workdir=str(workdir)
+        )
+
+
+async def test_image_written_by_another_process_is_refused(
+    images: Images, tmp_path: Path, workdir: Path
+) -> None:
+    """An image some process (a VM) still has open for writing is not an image at the cut; one
+    held read-only as a backing file (the normal case after a cut) verifies fine."""
+    active = tmp_path / "active.qcow2"
+    sh(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        str(images.ext4),
+        str(active),
+    )
+    sock = tmp_path / "holder.sock"
+    holder = await asyncio.create_subprocess_exec(
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=qcow2,node-name=top,file.driver=file,file.filename={active}",
+        "--chardev",
+        f"socket,id=m,path={sock},server=on,wait=off",
+        "--monitor",
+        "chardev=m",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        with pytest.raises(VerifyError) as err:
+            await verify_disks([disk(active)], workdir=str(workdir))
+        assert err.value.hint is not None
+        assert "open for writing" in err.value.hint
+        v = await verify_disks([disk(images.ext4)], workdir=str(workdir))
+        assert v.verdict is VerifyVerdict.CONSISTENT
+    finally:
+        holder.terminate()
+        await asyncio.wait_for(holder.wait(), 10)
+
+
+async def test_cancellation_tears_everything_down(images: Images, workdir: Path) -> None:
+    marker = workdir.parent / "started"
+    check = f"sh -c 'touch {marker}; exec sleep 67.25'"
+    task = asyncio.create_task(
+        verify_disks([disk(images.ext4)], user_checks=[check], workdir=str(workdir))
+    )
+    for _ in range(600):
+        if marker.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert marker.exists(), "the user check never started"
+    assert leftovers(workdir), "expected live mounts/exports while the check runs"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not processes_with(b"sleep\x0067.25"), "the user check was not killed"
+
+
+def processes_with(argv_part: bytes) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if argv_part in (proc / "cmdline").read_bytes():
+                    found.append(proc.name)
+    return found
+
+
+def read_text(path: str) -> str:
+    return Path(path).read_text()
+
+
+async def test_open_image_error_inside_tears_down(images: Images, workdir: Path) -> None:
+    mnt = workdir.parent / "forgotten"
+    mnt.mkdir()
+
+    async def forget_a_mount_and_fail() -> None:
+        async with open_image(str(images.ext4), workdir=str(workdir)) as view:
+            sh("mount", "-o", "ro", view.device, str(mnt))
+            assert str(mnt) in read_text("/proc/mounts")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await forget_a_mount_and_fail()
+    assert str(mnt) not in read_text("/proc/mounts")
