@@ -53,6 +53,6 @@ Several processes (and hosts sharing a server database)
 """
 
 from freezeframe.catalog._catalog import BUSY_TIMEOUT_MS, MIN_PREFIX, Catalog
-from freezeframe.catalog._owner import make_owner
+from freezeframe.catalog._owner import holder_is_dead, make_owner
 
 __all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog", "holder_is_dead", "make_owner"]

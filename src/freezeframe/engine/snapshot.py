@@ -298,6 +298,8 @@ class Snapshotter:
                         await _shielded(driver.abort(prepared))
                 if not outcome.cut_done:  # pragma: no cover - _freeze_cut_thaw raises instead
                     raise _Failed("the cut did not happen")
+                await driver.verify_cut(prepared)
+                tl.mark("cut_verified", "every disk writes to its new overlay")
                 evidence: tuple[str, ...] = ()
                 if agent is not None and cfg.agent_log_path and outcome.frozen_count is not None:
                     evidence = await self._evidence(agent, cfg.agent_log_path, tl)

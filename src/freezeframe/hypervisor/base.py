@@ -109,6 +109,12 @@ class HypervisorDriver(abc.ABC):
         """Remove a preparation that was not cut: forget the overlay nodes, delete the files.
         Best effort, never raises; logs what it could not remove."""
 
+    async def verify_cut(self, prepared: PreparedCut) -> None:
+        """Confirm after the fact that every disk now writes to its overlay (called after the
+        thaw, outside the freeze window). Raises CutError naming the disks that did not switch.
+        Drivers that cannot tell do nothing."""
+        return None
+
     async def pause(self) -> None:
         """Stop the vCPUs (QMP ``stop``). Optional capability."""
         raise NotImplementedError
