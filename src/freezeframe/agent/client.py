@@ -16,8 +16,10 @@ Connection state, in one place:
 
 Policy: after a timeout, a cancellation, an error reply or a protocol error the connection is
 kept and marked *needs sync* (re-syncing the same stream is cheap, and reopening a QEMU
-chardev socket would not flush anything queued inside the guest anyway). If the sync itself
-fails with a protocol error, or the stream breaks, the connection is closed and the next call
+chardev socket would not flush anything queued inside the guest anyway). If that re-sync fails
+with a protocol error (e.g. more garbage than ``max_reply``) or the stream ended, the
+connection is closed and one fresh connection is tried within the same call. If the stream
+breaks during a command, the call fails with AgentUnavailableError and the next call
 reconnects. A timed-out sync keeps the connection: the agent is typically still busy with the
 earlier command (e.g. a slow freeze) and will answer the sync once it is done.
 """
@@ -211,7 +213,25 @@ class GuestAgent:
             ) from exc
 
     async def _ready(self) -> QgaChannel:
-        """Connect and/or sync as needed; returns a channel in sync. Caller holds the lock."""
+        """Connect and/or sync as needed; returns a channel in sync. Caller holds the lock.
+
+        If syncing a reused connection fails for other reasons than time (endless garbage,
+        end of stream), it is closed and one fresh connection is tried.
+        """
+        if self._channel is not None and not self._needs_sync:
+            return self._channel
+        reused = self._channel is not None
+        try:
+            return await self._open_and_sync()
+        except (AgentProtocolError, AgentUnavailableError) as exc:
+            if not reused:
+                raise
+            log.debug("qga %s: re-sync failed (%s); reconnecting", self.path, exc)
+        return await self._open_and_sync()
+
+    async def _open_and_sync(self) -> QgaChannel:
+        """Open a channel if there is none, then sync it; on a sync failure other than a
+        timeout the channel is closed."""
         if self._channel is None:
             self._channel = await open_channel(
                 self._connector, where=self.path, max_line=self.max_line, max_reply=self.max_reply
@@ -219,13 +239,12 @@ class GuestAgent:
             self._needs_sync = True
             log.debug("qga %s: connected", self.path)
         channel = self._channel
-        if self._needs_sync:
-            try:
-                await channel.sync()
-            except (AgentProtocolError, AgentUnavailableError):
-                await self._drop()
-                raise
-            self._needs_sync = False
+        try:
+            await channel.sync()
+        except (AgentProtocolError, AgentUnavailableError):
+            await self._drop()
+            raise
+        self._needs_sync = False
         return channel
 
     async def _drop(self) -> None:
