@@ -7,21 +7,14 @@ driver's own connection (a QMP socket serves one client at a time).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import json
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
 from freezeframe.errors import (
     CutError,
@@ -32,134 +25,18 @@ from freezeframe.errors import (
 from freezeframe.hypervisor import load_driver
 from freezeframe.hypervisor.base import PreparedCut
 from freezeframe.hypervisor.qmp import QmpCommandError, QmpDriver, overlay_node_name
-from freezeframe.models import DiskInfo, PciAddress, VmConfig
+from freezeframe.models import DiskInfo, VmConfig
+from tests.fakes.bios_vm import Vm, bios_vm, chain, pci, qemu_img
 from tests.fakes.fake_qmp import Error, FakeQmpServer, Hang, Hangup, Reply, Return
-
-QEMU_AGENT_PORT = (
-    "-device virtio-serial-pci,addr=0x9",
-    "-chardev socket,id=qga0,path={dir}/qga.sock,server=on,wait=off",
-    "-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-)
-#: Disks the driver must skip, a SCSI disk (PCI address = its controller's) and an agent port
-#: whose chardev is not a unix socket.
-QEMU_EXTRAS = (
-    "-blockdev driver=file,filename={dir}/ro.qcow2,node-name=ro-file,read-only=on",
-    "-blockdev driver=qcow2,file=ro-file,node-name=ro,read-only=on",
-    "-device virtio-blk-pci,id=ro,drive=ro,addr=0x7",
-    "-blockdev driver=file,filename={dir}/cd.raw,node-name=cd,read-only=on",
-    "-device ide-cd,drive=cd,id=cd0",
-    "-drive if=none,id=cdempty,media=cdrom",
-    "-device ide-cd,drive=cdempty,id=cd1",
-    "-blockdev driver=file,filename={dir}/d3.qcow2,node-name=disk3-file",
-    "-blockdev driver=qcow2,file=disk3-file,node-name=disk3",
-    "-device virtio-scsi-pci,id=scsi0,addr=0x8",
-    "-device scsi-hd,drive=disk3,id=disk3,bus=scsi0.0,serial=ffdisk3",
-    "-device virtio-serial-pci,addr=0x9",
-    "-chardev null,id=qganull",
-    "-device virtserialport,chardev=qganull,name=org.qemu.guest_agent.0",
-)
-
-
-@dataclass
-class Vm:
-    proc: asyncio.subprocess.Process
-    dir: Path
-    qmp: str  # the driver's socket
-    watch: QMPClient  # the test's own monitor
-
-    async def query(self, command: str, args: dict[str, object] | None = None) -> object:
-        return await asyncio.wait_for(self.watch.execute(command, args), 10)
-
-    async def tops(self) -> dict[str, dict[str, object]]:
-        """qdev id -> query-block ``inserted`` of every drive that has a medium."""
-        out: dict[str, dict[str, object]] = {}
-        blocks = await self.query("query-block")
-        assert isinstance(blocks, list)
-        for b in blocks:
-            if "inserted" in b:
-                out[b["qdev"].split("/")[3]] = b["inserted"]
-        return out
-
-    async def node_names(self) -> set[str]:
-        nodes = await self.query("query-named-block-nodes", {"flat": True})
-        assert isinstance(nodes, list)
-        return {n["node-name"] for n in nodes}
-
-
-def pci(slot: int) -> PciAddress:
-    return PciAddress(0, 0, slot, 0)
 
 
 def _exists(path: str | Path) -> bool:
     return Path(path).exists()
 
 
-def _qemu_img(*args: str) -> str:
-    return subprocess.run(
-        ["qemu-img", *args], check=True, capture_output=True, text=True, timeout=30
-    ).stdout
-
-
-def _chain(image: str) -> list[str]:
-    info = json.loads(_qemu_img("info", "-U", "--backing-chain", "--output=json", image))
-    return [entry["filename"] for entry in info]
-
-
-@contextlib.asynccontextmanager
-async def _qemu(*, agent: bool, extras: bool = False) -> AsyncIterator[Vm]:
-    tmp = Path(tempfile.mkdtemp(prefix="ffqmp-", dir="/tmp"))  # short: unix socket paths
-    _qemu_img("create", "-q", "-f", "qcow2", str(tmp / "d0.qcow2"), "16M")
-    _qemu_img("create", "-q", "-f", "qcow2", str(tmp / "d1.qcow2"), "32M")
-    argv = [
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64",
-        "-qmp", f"unix:{tmp}/qmp.sock,server=on,wait=off",
-        "-qmp", f"unix:{tmp}/watch.sock,server=on,wait=off",
-    ]  # fmt: skip
-    opts = [
-        f"-blockdev driver=file,filename={tmp}/d0.qcow2,node-name=disk0-file",
-        "-blockdev driver=qcow2,file=disk0-file,node-name=disk0",
-        "-device virtio-blk-pci,id=disk0,drive=disk0,serial=ffdisk0,addr=0x5",
-        f"-blockdev driver=file,filename={tmp}/d1.qcow2,node-name=disk1-file",
-        "-blockdev driver=qcow2,file=disk1-file,node-name=disk1",
-        "-device virtio-blk-pci,id=disk1,drive=disk1,addr=0x6",
-    ]
-    if agent:
-        opts += QEMU_AGENT_PORT
-    if extras:
-        _qemu_img("create", "-q", "-f", "qcow2", str(tmp / "ro.qcow2"), "8M")
-        _qemu_img("create", "-q", "-f", "raw", str(tmp / "cd.raw"), "1M")
-        _qemu_img("create", "-q", "-f", "qcow2", str(tmp / "d3.qcow2"), "8M")
-        opts += QEMU_EXTRAS
-    for opt in opts:
-        flag, _, value = opt.partition(" ")
-        argv += [flag, value.format(dir=tmp)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    watch = QMPClient("watch")
-    try:
-        deadline = time.monotonic() + 15
-        while not (tmp / "watch.sock").exists():
-            if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise RuntimeError(f"qemu exited {proc.returncode}: {err.decode()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("qemu did not create its QMP sockets")
-            await asyncio.sleep(0.02)
-        await asyncio.wait_for(watch.connect(str(tmp / "watch.sock")), 10)
-        yield Vm(proc, tmp, str(tmp / "qmp.sock"), watch)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(watch.disconnect(), 5)
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture
 async def vm() -> AsyncIterator[Vm]:
-    async with _qemu(agent=True) as v:
+    async with bios_vm(agent=True) as v:
         yield v
 
 
@@ -183,7 +60,7 @@ integration = pytest.mark.integration
 
 @integration
 async def test_disks_lists_writable_disks_with_pci_and_serial() -> None:
-    async with _qemu(agent=False, extras=True) as vm, QmpDriver(vm.qmp) as drv:
+    async with bios_vm(agent=False, extras=True) as vm, QmpDriver(vm.qmp) as drv:
         disks = await drv.disks()
         channel = await drv.agent_channel()
     d = vm.dir
@@ -205,7 +82,7 @@ async def test_agent_channel_is_the_unix_socket(driver: QmpDriver, vm: Vm) -> No
 
 @integration
 async def test_agent_channel_none_without_port() -> None:
-    async with _qemu(agent=False) as vm, QmpDriver(vm.qmp) as drv:
+    async with bios_vm(agent=False) as vm, QmpDriver(vm.qmp) as drv:
         assert await drv.agent_channel() is None
 
 
@@ -235,7 +112,7 @@ async def test_prepare_and_cut_switch_both_disks(driver: QmpDriver, vm: Vm) -> N
         assert top["node-name"] == p.overlay_node
         assert top["image"]["filename"] == p.overlay_file  # type: ignore[index]
         assert top["image"]["backing-image"]["filename"] == p.image_at_cut  # type: ignore[index]
-        assert _chain(p.overlay_file) == [p.overlay_file, p.image_at_cut]
+        assert chain(p.overlay_file) == [p.overlay_file, p.image_at_cut]
     after = await driver.disks()
     assert [(x.node, x.file, x.backing) for x in after] == [
         ("ff-s1-disk0", f"{d}/d0.ff-s1.qcow2", (f"{d}/d0.qcow2",)),
@@ -298,7 +175,7 @@ async def test_abort_keeps_an_overlay_in_use(driver: QmpDriver, vm: Vm) -> None:
 
 
 @integration
-async def test_two_cuts_make_a_chain(driver: QmpDriver, vm: Vm) -> None:
+async def test_two_cuts_make_achain(driver: QmpDriver, vm: Vm) -> None:
     first = await driver.prepare_cut("s1", await driver.disks())
     await driver.cut(first)
     second = await driver.prepare_cut("s2", await driver.disks())
@@ -310,7 +187,7 @@ async def test_two_cuts_make_a_chain(driver: QmpDriver, vm: Vm) -> None:
     assert [p.image_at_cut for p in second.disks] == [f"{d}/d0.ff-s1.qcow2", f"{d}/d1.ff-s1.qcow2"]
     disks = await driver.disks()
     assert disks[0].backing == (f"{d}/d0.ff-s1.qcow2", f"{d}/d0.qcow2")
-    assert _chain(disks[1].file) == [f"{d}/d1.ff-s2.qcow2", f"{d}/d1.ff-s1.qcow2", f"{d}/d1.qcow2"]
+    assert chain(disks[1].file) == [f"{d}/d1.ff-s2.qcow2", f"{d}/d1.ff-s1.qcow2", f"{d}/d1.qcow2"]
 
 
 @integration
@@ -320,7 +197,7 @@ async def test_overlay_dir(driver: QmpDriver, vm: Vm) -> None:
     prepared = await driver.prepare_cut("s1", await driver.disks(), overlay_dir=str(out))
     assert sorted(p.name for p in out.iterdir()) == ["d0.ff-s1.qcow2", "d1.ff-s1.qcow2"]
     await driver.cut(prepared)
-    assert _chain(str(out / "d1.ff-s1.qcow2")) == [
+    assert chain(str(out / "d1.ff-s1.qcow2")) == [
         str(out / "d1.ff-s1.qcow2"),
         f"{vm.dir}/d1.qcow2",
     ]
@@ -331,7 +208,7 @@ async def test_prepare_failure_rolls_back(driver: QmpDriver, vm: Vm) -> None:
     disks = await driver.disks()
     # a node of that name already exists: blockdev-add of the 2nd overlay fails
     taken = vm.dir / "taken.qcow2"
-    _qemu_img("create", "-q", "-f", "qcow2", str(taken), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", str(taken), "1M")
     file = {"driver": "file", "filename": str(taken)}
     await vm.query("blockdev-add", {"driver": "qcow2", "node-name": "ff-s1-disk1", "file": file})
     with pytest.raises(CutError, match="ff-s1-disk1") as info:
