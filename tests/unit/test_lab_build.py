@@ -145,3 +145,13 @@ def test_console_tail(tmp_path: Path) -> None:
     assert console_tail(log) == "(empty)"
     log.write_bytes(b"".join(b"line %d\r\n" % i for i in range(100)))
     assert console_tail(log, 3) == "line 97\nline 98\nline 99"
+
+
+def test_console_tail_keeps_an_earlier_panic_line(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    trace = b"".join(b"trace %d\n" % i for i in range(50))
+    log.write_bytes(b"boot\nKernel panic - not syncing: Attempted to kill init!\n" + trace)
+    tail = console_tail(log, 10).splitlines()
+    assert tail[0].startswith("Kernel panic")
+    assert tail[1] == "..."
+    assert tail[2:] == [f"trace {i}" for i in range(40, 50)]

@@ -48,12 +48,21 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_KEY_LINES = ("Kernel panic", "fflab: ERROR", "fflab: insmod")
+
+
 def console_tail(console_log: Path, lines: int = 25) -> str:
-    """The last ``lines`` lines of a console log ('(empty)' or '(missing)' otherwise)."""
+    """The last ``lines`` lines of a console log ('(empty)' or '(missing)' otherwise), after
+    up to 5 earlier key lines (kernel panic, guest init errors) that fell out of the tail."""
     try:
         data = console_log.read_bytes()
     except FileNotFoundError:
         return "(missing)"
-    text = data.decode(errors="replace").replace("\r", "")
-    tail = text.strip().splitlines()[-lines:]
-    return "\n".join(tail) if tail else "(empty)"
+    all_lines = data.decode(errors="replace").replace("\r", "").strip().splitlines()
+    tail = all_lines[-lines:]
+    if not tail:
+        return "(empty)"
+    # Keep the lines that explain a failure even when a long trace pushed them out of the tail.
+    earlier = [ln for ln in all_lines[:-lines] if any(k in ln for k in _KEY_LINES)]
+    head = [*earlier[-5:], "..."] if earlier else []
+    return "\n".join(head + tail)

@@ -1,0 +1,229 @@
+"""The lab VM end to end: real QEMU, real Debian kernel, real qemu-ga."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from freezeframe import paths
+from freezeframe.agent import GuestAgent
+from freezeframe.errors import AlreadyExistsError, DependencyError, LabError, UsageError
+from freezeframe.lab import LabVm, _build, _qemu, cache_dir, lab_down, lab_list, lab_status, lab_up
+from freezeframe.lab.workload import MAXGAP_PATH, SEQ_PATH, last_sequence
+from tests.integration.conftest import LabVmFactory
+
+pytestmark = pytest.mark.integration
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def assert_nothing_left(name: str, vm: LabVm | None = None) -> None:
+    vmdir = paths.lab_dir() / name
+    assert processes_mentioning(str(vmdir)) == []
+    if vm is not None:
+        assert not _qemu.qemu_alive(vm.pid, vm.qmp_path)
+        assert not vm.qmp_path.exists()
+        assert vm.qga_path is None or not vm.qga_path.exists()
+    mounts = Path("/proc/mounts").read_text()
+    assert str(vmdir) not in mounts
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        assert str(vmdir) not in backing.read_text()
+
+
+async def test_three_filesystems_agent_workload_and_clean_teardown(
+    lab_vm: LabVmFactory,
+) -> None:
+    vm = await lab_vm("fs3", disks=("ext4", "xfs", "vfat"))
+    assert vm.running
+    assert vm.accel in ("tcg", "kvm")
+    assert vm.qga_path is not None
+    assert [d.fstype for d in vm.disks] == ["ext4", "xfs", "vfat"]
+    assert all(d.file.is_file() and d.format == "qcow2" for d in vm.disks)
+    assert _qemu.qemu_alive(vm.pid, vm.qmp_path)
+    assert lab_status("fs3").running
+    assert [v.name for v in lab_list()] == ["fs3"]
+
+    async with GuestAgent(str(vm.qga_path), timeout=10.0) as ga:
+        await ga.ping()
+        by_mount = {fs.mountpoint: fs for fs in await ga.get_fsinfo()}
+        for i, disk in enumerate(vm.disks):
+            fs = by_mount[disk.mountpoint]
+            assert fs.fstype == disk.fstype
+            # the host maps guest filesystems to its disks by serial and PCI slot
+            assert [d.serial for d in fs.disks] == [f"ff{disk.device}"]
+            pci = fs.disks[0].pci
+            assert pci is not None
+            assert pci.slot == _qemu.DISK_SLOT0 + i
+        seq1 = int((await ga.file_read(SEQ_PATH)).decode())
+        await asyncio.sleep(1.5)
+        seq2 = int((await ga.file_read(SEQ_PATH)).decode())
+        assert seq2 > seq1 > 0
+        assert int((await ga.file_read(MAXGAP_PATH)).decode()) >= 0
+        for disk in vm.disks:
+            log = await ga.file_read(f"{disk.mountpoint}/ffwork.log", max_bytes=64 << 20)
+            last = last_sequence(log)
+            assert last is not None
+            assert last >= seq1
+
+    await lab_down("fs3", purge=True)
+    assert not (paths.lab_dir() / "fs3").exists()
+    assert_nothing_left("fs3", vm)
+    assert lab_list() == []
+
+
+async def test_unknown_filesystem_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="btrfs"):
+        await lab_up("badfs", disks=("ext4", "btrfs"))
+    assert not (paths.lab_dir() / "badfs").exists()
+    assert_nothing_left("badfs")
+
+
+async def test_missing_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_build.HOST_FILES, "/nonexistent/usr/sbin/qemu-ga", "qemu-guest-agent")
+    with pytest.raises(DependencyError) as info:
+        await lab_up("nodeps")
+    assert info.value.package == "qemu-guest-agent"
+    assert "apt-get install -y qemu-guest-agent" in (info.value.hint or "")
+    monkeypatch.delitem(_build.HOST_FILES, "/nonexistent/usr/sbin/qemu-ga")
+    monkeypatch.setitem(_build.HOST_PROGRAMS, "qemu-system-ff-missing", "qemu-system-x86")
+    with pytest.raises(DependencyError) as info:
+        await lab_up("nodeps")
+    assert info.value.package == "qemu-system-x86"
+    assert not (paths.lab_dir() / "nodeps").exists()
+    assert_nothing_left("nodeps")
+
+
+async def test_running_name_is_taken_and_a_stale_directory_is_reused(
+    lab_vm: LabVmFactory,
+) -> None:
+    vm = await lab_vm("dup", disks=("ext4",), agent=False)
+    assert vm.qga_path is None
+    with pytest.raises(AlreadyExistsError, match="already running"):
+        await lab_up("dup", disks=("xfs",), agent=False)
+    again = lab_status("dup")
+    assert again.running
+    assert again.pid == vm.pid
+    assert [d.fstype for d in again.disks] == ["ext4"]
+
+    # QEMU dies behind our back: the record is stale, and the name can be used again.
+    os.kill(vm.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not _qemu.qemu_alive(vm.pid, vm.qmp_path):
+            break
+        await asyncio.sleep(0.05)
+    assert not lab_status("dup").running
+    reborn = await lab_vm("dup", disks=("vfat",), agent=False)
+    assert reborn.pid != vm.pid
+    assert lab_status("dup").running
+    assert [d.fstype for d in reborn.disks] == ["vfat"]
+
+
+async def test_guest_not_ready_in_time(lab_vm: LabVmFactory) -> None:
+    with pytest.raises(LabError, match="console") as info:
+        await lab_vm("slow", disks=("ext4",), timeout=0.5)
+    assert "not ready" in info.value.message
+    status = lab_status("slow")
+    assert not status.running
+    assert_nothing_left("slow", status)
+
+
+async def test_broken_guest_init_fails_with_console_tail(
+    lab_vm: LabVmFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Build the broken initramfs in a private cache that borrows the real kernel.
+    real_cache = cache_dir()
+    await _build.ensure_artifacts()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for entry in real_cache.iterdir():
+        if entry.name.startswith("kernel-") or entry.name == "accel-probe.json":
+            (cache / entry.name).symlink_to(entry)
+    monkeypatch.setenv("FREEZEFRAME_CACHE", str(cache))
+    guest = tmp_path / "guest"
+    shutil.copytree(_build.GUEST_DIR, guest)
+    (guest / "init").write_text("#!/bin/sh\necho FFLAB-BROKEN-INIT\nexit 1\n")
+    monkeypatch.setattr(_build, "GUEST_DIR", guest)
+
+    with pytest.raises(LabError, match="QEMU exited during boot") as info:
+        await lab_vm("broken", disks=(), timeout=60)
+    assert "Kernel panic" in info.value.message  # the console's tail
+    status = lab_status("broken")
+    assert "FFLAB-BROKEN-INIT" in status.console_log.read_text()
+    assert not status.running
+    assert_nothing_left("broken", status)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from freezeframe.cli.main import main; main()", "lab", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_cli_up_list_status_down() -> None:
+    try:
+        up = _cli("up", "cli1", "--disks", "ext4", "--no-agent", "--json")
+        assert up.returncode == 0, up.stderr
+        doc = json.loads(up.stdout)
+        assert doc["name"] == "cli1"
+        assert doc["qga_path"] is None
+        assert doc["accel"] in ("tcg", "kvm")
+        assert Path(doc["console_log"]).is_file()
+        assert doc["disks"] == [
+            {
+                "device": "disk0",
+                "node": "disk0",
+                "file": str(paths.lab_dir() / "cli1" / "disk0.qcow2"),
+                "format": "qcow2",
+                "fstype": "ext4",
+                "mountpoint": "/mnt/disk0",
+            }
+        ]
+        assert _qemu.qemu_alive(doc["pid"], Path(doc["qmp_path"]))
+
+        listed = json.loads(_cli("list", "--json").stdout)
+        assert [(v["name"], v["running"]) for v in listed] == [("cli1", True)]
+        assert json.loads(_cli("status", "cli1", "--json").stdout)["pid"] == doc["pid"]
+
+        dup = _cli("up", "cli1", "--no-agent", "--json")
+        assert dup.returncode == 2
+        assert json.loads(dup.stdout)["error"] == "AlreadyExistsError"
+        bad = _cli("up", "cli2", "--disks", "ext4,zfs", "--json")
+        assert bad.returncode == 2
+        assert "zfs" in json.loads(bad.stdout)["message"]
+
+        down = _cli("down", "cli1", "--purge", "--json")
+        assert down.returncode == 0, down.stderr
+        assert not _qemu.qemu_alive(doc["pid"], Path(doc["qmp_path"]))
+        missing = _cli("status", "cli1", "--json")
+        assert missing.returncode == 2
+        assert json.loads(missing.stdout)["error"] == "NotFoundError"
+        assert_nothing_left("cli1")
+    finally:
+        for name in ("cli1", "cli2"):
+            if (paths.lab_dir() / name).exists():
+                asyncio.run(lab_down(name, purge=True))
