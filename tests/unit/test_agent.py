@@ -515,6 +515,19 @@ async def test_cancelled_file_read_handle_closed_later(fake: FakeAgent, agent: G
     assert not agent.orphan_handles
 
 
+async def test_close_closes_leftover_handles(fake: FakeAgent) -> None:
+    fake.files["/f"] = b"data"
+    fake.behave("guest-file-read", delay=0.4, times=1)
+    ga = GuestAgent(fake.path, timeout=2)
+    with pytest.raises(AgentTimeoutError):
+        await ga.file_read("/f", timeout=SHORT)
+    assert fake.open_handles == [1000]
+    with within(1.5):
+        await ga.close()  # re-syncs (waits for the late read reply) and closes the handle
+    assert fake.open_handles == []
+    assert not ga.orphan_handles
+
+
 async def test_calls_are_serialized(fake: FakeAgent, agent: GuestAgent) -> None:
     fake.behave("guest-get-fsinfo", delay=0.1, times=1)
     fs, status, info = await asyncio.gather(

@@ -155,22 +155,21 @@ class GuestAgent:
     async def close(self) -> None:
         """Close the connection; never raises, never waits for a call in flight.
 
-        If the connection is idle and in sync, leftover file handles are closed first (at most
-        one second). A call in flight fails with AgentUnavailableError. The object can connect
-        again afterwards.
+        If file handles are left over (see :attr:`orphan_handles`) and no call is in flight,
+        it first re-syncs and closes them, for at most one second. A call in flight fails with
+        AgentUnavailableError. The object can connect again afterwards.
         """
-        channel, self._channel = self._channel, None
-        if channel is None:
-            return
-        if self._orphan_handles and not self._needs_sync and not self._lock.locked():
+        if self._orphan_handles and self._channel is not None and not self._lock.locked():
             try:
                 async with asyncio.timeout(min(self.timeout, 1.0)), self._lock:
-                    await self._close_orphans(channel)
+                    await self._close_orphans(await self._ready())
             except (AgentError, TimeoutError) as exc:
                 log.debug("qga %s: could not close file handles: %s", self.path, exc)
+        channel, self._channel = self._channel, None
         self._needs_sync = True
-        await channel.close()
-        log.debug("qga %s: closed", self.path)
+        if channel is not None:
+            await channel.close()
+            log.debug("qga %s: closed", self.path)
 
     # ------------------------------------------------------------------ core
 
