@@ -223,9 +223,22 @@ def qsd_children() -> list[int]:
     return pids
 
 
-def leftovers(workdir: Path) -> list[str]:
+def loop_devices() -> dict[str, str]:
+    """Attached loop devices -> backing file (``/`` once a FUSE export behind it is gone)."""
+    found = {}
+    for entry in Path("/sys/block").glob("loop*"):
+        with contextlib.suppress(OSError):
+            found[entry.name] = (entry / "loop" / "backing_file").read_text().strip()
+    return found
+
+
+def leftovers(workdir: Path, loops_before: dict[str, str] | None = None) -> list[str]:
     found = [line for line in Path("/proc/mounts").read_text().splitlines() if str(workdir) in line]
-    found += [line for line in sh("losetup", "-a").splitlines() if str(workdir) in line]
+    for name, backing in loop_devices().items():
+        new = loops_before is not None and name not in loops_before
+        # ours: under workdir, or new and no longer backed by a file (the export went away)
+        if str(workdir) in backing or (new and not Path(backing).is_file()):
+            found.append(f"/dev/{name} on {backing}")
     found += [f"qsd pid {pid}" for pid in qsd_children()]
     found += [str(p) for p in workdir.iterdir()]
     return found
@@ -235,11 +248,24 @@ def leftovers(workdir: Path) -> list[str]:
 def workdir(tmp_path: Path) -> Iterator[Path]:
     w = tmp_path / "work"
     w.mkdir()
+    before = loop_devices()
     yield w
-    left = leftovers(w)
-    for pid in qsd_children():  # clean up after a failing test before reporting it
-        os.kill(pid, 9)
+    left = leftovers(w, before)
+    if left:  # clean up after the code under test before reporting what it left
+        cleanup(w, before)
     assert not left, f"left behind: {left}"
+
+
+def cleanup(workdir: Path, loops_before: dict[str, str]) -> None:
+    for line in reversed(Path("/proc/mounts").read_text().splitlines()):
+        target = line.split()[1]
+        if str(workdir) in target:
+            subprocess.run(["umount", "-l", target], check=False)
+    for name, backing in loop_devices().items():
+        if str(workdir) in backing or (name not in loops_before and not Path(backing).is_file()):
+            subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
+    for pid in qsd_children():
+        os.kill(pid, 15)
 
 
 def disk(image: Path, device: str = "disk0", fmt: str = "qcow2") -> SnapshotDisk:
@@ -508,3 +534,16 @@ async def test_open_image_error_inside_tears_down(images: Images, workdir: Path)
     with pytest.raises(RuntimeError, match="boom"):
         await forget_a_mount_and_fail()
     assert str(mnt) not in read_text("/proc/mounts")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.06, 0.1, 0.2])
+async def test_cancellation_at_any_point_leaves_nothing(
+    images: Images, workdir: Path, delay: float
+) -> None:
+    """Cancel verification of a partitioned disk at various points of set-up and checking
+    (the ``workdir`` fixture then asserts that nothing is left)."""
+    task = asyncio.create_task(verify_disks([disk(images.parts)], workdir=str(workdir)))
+    await asyncio.sleep(delay)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -246,6 +246,18 @@ async def _probe(device: str) -> dict[str, str]:
     return _probe_fields(res.out)
 
 
+async def _loops_on(path: str) -> list[str]:
+    """Loop devices attached to ``path`` (``losetup -j``); empty when that cannot be told."""
+    if not _exists(path):
+        return []
+    try:
+        res = await run("losetup", "-j", path, check=False, timeout=60.0)
+    except FreezeframeError as exc:
+        log.warning("losetup -j %s: %s", path, exc)
+        return []
+    return [line.split(":", 1)[0] for line in res.out.splitlines() if line.startswith("/dev/")]
+
+
 def _partition_devices(loop: str) -> list[tuple[int, str]]:
     name = Path(loop).name
     found = []
@@ -517,6 +529,8 @@ async def open_image(
 
     async def teardown() -> None:
         loops = [*reversed(extra_loops), *([loop_dev] if loop_dev else [])]
+        # a losetup interrupted by a cancellation may have attached a device we never heard of
+        loops += [dev for dev in await _loops_on(export_file) if dev not in loops]
         mine = set(loops)
         if loop_dev is not None:
             mine.update(dev for _, dev in _partition_devices(loop_dev))
@@ -637,11 +651,11 @@ async def mounted(
             raise VerifyError(
                 f"cannot mount {part.fstype} on {part.device}: {_tail(exc.stderr) or exc}"
             ) from exc
-        try:
-            yield Path(mnt)
-        finally:
-            await _uncancellable(_umount(mnt))
+        yield Path(mnt)
     finally:
+        # also when mount itself was interrupted after the kernel had mounted
+        if _is_mounted(mnt):
+            await _uncancellable(_umount(mnt))
         if not _is_mounted(mnt):
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
