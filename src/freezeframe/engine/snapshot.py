@@ -229,6 +229,11 @@ class Snapshotter:
             )
             await _shielded(self.catalog.finish_snapshot(failed))
             raise
+        except UsageError:
+            # Bad input found once the VM was asked (an exclusion naming nothing): not an
+            # attempt, nothing was touched; forget the write-ahead record.
+            await _shielded(self.catalog.delete_snapshot(sid))
+            raise
         except FreezeframeError as exc:
             tl.mark("failed", exc.message, notify=False)
             failed = replace(
@@ -340,18 +345,10 @@ class Snapshotter:
             t0 = asyncio.get_running_loop().time()
             await agent.ping(timeout=self.ping_timeout)
             ping_ms = (asyncio.get_running_loop().time() - t0) * 1000
-            info = await agent.info()
-            missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
-            if missing:
-                await agent.close()
-                return None, AgentProbe(
-                    path=path,
-                    info=info,
-                    problem="the guest agent has the freeze commands disabled or unsupported: "
-                    + ", ".join(missing),
-                )
-            fs = await agent.get_fsinfo()
+            # Ask the freeze state first: while frozen, qemu-ga reports most commands disabled.
             state = await agent.fsfreeze_status()
+            info = await agent.info()
+            fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
         except AgentError as exc:
             await agent.close()
             return None, AgentProbe(
@@ -364,10 +361,19 @@ class Snapshotter:
             return None, AgentProbe(
                 path=path,
                 info=info,
-                filesystems=fs,
                 state=state,
                 problem="the guest is already frozen by someone else (guest-fsfreeze-status); "
                 "not touching it — if that freeze is stale, run `freezeframe recover`",
+            )
+        missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
+        if missing:
+            await agent.close()
+            return None, AgentProbe(
+                path=path,
+                info=info,
+                state=state,
+                problem="the guest agent has the freeze commands disabled or unsupported: "
+                + ", ".join(missing),
             )
         return agent, AgentProbe(
             path=path, info=info, filesystems=fs, state=state, ping_ms=ping_ms, problem=None
