@@ -15,7 +15,7 @@ Each class carries a stable process exit code for the CLI (``exit_code``).
      +-- UsageError                        exit 2   bad input: unknown VM, bad option value, ...
      |    +-- NotFoundError                exit 2   unknown VM, snapshot id, lab VM
      |    +-- AlreadyExistsError           exit 2   name already registered / running
-     +-- DependencyError                   exit 3   a host package or optional Python module is missing
+     +-- DependencyError                   exit 3   a host package or Python module is missing
      +-- ToolError                         exit 4   an external program (qemu-img, mkfs, ...) failed
      +-- LabError                          exit 5   the lab VM could not be built / booted / stopped
      +-- AgentError                        exit 6   the QEMU guest agent (QGA)

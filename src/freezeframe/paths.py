@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ensure_dir", "lab_dir", "state_dir", "default_database_url"]
+__all__ = ["default_database_url", "ensure_dir", "lab_dir", "state_dir"]
 
 
 def state_dir() -> Path:

@@ -115,7 +115,8 @@ async def test_quiesced_snapshot_sequence_and_record(rig: Rig) -> None:
     ):
         assert step in names
     assert names.index("prepared") < names.index("freeze_sent") < names.index("cut")
-    assert rec.freeze_window_ms is not None and rec.freeze_window_ms > 0
+    assert rec.freeze_window_ms is not None
+    assert rec.freeze_window_ms > 0
     # The images at the cut are the old tops; the VM now writes to the overlays.
     after = await rig.images()
     assert {d.device: d.image for d in rec.disks} == before
@@ -127,7 +128,8 @@ async def test_quiesced_snapshot_sequence_and_record(rig: Rig) -> None:
     assert rec.evidence == (rig.agent.files["/var/log/qemu-ga.log"].decode().splitlines()[1],)
     assert await rig.catalog.open_intents("t") == []
     stored = await rig.catalog.get_snapshot(rec.id)
-    assert stored.level is ConsistencyLevel.FILESYSTEM and stored.disks == rec.disks
+    assert stored.level is ConsistencyLevel.FILESYSTEM
+    assert stored.disks == rec.disks
 
 
 async def test_silent_freeze_required_fails_within_deadline_nothing_switched(rig: Rig) -> None:
@@ -144,7 +146,8 @@ async def test_silent_freeze_required_fails_within_deadline_nothing_switched(rig
     assert rig.files() == before_files  # prepared overlays removed
     assert not rig.agent.frozen  # thawed after the silent freeze
     rec = await rig.catalog.get_snapshot(ei.value.snapshot_id)
-    assert rec.status is SnapshotStatus.FAILED and "deadline" in rec.error
+    assert rec.status is SnapshotStatus.FAILED
+    assert "deadline" in rec.error
     assert await rig.catalog.open_intents("t") == []
 
 
@@ -240,10 +243,12 @@ async def test_vfat_preferred_is_crash_and_names_the_mount(vfat_rig: Rig) -> Non
     rec = await Snapshotter(vfat_rig.catalog).snapshot("t")
     assert rec.level is ConsistencyLevel.CRASH
     vfat = next(f for f in rec.filesystems if f.fstype == "vfat")
-    assert not vfat.frozen and "FIFREEZE" in vfat.reason
+    assert not vfat.frozen
+    assert "FIFREEZE" in vfat.reason
     rep = await doctor(vfat_rig.catalog, "t")
     fs_check = next(c for c in rep.checks if c.name == "fs /mnt/disk1")
-    assert fs_check.status is CheckStatus.FAIL and "cannot be frozen" in fs_check.detail
+    assert fs_check.status is CheckStatus.FAIL
+    assert "cannot be frozen" in fs_check.detail
     assert rep.predicted_level is ConsistencyLevel.CRASH
 
 
@@ -277,9 +282,11 @@ async def test_cancel_while_frozen_thaws_and_switches_nothing(rig: Rig) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not rig.agent.frozen
-    assert await rig.images() == before and rig.files() == files
+    assert await rig.images() == before
+    assert rig.files() == files
     (rec,) = await rig.catalog.list_snapshots("t")
-    assert rec.status is SnapshotStatus.FAILED and "interrupted" in rec.error
+    assert rec.status is SnapshotStatus.FAILED
+    assert "interrupted" in rec.error
     assert await rig.catalog.open_intents("t") == []
 
 
