@@ -59,7 +59,14 @@ from freezeframe.models import (
     VmConfig,
 )
 
-__all__ = ["AgentProbe", "SnapshotRequest", "Snapshotter", "new_snapshot_id", "open_driver"]
+__all__ = [
+    "AgentProbe",
+    "Hook",
+    "SnapshotRequest",
+    "Snapshotter",
+    "new_snapshot_id",
+    "open_driver",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfree
 
 T = TypeVar("T")
 ProgressFn = Callable[[TimelineEvent], None]
+#: Called with the VM's name and its connected driver; runs outside the freeze window.
+Hook = Callable[[str, HypervisorDriver], Awaitable[None]]
 
 
 def new_snapshot_id() -> str:
@@ -128,6 +137,10 @@ class Snapshotter:
     With ``followup`` (servers), a thaw that could not be confirmed keeps being retried in the
     background for ``followup_for`` seconds (see :meth:`wait_followups`); without it (the CLI)
     the freeze intent stays open for ``freezeframe recover``.
+
+    ``before_freeze`` runs after everything is prepared, right before the freeze is sent (for
+    application quiescing, or to pause the vCPUs in a test); ``after_thaw`` after the thaw was
+    confirmed. A hook that raises FreezeframeError fails the snapshot like any step.
     """
 
     def __init__(
@@ -139,6 +152,8 @@ class Snapshotter:
         preflush_timeout: float = 30.0,
         followup: bool = False,
         followup_for: float = 300.0,
+        before_freeze: Hook | None = None,
+        after_thaw: Hook | None = None,
     ) -> None:
         self.catalog = catalog
         self.thaw_timeout = thaw_timeout
@@ -146,6 +161,8 @@ class Snapshotter:
         self.preflush_timeout = preflush_timeout
         self.followup = followup
         self.followup_for = followup_for
+        self.before_freeze = before_freeze
+        self.after_thaw = after_thaw
         self._followups: set[asyncio.Task[bool]] = set()
 
     # ------------------------------------------------------------------ public
@@ -432,6 +449,9 @@ class Snapshotter:
         out: _Outcome,
     ) -> bool:
         """The freeze window. Returns True when the agent must stay open for a follow-up."""
+        if self.before_freeze is not None:
+            await self.before_freeze(cfg.name, driver)
+            tl.mark("before_freeze_hook")
         intent = await self.catalog.open_intent(cfg.name, sid, qga_path, owner)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + freeze_timeout
@@ -484,6 +504,9 @@ class Snapshotter:
             if out.thaw_confirmed:
                 await _shielded(self.catalog.close_intent(intent.id, "engine"))
         keep_open = False
+        if out.thaw_confirmed and self.after_thaw is not None:
+            await self.after_thaw(cfg.name, driver)
+            tl.mark("after_thaw_hook")
         if not out.thaw_confirmed:
             out.thaw_note = (
                 "thaw not confirmed: the guest may still be frozen or freeze late; the freeze "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import UsageError
+from freezeframe.models import QuiescePolicy, VmConfig
 
 __all__ = [
     "ACCELS",
@@ -24,6 +25,8 @@ __all__ = [
     "validate_name",
 ]
 
+#: qemu-ga's --logfile inside the lab guest (see guest/init).
+GUEST_AGENT_LOG = "/var/log/qemu-ga.log"
 #: Filesystems a lab data disk can carry.
 FILESYSTEMS: tuple[str, ...] = ("ext4", "xfs", "vfat")
 #: Accepted values of ``accel``.
@@ -92,6 +95,20 @@ class LabVm:
     console_log: Path
     accel: str
     disks: tuple[LabDisk, ...]
+
+    def vm_config(self) -> VmConfig:
+        """How freezeframe registers this lab VM: its sockets, agent yes/no, the agent's log
+        file as evidence, policy ``preferred``."""
+        return VmConfig(
+            name=self.name,
+            driver="qmp",
+            qmp_path=str(self.qmp_path),
+            qga_path=str(self.qga_path) if self.qga_path else None,
+            agent=self.qga_path is not None,
+            quiesce=QuiescePolicy.PREFERRED,
+            agent_log_path=GUEST_AGENT_LOG if self.qga_path else None,
+            lab=True,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
