@@ -141,7 +141,7 @@ async def test_running_name_is_taken_and_a_stale_directory_is_reused(
 
 async def test_guest_not_ready_in_time(lab_vm: LabVmFactory) -> None:
     with pytest.raises(LabError, match="console") as info:
-        await lab_vm("slow", disks=("ext4",), timeout=0.5)
+        await lab_vm("slow", disks=("ext4",), timeout=0.1)
     assert "not ready" in info.value.message
     status = lab_status("slow")
     assert not status.running

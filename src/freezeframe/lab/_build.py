@@ -7,8 +7,11 @@ check of the host packages the lab needs (:data:`HOST_FILES`, :data:`HOST_PROGRA
   Depends, fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into a scratch
   directory (nothing is installed on the host). ``depmod -b`` indexes it and
   ``modprobe --show-depends`` resolves :data:`GUEST_MODULES` with their dependencies in load
-  order. Kept: ``vmlinuz``, those ``.ko`` files and their order (``modules.list``), under
-  ``kernel-<kver>_<debian version>-<module set hash>/``.
+  order. Kept: ``vmlinuz``, its uncompressed ELF ``vmlinux`` (booted through the PVH entry
+  when the kernel has ``CONFIG_PVH``: about 2 s faster under TCG), those ``.ko`` files and
+  their order (``modules.list``), under ``kernel-<kver>_<debian version>-<layout hash>/``.
+  The metapackage resolution (``apt-cache``, ~0.5 s) is remembered in ``kernel-resolve.json``
+  until the APT lists change.
 - Initramfs: busybox-static, the host's ``qemu-ga`` (Debian's qemu-guest-agent) with the
   shared libraries ``ldd`` reports (and the dynamic loader), the modules, and the guest
   scripts of ``freezeframe/lab/guest``; written as an uncompressed newc cpio named by a hash of
@@ -23,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import logging
+import lzma
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +97,8 @@ GUEST_MODULES: tuple[str, ...] = (
 GUEST_DIR = Path(__file__).with_name("guest")
 #: Bump when the initramfs layout changes in a way the other key parts do not show.
 _LAYOUT = "1"
+#: Bump when what is kept of the kernel package changes (part of the kernel directory's name).
+_KERNEL_LAYOUT = "2"
 _META = "linux-image-amd64"
 _DEP_RE = re.compile(r"(linux-image-(\d[\w.+~-]*-amd64))(?:\s*\(\s*=\s*([^)\s]+)\s*\))?")
 _QGA = "/usr/sbin/qemu-ga"
@@ -131,7 +139,8 @@ def check_dependencies(fstypes: tuple[str, ...] = ()) -> None:
 
 
 def _modules_hash() -> str:
-    return hashlib.sha256("\n".join(GUEST_MODULES).encode()).hexdigest()[:8]
+    parts = (_KERNEL_LAYOUT, *GUEST_MODULES)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def _guest_scripts() -> dict[str, bytes]:
@@ -142,8 +151,40 @@ def _guest_scripts() -> dict[str, bytes]:
     return scripts
 
 
-async def _resolve_kernel_package() -> tuple[str, str, str | None]:
+def _apt_stamp() -> str:
+    parts = []
+    for path in ("/var/lib/apt/lists", "/var/cache/apt/pkgcache.bin", "/etc/apt/sources.list.d"):
+        try:
+            parts.append(f"{path}:{os.stat(path).st_mtime_ns}")
+        except OSError:
+            parts.append(f"{path}:-")
+    return "|".join(parts)
+
+
+def _remembered_resolution(cache: Path, stamp: str) -> tuple[str, str, str | None] | None:
+    try:
+        doc = json.loads((cache / "kernel-resolve.json").read_text())
+        if doc["stamp"] == stamp:
+            return str(doc["package"]), str(doc["kver"]), doc["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+async def _resolve_kernel_package(cache: Path) -> tuple[str, str, str | None]:
     """(package, kernel release, Debian version or None) of the current amd64 kernel."""
+    stamp = _apt_stamp()
+    remembered = _remembered_resolution(cache, stamp)
+    if remembered:
+        return remembered
+    found = await _ask_apt()
+    package, kver, version = found
+    doc = {"stamp": stamp, "package": package, "kver": kver, "version": version}
+    atomic_write(cache / "kernel-resolve.json", json.dumps(doc).encode())
+    return found
+
+
+async def _ask_apt() -> tuple[str, str, str | None]:
     res = await run(
         "apt-cache", "show", "--no-all-versions", _META, check=False, timeout=60, what="apt-cache"
     )
@@ -219,6 +260,9 @@ async def _fetch_kernel(cache: Path, package: str, kver: str, version: str | Non
         staged = scratch / "kernel"
         (staged / "modules").mkdir(parents=True)
         shutil.copyfile(vmlinuz, staged / "vmlinuz")
+        config = root / "boot" / f"config-{kver}"
+        if config.is_file() and "\nCONFIG_PVH=y\n" in config.read_text(errors="replace"):
+            await asyncio.to_thread(_extract_vmlinux, vmlinuz, staged / "vmlinux")
         for rel in order:
             target = staged / "modules" / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +277,45 @@ async def _fetch_kernel(cache: Path, package: str, kver: str, version: str | Non
         raise LabError(f"building the lab kernel from {package} failed: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _extract_vmlinux(bzimage: Path, dest: Path) -> None:
+    """Write the uncompressed ELF kernel inside ``bzimage`` (xz or gzip) to ``dest``.
+
+    QEMU boots such an ELF through its PVH entry point, skipping the bzImage's real-mode
+    setup and self-decompression, which take about 2 s under TCG. Leaves ``dest`` absent if
+    the payload is in another format (the bzImage is used then).
+    """
+    data = bzimage.read_bytes()
+    for magic, fmt in ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b\x08", "gzip")):
+        offset = data.find(magic)
+        if offset < 0:
+            continue
+        try:
+            if fmt == "xz":
+                elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[offset:])
+            else:
+                elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[offset:])
+        except (lzma.LZMAError, zlib.error):
+            continue
+        if elf[:4] == b"\x7fELF":
+            dest.write_bytes(elf)
+            return
+    log.info("lab: no xz/gzip ELF payload in %s; booting the bzImage", bzimage.name)
+
+
+def _prune(cache: Path, keep: set[str]) -> None:
+    """Remove superseded kernels and initramfs images (a running QEMU has loaded its own)."""
+    for entry in cache.iterdir():
+        if entry.name in keep or not entry.name.startswith(("kernel-", "initramfs-")):
+            continue
+        if entry.name.endswith(".json"):
+            continue
+        log.info("lab: pruning %s from the build cache", entry.name)
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _list_debs(directory: Path) -> list[Path]:
@@ -314,7 +397,7 @@ async def ensure_artifacts() -> BootArtifacts:
     cache = paths.ensure_dir(cache_dir())
     async with file_lock(cache / ".lock", timeout=900, what="the lab build cache"):
         try:
-            package, kver, version = await _resolve_kernel_package()
+            package, kver, version = await _resolve_kernel_package(cache)
             kdir = await _fetch_kernel(cache, package, kver, version)
         except LabError:
             cached = _cached_kernels(cache)
@@ -334,6 +417,9 @@ async def ensure_artifacts() -> BootArtifacts:
             try:
                 libs = await _libraries(_QGA)
                 await asyncio.to_thread(_write_initramfs, kdir, kver, initrd, scripts, _QGA, libs)
+                _prune(cache, keep={initrd.name, kdir.name})
             except OSError as exc:
                 raise LabError(f"building the lab initramfs failed: {exc}") from exc
-        return BootArtifacts(kernel=kdir / "vmlinuz", initrd=initrd, kver=kver)
+        vmlinux = kdir / "vmlinux"
+        kernel = vmlinux if vmlinux.is_file() else kdir / "vmlinuz"
+        return BootArtifacts(kernel=kernel, initrd=initrd, kver=kver)
