@@ -26,6 +26,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The lab VM fetches Debian's kernel package with apt-get download: it needs the APT lists.
+if [[ $(id -u) -eq 0 ]] && ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
+  echo "setup: apt-get update (the lab VM needs the linux-image-amd64 package lists)"
+  apt-get update -qq
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/python -m pip install -q --upgrade pip
