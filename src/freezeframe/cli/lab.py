@@ -5,12 +5,14 @@ Thin handlers over :mod:`freezeframe.lab`; ``--json`` prints one JSON document o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import typer
 
+from freezeframe.catalog import Catalog
 from freezeframe.cli._common import console, die, emit_json, err_console, run
-from freezeframe.errors import FreezeframeError
+from freezeframe.errors import FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 
 app = typer.Typer(
@@ -53,17 +55,22 @@ def up(
 ) -> None:
     """Build (cached) and boot a lab VM; return once its agent answers guest-ping."""
     fstypes = tuple(d for d in (p.strip() for p in disks.split(",")) if d)
-    vm = run(
-        lambda: lab_up(
+
+    async def go() -> LabVm:
+        vm = await lab_up(
             name,
             disks=fstypes,
             disk_size=disk_size,
             agent=not no_agent,
             accel=accel,
             timeout=timeout,
-        ),
-        as_json=as_json,
-    )
+        )
+        # Lab VMs are registered automatically, so `snapshot create NAME` works right away.
+        async with await Catalog.open() as cat:
+            await cat.add_vm(vm.vm_config(), replace=True)
+        return vm
+
+    vm = run(go, as_json=as_json)
     if as_json:
         emit_json(vm.to_json())
     else:
@@ -77,8 +84,17 @@ def down(
     purge: bool = typer.Option(False, "--purge", help="Also delete its disks and logs."),
     as_json: bool = _JSON,
 ) -> None:
-    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files."""
-    run(lambda: lab_down(name, purge=purge), as_json=as_json)
+    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files and its
+    registration (its snapshot records stay in the catalog)."""
+
+    async def go() -> None:
+        await lab_down(name, purge=purge)
+        if purge:
+            async with await Catalog.open() as cat:
+                with contextlib.suppress(NotFoundError):
+                    await cat.remove_vm(name)
+
+    run(go, as_json=as_json)
     if as_json:
         emit_json({"name": name, "stopped": True, "purged": purge})
     else:
