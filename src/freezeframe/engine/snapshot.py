@@ -698,28 +698,34 @@ def _hint_for(problems: tuple[str, ...]) -> str | None:
 
 
 _LOG_TIME = re.compile(r"^(\d{9,11})\.(\d{1,6}):\s")
+#: qemu-ga --verbose chatter that says nothing about the freeze.
+_LOG_NOISE = re.compile(r"(?:dis|en)abling command:|process_event: called|received EOF")
+_FREEZE_WORDS = ("fsfreeze", "freeze", "thaw")
 
 
-def select_window_lines(text: str, tl: Timeline, slack: float = 2.0) -> tuple[str, ...]:
-    """qemu-ga log lines (``<sec>.<usec>: <level>: <msg>``) inside the freeze window ± slack.
+def select_window_lines(text: str, tl: Timeline, slack: float = 0.5) -> tuple[str, ...]:
+    """The agent's own account of the freeze: qemu-ga log lines (``<sec>.<usec>: <level>:
+    <msg>``) from ``freeze_sent`` to ``thawed`` ± ``slack`` seconds, without the per-command
+    enable/disable chatter; anything but printable ASCII replaced by ``?``.
 
-    Falls back to the last freeze/thaw lines when the guest's clock does not match ours.
+    qemu-ga 7.2 logs ``disabling logging due to filesystem freeze`` and ``logging re-enabled
+    due to filesystem unfreeze`` around a freeze. When the guest clock does not match ours
+    (no line in the window), the last lines that mention the freeze are taken instead.
     """
-    start, end = tl.find("freeze_sent"), tl.find("thaw_sent")
-    lines = text.splitlines()
+    start, end = tl.find("freeze_sent"), tl.find("thawed") or tl.find("thaw_sent")
     if start is None:
         return ()
     lo = start.t - timedelta(seconds=slack)
     hi = (end.t if end else start.t) + timedelta(seconds=slack)
+    lines = ["".join(c if " " <= c <= "~" else "?" for c in ln) for ln in text.splitlines()]
     picked: list[str] = []
     for line in lines:
         m = _LOG_TIME.match(line)
-        if not m:
+        if m is None or _LOG_NOISE.search(line):
             continue
         t = datetime.fromtimestamp(int(m.group(1)) + int(m.group(2).ljust(6, "0")) / 1e6, UTC)
         if lo <= t <= hi:
             picked.append(line)
     if picked:
-        return tuple(picked[-200:])
-    freeze_lines = [ln for ln in lines if "freeze" in ln or "thaw" in ln]
-    return tuple(freeze_lines[-10:])
+        return tuple(picked[-100:])
+    return tuple([ln for ln in lines if any(w in ln for w in _FREEZE_WORDS)][-10:])
