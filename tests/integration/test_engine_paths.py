@@ -16,9 +16,15 @@ from pathlib import Path
 import pytest
 
 from freezeframe.catalog import Catalog
-from freezeframe.engine import SnapshotRequest, Snapshotter, doctor, recover
+from freezeframe.engine import SnapshotRequest, Snapshotter, doctor, recover, verify_snapshot
 from freezeframe.engine.doctor import CheckStatus
-from freezeframe.errors import BusyError, SnapshotFailedError, UsageError
+from freezeframe.errors import (
+    BusyError,
+    NotFoundError,
+    SnapshotFailedError,
+    UsageError,
+    VerifyError,
+)
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus, VmConfig
 from tests.fakes.bios_vm import Vm, bios_vm
 from tests.fakes.fake_agent import FakeAgent, FakeExec, FakeFs
@@ -315,3 +321,23 @@ async def test_bad_requests(rig: Rig) -> None:
         await snap.snapshot("t", SnapshotRequest(freeze_timeout=0))
     with pytest.raises(UsageError, match="every disk is excluded"):
         await snap.snapshot("t", SnapshotRequest(exclude_disks=("disk0", "disk1")))
+
+
+async def test_verify_of_deleted_or_truncated_image_is_a_clear_error(rig: Rig) -> None:
+    rec = await Snapshotter(rig.catalog).snapshot("t")
+    with pytest.raises(NotFoundError):
+        await verify_snapshot(rig.catalog, "feedfacecafe")
+    # Truncated behind freezeframe's back.
+    victim = Path(rec.disks[0].image)
+    with victim.open("r+b") as f:
+        f.truncate(100)
+    with pytest.raises(VerifyError):
+        await verify_snapshot(rig.catalog, rec.id)
+    # Deleted behind freezeframe's back.
+    victim.unlink()
+    with pytest.raises(VerifyError, match="deleted"):
+        await verify_snapshot(rig.catalog, rec.id)
+    assert (await rig.catalog.get_snapshot(rec.id)).verification is None  # catalog unchanged
+    mounts = Path("/proc/mounts").read_text()
+    assert "qemu-storage-daemon" not in mounts
+    assert str(rig.vm.dir) not in mounts

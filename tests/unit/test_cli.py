@@ -1,0 +1,92 @@
+"""The CLI's contract without a VM: bad input gets a clear message and a stable exit code,
+``--json`` gives one JSON document, nothing is written by a refused command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FF = [sys.executable, "-m", "freezeframe.cli.main"]
+
+
+@pytest.fixture
+def ff(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = {**os.environ, "FREEZEFRAME_HOME": str(tmp_path / "home")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*FF, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    return run
+
+
+def test_unknown_names_exit_2(ff) -> None:  # type: ignore[no-untyped-def]
+    for args in (
+        ("snapshot", "show", "nope"),
+        ("snapshot", "create", "nope"),
+        ("snapshot", "list", "nope"),
+        ("doctor", "nope"),
+        ("snapshot", "verify", "nope"),
+    ):
+        r = ff(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "nope" in r.stderr
+
+
+def test_json_errors_are_json(ff) -> None:  # type: ignore[no-untyped-def]
+    r = ff("snapshot", "show", "nope", "--json")
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    assert doc["error"] == "NotFoundError"
+    assert doc["exit_code"] == 2
+
+
+def test_vm_add_list_remove(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    r = ff("vm", "add", "web1", "--qmp", str(tmp_path / "qmp.sock"), "--quiesce", "required")
+    assert r.returncode == 0, r.stderr
+    assert ff("vm", "add", "web1", "--qmp", "/x").returncode == 2  # already registered
+    (vm,) = json.loads(ff("vm", "list", "--json").stdout)
+    assert vm["name"] == "web1"
+    assert vm["quiesce"] == "required"
+    bad = ff("vm", "add", "web2", "--qmp", "/x", "--quiesce", "sometimes")
+    assert bad.returncode == 2
+    assert ff("vm", "add", "web3", "--qmp", "/x", "--freeze-timeout", "0").returncode == 2
+    assert len(json.loads(ff("vm", "list", "--json").stdout)) == 1
+    assert ff("vm", "remove", "web1").returncode == 0
+    assert json.loads(ff("vm", "list", "--json").stdout) == []
+
+
+def test_doctor_on_unreachable_vm_fails_with_a_fix(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ff("vm", "add", "gone", "--qmp", str(tmp_path / "missing.sock"))
+    r = ff("doctor", "gone", "--json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False
+    hv = next(c for c in doc["checks"] if c["name"] == "hypervisor")
+    assert hv["status"] == "fail"
+    assert hv["fix"]
+    assert doc["predicted_level"] == "none"
+
+
+def test_snapshot_of_unreachable_vm_fails_and_is_recorded(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ff("vm", "add", "gone", "--qmp", str(tmp_path / "missing.sock"))
+    r = ff("snapshot", "create", "gone", "--json")
+    assert r.returncode == 10, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["snapshot_id"]
+    (rec,) = json.loads(ff("snapshot", "list", "gone", "--json").stdout)
+    assert rec["status"] == "failed"
+    assert rec["id"] == doc["snapshot_id"]
+
+
+def test_recover_with_nothing_open(ff) -> None:  # type: ignore[no-untyped-def]
+    r = ff("recover")
+    assert r.returncode == 0
+    assert "no open freeze intents" in r.stdout
+    assert json.loads(ff("recover", "--json").stdout) == []
