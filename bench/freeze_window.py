@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -166,6 +167,7 @@ async def main() -> None:
         await cat.close()
     finally:
         await lab_down(vm.name, purge=True)
+        shutil.rmtree(home, ignore_errors=True)
     ratios = [a / b for a, b in zip(ff, fl, strict=True)]
     med = statistics.median
     print(f"\naccelerator: {vm.accel}, disks: {args.disks}, runs: {args.runs}")
