@@ -99,9 +99,11 @@ async def vfat_rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_quiesced_snapshot_sequence_and_record(rig: Rig) -> None:
     before = await rig.images()
     now = time.time()
-    rig.agent.files["/var/log/qemu-ga.log"] = (
-        f"{now - 60:.6f}: debug: long before\n{now + 0.1:.6f}: warning: during\n".encode()
-    )
+    freeze_req = 'debug: read data, count: 37, data: {"execute": "guest-fsfreeze-freeze"}'
+    during = [f"{now + 0.1:.6f}: {freeze_req}", f"{now + 0.1:.6f}: warning: disabling logging"]
+    rig.agent.files["/var/log/qemu-ga.log"] = "\n".join(
+        [f"{now - 60:.6f}: {freeze_req}", f"{now - 59:.6f}: debug: an old one", *during, ""]
+    ).encode()
     rec = await Snapshotter(rig.catalog).snapshot(
         "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
     )
@@ -135,7 +137,7 @@ async def test_quiesced_snapshot_sequence_and_record(rig: Rig) -> None:
         "/mnt/disk0": True,
         "/mnt/disk1": True,
     }
-    assert rec.evidence == (f"{now + 0.1:.6f}: warning: during",)
+    assert rec.evidence == tuple(during)
     assert await rig.catalog.open_intents("t") == []
     stored = await rig.catalog.get_snapshot(rec.id)
     assert stored.level is ConsistencyLevel.FILESYSTEM

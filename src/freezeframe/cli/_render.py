@@ -35,13 +35,10 @@ def print_record(rec: SnapshotRecord) -> None:
         console.print(f"  [red]error[/]      {rec.error}", highlight=False)
     if rec.freeze_window_ms is not None:
         console.print(f"  window     {rec.freeze_window_ms:.1f} ms (freeze sent -> thawed)")
-    if rec.disks:
-        t = Table(
-            "disk", "image at the cut", "format", "new active overlay", box=None, pad_edge=False
-        )
-        for d in rec.disks:
-            t.add_row(d.device, d.image, d.format, d.overlay or "-")
-        console.print(t)
+    for d in rec.disks:
+        console.print(f"  disk {d.device} ({d.format}, node {d.node})", highlight=False)
+        console.print(f"    image at the cut  {d.image}", highlight=False)
+        console.print(f"    now writing to    {d.overlay or '-'}", highlight=False)
     if rec.filesystems:
         t = Table("mount point", "type", "disk", "frozen", "why not", box=None, pad_edge=False)
         for f in rec.filesystems:

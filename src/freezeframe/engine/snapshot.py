@@ -703,29 +703,51 @@ _LOG_NOISE = re.compile(r"(?:dis|en)abling command:|process_event: called|receiv
 _FREEZE_WORDS = ("fsfreeze", "freeze", "thaw")
 
 
-def select_window_lines(text: str, tl: Timeline, slack: float = 0.5) -> tuple[str, ...]:
-    """The agent's own account of the freeze: qemu-ga log lines (``<sec>.<usec>: <level>:
-    <msg>``) from ``freeze_sent`` to ``thawed`` ± ``slack`` seconds, without the per-command
-    enable/disable chatter; anything but printable ASCII replaced by ``?``.
+def select_window_lines(text: str, tl: Timeline, skew: float = 2.0) -> tuple[str, ...]:
+    """The agent's own account of the freeze, from its ``--verbose`` log.
 
-    qemu-ga 7.2 logs ``disabling logging due to filesystem freeze`` and ``logging re-enabled
-    due to filesystem unfreeze`` around a freeze. When the guest clock does not match ours
-    (no line in the window), the last lines that mention the freeze are taken instead.
+    qemu-ga logs ``<sec>.<usec>: <level>: <msg>`` lines: ``read data ... guest-fsfreeze-freeze``
+    (or ``-freeze-list``), ``disabling logging due to filesystem freeze``, then at the thaw
+    ``logging re-enabled due to filesystem unfreeze`` (the thaw request arrives while logging
+    is off, so it is not in the log).
+    The guest clock may be off by a second or so (it starts from the RTC's whole seconds), so
+    the window is found by content: the last freeze request logged within ``skew`` seconds of
+    ours, up to the request that follows the thaw. Per-command enable/disable chatter is left
+    out; anything but printable ASCII is replaced by ``?``. When no freeze request matches, the
+    last lines that mention the freeze are returned.
     """
-    start, end = tl.find("freeze_sent"), tl.find("thawed") or tl.find("thaw_sent")
-    if start is None:
+    start, end = tl.find("freeze_sent"), tl.find("thaw_sent") or tl.find("freeze_sent")
+    if start is None or end is None:
         return ()
-    lo = start.t - timedelta(seconds=slack)
-    hi = (end.t if end else start.t) + timedelta(seconds=slack)
+    lo, hi = start.t - timedelta(seconds=skew), end.t + timedelta(seconds=skew)
     lines = ["".join(c if " " <= c <= "~" else "?" for c in ln) for ln in text.splitlines()]
-    picked: list[str] = []
+    stamped: list[tuple[datetime, str]] = []
     for line in lines:
         m = _LOG_TIME.match(line)
-        if m is None or _LOG_NOISE.search(line):
-            continue
-        t = datetime.fromtimestamp(int(m.group(1)) + int(m.group(2).ljust(6, "0")) / 1e6, UTC)
-        if lo <= t <= hi:
-            picked.append(line)
-    if picked:
-        return tuple(picked[-100:])
-    return tuple([ln for ln in lines if any(w in ln for w in _FREEZE_WORDS)][-10:])
+        if m is not None:
+            sec = int(m.group(1)) + int(m.group(2).ljust(6, "0")) / 1e6
+            stamped.append((datetime.fromtimestamp(sec, UTC), line))
+    freezes = [
+        i
+        for i, (t, line) in enumerate(stamped)
+        if "read data" in line and "guest-fsfreeze-freeze" in line and lo <= t <= hi
+    ]
+    if not freezes:
+        return tuple([ln for ln in lines if any(w in ln for w in _FREEZE_WORDS)][-10:])
+    first = freezes[-1]
+    last = len(stamped) - 1
+    # The thaw request itself is not logged (logging is off while frozen): the line saying
+    # logging is back marks the thaw.
+    thaw = next(
+        (
+            i
+            for i in range(first, len(stamped))
+            if "guest-fsfreeze-thaw" in stamped[i][1] or "unfreeze" in stamped[i][1]
+        ),
+        None,
+    )
+    if thaw is not None:
+        nxt = next((i for i in range(thaw + 1, len(stamped)) if "read data" in stamped[i][1]), None)
+        last = nxt - 1 if nxt is not None else last
+    picked = [line for _, line in stamped[first : last + 1] if not _LOG_NOISE.search(line)]
+    return tuple(picked[:100])
