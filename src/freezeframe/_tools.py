@@ -3,7 +3,8 @@
 Owns the translation of process failures into :mod:`freezeframe.errors`: a missing program is
 a :class:`~freezeframe.errors.DependencyError` naming the Debian package that ships it, a
 non-zero exit a :class:`~freezeframe.errors.ToolError` carrying argv, return code and stderr,
-a timeout a ToolError after the process was killed. Never uses a shell.
+a program that cannot be started or a timeout (the process killed first) a ToolError too.
+Never uses a shell.
 """
 
 from __future__ import annotations
@@ -88,20 +89,25 @@ async def run(
 ) -> ToolResult:
     """Run ``argv`` (argv[0] looked up with :func:`require`), wait at most ``timeout`` seconds.
 
-    Raises DependencyError if the program is missing; ToolError on timeout (the process is
-    killed first) or, with ``check``, on a non-zero exit. ``what`` names the step in messages;
-    ``cwd`` is the working directory of the program.
+    Raises DependencyError if the program is missing; ToolError when it cannot be started
+    (not executable, bad format, missing ``cwd``, a NUL byte in an argument; the OSError or
+    ValueError is its cause), on timeout (the process is killed first) or, with ``check``, on
+    a non-zero exit. ``what`` names the step in messages; ``cwd`` is the working directory of
+    the program.
     """
     exe = require(argv[0])
     full = (exe, *argv[1:])
     log.debug("run %s", " ".join(full))
-    proc = await asyncio.create_subprocess_exec(
-        *full,
-        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *full,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+        )
+    except (OSError, ValueError) as exc:  # EACCES, ENOEXEC, missing cwd, NUL in an argument
+        raise ToolError(f"{what or argv[0]}: cannot start {exe}: {exc}", argv=tuple(full)) from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except TimeoutError as exc:

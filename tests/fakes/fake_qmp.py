@@ -3,7 +3,8 @@
 Speaks the wire protocol QEMU speaks: a greeting on connect, JSON objects back to back,
 ``qmp_capabilities`` before anything else, replies carrying the request's ``id``. What it
 answers to each command is scripted with :class:`Return`, :class:`Error`, :class:`Hang`
-(never answer) and :class:`Hangup` (close the connection); a list scripts successive calls.
+(never answer), :class:`Hangup` (close the connection) and :class:`Delay` (answer late; like
+QEMU, nothing else on that connection is answered meanwhile); a list scripts successive calls.
 ``greeting`` may be replaced by arbitrary bytes (not QMP) or None (say nothing, like a
 guest-agent socket). Every request received is kept in ``received``.
 """
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Self
 
-__all__ = ["GREETING", "Error", "FakeQmpServer", "Hang", "Hangup", "Reply", "Return"]
+__all__ = ["GREETING", "Delay", "Error", "FakeQmpServer", "Hang", "Hangup", "Reply", "Return"]
 
 GREETING: dict[str, object] = {
     "QMP": {
@@ -53,7 +54,15 @@ class Hangup:
     """Close the connection instead of answering."""
 
 
-Reply = Return | Error | Hang | Hangup
+@dataclass(frozen=True)
+class Delay:
+    """Wait ``seconds``, then answer with ``reply``."""
+
+    seconds: float
+    reply: Return | Error | Hangup
+
+
+Reply = Return | Error | Hang | Hangup | Delay
 
 
 async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, object]]:
@@ -142,6 +151,9 @@ class FakeQmpServer:
                 negotiated = negotiated or (
                     command == "qmp_capabilities" and isinstance(reply, Return)
                 )
+                if isinstance(reply, Delay):
+                    await asyncio.sleep(reply.seconds)
+                    reply = reply.reply
                 if isinstance(reply, Hangup):
                     return
                 if isinstance(reply, Hang):

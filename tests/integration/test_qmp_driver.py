@@ -7,27 +7,35 @@ driver's own connection (a QMP socket serves one client at a time).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
+import logging
+import os
 import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from freezeframe._tools import run
 from freezeframe.errors import (
     CutError,
     HypervisorError,
     HypervisorUnavailableError,
+    ToolError,
     UsageError,
 )
 from freezeframe.hypervisor import load_driver
+from freezeframe.hypervisor import qmp as qmp_module
 from freezeframe.hypervisor.base import PreparedCut
 from freezeframe.hypervisor.qmp import QmpCommandError, QmpDriver, overlay_node_name
 from freezeframe.models import DiskInfo, VmConfig
 from tests.fakes.bios_vm import Vm, bios_vm, chain, pci, qemu_img
-from tests.fakes.fake_qmp import Error, FakeQmpServer, Hang, Hangup, Reply, Return
+from tests.fakes.fake_qmp import Delay, Error, FakeQmpServer, Hang, Hangup, Reply, Return
 
 
 def _exists(path: str | Path) -> bool:
@@ -225,9 +233,15 @@ async def test_prepare_failure_rolls_back(driver: QmpDriver, vm: Vm) -> None:
     assert not (vm.dir / "d0.ff-s2.qcow2").exists()
     assert "ff-s2-disk0" not in await vm.node_names()
 
-    # qemu-img fails (no such directory): ToolError becomes CutError
-    with pytest.raises(CutError, match="qemu-img"):
+    # no such overlay directory: refused up front (cut_problem), nothing sent to QEMU
+    with pytest.raises(CutError, match="missing does not exist"):
         await driver.prepare_cut("s3", disks, overlay_dir=str(vm.dir / "missing"))
+    # qemu-img fails for the 2nd disk: ToolError becomes CutError, the 1st disk is rolled back
+    bad = [disks[0], dataclasses.replace(disks[1], format="nonsense")]
+    with pytest.raises(CutError, match="qemu-img") as info:
+        await driver.prepare_cut("s3", bad)
+    assert isinstance(info.value.__cause__, ToolError)
+    assert not any(n.startswith("ff-s3") for n in await vm.node_names())
     with pytest.raises(CutError, match="invalid snapshot id"):
         await driver.prepare_cut("../x", disks)
     assert await driver.disks() == disks
@@ -249,6 +263,96 @@ async def test_second_client_is_told_one_client_at_a_time(driver: QmpDriver, vm:
     assert "one client at a time" in (info.value.hint or "")
     await second.close()
     assert len(await driver.disks()) == 2  # the first connection is unaffected
+
+
+@integration
+async def test_prepare_rolls_back_on_a_foreign_error_and_on_cancel(
+    driver: QmpDriver, vm: Vm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disks = await driver.disks()
+    calls: list[tuple[str, ...]] = []
+    second_started = asyncio.Event()
+
+    async def flaky_run(*argv: str, **kw: Any) -> object:
+        calls.append(argv)
+        if len(calls) == 2:  # qemu-img for the 2nd disk: disk0 is already file + node
+            raise RuntimeError("a bug in a layer below")
+        if len(calls) == 4:
+            second_started.set()
+            await asyncio.Event().wait()  # hangs until cancelled
+        return await run(*argv, **kw)
+
+    monkeypatch.setattr(qmp_module, "run", flaky_run)
+
+    with pytest.raises(CutError, match="a bug in a layer below") as info:
+        await driver.prepare_cut("s1", disks)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert not any(n.startswith("ff-") for n in await vm.node_names())
+    assert list(vm.dir.glob("*.ff-*")) == []
+
+    task = asyncio.create_task(driver.prepare_cut("s2", disks))
+    await asyncio.wait_for(second_started.wait(), 10)
+    assert "ff-s2-disk0" in await vm.node_names()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(n.startswith("ff-") for n in await vm.node_names())
+    assert list(vm.dir.glob("*.ff-*")) == []
+    assert len(calls) == 4
+
+
+@integration
+async def test_abort_reconnects_after_the_connection_is_gone(driver: QmpDriver, vm: Vm) -> None:
+    prepared = await driver.prepare_cut("s1", await driver.disks())
+    await driver.close()  # e.g. the connection dropped while the cut's outcome was unknown
+
+    await driver.abort(prepared)
+
+    assert not any(n.startswith("ff-") for n in await vm.node_names())
+    assert not any(_exists(p.overlay_file) for p in prepared.disks)
+    assert [d.node for d in await driver.disks()] == ["disk0", "disk1"]  # still connected
+
+
+@integration
+async def test_cut_state(driver: QmpDriver, vm: Vm, caplog: pytest.LogCaptureFixture) -> None:
+    prepared = await driver.prepare_cut("s1", await driver.disks())
+    assert await driver.cut_state(prepared) == "not-switched"
+
+    # only disk0 cut: a state one transaction cannot leave
+    await driver.cut(PreparedCut("s1", prepared.disks[:1]))
+    with caplog.at_level(logging.ERROR, logger="freezeframe.hypervisor.qmp"):
+        assert await driver.cut_state(prepared) == "unknown"
+    assert "disk0: switched, disk1: not-switched" in caplog.text
+    assert await driver.cut_state(PreparedCut("s1", prepared.disks[:1])) == "switched"
+
+    await driver.cut(PreparedCut("s1", prepared.disks[1:]))
+    assert await driver.cut_state(prepared) == "switched"
+    wrong = dataclasses.replace(prepared.disks[0], image_at_cut=str(vm.dir / "other.qcow2"))
+    assert await driver.cut_state(PreparedCut("s1", (wrong,))) == "unknown"
+
+    # the connection dropped: cut_state reconnects
+    await driver.close()
+    assert await driver.cut_state(prepared) == "switched"
+    # ... and abort, reconnected, keeps the overlays QEMU uses
+    await driver.close()
+    await driver.abort(prepared)
+    assert all(_exists(p.overlay_file) for p in prepared.disks)
+    assert await driver.cut_state(prepared) == "switched"
+
+    # a later cut on top: s1's overlays sit below the top now, which is no answer for s1
+    second = await driver.prepare_cut("s2", await driver.disks())
+    await driver.cut(second)
+    assert await driver.cut_state(prepared) == "unknown"
+
+    # the socket is gone: cannot ask
+    await driver.close()
+    moved = vm.dir / "moved.sock"
+    os.rename(vm.qmp, moved)
+    try:
+        assert await driver.cut_state(second) == "unknown"
+    finally:
+        os.rename(moved, vm.qmp)
+    assert await driver.cut_state(second) == "switched"
 
 
 # ------------------------------------------------------------------- connection errors
@@ -344,12 +448,80 @@ async def test_cut_refused_vs_outcome_unknown(sock_dir: Path) -> None:
                 {"type": "blockdev-snapshot", "data": {"node": "disk0", "overlay": "ff-s1-disk0"}}
             ]
         }
-        # the connection is gone: abort cannot tell whether QEMU uses the overlay -> keeps it
+        # the connection is gone: abort reconnects; QEMU still knows the node and refuses to
+        # delete it (in use) -> the overlay is kept
+        fake.replies["query-named-block-nodes"] = Return(
+            [{"node-name": "disk0"}, {"node-name": "ff-s1-disk0"}]
+        )
+        fake.replies["blockdev-del"] = Error("Node 'ff-s1-disk0' is busy")
+        await drv.abort(prepared)
+        assert fake.commands().count("qmp_capabilities") == 2
+        assert fake.commands()[-1] == "blockdev-del"
+        assert _exists(prepared.disks[0].overlay_file)
+        # no QEMU to ask at all: everything is kept, nothing raised
+        await fake.stop()
         await drv.abort(prepared)
         assert _exists(prepared.disks[0].overlay_file)
+        assert await drv.cut_state(prepared) == "unknown"
         await drv.close()
     with pytest.raises(CutError, match="nothing to cut"):
         await QmpDriver(path).cut(PreparedCut("s1"))
+
+
+async def test_abort_after_a_dropped_connection_removes_unused_overlays(sock_dir: Path) -> None:
+    path = str(sock_dir / "x.sock")
+    prepared = _fake_prepared(sock_dir)
+    replies: dict[str, Reply | list[Reply]] = {
+        "transaction": Hangup(),
+        "query-named-block-nodes": Return([{"node-name": "disk0"}, {"node-name": "ff-s1-disk0"}]),
+        "blockdev-del": Return({}),
+    }
+    async with FakeQmpServer(path, replies) as fake, QmpDriver(path, timeout=2) as drv:
+        with pytest.raises(CutError, match="outcome is unknown"):
+            await drv.cut(prepared)
+        await drv.abort(prepared)
+        assert fake.received[-1] == {
+            "execute": "blockdev-del",
+            "arguments": {"node-name": "ff-s1-disk0"},
+            "id": fake.received[-1]["id"],
+        }
+        assert not _exists(prepared.disks[0].overlay_file)
+
+
+async def test_cancelled_cut_leaves_the_driver_usable(sock_dir: Path) -> None:
+    path = str(sock_dir / "x.sock")
+    prepared = _fake_prepared(sock_dir)
+    top = {
+        "node-name": "ff-s1-disk0",
+        "image": {"filename": prepared.disks[0].overlay_file, "backing-image": {
+            "filename": prepared.disks[0].image_at_cut}},
+    }  # fmt: skip
+    replies: dict[str, Reply | list[Reply]] = {
+        "transaction": Delay(0.2, Return({})),
+        "query-block": Return([{"device": "", "qdev": "/machine/peripheral/disk0/virtio-backend",
+                                "inserted": top}]),
+    }  # fmt: skip
+    async with FakeQmpServer(path, replies) as fake, QmpDriver(path, timeout=5) as drv:
+        with pytest.raises(TimeoutError) as info:  # the caller's own timeout, nothing foreign
+            async with asyncio.timeout(0.05):
+                await drv.cut(prepared)
+        assert type(info.value) is TimeoutError
+        assert isinstance(info.value.__context__, asyncio.CancelledError)  # cut let it through
+        # the next call gets its own answer (the late transaction reply is dropped), on the
+        # same connection
+        assert await drv.cut_state(prepared) == "switched"
+        assert fake.commands() == ["qmp_capabilities", "transaction", "query-block"]
+
+        # cancelled outright, the same
+        fake.replies["transaction"] = Delay(0.2, Error("refused"))
+        task = asyncio.create_task(drv.cut(prepared))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(QmpCommandError, match="stop has not been found"):
+            await drv.pause()
+        assert fake.commands().count("qmp_capabilities") == 1
 
 
 async def test_connection_lost_is_unavailable(sock_dir: Path) -> None:
@@ -369,6 +541,54 @@ async def test_connection_lost_is_unavailable(sock_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------- small pieces
+
+
+async def test_cut_problem_names_disks_that_need_an_overlay_dir(sock_dir: Path) -> None:
+    drv = QmpDriver(str(sock_dir / "x.sock"))
+    local = DiskInfo("disk0", "disk0", str(sock_dir / "d0.qcow2"), "qcow2", 1 << 20)
+    assert drv.cut_problem(local) is None
+    assert drv.cut_problem(local, str(sock_dir)) is None
+    missing = dataclasses.replace(local, file=str(sock_dir / "gone" / "d0.qcow2"))
+    assert "gone does not exist" in (drv.cut_problem(missing) or "")
+    rbd = DiskInfo("disk1", "disk1", 'json:{"driver": "rbd", "image": "i"}', "raw", 1)
+    nbd = dataclasses.replace(rbd, file="nbd+unix:///exp?socket=/run/nbd.sock")
+    for remote in (rbd, nbd):
+        problem = drv.cut_problem(remote) or ""
+        assert "not a local file" in problem
+        assert "use overlay_dir" in problem
+        assert drv.cut_problem(remote, str(sock_dir)) is None
+    assert "gone does not exist" in (drv.cut_problem(rbd, str(sock_dir / "gone")) or "")
+    blk = next((str(p) for p in Path("/dev").iterdir() if p.is_block_device()), None)
+    if blk is not None:
+        dev = dataclasses.replace(local, file=blk)
+        assert "is a block device" in (drv.cut_problem(dev) or "")
+        assert drv.cut_problem(dev, str(sock_dir)) is None
+
+    # prepare_cut refuses the same disks before it creates or sends anything
+    path = str(sock_dir / "x.sock")
+    async with FakeQmpServer(path) as fake, QmpDriver(path, timeout=2) as conn:
+        with pytest.raises(CutError, match=r"disk1: image .* is not a local file") as info:
+            await conn.prepare_cut("s1", [local, rbd])
+        assert "overlay directory" in (info.value.hint or "")
+        assert fake.commands() == ["qmp_capabilities"]
+    assert list(sock_dir.glob("*.ff-*")) == []
+
+
+async def test_run_translates_a_program_that_cannot_start(sock_dir: Path) -> None:
+    garbage = sock_dir / "garbage"
+    garbage.write_bytes(b"\x7fnot an executable format\n")
+    garbage.chmod(0o755)
+    with pytest.raises(ToolError, match="cannot start") as info:
+        await run(str(garbage), what="garbage")
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOEXEC
+    with pytest.raises(ToolError, match="cannot start") as info:
+        await run("true", cwd=str(sock_dir / "gone"))
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    with pytest.raises(ToolError, match="cannot start") as info:
+        await run("true", "a\0b")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert (await run("true", cwd=str(sock_dir))).returncode == 0
 
 
 def test_overlay_node_name_fits_qemu_limits() -> None:

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Literal, Self
 
 from freezeframe.errors import UsageError
 from freezeframe.models import DiskInfo, VmConfig
 
-__all__ = ["DriverCapabilities", "HypervisorDriver", "PreparedCut", "PreparedDisk"]
+__all__ = [
+    "CutState",
+    "DriverCapabilities",
+    "HypervisorDriver",
+    "PreparedCut",
+    "PreparedDisk",
+]
+
+#: What :meth:`HypervisorDriver.cut_state` found: every disk switched, none, or cannot tell.
+CutState = Literal["switched", "not-switched", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,19 @@ class HypervisorDriver(abc.ABC):
         """Confirm after the fact that every disk now writes to its overlay (called after the
         thaw, outside the freeze window). Raises CutError naming the disks that did not switch.
         Drivers that cannot tell do nothing."""
+        return None
+
+    async def cut_state(self, prepared: PreparedCut) -> CutState:
+        """Whether a cut of ``prepared`` is in effect, asked after :meth:`cut` raised (timeout,
+        lost connection, cancellation): ``"switched"`` when every disk writes to its overlay,
+        ``"not-switched"`` when none does, ``"unknown"`` when the driver cannot tell (or sees
+        a state a cut cannot leave). Never raises. Drivers that cannot ask say ``"unknown"``."""
+        return "unknown"
+
+    def cut_problem(self, disk: DiskInfo, overlay_dir: str | None = None) -> str | None:
+        """Why ``disk`` cannot be prepared for a cut (with ``overlay_dir``, or next to its
+        image when None), for the planner and doctor to report before freezing; None when
+        nothing is known to stand in the way. Never raises, does no I/O with the VM."""
         return None
 
     async def pause(self) -> None:

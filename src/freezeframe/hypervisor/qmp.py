@@ -4,13 +4,15 @@ Owns everything freezeframe says to QEMU over QMP (via :mod:`qemu.qmp`): listing
 writable disks (``query-block``, ``query-pci``, ``qom-get``), finding the guest-agent port
 (``qom-list``/``qom-get``/``query-chardev``), preparing external qcow2 overlays before the
 freeze (``qemu-img create`` + ``blockdev-add``), the atomic cut (ONE ``transaction`` of
-``blockdev-snapshot`` actions), undoing a preparation (``blockdev-del`` + file removal) and
+``blockdev-snapshot`` actions), finding out afterwards whether a cut whose reply was lost
+happened (``query-block``), undoing a preparation (``blockdev-del`` + file removal) and
 ``stop``/``cont``.
 
 Errors of the layers underneath (``QMPError``, ``ExecuteError``, ``ConnectError``,
 ``OSError``, a timeout) are translated here, once, into :class:`~freezeframe.errors.HypervisorError`
 and its subclasses, keeping the original as ``__cause__``. Every QMP command is bounded by the
-driver's ``timeout``.
+driver's ``timeout``; a caller may also cancel any call (e.g. ``asyncio.timeout`` around
+:meth:`QmpDriver.cut`): the connection stays usable, a reply that arrives late is dropped.
 
 One client at a time: a QEMU QMP socket started as ``-qmp unix:PATH,server=on,wait=off``
 serves ONE client; a second client's ``connect()`` is accepted by the kernel but never gets a
@@ -26,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Self
@@ -48,6 +51,7 @@ from freezeframe.errors import (
     UsageError,
 )
 from freezeframe.hypervisor.base import (
+    CutState,
     DriverCapabilities,
     HypervisorDriver,
     PreparedCut,
@@ -179,6 +183,41 @@ def _overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> 
 
 def _exists(path: str | Path) -> bool:
     return os.path.exists(path)
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _backing_of(inserted: dict[str, object]) -> object:
+    """The file name of the image right below a ``query-block`` ``inserted`` node's top."""
+    image = _dict(inserted.get("image"), "inserted.image")
+    below = image.get("backing-image")
+    return below.get("filename") if isinstance(below, dict) else None
+
+
+def _scan_blocks(blocks: list[object]) -> tuple[dict[str, dict[str, object]], set[str]]:
+    """From ``query-block``: each device's top node name -> its ``inserted`` object, and the
+    file names of every image in use (tops and their backing chains)."""
+    tops: dict[str, dict[str, object]] = {}
+    files: set[str] = set()
+    for block_obj in blocks:
+        inserted = _dict(block_obj, "query-block entry").get("inserted")
+        if not isinstance(inserted, dict):
+            continue
+        node = inserted.get("node-name")
+        if isinstance(node, str):
+            tops[node] = inserted
+        image = inserted.get("image")
+        while isinstance(image, dict):
+            name = image.get("filename")
+            if isinstance(name, str):
+                files.add(name)
+            image = image.get("backing-image")
+    return tops, files
 
 
 def _remove_file(path: str | Path, label: str) -> None:
@@ -442,9 +481,11 @@ class QmpDriver(HypervisorDriver):
         ``overlay_dir``) backed by the disk's current top image, and ``blockdev-add`` it as
         node :func:`overlay_node_name` without attaching it. Nothing the guest sees changes.
 
-        Raises CutError (cause kept) if the id is malformed, a device repeats, an overlay file
-        already exists, ``qemu-img`` fails or QEMU refuses a node; everything created so far
-        has then been removed again.
+        Raises CutError (cause kept) if the id is malformed, a device repeats, a disk has a
+        :meth:`cut_problem`, an overlay file already exists, ``qemu-img`` fails or QEMU
+        refuses a node. On any failure, cancellation included, everything created so far has
+        been removed again (a cancellation is re-raised as it is; any other foreign error
+        becomes a CutError).
         """
         if not _SNAPSHOT_ID.match(snapshot_id):
             raise CutError(f"invalid snapshot id {snapshot_id!r} (letters, digits, - and _)")
@@ -453,6 +494,12 @@ class QmpDriver(HypervisorDriver):
         devices = [d.device for d in disks]
         if len(set(devices)) != len(devices):
             raise CutError(f"{self._label}: a disk is listed twice: {devices}")
+        problems = [p for d in disks if (p := self.cut_problem(d, overlay_dir)) is not None]
+        if problems:
+            raise CutError(
+                f"{self._label}: cannot prepare the cut: {'; '.join(problems)}",
+                hint="pass an overlay directory (overlay_dir) on a local, writable filesystem",
+            )
         self._timings = {}
         files: list[Path] = []
         nodes: list[str] = []
@@ -486,21 +533,47 @@ class QmpDriver(HypervisorDriver):
                 self._timings[f"prepare.{disk.device}.create_ms"] = (created - start) / 1e6
                 self._timings[f"prepare.{disk.device}.add_ms"] = _ms_since(created)
                 prepared.append(PreparedDisk(disk, str(overlay), node, disk.file))
-        except asyncio.CancelledError:
+        except BaseException as exc:
             await self._undo(nodes, files)
-            raise
-        except FreezeframeError as exc:
-            await self._undo(nodes, files)
-            if isinstance(exc, CutError):
-                raise
+            if isinstance(exc, CutError) or not isinstance(exc, Exception):
+                raise  # ours already, or a cancellation / KeyboardInterrupt: as it is
+            hint = exc.hint if isinstance(exc, FreezeframeError) else None
             raise CutError(
-                f"{self._label}: preparing the cut failed: {exc}", hint=exc.hint
+                f"{self._label}: preparing the cut failed: {exc or type(exc).__name__}",
+                hint=hint,
             ) from exc
         log.debug("%s: prepared %s: %s", self._label, snapshot_id, self._timings)
         return PreparedCut(snapshot_id, tuple(prepared))
 
+    def cut_problem(self, disk: DiskInfo, overlay_dir: str | None = None) -> str | None:
+        """Why :meth:`prepare_cut` cannot create ``disk``'s overlay (in ``overlay_dir``, or
+        next to its image when None); None when nothing stands in the way. Checks this host's
+        filesystem only: an image that is not a local file (rbd, nbd, iscsi, ``json:{...}``)
+        or is a block device needs ``overlay_dir``; the target directory must exist and be
+        writable. Never raises."""
+        if overlay_dir is None:
+            if not os.path.isabs(disk.file):
+                return (
+                    f"disk {disk.device}: image {disk.file!r} is not a local file "
+                    f"(network or protocol image, format {disk.format}): an overlay cannot go "
+                    "next to it; use overlay_dir"
+                )
+            if _is_block_device(disk.file):
+                return (
+                    f"disk {disk.device}: image {disk.file} is a block device: an overlay "
+                    "cannot go next to it; use overlay_dir"
+                )
+            directory = os.path.dirname(disk.file)
+        else:
+            directory = overlay_dir
+        if not os.path.isdir(directory):
+            return f"disk {disk.device}: overlay directory {directory} does not exist on this host"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"disk {disk.device}: overlay directory {directory} is not writable"
+        return None
+
     async def _undo(self, nodes: list[str], files: list[Path]) -> None:
-        """Roll back a failed prepare: these nodes were never attached."""
+        """Roll back a failed prepare: these nodes were never attached. Never raises."""
         removed = set()
         for node in nodes:
             try:
@@ -508,6 +581,8 @@ class QmpDriver(HypervisorDriver):
                 removed.add(node)
             except HypervisorError as exc:
                 log.warning("%s: cannot remove node %s: %s", self._label, node, exc)
+            except Exception:  # the rollback must reach the files
+                log.exception("%s: removing node %s", self._label, node)
         for i, path in enumerate(files):
             if i < len(nodes) and nodes[i] not in removed:
                 log.warning("%s: keeping %s: its node is still open", self._label, path)
@@ -520,8 +595,9 @@ class QmpDriver(HypervisorDriver):
 
         Raises CutError when QEMU refuses the transaction (nothing was switched; call
         :meth:`abort`). If the reply did not arrive (timeout, connection lost) the CutError
-        says the outcome is unknown: check with :meth:`verify_cut` before aborting
-        (:meth:`abort` never deletes an overlay QEMU still uses).
+        says the outcome is unknown; so is it when the caller cancels the call (the
+        cancellation propagates as it is, the driver stays usable). Ask :meth:`cut_state`
+        then; :meth:`abort` never deletes an overlay QEMU still uses.
         """
         if not prepared.disks:
             raise CutError(f"{self._label}: nothing to cut")
@@ -540,40 +616,105 @@ class QmpDriver(HypervisorDriver):
         except HypervisorError as exc:
             raise CutError(
                 f"{self._label}: the cut's outcome is unknown: {exc}",
-                hint="reconnect and verify_cut() before aborting",
+                hint="ask cut_state() before aborting",
             ) from exc
+        except asyncio.CancelledError:
+            log.warning(
+                "%s: cut of %s cancelled while QEMU ran it: outcome unknown until cut_state()",
+                self._label,
+                prepared.snapshot_id,
+            )
+            raise
         finally:
             self._timings["cut.transaction_ms"] = _ms_since(start)
 
     async def verify_cut(self, prepared: PreparedCut) -> None:
         """Check with ``query-block`` that each prepared overlay is now its device's top node
         and is backed by ``image_at_cut``. Raises CutError naming the disks that are not."""
-        tops: dict[str, dict[str, object]] = {}
-        for block_obj in _list(await self._execute("query-block"), "query-block"):
-            inserted = _dict(block_obj, "query-block entry").get("inserted")
-            if isinstance(inserted, dict) and isinstance(inserted.get("node-name"), str):
-                tops[str(inserted["node-name"])] = inserted
+        tops, _ = _scan_blocks(_list(await self._execute("query-block"), "query-block"))
         wrong: list[str] = []
         for d in prepared.disks:
             inserted = tops.get(d.overlay_node)
             if inserted is None:
                 wrong.append(f"{d.disk.device}: {d.overlay_node} is not the active node")
                 continue
-            image = _dict(inserted.get("image"), "inserted.image")
-            below = image.get("backing-image")
-            backing = below.get("filename") if isinstance(below, dict) else None
+            backing = _backing_of(inserted)
             if backing != d.image_at_cut:
                 wrong.append(f"{d.disk.device}: backed by {backing!r}, not {d.image_at_cut!r}")
         if wrong:
             raise CutError(f"{self._label}: cut not in effect: {'; '.join(wrong)}")
 
+    async def cut_state(self, prepared: PreparedCut) -> CutState:
+        """Ask QEMU (``query-block``, reconnecting first if the connection broke, within
+        ``timeout``) whether the cut of ``prepared`` is in effect.
+
+        ``"switched"``: every overlay node is a device's top node, backed by ``image_at_cut``.
+        ``"not-switched"``: no overlay node is a top and no overlay file is in any device's
+        chain. ``"unknown"``: QEMU cannot be asked, or anything else (a mix, a wrong backing,
+        an overlay already below a newer top), which a cut cannot leave and is logged as an
+        error. Never raises (a cancellation propagates).
+        """
+        try:
+            await self.connect()
+            blocks = _list(await self._execute("query-block"), "query-block")
+            tops, in_use = _scan_blocks(blocks)
+            states: dict[str, str] = {}
+            for d in prepared.disks:
+                inserted = tops.get(d.overlay_node)
+                if inserted is not None and _backing_of(inserted) == d.image_at_cut:
+                    states[d.disk.device] = "switched"
+                elif inserted is None and d.overlay_file not in in_use:
+                    states[d.disk.device] = "not-switched"
+                elif inserted is not None:
+                    states[d.disk.device] = f"on top, backed by {_backing_of(inserted)!r}"
+                else:
+                    states[d.disk.device] = "overlay in use below another node"
+        except HypervisorError as exc:
+            log.warning(
+                "%s: cannot tell whether the cut of %s happened: %s",
+                self._label,
+                prepared.snapshot_id,
+                exc,
+            )
+            return "unknown"
+        except Exception:  # never raises
+            log.exception("%s: asking for the cut state of %s", self._label, prepared.snapshot_id)
+            return "unknown"
+        seen = set(states.values())
+        if seen <= {"switched"} and states:
+            return "switched"
+        if seen <= {"not-switched"}:
+            return "not-switched"
+        log.error(
+            "%s: cut of %s in a state no transaction leaves: %s",
+            self._label,
+            prepared.snapshot_id,
+            ", ".join(f"{dev}: {state}" for dev, state in states.items()),
+        )
+        return "unknown"
+
     async def abort(self, prepared: PreparedCut) -> None:
-        """Remove a preparation that was not cut: ``blockdev-del`` each overlay node, then
-        delete its file, but only once QEMU no longer knows the node (an overlay that is in
-        use, e.g. after a cut whose reply was lost, is kept). Never raises; logs what stays."""
+        """Remove a preparation that was not cut: reconnect first if the connection broke
+        (within ``timeout``), then ``blockdev-del`` each overlay node and delete its file, but
+        only once QEMU no longer knows the node (an overlay that is in use, e.g. after a cut
+        whose reply was lost, is kept). Without a connection everything is kept. Never
+        raises; logs what stays."""
+        if not prepared.disks:
+            return
+        try:
+            await self.connect()
+            known = await self._node_names()
+        except Exception as exc:  # abort never raises: without QEMU nothing can be removed
+            log.warning(
+                "%s: keeping every overlay of %s (%s): cannot ask QEMU: %s",
+                self._label,
+                prepared.snapshot_id,
+                ", ".join(d.overlay_file for d in prepared.disks),
+                exc,
+            )
+            return
         for d in prepared.disks:
             try:
-                known = await self._node_names()
                 if d.overlay_node in known:
                     await self._execute("blockdev-del", {"node-name": d.overlay_node})
             except HypervisorError as exc:
