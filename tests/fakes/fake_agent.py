@@ -4,7 +4,11 @@ Owns :class:`FakeAgent`, for unit tests of the agent client and error-path tests
 It frames like qemu-ga 7.2 (measured): a ``0xFF`` byte from the client resets the parser and,
 like 7.2, produces a ``JSON parse error, stray '\\xff'`` error reply; ``guest-sync-delimited``
 is answered with ``0xFF`` + ``{"return": id}``; every other reply is one JSON object per line.
-Commands are handled one at a time per connection, in order, like the real agent.
+Commands are handled one at a time per connection, in order, like the real agent. Input keeps
+arriving while a command runs (in a real guest it queues in the virtio-serial buffers), and
+what arrived is still processed after the client hung up; replies to a client that is gone are
+dropped (:attr:`FakeAgent.dropped_replies`), the state changes still happen. So a freeze that
+is still running when the client writes sync + thaw and disconnects ends thawed, like qemu-ga.
 
 State machine: freeze / freeze-list / thaw / status over the scripted filesystems (``fs``), with
 the real "frozen" rules (only :data:`FREEZE_ALLOWED` commands run while frozen; the others get
@@ -60,8 +64,9 @@ _UNSET: Final[Any] = object()
 class Behaviour:
     """How the fake answers one command (see :meth:`FakeAgent.behave`).
 
-    Reply (first match wins): ``hang`` (stop reading this connection until
-    :meth:`FakeAgent.release`; no reply), ``silent`` (no reply, the next command is served),
+    Reply (first match wins): ``hang`` (stop processing this connection until
+    :meth:`FakeAgent.release`; input still queues up; this command gets no reply),
+    ``silent`` (no reply, the next command is served),
     ``error=(class, desc)``, ``raw`` bytes sent as they are, ``invalid_json``, ``oversize=N``
     (a valid JSON line of about N bytes), ``returns`` (this ``return`` value instead of the
     real one, e.g. wrong types), else the normal reply. ``delay`` seconds pass before the
@@ -141,6 +146,18 @@ class _Proc:
     argv: list[str] = field(default_factory=list)
 
 
+class _Conn:
+    """One client connection: input received and not parsed yet, and whether the client is
+    still there to get replies."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.inbox = bytearray()
+        self.eof = False
+        self.more = asyncio.Event()
+        self.gone = False
+
+
 class _Error(Exception):
     def __init__(self, qga_class: str, desc: str) -> None:
         super().__init__(desc)
@@ -178,6 +195,8 @@ class FakeAgent:
         self.frozen_mounts: list[str] = []
         self.frozen = False
         self.connections = 0
+        #: Replies not delivered because the client had closed its end.
+        self.dropped_replies = 0
         self.exec_log: list[list[str]] = []
         self._behaviours: dict[str, Behaviour] = {}
         self._handles: dict[int, list[Any]] = {}  # handle -> [path, offset]
@@ -268,20 +287,49 @@ class FakeAgent:
         self._conns.add(task)
         self._writers.add(writer)
         self.connections += 1
+        conn = _Conn(writer)
+        pump = asyncio.create_task(self._pump(reader, conn))
         try:
-            await self._loop(reader, writer)
+            await self._loop(conn)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
             self._conns.discard(task)
             self._writers.discard(writer)
             writer.close()
 
-    async def _loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
+        """Move input into ``conn.inbox`` as it arrives, whatever the command loop is doing."""
+        try:
+            while data := await reader.read(65536):
+                conn.inbox += data
+                conn.more.set()
+        except ConnectionError:
+            pass
+        finally:
+            conn.eof = True
+            conn.more.set()
+
+    async def _next(self, conn: _Conn) -> bytes:
+        """The input received so far (waiting for some), or b"" once it is all consumed and
+        the client closed its end."""
+        while not conn.inbox:
+            if conn.eof:
+                return b""
+            conn.more.clear()
+            await conn.more.wait()
+        data = bytes(conn.inbox)
+        conn.inbox.clear()
+        return data
+
+    async def _loop(self, conn: _Conn) -> None:
         decoder = json.JSONDecoder()
         buf = b""
         while True:
-            data = await reader.read(65536)
+            data = await self._next(conn)
             if not data:
                 return
             buf += data
@@ -292,7 +340,7 @@ class FakeAgent:
                 if buf[0] == 0xFF:  # parser reset; qemu-ga 7.2 complains about it first
                     buf = buf[1:]
                     if self.stray_ff_error:
-                        await self._write(writer, _STRAY_FF)
+                        await self._write(conn, _STRAY_FF)
                     continue
                 ff = buf.find(b"\xff")
                 part = buf if ff < 0 else buf[:ff]
@@ -307,24 +355,28 @@ class FakeAgent:
                     if nl < 0:
                         break  # incomplete: wait for more
                     buf = buf[nl + 1 :]
-                    await self._reply_error(writer, "GenericError", "JSON parse error")
+                    await self._reply_error(conn, "GenericError", "JSON parse error")
                     continue
                 buf = buf[len(text[:end].encode("utf-8", "surrogateescape")) :]
-                await self._dispatch(obj, writer)
+                await self._dispatch(obj, conn)
 
-    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        await writer.drain()
+    async def _write(self, conn: _Conn, data: bytes) -> None:
+        if not conn.gone:
+            try:
+                conn.writer.write(data)
+                await conn.writer.drain()
+                return
+            except ConnectionError:
+                conn.gone = True  # like QEMU with no client on the socket: output is dropped
+        self.dropped_replies += 1
 
-    async def _reply(
-        self, writer: asyncio.StreamWriter, value: Any, *, delim: bool = False
-    ) -> None:
+    async def _reply(self, conn: _Conn, value: Any, *, delim: bool = False) -> None:
         data = json.dumps({"return": value}).encode() + b"\n"
-        await self._write(writer, (b"\xff" if delim else b"") + data)
+        await self._write(conn, (b"\xff" if delim else b"") + data)
 
-    async def _reply_error(self, writer: asyncio.StreamWriter, qga_class: str, desc: str) -> None:
+    async def _reply_error(self, conn: _Conn, qga_class: str, desc: str) -> None:
         data = json.dumps({"error": {"class": qga_class, "desc": desc}}).encode() + b"\n"
-        await self._write(writer, data)
+        await self._write(conn, data)
 
     def _take(self, command: str) -> Behaviour | None:
         b = self._behaviours.get(command)
@@ -336,13 +388,13 @@ class FakeAgent:
                 del self._behaviours[command]
         return b
 
-    async def _dispatch(self, obj: Any, writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(self, obj: Any, conn: _Conn) -> None:
         if not isinstance(obj, dict):
-            await self._reply_error(writer, "GenericError", "QMP input must be a JSON object")
+            await self._reply_error(conn, "GenericError", "QMP input must be a JSON object")
             return
         name = obj.get("execute")
         if not isinstance(name, str):
-            await self._reply_error(writer, "GenericError", "QMP input lacks member 'execute'")
+            await self._reply_error(conn, "GenericError", "QMP input lacks member 'execute'")
             return
         args = obj.get("arguments") or {}
         self.received.append((name, dict(args) if isinstance(args, dict) else {}))
@@ -365,30 +417,30 @@ class FakeAgent:
             if b.silent:
                 return
             if b.error is not None:
-                await self._reply_error(writer, *b.error)
+                await self._reply_error(conn, *b.error)
                 return
             if b.raw is not None:
-                await self._write(writer, b.raw)
+                await self._write(conn, b.raw)
                 return
             if b.invalid_json:
-                await self._write(writer, b'{"return": {"count": 1,, ]\n')
+                await self._write(conn, b'{"return": {"count": 1,, ]\n')
                 return
             if b.oversize is not None:
                 pad = max(0, b.oversize - 16)
-                await self._write(writer, b'{"return": "' + b"x" * pad + b'"}\n')
+                await self._write(conn, b'{"return": "' + b"x" * pad + b'"}\n')
                 return
             if b.returns is not _UNSET:
-                await self._reply(writer, b.returns, delim=name == "guest-sync-delimited")
+                await self._reply(conn, b.returns, delim=name == "guest-sync-delimited")
                 return
         if error is not None:
-            await self._reply_error(writer, error.qga_class, error.desc)
+            await self._reply_error(conn, error.qga_class, error.desc)
             return
         if name == "guest-sync-delimited":
             for _ in range(b.stale if b is not None else 0):
-                await self._reply(writer, random.randrange(1 << 40), delim=True)
-            await self._reply(writer, result, delim=True)
+                await self._reply(conn, random.randrange(1 << 40), delim=True)
+            await self._reply(conn, result, delim=True)
             return
-        await self._reply(writer, result)
+        await self._reply(conn, result)
 
     # ------------------------------------------------------------------ commands
 

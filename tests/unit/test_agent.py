@@ -21,6 +21,7 @@ import pytest
 from tests.fakes.fake_agent import FakeAgent, FakeExec, FakeFs
 
 from freezeframe.agent import GuestAgent, Transport
+from freezeframe.agent.protocol import decode_reply
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
@@ -594,3 +595,298 @@ async def test_plugged_in_transport() -> None:
     assert transport.written.count(b"\n") == 2  # one line per command
     await ga.close()
     assert transport.closed
+
+
+# ---------------------------------------------------------------------------- urgent thaw
+
+
+async def test_urgent_thaw_queues_behind_a_slow_freeze(fake: FakeAgent, agent: GuestAgent) -> None:
+    """The review's scenario: the freeze outlives its timeout, the thaw's reply never comes in
+    time, the client goes away; the guest still ends thawed, in the right order."""
+    fake.behave("guest-fsfreeze-freeze", delay=3.0, times=1)
+    t0 = time.monotonic()
+    with within(0.5 + SLACK), pytest.raises(AgentTimeoutError):
+        await agent.fsfreeze_freeze(timeout=0.5)
+    with within(1.0 + SLACK):
+        assert await agent.fsfreeze_thaw_urgent(timeout=1.0) is None
+    assert agent.needs_sync
+    assert agent.connected  # never closed by the urgent thaw itself
+    with within(SLACK):
+        await agent.close()
+    assert fake.count("guest-fsfreeze-thaw") == 0  # still queued behind the running freeze
+    await fake.wait_for("guest-fsfreeze-thaw", timeout=4.0)
+    assert time.monotonic() - t0 >= 2.9  # it ran only once the freeze was done
+    assert not fake.frozen
+    assert [n for n, _ in fake.received] == [
+        "guest-sync-delimited",  # connect
+        "guest-fsfreeze-freeze",
+        "guest-sync-delimited",  # the urgent thaw's sync, written with it in one write
+        "guest-fsfreeze-thaw",
+    ]
+    assert fake.dropped_replies >= 3  # the client was gone: freeze, sync, thaw replies
+
+
+async def test_urgent_thaw_returns_the_count(fake: FakeAgent, agent: GuestAgent) -> None:
+    assert await agent.fsfreeze_freeze() == 2
+    assert await agent.fsfreeze_thaw_urgent() == 2
+    assert not fake.frozen
+    assert not agent.needs_sync  # it read through its own sync reply
+    assert await agent.fsfreeze_thaw_urgent() == 0  # a blind thaw is harmless
+    await agent.ping()
+    assert [n for n, _ in fake.received][-5:] == [
+        "guest-sync-delimited",
+        "guest-fsfreeze-thaw",
+        "guest-sync-delimited",
+        "guest-fsfreeze-thaw",
+        "guest-ping",  # no re-sync needed before it
+    ]
+
+
+async def test_urgent_thaw_without_a_connection_connects(fake: FakeAgent) -> None:
+    fake.frozen, fake.frozen_mounts = True, ["/"]
+    ga = GuestAgent(fake.path, timeout=2)
+    try:
+        assert await ga.fsfreeze_thaw_urgent() == 1
+        assert not fake.frozen
+    finally:
+        await ga.close()
+
+
+async def test_urgent_thaw_after_cancelling_the_freeze(fake: FakeAgent, agent: GuestAgent) -> None:
+    """The engine's way: cancel the freeze call and thaw at once, without awaiting the
+    cancelled task first (it still holds the lock): the write must not wait for it."""
+    fake.behave("guest-fsfreeze-freeze", delay=0.5, times=1)
+    freeze = asyncio.create_task(agent.fsfreeze_freeze())
+    await fake.wait_for("guest-fsfreeze-freeze")
+    freeze.cancel()
+    urgent = asyncio.create_task(agent.fsfreeze_thaw_urgent(timeout=2))
+    await asyncio.sleep(0.1)
+    assert not freeze.done() or freeze.cancelled()
+    with within(2):
+        assert await urgent == 2
+    with pytest.raises(asyncio.CancelledError):
+        await freeze
+    assert not fake.frozen
+    assert await agent.fsfreeze_status() is FsFreezeState.THAWED
+
+
+async def test_urgent_thaw_after_none_the_channel_is_usable(
+    fake: FakeAgent, agent: GuestAgent
+) -> None:
+    fake.behave("guest-fsfreeze-freeze", delay=1.0, times=1)
+    with pytest.raises(AgentTimeoutError):
+        await agent.fsfreeze_freeze(timeout=SHORT)
+    with within(SHORT + SLACK):
+        assert await agent.fsfreeze_thaw_urgent(timeout=SHORT) is None
+    assert agent.needs_sync
+    # the re-sync discards the late freeze reply and the urgent thaw's sync and thaw replies
+    assert await agent.fsfreeze_status(timeout=3) is FsFreezeState.THAWED
+    assert not agent.needs_sync
+    assert await agent.fsfreeze_thaw() == 0
+    assert await agent.fsfreeze_freeze() == 2
+    assert await agent.fsfreeze_thaw() == 2
+    assert fake.commands[-5:] == [
+        "guest-fsfreeze-thaw",  # the urgent one, answered late
+        "guest-fsfreeze-status",
+        "guest-fsfreeze-thaw",
+        "guest-fsfreeze-freeze",
+        "guest-fsfreeze-thaw",
+    ]
+
+
+async def test_urgent_thaw_hung_agent_returns_none(fake: FakeAgent, agent: GuestAgent) -> None:
+    fake.behave("guest-fsfreeze-freeze", hang=True)
+    with within(SHORT + SLACK), pytest.raises(AgentTimeoutError):
+        await agent.fsfreeze_freeze(timeout=SHORT)
+    with within(0.5 + SLACK):
+        assert await agent.fsfreeze_thaw_urgent(timeout=0.5) is None
+    # the agent comes back (the hung freeze had frozen after all): the queued thaw runs
+    fake.frozen, fake.frozen_mounts = True, ["/", "/data"]
+    fake.behave("guest-fsfreeze-freeze")
+    fake.release()
+    await fake.wait_for("guest-fsfreeze-thaw")
+    assert not fake.frozen
+    assert await agent.fsfreeze_status() is FsFreezeState.THAWED
+
+
+async def test_urgent_thaw_peer_that_never_reads(tmp_path: Path) -> None:
+    """A socket nobody ever reads (not even accepted): None within the budget, no hang."""
+    path = str(tmp_path / "deaf.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(4)
+    ga = GuestAgent(path, timeout=SHORT)
+    try:
+        with pytest.raises(AgentTimeoutError):
+            await ga.connect()
+        with within(SHORT + SLACK):
+            assert await ga.fsfreeze_thaw_urgent() is None
+        with within(SLACK):
+            assert await GuestAgent(path, timeout=SHORT).fsfreeze_thaw_urgent() is None
+    finally:
+        await ga.close()
+        s.close()
+
+
+async def test_urgent_thaw_does_not_wait_for_a_stuck_call(
+    fake: FakeAgent, agent: GuestAgent
+) -> None:
+    fake.frozen, fake.frozen_mounts = True, ["/"]
+    fake.behave("guest-ping", hang=True, times=1)
+    stuck = asyncio.create_task(agent.ping(timeout=30))  # holds the lock
+    try:
+        await fake.wait_for("guest-ping")
+        with within(SHORT + SLACK):
+            assert await agent.fsfreeze_thaw_urgent(timeout=SHORT) is None
+        fake.release()  # the ping never gets a reply; the queued thaw runs
+        await fake.wait_for("guest-fsfreeze-thaw")
+        assert not fake.frozen
+    finally:
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+    assert await agent.fsfreeze_status() is FsFreezeState.THAWED
+
+
+async def test_urgent_thaw_next_to_a_call_in_flight(fake: FakeAgent, agent: GuestAgent) -> None:
+    """Written while another call waits for its reply: each gets its own reply."""
+    assert await agent.fsfreeze_freeze() == 2
+    fake.behave("guest-fsfreeze-status", delay=0.3, times=1)
+    status = asyncio.create_task(agent.fsfreeze_status())
+    await fake.wait_for("guest-fsfreeze-status")
+    assert await agent.fsfreeze_thaw_urgent() == 2
+    assert await status is FsFreezeState.FROZEN  # its own reply, sent before the thaw ran
+    assert await agent.fsfreeze_status() is FsFreezeState.THAWED
+
+
+async def test_urgent_thaw_written_while_another_call_syncs(
+    fake: FakeAgent, agent: GuestAgent
+) -> None:
+    """The other call waits for its re-sync (queued behind a slow freeze) when the urgent
+    bytes go out: its command then goes behind the thaw. It must read through the thaw's
+    replies, not take them for its own, and leave them to the urgent caller."""
+    fake.behave("guest-fsfreeze-freeze", delay=0.6, times=1)
+    with pytest.raises(AgentTimeoutError):
+        await agent.fsfreeze_freeze(timeout=SHORT)
+    status = asyncio.create_task(agent.fsfreeze_status(timeout=3))
+    await fake.wait_for("guest-sync-delimited", n=2)  # connect + the status call's re-sync
+    assert await agent.fsfreeze_thaw_urgent(timeout=3) == 2
+    assert await status is FsFreezeState.THAWED  # ran after the thaw, and says so
+    assert fake.commands[-3:] == [
+        "guest-fsfreeze-freeze",
+        "guest-fsfreeze-thaw",
+        "guest-fsfreeze-status",
+    ]
+    assert not agent.needs_sync
+    await agent.ping()
+
+
+async def test_urgent_thaw_reconnects_when_the_stream_broke(
+    fake: FakeAgent, agent: GuestAgent
+) -> None:
+    fake.frozen, fake.frozen_mounts = True, ["/"]
+    await fake.disconnect()
+    assert await agent.fsfreeze_thaw_urgent() == 1
+    assert fake.connections == 2
+    assert not fake.frozen
+
+
+async def test_urgent_thaw_no_agent_at_all_returns_none(tmp_path: Path) -> None:
+    with within(SLACK):
+        assert (
+            await GuestAgent(str(tmp_path / "none.sock"), timeout=1).fsfreeze_thaw_urgent() is None
+        )
+
+
+async def test_urgent_thaw_error_reply(fake: FakeAgent, agent: GuestAgent) -> None:
+    fake.behave("guest-fsfreeze-thaw", error=("GenericError", "thaw failed"), times=1)
+    with pytest.raises(AgentCommandError) as ei:
+        await agent.fsfreeze_thaw_urgent()
+    assert (ei.value.command, ei.value.qga_class) == ("guest-fsfreeze-thaw", "GenericError")
+    assert agent.needs_sync
+    assert agent.connected
+    await agent.ping()
+
+
+async def test_urgent_thaw_bad_reply_shape(fake: FakeAgent, agent: GuestAgent) -> None:
+    fake.behave("guest-fsfreeze-thaw", returns="two", times=1)
+    with pytest.raises(AgentProtocolError, match="guest-fsfreeze-thaw"):
+        await agent.fsfreeze_thaw_urgent()
+    fake.behave("guest-fsfreeze-thaw", invalid_json=True, times=1)
+    with pytest.raises(AgentProtocolError, match="not valid JSON"):
+        await agent.fsfreeze_thaw_urgent()
+    assert await agent.fsfreeze_thaw_urgent() == 0
+
+
+# ---------------------------------------------------------------------------- hostile JSON
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 100_000,  # RecursionError inside json
+        b'{"return": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"return": ' + b"9" * 10_000 + b"}",  # over the int digit limit: ValueError
+        b'{"return": "\xfe\xfe"}',  # not UTF-8
+        b"\x00\x01",
+    ],
+)
+def test_decode_reply_hostile_input(line: bytes) -> None:
+    with pytest.raises(AgentProtocolError, match="guest-ping: reply"):
+        decode_reply(line, "guest-ping")
+
+
+async def test_deeply_nested_reply_is_a_protocol_error(fake: FakeAgent, agent: GuestAgent) -> None:
+    fake.behave("guest-info", raw=b'{"return": ' + b"[" * 200_000 + b"\n", times=1)
+    with pytest.raises(AgentProtocolError, match="nested too deeply"):
+        await agent.info()
+    assert (await agent.info()).version == "7.2.22"
+
+
+# ---------------------------------------------------------------------------- close
+
+
+async def test_close_is_bounded_when_the_peer_stops_reading(tmp_path: Path) -> None:
+    """A peer that answers the sync and then reads nothing: an 8 MiB command stays in our
+    send buffer; close() must not wait for it forever."""
+    path = str(tmp_path / "stuck.sock")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readuntil(b"\n")
+        sync_id = json.loads(line.lstrip(b"\xff"))["arguments"]["id"]
+        writer.write(b'\xff{"return": %d}\n' % sync_id)
+        await writer.drain()
+        await asyncio.Event().wait()  # never reads again
+
+    server = await asyncio.start_unix_server(serve, path=path, limit=1024)
+    ga = GuestAgent(path, timeout=SHORT)
+    try:
+        await ga.connect()
+        with pytest.raises(AgentTimeoutError):
+            await ga.execute("guest-ping", {"pad": "x" * (8 << 20)})
+        async with asyncio.timeout(10):  # fail, not hang, if close() is unbounded
+            with within(1.0 + SLACK):
+                await ga.close()
+        assert not ga.connected
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_urgent_replies_survive_another_callers_resync(
+    fake: FakeAgent, agent: GuestAgent
+) -> None:
+    """Urgent bytes written while a call is in flight; that call fails (so the next one
+    re-syncs), and a third call queued on the lock before the urgent caller re-syncs over the
+    urgent replies: it must keep them for the urgent caller, not discard them."""
+    assert await agent.fsfreeze_freeze() == 2
+    fake.behave("guest-ping", delay=0.3, error=("GenericError", "busy"), times=1)
+    ping = asyncio.create_task(agent.ping())
+    await fake.wait_for("guest-ping")
+    status = asyncio.create_task(agent.fsfreeze_status())  # queued on the lock
+    await asyncio.sleep(0)
+    assert await agent.fsfreeze_thaw_urgent() == 2  # its own thaw's count
+    with pytest.raises(AgentCommandError):
+        await ping
+    assert await status is FsFreezeState.THAWED
+    assert fake.count("guest-fsfreeze-thaw") == 1  # not sent twice

@@ -22,6 +22,10 @@ connection is closed and one fresh connection is tried within the same call. If 
 breaks during a command, the call fails with AgentUnavailableError and the next call
 reconnects. A timed-out sync keeps the connection: the agent is typically still busy with the
 earlier command (e.g. a slow freeze) and will answer the sync once it is done.
+
+The one call that does not wait for a re-sync is :meth:`GuestAgent.fsfreeze_thaw_urgent`: it
+writes sync + thaw in one go (a *pipelined* exchange, see :mod:`freezeframe.agent.protocol`)
+so the thaw is queued in the guest right behind a freeze that is still running.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Self, TypeVar
 
-from freezeframe.agent.protocol import Connector, QgaChannel, open_channel, unix_connector
+from freezeframe.agent.protocol import (
+    Connector,
+    Pipelined,
+    QgaChannel,
+    Reply,
+    open_channel,
+    unix_connector,
+)
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
@@ -156,8 +167,13 @@ class GuestAgent:
         """Close the connection; never raises, never waits for a call in flight.
 
         If file handles are left over (see :attr:`orphan_handles`) and no call is in flight,
-        it first re-syncs and closes them, for at most one second. A call in flight fails with
-        AgentUnavailableError. The object can connect again afterwards.
+        it first re-syncs and closes them, for at most one second (only a fresh sync and
+        ``guest-file-close`` of this client's own handles are sent). Closing the socket then
+        waits at most one more second for unsent bytes (see :meth:`UnixTransport.close`). A
+        call in flight fails with AgentUnavailableError. The object can connect again
+        afterwards. Bytes already written stay readable by QEMU, but QEMU may drop what it had
+        not passed on to the guest yet: after :meth:`fsfreeze_thaw_urgent` returned None, close
+        as late as possible.
         """
         if self._orphan_handles and self._channel is not None and not self._lock.locked():
             try:
@@ -278,23 +294,30 @@ class GuestAgent:
             start = time.monotonic()
             log.debug("qga %s -> %s %s", self.path, command, sorted(arguments) if arguments else "")
             reply = await channel.command(command, arguments, sensitive=sensitive)
-            ms = (time.monotonic() - start) * 1000
-            if "error" in reply:
-                err = _obj(reply["error"], command, "error")
-                qga_class = _str(err, "class", command, "error")
-                desc = _str(err, "desc", command, "error")
-                log.debug("qga %s <- %s error %s in %.1f ms", self.path, command, qga_class, ms)
-                raise AgentCommandError(
-                    f"{command}: {qga_class}: {desc}", command=command, qga_class=qga_class
-                )
-            if "return" not in reply:
-                raise AgentProtocolError(f"{command}: reply has neither 'return' nor 'error'")
-            log.debug("qga %s <- %s ok in %.1f ms", self.path, command, ms)
-            return parse(reply["return"])
+            return self._check_reply(command, reply, parse, start)
 
         return await self._run(
             command, timeout, exchange, freeze_safe=command in FREEZE_ALLOWED_COMMANDS
         )
+
+    def _check_reply(
+        self, command: str, reply: Reply, parse: Callable[[object], T], start: float
+    ) -> T:
+        """``parse(reply["return"])``; AgentCommandError for an error object,
+        AgentProtocolError for any other shape."""
+        ms = (time.monotonic() - start) * 1000
+        if "error" in reply:
+            err = _obj(reply["error"], command, "error")
+            qga_class = _str(err, "class", command, "error")
+            desc = _str(err, "desc", command, "error")
+            log.debug("qga %s <- %s error %s in %.1f ms", self.path, command, qga_class, ms)
+            raise AgentCommandError(
+                f"{command}: {qga_class}: {desc}", command=command, qga_class=qga_class
+            )
+        if "return" not in reply:
+            raise AgentProtocolError(f"{command}: reply has neither 'return' nor 'error'")
+        log.debug("qga %s <- %s ok in %.1f ms", self.path, command, ms)
+        return parse(reply["return"])
 
     # ------------------------------------------------------------------ commands
 
@@ -346,7 +369,8 @@ class GuestAgent:
         Returns how many were frozen (filesystems without FIFREEZE support, e.g. vfat, are
         skipped silently by qemu-ga: compare with :meth:`get_fsinfo`). On AgentTimeoutError,
         AgentProtocolError or cancellation the freeze may still complete in the guest: the
-        caller must thaw (the thaw's re-sync waits for the freeze to finish). On
+        caller must thaw at once with :meth:`fsfreeze_thaw_urgent` (:meth:`fsfreeze_thaw`
+        would first wait for a re-sync that the agent answers only after the freeze). On
         AgentCommandError qemu-ga has thawed what it froze. Raises as documented on the class.
         """
         cmd = "guest-fsfreeze-freeze"
@@ -373,6 +397,132 @@ class GuestAgent:
         """
         cmd = "guest-fsfreeze-thaw"
         return await self._call(cmd, None, timeout, _counter(cmd))
+
+    async def fsfreeze_thaw_urgent(self, timeout: float | None = None) -> int | None:
+        """Get a thaw into the agent's input *now*, then wait at most ``timeout`` for its reply.
+
+        For the moment a freeze did not answer in time: the guest is slow or its vCPUs are
+        paused, the freeze may still run, and a normal :meth:`fsfreeze_thaw` would first wait
+        for its re-sync, which the agent answers only after the freeze. Instead this writes, in
+        one write, ``0xFF`` + ``guest-sync-delimited`` (fresh id N) + ``guest-fsfreeze-thaw``,
+        without syncing first and without waiting for the lock, so the thaw sits in the agent's
+        queue right behind the freeze whatever happens next. Then, holding the lock (so it
+        never reads while another call reads), it discards everything up to the ``0xFF`` sync
+        reply N (late replies, stale sync replies, qemu-ga 7.2's stray-``0xFF`` error) and reads
+        the thaw's reply. A blind thaw is safe: with nothing frozen qemu-ga answers 0.
+
+        Returns how many filesystems were thawed, or ``None`` when that is not known within
+        ``timeout`` (default: the client's): the reply did not come, the lock was not free in
+        time, or the connection broke and could not be re-established. ``None`` leaves the
+        connection open and marked *needs sync*; the thaw stays queued, so a guest that resumes
+        runs freeze, sync, thaw in that order and ends thawed. Check with
+        :meth:`fsfreeze_status` later.
+
+        Lock: the write does not wait for the lock (normally it is free: the caller cancelled
+        the freeze call; if another call is still in flight, the bytes go behind its command and
+        every reader reads through this exchange's replies instead of taking them for its own,
+        see :mod:`freezeframe.agent.protocol`). Reading waits for the lock, within ``timeout``.
+
+        Connection: never closed here while it works. Bytes already written stay readable for
+        QEMU after a close, and QEMU normally hands them to the guest's virtio-serial buffers
+        at once; but if it could not yet (no free guest buffer), it may drop them when it sees
+        the hang-up (our reading of QEMU's socket chardev, not measured here). So keep the
+        object open as long as possible after a None. If there is no
+        connection, or it broke (end of stream, I/O error), it reconnects and sends the same
+        sync + thaw once more (a second thaw is harmless).
+
+        Raises AgentCommandError when the agent answers the thaw with an error object,
+        AgentProtocolError for garbage (too much noise, a malformed sync or thaw reply); never
+        AgentTimeoutError or AgentUnavailableError.
+        """
+        cmd = "guest-fsfreeze-thaw"
+        t = self._total(timeout)
+        start = time.monotonic()
+        channel = self._channel
+        entry: Pipelined | None = None
+        try:
+            async with asyncio.timeout(t):
+                if channel is not None:
+                    try:
+                        entry = await channel.send_pipelined(cmd)
+                    except AgentUnavailableError as exc:
+                        log.debug("qga %s: urgent thaw write failed: %s", self.path, exc)
+                async with self._lock:
+                    reply = await self._urgent_reply(cmd, channel, entry)
+        except TimeoutError:
+            reply = None
+        except BaseException:
+            self._needs_sync = True
+            raise
+        if reply is None:
+            self._needs_sync = True
+            log.warning(
+                "qga %s: urgent thaw not confirmed within %gs (once written, it stays queued "
+                "in the agent behind what it is still doing)",
+                self.path,
+                t,
+            )
+            return None
+        try:
+            return self._check_reply(cmd, reply, _counter(cmd), start)
+        except AgentError:
+            self._needs_sync = True
+            raise
+
+    async def _urgent_reply(
+        self, command: str, channel: QgaChannel | None, entry: Pipelined | None
+    ) -> Reply | None:
+        """Under the lock: read the reply of the pipelined ``entry`` sent on ``channel``. If
+        it was not sent, was lost, or the stream broke, send it again (at most three sends,
+        reconnecting at most once). None when no reply can be had. Raises AgentProtocolError.
+        """
+        sends = 0 if entry is None else 1
+        reconnected = False
+        while True:
+            if entry is not None and entry.done:  # read by us, or by another reader
+                if entry.error is not None:
+                    raise entry.error
+                if entry.reply is not None:
+                    return entry.reply
+                log.debug("qga %s: urgent thaw was never answered (agent restarted?)", self.path)
+                entry = None
+            if entry is None or channel is None or channel is not self._channel:
+                if sends >= 3:
+                    return None
+                if self._channel is None:
+                    if reconnected:
+                        return None
+                    reconnected = True
+                    try:
+                        self._channel = await open_channel(
+                            self._connector,
+                            where=self.path,
+                            max_line=self.max_line,
+                            max_reply=self.max_reply,
+                        )
+                    except AgentUnavailableError as exc:
+                        log.debug("qga %s: urgent thaw cannot connect: %s", self.path, exc)
+                        return None
+                    self._needs_sync = True
+                channel = self._channel
+                sends += 1
+                try:
+                    entry = await channel.send_pipelined(command)
+                except AgentUnavailableError as exc:
+                    log.debug("qga %s: urgent thaw write failed: %s", self.path, exc)
+                    await self._drop()  # broken already
+                    entry = None
+                    continue
+            try:
+                await channel.finish_pipelined(entry)
+            except AgentUnavailableError as exc:
+                # The stream is dead already: closing our end loses nothing more.
+                log.debug("qga %s: urgent thaw: the connection broke: %s", self.path, exc)
+                await self._drop()
+                entry = None
+                continue
+            if entry.reply is not None:
+                self._needs_sync = False  # read through sync N: every earlier byte is consumed
 
     async def file_read(
         self, path: str, *, max_bytes: int = 1 << 20, timeout: float | None = None
