@@ -82,22 +82,26 @@ def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False)
     """Run one coroutine of the async core; turn FreezeframeError into its exit code."""
 
     async def main() -> T:
-        # SIGTERM becomes a cancellation of the work, like SIGINT does under asyncio.run, so
-        # the engine's cleanup (the thaw above all) runs before the process ends.
+        # SIGINT and SIGTERM only cancel the work: the engine's cleanup (the thaw above all)
+        # runs to its end, and a second Ctrl-C cannot kill it (asyncio.run's own SIGINT
+        # handling would raise KeyboardInterrupt and cancel every task, the thaw included).
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
+        signals = (signal.SIGINT, signal.SIGTERM)
         if task is not None:
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            for sig in signals:
+                loop.add_signal_handler(sig, task.cancel)
         try:
             return await factory()
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     try:
         return asyncio.run(main())
     except asyncio.CancelledError:
-        err_console.print("[red]terminated[/]")
-        raise SystemExit(143) from None
+        err_console.print("[red]interrupted[/]")
+        raise SystemExit(130) from None
     except FreezeframeError as exc:
         die(exc, as_json=as_json)
     except KeyboardInterrupt:

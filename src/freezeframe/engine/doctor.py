@@ -19,10 +19,6 @@ from freezeframe.models import ConsistencyLevel, FsFreezeState, QuiescePolicy
 
 __all__ = ["Check", "CheckStatus", "DoctorReport", "doctor"]
 
-#: Disk formats that can take a qcow2 overlay in one QMP transaction.
-ATOMIC_FORMATS = frozenset({"qcow2", "raw", "rbd", "host_device", "file"})
-
-
 class CheckStatus(enum.StrEnum):
     PASS = "pass"  # noqa: S105 - a check status, not a password
     WARN = "warn"
@@ -82,16 +78,21 @@ async def doctor(
         return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
     try:
         add("hypervisor", True, f"{driver.name} reachable")
-        disks = await driver.disks()
+        try:
+            disks = await driver.disks()
+        except HypervisorError as exc:
+            add("disks", False, f"cannot list the VM's disks: {exc.message}", exc.hint or "")
+            return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
         if not disks:
             add("disks", False, "no writable disk", "attach a disk to snapshot")
         for d in disks:
+            problem = driver.cut_problem(d)
             add(
                 f"disk {d.device}",
-                d.format in ATOMIC_FORMATS and driver.capabilities.atomic_multi_disk,
+                problem is None and driver.capabilities.atomic_multi_disk,
                 f"{d.format} {d.file} (node {d.node}, {d.virtual_size // (1 << 20)} MiB): "
-                + ("part of one atomic cut" if d.format in ATOMIC_FORMATS else "format unknown"),
-                "this format cannot take an overlay in the atomic cut",
+                + ("part of one atomic cut" if problem is None else problem),
+                f"leave it out with --exclude-disk {d.device}",
             )
         intents = await catalog.open_intents(cfg.name)
         add(

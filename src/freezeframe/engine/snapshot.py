@@ -37,6 +37,7 @@ from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
     AgentError,
     AgentTimeoutError,
+    CutError,
     FreezeframeError,
     HypervisorError,
     SnapshotFailedError,
@@ -119,28 +120,51 @@ class AgentProbe:
 
 
 @dataclass(slots=True)
-class _Outcome:
-    """Mutable result of the freeze/cut/thaw section, turned into the record at the end."""
+class _Run:
+    """The working state of one snapshot call (mutable; turned into the record at the end)."""
 
+    cfg: VmConfig
+    req: SnapshotRequest
+    policy: QuiescePolicy
+    freeze_timeout: float
+    owner: str
+    tl: Timeline
+    record: SnapshotRecord
+    plan: Plan | None = None
+    prepared: PreparedCut | None = None
+    probe: AgentProbe | None = None
+    agent: GuestAgent | None = None
     frozen_count: int | None = None
     freeze_problem: str | None = None
-    cut_done: bool = False
+    freeze_sent: bool = False
     thaw_confirmed: bool = False
     thaw_note: str = ""
+    cut_done: bool = False
+    cut_unknown: bool = False
     notes: list[str] = field(default_factory=list)
+    followup: asyncio.Task[bool] | None = None
+    stored: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def sid(self) -> str:
+        return self.record.id
 
 
 class Snapshotter:
     """Takes snapshots of VMs registered in a catalog. Safe to reuse from a long-running server.
 
-    ``thaw_timeout`` bounds one thaw + status confirmation; ``ping_timeout`` the preflight ping.
-    With ``followup`` (servers), a thaw that could not be confirmed keeps being retried in the
-    background for ``followup_for`` seconds (see :meth:`wait_followups`); without it (the CLI)
-    the freeze intent stays open for ``freezeframe recover``.
+    ``thaw_timeout`` bounds one thaw + status confirmation; ``ping_timeout`` the preflight ping;
+    ``preflush_timeout`` the ``guest-exec sync`` before the freeze (also bounded by the freeze
+    deadline). With ``followup`` (servers), a thaw that could not be confirmed keeps being
+    retried in the background for ``followup_for`` seconds, holding the VM's lock meanwhile
+    (see :meth:`wait_followups`); without it (the CLI) the freeze intent stays open for
+    ``freezeframe recover``.
 
     ``before_freeze`` runs after everything is prepared, right before the freeze is sent (for
-    application quiescing, or to pause the vCPUs in a test); ``after_thaw`` after the thaw was
-    confirmed. A hook that raises FreezeframeError fails the snapshot like any step.
+    application quiescing, or to pause the vCPUs in a test); ``after_thaw`` runs after every
+    thaw attempt once ``before_freeze`` ran, even on failures. A ``before_freeze`` that raises
+    FreezeframeError fails the snapshot like any step; an ``after_thaw`` error is noted on the
+    record.
     """
 
     def __init__(
@@ -175,7 +199,9 @@ class Snapshotter:
         Raises NotFoundError (unknown VM), UsageError (bad request), BusyError (another
         snapshot of this VM is running), SnapshotFailedError (attempted and failed; the failed
         record is stored under its ``snapshot_id``). A successful record may still be weaker
-        than asked (``preferred``): compare ``record.level``.
+        than asked (``preferred``): compare ``record.level``. ``progress`` is called for each
+        step; steps inside the freeze window are reported after the thaw, and an exception
+        raised by ``progress`` is logged and ignored.
         """
         req = request or SnapshotRequest()
         cfg = await self.catalog.get_vm(vm)
@@ -189,10 +215,24 @@ class Snapshotter:
             raise UsageError("hold time must not be negative")
         owner = make_owner()
         await self.catalog.acquire_vm_lock(vm, owner)
+        run: _Run | None = None
         try:
-            return await self._snapshot_locked(cfg, req, policy, freeze_timeout, owner, progress)
+            parent = await self.catalog.latest_snapshot(cfg.name)
+            record = SnapshotRecord(
+                id=new_snapshot_id(),
+                vm=cfg.name,
+                created_at=datetime.now(UTC),
+                status=SnapshotStatus.RUNNING,
+                policy=policy,
+                level=ConsistencyLevel.NONE,
+                parent_id=parent.id if parent else None,
+            )
+            run = _Run(cfg, req, policy, freeze_timeout, owner, Timeline(progress), record)
+            return await self._snapshot_locked(run)
         finally:
-            await _shielded(self.catalog.release_vm_lock(vm, owner))
+            # A follow-up still talking to the agent keeps the lock and releases it itself.
+            if run is None or run.followup is None or run.followup.done():
+                await _shielded(self.catalog.release_vm_lock(vm, owner))
 
     async def wait_followups(self, timeout: float | None = None) -> bool:
         """Wait for background thaw follow-ups; True if every one confirmed a thaw."""
@@ -212,124 +252,117 @@ class Snapshotter:
 
     # ------------------------------------------------------------------ the sequence
 
-    async def _snapshot_locked(
-        self,
-        cfg: VmConfig,
-        req: SnapshotRequest,
-        policy: QuiescePolicy,
-        freeze_timeout: float,
-        owner: str,
-        progress: ProgressFn | None,
-    ) -> SnapshotRecord:
-        sid = new_snapshot_id()
-        tl = Timeline(on_mark=progress)
-        parent = await self.catalog.latest_snapshot(cfg.name)
-        record = SnapshotRecord(
-            id=sid,
-            vm=cfg.name,
-            created_at=datetime.now(UTC),
-            status=SnapshotStatus.RUNNING,
-            policy=policy,
-            level=ConsistencyLevel.NONE,
-            parent_id=parent.id if parent else None,
-        )
-        await self.catalog.begin_snapshot(record)
-        tl.mark("started", f"policy {policy.value}, freeze deadline {freeze_timeout:g}s")
+    async def _snapshot_locked(self, run: _Run) -> SnapshotRecord:
+        tl = run.tl
+        await self.catalog.begin_snapshot(run.record)
+        tl.mark("started", f"policy {run.policy.value}, freeze deadline {run.freeze_timeout:g}s")
         try:
-            record = await self._take(cfg, req, policy, freeze_timeout, owner, record, tl)
+            record = await self._take(run)
+            await self.catalog.finish_snapshot(record)
+            return record
         except asyncio.CancelledError:
-            failed = replace(
-                record,
-                status=SnapshotStatus.FAILED,
-                error="interrupted (the guest was thawed if it had been frozen)",
-                timeline=tl.events,
-            )
-            await _shielded(self.catalog.finish_snapshot(failed))
+            await _shielded(self._store_failure(run, "interrupted; " + self._thaw_summary(run)))
             raise
         except UsageError:
             # Bad input found once the VM was asked (an exclusion naming nothing): not an
             # attempt, nothing was touched; forget the write-ahead record.
-            await _shielded(self.catalog.delete_snapshot(sid))
+            await _shielded(self.catalog.delete_snapshot(run.sid))
             raise
         except FreezeframeError as exc:
             tl.mark("failed", exc.message, notify=False)
-            failed = replace(
-                record,
-                status=SnapshotStatus.FAILED,
-                error=exc.message,
-                timeline=tl.events,
-                freeze_window_ms=tl.ms_between("freeze_sent", "thawed"),
-            )
-            if isinstance(exc, _Failed):
-                failed = replace(failed, filesystems=exc.filesystems)
-            await _shielded(self.catalog.finish_snapshot(failed))
+            fs = exc.filesystems if isinstance(exc, _Failed) else ()
+            await _shielded(self._store_failure(run, exc.message, fs))
             raise SnapshotFailedError(
-                f"snapshot {sid} of {cfg.name} failed: {exc.message}",
-                snapshot_id=sid,
+                f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}",
+                snapshot_id=run.sid,
                 hint=exc.hint,
             ) from exc
-        await self.catalog.finish_snapshot(record)
-        return record
+        except Exception as exc:
+            log.exception("snapshot %s of %s: internal error", run.sid, run.cfg.name)
+            msg = f"internal error: {exc!r}; " + self._thaw_summary(run)
+            await _shielded(self._store_failure(run, msg))
+            raise
+        finally:
+            run.stored.set()
 
-    async def _take(
-        self,
-        cfg: VmConfig,
-        req: SnapshotRequest,
-        policy: QuiescePolicy,
-        freeze_timeout: float,
-        owner: str,
-        record: SnapshotRecord,
-        tl: Timeline,
-    ) -> SnapshotRecord:
+    async def _store_failure(
+        self, run: _Run, error: str, filesystems: tuple[SnapshotFilesystem, ...] = ()
+    ) -> None:
+        """Record a failed attempt; when the cut happened (or may have), its disks too, so the
+        overlays the VM now writes to are never lost from the catalog."""
+        disks = _snapshot_disks(run.prepared) if run.cut_done or run.cut_unknown else ()
+        failed = replace(
+            run.record,
+            status=SnapshotStatus.FAILED,
+            error=error,
+            disks=disks,
+            filesystems=filesystems,
+            timeline=run.tl.events,
+            freeze_window_ms=run.tl.ms_between("freeze_sent", "thawed"),
+        )
+        try:
+            await self.catalog.finish_snapshot(failed)
+        except FreezeframeError as exc:
+            log.error("could not record the failure of snapshot %s: %s", run.sid, exc)
+
+    @staticmethod
+    def _thaw_summary(run: _Run) -> str:
+        if not run.freeze_sent:
+            return "nothing was frozen"
+        if run.thaw_confirmed:
+            return "the guest was thawed (confirmed)"
+        return "the thaw was NOT confirmed: run `freezeframe recover`"
+
+    async def _take(self, run: _Run) -> SnapshotRecord:
+        cfg, tl = run.cfg, run.tl
         driver = open_driver(cfg)
         async with driver:
             disks = await driver.disks()
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
-            agent: GuestAgent | None = None
-            probe = AgentProbe(path=None, problem="quiesce off")
-            if policy is not QuiescePolicy.OFF:
-                agent, probe = await self._connect_agent(cfg, driver)
-            keep_agent_open = False
+            run.probe = AgentProbe(path=None, problem="quiesce off")
+            if run.policy is not QuiescePolicy.OFF:
+                run.agent, run.probe = await self._connect_agent(cfg, driver)
             try:
-                plan = self._plan(cfg, req, policy, disks, probe)
+                plan = run.plan = self._plan(run, disks, driver)
                 tl.mark("planned", _plan_summary(plan))
-                if policy is QuiescePolicy.REQUIRED and plan.problems:
+                if run.policy is QuiescePolicy.REQUIRED and plan.problems:
                     raise _Failed(
                         "quiesce is required but: " + "; ".join(plan.problems),
                         filesystems=tuple(d.as_record(frozen=False) for d in plan.filesystems),
                         hint=_hint_for(plan.problems),
                     )
-                prepared = await driver.prepare_cut(record.id, list(plan.disks))
+                prepared = run.prepared = await driver.prepare_cut(run.sid, list(plan.disks))
                 tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
-                outcome = _Outcome()
                 try:
-                    if plan.quiesce and agent is not None and probe.path is not None:
-                        await self._preflush(agent, probe, tl)
-                        keep_agent_open = await self._freeze_cut_thaw(
-                            cfg, req, plan, agent, probe.path, driver, prepared,
-                            freeze_timeout, owner, record.id, tl, outcome,
-                        )  # fmt: skip
+                    quiesce = plan.quiesce and run.agent is not None and run.probe.path is not None
+                    if quiesce:
+                        problem = await self._preflush(run)
+                        if problem is not None:
+                            run.freeze_problem = problem
+                            if run.policy is QuiescePolicy.REQUIRED:
+                                raise _Failed(f"quiesce is required but {problem}; nothing frozen")
+                            quiesce = False
+                    if quiesce:
+                        await self._freeze_cut_thaw(run, driver)
                     else:
-                        tl.mark("cut_sent")
-                        await driver.cut(prepared)
-                        outcome.cut_done = True
-                        tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
+                        await self._settle_cut(run, driver, await self._cut(run, driver, None))
                 finally:
-                    if not outcome.cut_done:
+                    # An unknown outcome keeps everything: the VM may be writing to an overlay.
+                    if not run.cut_done and not run.cut_unknown:
                         await _shielded(driver.abort(prepared))
-                if not outcome.cut_done:  # pragma: no cover - _freeze_cut_thaw raises instead
-                    raise _Failed("the cut did not happen")
-                await driver.verify_cut(prepared)
+                try:
+                    await driver.verify_cut(prepared)
+                except CutError as exc:
+                    raise _Failed(f"the cut was reported done but {exc.message}") from exc
                 tl.mark("cut_verified", "every disk writes to its new overlay")
                 evidence: tuple[str, ...] = ()
-                if agent is not None and cfg.agent_log_path and outcome.frozen_count is not None:
-                    evidence = await self._evidence(agent, cfg.agent_log_path, tl)
+                if run.agent is not None and cfg.agent_log_path and run.frozen_count is not None:
+                    evidence = await self._evidence(run.agent, cfg.agent_log_path, tl)
             finally:
-                if agent is not None and not keep_agent_open:
-                    await agent.close()
-
-        return self._finish(record, plan, prepared, probe, outcome, evidence, tl)
+                if run.agent is not None and run.followup is None:
+                    await _shielded(run.agent.close())
+        return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
 
@@ -357,184 +390,250 @@ class Snapshotter:
                 path=None, problem="no guest-agent socket path is known (vm add --qga PATH)"
             )
         agent = GuestAgent(path, timeout=self.thaw_timeout)
+        keep = False
         try:
             await agent.connect(timeout=self.ping_timeout)
-            t0 = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
             await agent.ping(timeout=self.ping_timeout)
-            ping_ms = (asyncio.get_running_loop().time() - t0) * 1000
+            ping_ms = (loop.time() - t0) * 1000
             # Ask the freeze state first: while frozen, qemu-ga reports most commands disabled.
             state = await agent.fsfreeze_status()
             info = await agent.info()
             fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
+            if state is FsFreezeState.FROZEN:
+                return None, AgentProbe(
+                    path=path,
+                    info=info,
+                    state=state,
+                    problem="the guest is already frozen by someone else "
+                    "(guest-fsfreeze-status); not touching it — if that freeze is stale, "
+                    "run `freezeframe recover`",
+                )
+            missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
+            if missing:
+                return None, AgentProbe(
+                    path=path,
+                    info=info,
+                    state=state,
+                    problem="the guest agent has the freeze commands disabled or unsupported: "
+                    + ", ".join(missing),
+                )
+            keep = True
+            return agent, AgentProbe(
+                path=path, info=info, filesystems=fs, state=state, ping_ms=ping_ms
+            )
         except AgentError as exc:
-            await agent.close()
             return None, AgentProbe(
                 path=path,
                 problem=f"the guest agent does not answer ({exc.message}); "
                 "install and start qemu-guest-agent in the guest",
             )
-        if state is FsFreezeState.FROZEN:
-            await agent.close()
-            return None, AgentProbe(
-                path=path,
-                info=info,
-                state=state,
-                problem="the guest is already frozen by someone else (guest-fsfreeze-status); "
-                "not touching it — if that freeze is stale, run `freezeframe recover`",
-            )
-        missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
-        if missing:
-            await agent.close()
-            return None, AgentProbe(
-                path=path,
-                info=info,
-                state=state,
-                problem="the guest agent has the freeze commands disabled or unsupported: "
-                + ", ".join(missing),
-            )
-        return agent, AgentProbe(
-            path=path, info=info, filesystems=fs, state=state, ping_ms=ping_ms, problem=None
-        )
+        finally:
+            if not keep:  # also on cancellation: QEMU's agent socket serves one client
+                await _shielded(agent.close())
 
-    def _plan(
-        self,
-        cfg: VmConfig,
-        req: SnapshotRequest,
-        policy: QuiescePolicy,
-        disks: list[DiskInfo],
-        probe: AgentProbe,
-    ) -> Plan:
+    def _plan(self, run: _Run, disks: list[DiskInfo], driver: HypervisorDriver) -> Plan:
+        cfg, req = run.cfg, run.req
+        probe = run.probe
+        assert probe is not None
         excl_mounts = tuple(dict.fromkeys((*cfg.exclude_mounts, *req.exclude_mounts)))
         bad = check_exclusions(disks, probe.filesystems, excl_mounts, req.exclude_disks)
         if bad:
             raise UsageError("; ".join(bad))
         plan = make_plan(
-            policy=policy,
+            policy=run.policy,
             disks=disks,
             guest_fs=probe.filesystems,
             exclude_mounts=excl_mounts,
             exclude_disks=req.exclude_disks,
-            agent_problem=probe.problem if policy is not QuiescePolicy.OFF else None,
+            agent_problem=probe.problem if run.policy is not QuiescePolicy.OFF else None,
         )
         if not plan.disks:
             raise UsageError("every disk is excluded: nothing to snapshot")
+        uncuttable = [
+            f"disk {d.device}: {why}" for d in plan.disks if (why := driver.cut_problem(d))
+        ]
+        if uncuttable:
+            raise _Failed(
+                "cannot snapshot " + "; ".join(uncuttable),
+                hint="leave such disks out with --exclude-disk",
+            )
         return plan
 
-    async def _preflush(self, agent: GuestAgent, probe: AgentProbe, tl: Timeline) -> None:
-        """Flush the guest's dirty data while it still runs, so FIFREEZE has little to do."""
-        if probe.info is None or not probe.info.enabled("guest-exec"):
+    async def _preflush(self, run: _Run) -> str | None:
+        """Flush the guest's dirty data while it still runs, so FIFREEZE has little to do.
+
+        Returns a problem when the flush did not finish in time: the guest's storage or agent
+        is too slow to freeze within the deadline, so no freeze is sent.
+        """
+        agent, probe, tl = run.agent, run.probe, run.tl
+        assert agent is not None
+        if probe is None or probe.info is None or not probe.info.enabled("guest-exec"):
             tl.mark("preflush_skipped", "guest-exec is disabled in the agent")
-            return
+            return None
+        budget = min(self.preflush_timeout, run.freeze_timeout)
         tl.mark("preflush_sent", "guest-exec sync")
         try:
-            res = await agent.exec("sync", timeout=self.preflush_timeout, capture=False)
+            res = await agent.exec("sync", timeout=budget, capture=False)
+        except AgentTimeoutError:
+            problem = f"the pre-freeze flush (guest-exec sync) did not finish within {budget:g} s"
+            tl.mark("preflush_timeout", problem)
+            return problem
         except AgentError as exc:
             tl.mark("preflush_failed", exc.message)
-            return
+            return None
         tl.mark("preflushed", f"exit {res.exitcode}")
+        return None
 
-    async def _freeze_cut_thaw(
-        self,
-        cfg: VmConfig,
-        req: SnapshotRequest,
-        plan: Plan,
-        agent: GuestAgent,
-        qga_path: str,
-        driver: HypervisorDriver,
-        prepared: PreparedCut,
-        freeze_timeout: float,
-        owner: str,
-        sid: str,
-        tl: Timeline,
-        out: _Outcome,
-    ) -> bool:
-        """The freeze window. Returns True when the agent must stay open for a follow-up."""
+    async def _freeze_cut_thaw(self, run: _Run, driver: HypervisorDriver) -> None:
+        """The freeze window: freeze -> cut -> thaw, nothing else. Progress notifications are
+        held until the thaw is done; the thaw and the intent's closing are one shielded unit."""
+        cfg, tl, plan, agent = run.cfg, run.tl, run.plan, run.agent
+        assert plan is not None
+        assert agent is not None
+        assert run.probe is not None
+        qga_path = run.probe.path
+        assert qga_path is not None
+        hooked = False
         if self.before_freeze is not None:
+            hooked = True
             await self.before_freeze(cfg.name, driver)
             tl.mark("before_freeze_hook")
-        intent = await self.catalog.open_intent(cfg.name, sid, qga_path, owner)
+        intent = await self.catalog.open_intent(cfg.name, run.sid, qga_path, run.owner)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + freeze_timeout
-        cut_error: HypervisorError | None = None
+        deadline = loop.time() + run.freeze_timeout
+        cut_exc: BaseException | None = None
         try:
-            tl.mark("freeze_sent", "all filesystems" if plan.freeze_list is None else
-                    "list: " + " ".join(plan.freeze_list))  # fmt: skip
-            try:
-                if plan.freeze_list is None:
-                    count = await agent.fsfreeze_freeze(timeout=freeze_timeout)
-                else:
-                    count = await agent.fsfreeze_freeze_list(
-                        plan.freeze_list, timeout=freeze_timeout
-                    )
-                out.frozen_count = count
-                tl.mark("frozen", f"{count} filesystem(s) frozen, {plan.expected_frozen} expected")
-                if count < plan.expected_frozen:
-                    out.freeze_problem = (
-                        f"the agent froze {count} of {plan.expected_frozen} filesystems; "
-                        "which ones failed is not reported by the agent"
-                    )
-            except AgentTimeoutError:
-                out.freeze_problem = (
-                    f"the freeze did not complete within the {freeze_timeout:g} s deadline"
-                )
-                tl.mark("freeze_timeout", out.freeze_problem)
-            except AgentError as exc:
-                out.freeze_problem = f"the freeze failed: {exc.message}"
-                tl.mark("freeze_failed", exc.message)
-
-            if out.freeze_problem is not None and plan.policy is QuiescePolicy.REQUIRED:
-                pass  # thaw below, then fail: nothing is switched
-            else:
-                if req.hold_frozen > 0 and out.freeze_problem is None:
-                    hold = min(req.hold_frozen, max(0.0, deadline - loop.time()))
-                    tl.mark("holding", f"{hold:.2f} s (requested)")
-                    await asyncio.sleep(hold)
-                tl.mark("cut_sent")
+            with tl.deferred():
                 try:
-                    await driver.cut(prepared)
-                    out.cut_done = True
-                    tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
-                except HypervisorError as exc:
-                    cut_error = exc
-                    tl.mark("cut_failed", exc.message)
+                    run.freeze_sent = True
+                    tl.mark("freeze_sent", "all filesystems" if plan.freeze_list is None else
+                            "list: " + " ".join(plan.freeze_list))  # fmt: skip
+                    await self._freeze(run, agent, plan)
+                    if run.freeze_problem is None or run.policy is not QuiescePolicy.REQUIRED:
+                        if run.req.hold_frozen > 0 and run.freeze_problem is None:
+                            hold = min(run.req.hold_frozen, max(0.0, deadline - loop.time()))
+                            tl.mark("holding", f"{hold:.2f} s (requested)")
+                            await asyncio.sleep(hold)
+                        cut_exc = await self._cut(run, driver, deadline)
+                finally:
+                    urgent = run.frozen_count is None  # the freeze never answered
+                    await _shielded(self._thaw_and_close(run, agent, intent, urgent=urgent))
         finally:
-            late = out.freeze_problem is not None and out.frozen_count is None
-            budget = 1.5 if late else self.thaw_timeout
-            out.thaw_confirmed = await _shielded(self._thaw(agent, tl, budget))
-            if out.thaw_confirmed:
-                await _shielded(self.catalog.close_intent(intent.id, "engine"))
-        keep_open = False
-        if out.thaw_confirmed and self.after_thaw is not None:
-            await self.after_thaw(cfg.name, driver)
-            tl.mark("after_thaw_hook")
-        if not out.thaw_confirmed:
-            out.thaw_note = (
-                "thaw not confirmed: the guest may still be frozen or freeze late; the freeze "
-                f"intent {intent.id} stays open"
-            )
-            if self.followup:
-                self._start_followup(agent, intent, sid)
-                out.thaw_note += " (a background follow-up keeps thawing)"
-                keep_open = True
-            else:
-                out.thaw_note += " — run `freezeframe recover`"
-            tl.mark("thaw_unconfirmed", out.thaw_note)
-        if cut_error is not None:
-            raise _Failed(f"the cut failed, nothing was switched: {cut_error.message}")
-        if out.freeze_problem is not None and plan.policy is QuiescePolicy.REQUIRED:
+            if hooked and self.after_thaw is not None:
+                await _shielded(self._after_thaw(run, driver))
+        if not run.thaw_confirmed:
+            self._unconfirmed(run, agent, intent)
+        await self._settle_cut(run, driver, cut_exc)
+        if run.freeze_problem is not None and run.policy is QuiescePolicy.REQUIRED:
             raise _Failed(
-                f"quiesce is required but {out.freeze_problem}; nothing was switched"
-                + (f"; {out.thaw_note}" if out.thaw_note else ""),
+                f"quiesce is required but {run.freeze_problem}; nothing was switched"
+                + (f"; {run.thaw_note}" if run.thaw_note else ""),
                 hint="check the guest agent with `freezeframe doctor VM`",
             )
-        return keep_open
 
-    async def _thaw(self, agent: GuestAgent, tl: Timeline, budget: float) -> bool:
-        """Send the thaw and confirm it with guest-fsfreeze-status, within ``budget`` seconds."""
-        tl.mark("thaw_sent")
+    async def _freeze(self, run: _Run, agent: GuestAgent, plan: Plan) -> None:
+        tl = run.tl
+        try:
+            if plan.freeze_list is None:
+                count = await agent.fsfreeze_freeze(timeout=run.freeze_timeout)
+            else:
+                count = await agent.fsfreeze_freeze_list(
+                    plan.freeze_list, timeout=run.freeze_timeout
+                )
+        except AgentTimeoutError:
+            run.freeze_problem = (
+                f"the freeze did not complete within the {run.freeze_timeout:g} s deadline"
+            )
+            tl.mark("freeze_timeout", run.freeze_problem)
+            return
+        except AgentError as exc:
+            run.freeze_problem = f"the freeze failed: {exc.message}"
+            tl.mark("freeze_failed", exc.message)
+            return
+        run.frozen_count = count
+        tl.mark("frozen", f"{count} filesystem(s) frozen, {plan.expected_frozen} expected")
+        if count < plan.expected_frozen:
+            run.freeze_problem = (
+                f"the agent froze {count} of {plan.expected_frozen} filesystems; "
+                "which ones failed is not reported by the agent"
+            )
+
+    async def _cut(
+        self, run: _Run, driver: HypervisorDriver, deadline: float | None
+    ) -> BaseException | None:
+        """One atomic cut; bounded by the freeze deadline (at least 1 s) when frozen. Returns
+        the error instead of raising so the thaw comes first; :meth:`_settle_cut` judges it."""
+        prepared = run.prepared
+        assert prepared is not None
+        run.tl.mark("cut_sent")
+        try:
+            if deadline is None:
+                await driver.cut(prepared)
+            else:
+                left = max(deadline - asyncio.get_running_loop().time(), 1.0)
+                async with asyncio.timeout(left):
+                    await driver.cut(prepared)
+        except (HypervisorError, TimeoutError) as exc:
+            msg = exc.message if isinstance(exc, HypervisorError) else "no answer in time"
+            run.tl.mark("cut_failed", msg)
+            return exc
+        run.cut_done = True
+        run.tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
+        return None
+
+    async def _settle_cut(
+        self, run: _Run, driver: HypervisorDriver, exc: BaseException | None
+    ) -> None:
+        """After a failed cut (outside the window): did the disks switch after all?"""
+        if exc is None or run.cut_done:
+            return
+        prepared = run.prepared
+        assert prepared is not None
+        msg = exc.message if isinstance(exc, HypervisorError) else "no answer in time"
+        state = await driver.cut_state(prepared)
+        run.tl.mark("cut_state", state)
+        if state == "switched":
+            run.cut_done = True
+            run.notes.append(f"the cut reported an error ({msg}) but every disk did switch")
+            return
+        if state == "unknown":
+            run.cut_unknown = True
+            raise _Failed(
+                f"the cut's outcome is unknown ({msg}); the overlays are kept and listed",
+                hint="check the VM's disks (query-block) before deleting any overlay",
+            )
+        raise _Failed(f"the cut failed, nothing was switched: {msg}")
+
+    async def _thaw_and_close(
+        self, run: _Run, agent: GuestAgent, intent: FreezeIntent, *, urgent: bool
+    ) -> None:
+        budget = 1.5 if urgent else self.thaw_timeout
+        run.thaw_confirmed = await self._thaw(agent, run.tl, budget, urgent=urgent)
+        if run.thaw_confirmed:
+            try:
+                await self.catalog.close_intent(intent.id, "engine")
+            except FreezeframeError as exc:  # the guest is thawed; recover closes it later
+                run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+
+    async def _thaw(self, agent: GuestAgent, tl: Timeline, budget: float, *, urgent: bool) -> bool:
+        """Send the thaw and confirm it with guest-fsfreeze-status, within ``budget`` seconds.
+
+        ``urgent`` (the freeze never answered): the thaw is written right behind a re-sync
+        without waiting for it, so it sits in the agent's queue behind the late freeze even if
+        nobody reads the answer (see GuestAgent.fsfreeze_thaw_urgent).
+        """
+        tl.mark("thaw_sent", "pipelined behind the pending freeze" if urgent else "")
         try:
             async with asyncio.timeout(budget):
-                n = await agent.fsfreeze_thaw(timeout=budget)
+                if urgent:
+                    n = await agent.fsfreeze_thaw_urgent(timeout=budget)
+                    if n is None:
+                        tl.mark("thaw_queued", "no answer yet; the thaw waits in the agent's queue")
+                        return False
+                else:
+                    n = await agent.fsfreeze_thaw(timeout=budget)
                 tl.mark("thawed", f"{n} filesystem(s) thawed")
                 state = await agent.fsfreeze_status(timeout=budget)
         except (AgentError, TimeoutError) as exc:
@@ -546,26 +645,48 @@ class Snapshotter:
         tl.mark("thaw_confirmed" if confirmed else "still_frozen", f"status {state.value}")
         return confirmed
 
-    def _start_followup(self, agent: GuestAgent, intent: FreezeIntent, sid: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._followup(agent, intent, sid))
-        self._followups.add(task)
-        task.add_done_callback(self._followups.discard)
+    async def _after_thaw(self, run: _Run, driver: HypervisorDriver) -> None:
+        assert self.after_thaw is not None
+        try:
+            await self.after_thaw(run.cfg.name, driver)
+            run.tl.mark("after_thaw_hook")
+        except FreezeframeError as exc:
+            run.tl.mark("after_thaw_hook_failed", exc.message)
+            run.notes.append(f"after-thaw hook failed: {exc.message}")
 
-    async def _followup(self, agent: GuestAgent, intent: FreezeIntent, sid: str) -> bool:
-        """Keep thawing until confirmed (a freeze that reaches the guest late is undone)."""
+    def _unconfirmed(self, run: _Run, agent: GuestAgent, intent: FreezeIntent) -> None:
+        run.thaw_note = (
+            "thaw not confirmed: the guest may still be frozen or freeze late; the freeze "
+            f"intent {intent.id} stays open"
+        )
+        if self.followup:
+            task = asyncio.get_running_loop().create_task(self._followup(run, agent, intent))
+            self._followups.add(task)
+            task.add_done_callback(self._followups.discard)
+            run.followup = task
+            run.thaw_note += " (a background follow-up keeps thawing)"
+        else:
+            run.thaw_note += " — run `freezeframe recover`"
+        run.tl.mark("thaw_unconfirmed", run.thaw_note)
+
+    async def _followup(self, run: _Run, agent: GuestAgent, intent: FreezeIntent) -> bool:
+        """Keep thawing until confirmed (a freeze that reaches the guest late is undone), then
+        note it on the record and release the VM's lock, which it holds until then."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.followup_for
         tl = Timeline()
         try:
             while loop.time() < end:
-                if await self._thaw(agent, tl, min(self.thaw_timeout, 2.0)):
+                if await self._thaw(agent, tl, min(self.thaw_timeout, 2.0), urgent=False):
                     await self.catalog.close_intent(intent.id, "engine-followup")
-                    await self._note_on_record(sid, "thaw_confirmed", "by the engine's follow-up")
+                    await run.stored.wait()  # the main record first, then our note
+                    await self._note_on_record(run.sid, "thaw_confirmed", "by the follow-up")
                     return True
                 await asyncio.sleep(0.5)
             return False
         finally:
-            await agent.close()
+            await _shielded(agent.close())
+            await _shielded(self.catalog.release_vm_lock(run.cfg.name, run.owner))
 
     async def _note_on_record(self, sid: str, name: str, detail: str) -> None:
         rec = await self.catalog.get_snapshot(sid)
@@ -581,30 +702,11 @@ class Snapshotter:
             return ()
         return select_window_lines(data.decode(errors="replace"), tl)
 
-    def _finish(
-        self,
-        record: SnapshotRecord,
-        plan: Plan,
-        prepared: PreparedCut,
-        probe: AgentProbe,
-        out: _Outcome,
-        evidence: tuple[str, ...],
-        tl: Timeline,
-    ) -> SnapshotRecord:
-        disks = tuple(
-            SnapshotDisk(
-                device=p.disk.device,
-                node=p.disk.node,
-                image=p.image_at_cut,
-                format=p.disk.format,
-                overlay=p.overlay_file,
-                backend="qcow2-external",
-                virtual_size=p.disk.virtual_size,
-            )
-            for p in prepared.disks
-        )
-        froze = out.frozen_count is not None and out.freeze_problem is None
-        if plan.policy is QuiescePolicy.OFF:
+    def _finish(self, run: _Run, evidence: tuple[str, ...]) -> SnapshotRecord:
+        plan, tl = run.plan, run.tl
+        assert plan is not None
+        froze = run.frozen_count is not None and run.freeze_problem is None
+        if run.policy is QuiescePolicy.OFF:
             fs = tuple(d.as_record(frozen=False, reason="quiesce off") for d in plan.filesystems)
             level, why = ConsistencyLevel.CRASH, "quiesce off: not frozen, crash-consistent cut"
         elif not plan.quiesce:
@@ -612,7 +714,7 @@ class Snapshotter:
             level = ConsistencyLevel.CRASH
             why = "not frozen: " + "; ".join(plan.problems or ("nothing to freeze",))
         elif not froze:
-            reason = out.freeze_problem or "freeze failed"
+            reason = run.freeze_problem or "freeze failed"
             fs = tuple(
                 d.as_record(frozen=False, reason=d.reason or reason) for d in plan.filesystems
             )
@@ -627,14 +729,15 @@ class Snapshotter:
                 why += f"; not frozen: {', '.join(not_frozen)}"
             if plan.problems:
                 why += "; " + "; ".join(plan.problems)
-        if out.thaw_note:
-            why += f"; {out.thaw_note}"
+        for note in (run.thaw_note, *run.notes):
+            if note:
+                why += f"; {note}"
         return replace(
-            record,
+            run.record,
             status=SnapshotStatus.DONE,
             level=level,
             level_reason=why,
-            disks=disks,
+            disks=_snapshot_disks(run.prepared),
             filesystems=fs,
             timeline=tl.events,
             freeze_window_ms=tl.ms_between("freeze_sent", "thawed"),
@@ -643,6 +746,23 @@ class Snapshotter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _snapshot_disks(prepared: PreparedCut | None) -> tuple[SnapshotDisk, ...]:
+    if prepared is None:
+        return ()
+    return tuple(
+        SnapshotDisk(
+            device=p.disk.device,
+            node=p.disk.node,
+            image=p.image_at_cut,
+            format=p.disk.format,
+            overlay=p.overlay_file,
+            backend="qcow2-external",
+            virtual_size=p.disk.virtual_size,
+        )
+        for p in prepared.disks
+    )
 
 
 class _Failed(FreezeframeError):
