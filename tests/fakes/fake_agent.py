@@ -529,6 +529,15 @@ class FakeAgent:
             "eof": len(data) < count,
         }
 
+    def _file_seek(self, args: dict[str, Any]) -> Any:
+        entry = self._handle(args)
+        offset, whence = args.get("offset"), args.get("whence")
+        base = {"set": 0, "cur": entry[1], "end": len(self.files[entry[0]])}.get(str(whence))
+        if not isinstance(offset, int) or base is None or base + offset < 0:
+            raise _Error("GenericError", "error seeking file: Invalid argument")
+        entry[1] = base + offset
+        return {"position": entry[1], "eof": entry[1] >= len(self.files[entry[0]])}
+
     def _file_close(self, args: dict[str, Any]) -> Any:
         self._handle(args)
         del self._handles[args["handle"]]
@@ -596,6 +605,7 @@ _HANDLERS: Final = {
     "guest-fsfreeze-thaw": FakeAgent._thaw,
     "guest-file-open": FakeAgent._file_open,
     "guest-file-read": FakeAgent._file_read,
+    "guest-file-seek": FakeAgent._file_seek,
     "guest-file-close": FakeAgent._file_close,
     "guest-exec": FakeAgent._exec,
     "guest-exec-status": FakeAgent._exec_status,

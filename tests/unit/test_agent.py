@@ -165,6 +165,16 @@ async def test_file_read_too_large_closes_handle(fake: FakeAgent, agent: GuestAg
     assert await agent.file_read("/big", max_bytes=5000) == b"x" * 5000
 
 
+async def test_file_read_tail_reads_only_the_end(fake: FakeAgent, agent: GuestAgent) -> None:
+    log = b"".join(b"line %05d\n" % i for i in range(2000))  # 22 000 bytes
+    fake.files["/var/log/qemu-ga.log"] = log
+    assert await agent.file_read("/var/log/qemu-ga.log", max_bytes=110, tail=True) == log[-110:]
+    assert await agent.file_read("/var/log/qemu-ga.log", max_bytes=1 << 20, tail=True) == log
+    seeks = [a for n, a in fake.received if n == "guest-file-seek"]
+    assert seeks[1] == {"handle": seeks[1]["handle"], "offset": len(log) - 110, "whence": "set"}
+    assert fake.open_handles == []
+
+
 async def test_file_read_missing_file(agent: GuestAgent) -> None:
     with pytest.raises(AgentCommandError) as ei:
         await agent.file_read("/nonexistent")

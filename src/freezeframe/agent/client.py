@@ -525,9 +525,16 @@ class GuestAgent:
                 self._needs_sync = False  # read through sync N: every earlier byte is consumed
 
     async def file_read(
-        self, path: str, *, max_bytes: int = 1 << 20, timeout: float | None = None
+        self,
+        path: str,
+        *,
+        max_bytes: int = 1 << 20,
+        tail: bool = False,
+        timeout: float | None = None,
     ) -> bytes:
-        """Read a whole guest file (``guest-file-open``/``-read``/``-close``).
+        """Read a whole guest file (``guest-file-open``/``-read``/``-close``); with ``tail``,
+        only its last ``max_bytes`` bytes (``guest-file-seek`` from the end; a log that keeps
+        growing is cut at ``max_bytes``).
 
         ``timeout`` bounds the whole sequence. The handle is always closed: right away, or, if
         the call failed in a way that leaves the stream unsynced (timeout, cancellation,
@@ -546,6 +553,20 @@ class GuestAgent:
             cmd, {"path": path, "mode": "r"}, self._left(deadline, cmd), _counter(cmd)
         )
         try:
+            if tail:
+                cmd = "guest-file-seek"
+                size = await self._call(
+                    cmd,
+                    {"handle": handle, "offset": 0, "whence": "end"},
+                    self._left(deadline, cmd),
+                    _seek_position,
+                )
+                await self._call(
+                    cmd,
+                    {"handle": handle, "offset": max(0, size - max_bytes), "whence": "set"},
+                    self._left(deadline, cmd),
+                    _seek_position,
+                )
             data = bytearray()
             # base64 grows by 4/3; leave room for the JSON around it.
             chunk_max = max(1, min(_FILE_CHUNK_MAX, (self.max_line - 128) * 3 // 4))
@@ -560,6 +581,8 @@ class GuestAgent:
                     sensitive=True,
                 )
                 data += chunk
+                if tail and len(data) >= max_bytes:
+                    return bytes(data[:max_bytes])
                 if len(data) > max_bytes:
                     raise AgentError(
                         f"guest file {path} is larger than max_bytes={max_bytes}",
@@ -820,6 +843,14 @@ def _file_chunk_parser(want: int) -> Callable[[object], tuple[bytes, bool]]:
         return chunk, eof
 
     return parse
+
+
+def _seek_position(value: object) -> int:
+    cmd = "guest-file-seek"
+    pos = _int(_obj(value, cmd, "return"), "position", cmd)
+    if pos < 0:
+        raise _bad(cmd, "return", "position", "a position >= 0", pos)
+    return pos
 
 
 def _parse_pid(value: object) -> int:

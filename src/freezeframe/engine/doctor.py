@@ -19,6 +19,7 @@ from freezeframe.models import ConsistencyLevel, FsFreezeState, QuiescePolicy
 
 __all__ = ["Check", "CheckStatus", "DoctorReport", "doctor"]
 
+
 class CheckStatus(enum.StrEnum):
     PASS = "pass"  # noqa: S105 - a check status, not a password
     WARN = "warn"

@@ -696,7 +696,7 @@ class Snapshotter:
     async def _evidence(self, agent: GuestAgent, path: str, tl: Timeline) -> tuple[str, ...]:
         """The agent's log lines from the freeze window (qemu-ga --logfile --verbose)."""
         try:
-            data = await agent.file_read(path, max_bytes=4 << 20)
+            data = await agent.file_read(path, max_bytes=1 << 20, tail=True)
         except AgentError as exc:
             tl.mark("evidence_unavailable", f"{path}: {exc.message}", notify=False)
             return ()
