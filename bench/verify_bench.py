@@ -13,39 +13,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for tests.fakes
+
+from tests.fakes.hostfs import MiB, loop_mounted, sh
 
 from freezeframe.models import SnapshotDisk, Verification, VerifyVerdict
 from freezeframe.storage import verify_disks
-
-MiB = 1024 * 1024
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-@contextlib.contextmanager
-def loop_mounted(raw: Path, mnt: Path) -> Iterator[Path]:
-    dev = sh("losetup", "--find", "--show", str(raw)).strip()
-    try:
-        mnt.mkdir(exist_ok=True)
-        sh("mount", dev, str(mnt))
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, check=False)
-            sh("umount", str(mnt))
-    finally:
-        sh("losetup", "-d", dev)
 
 
 def build(d: Path, name: str, fstype: str, size: int, data: int) -> Path:

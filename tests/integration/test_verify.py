@@ -33,6 +33,7 @@ import pytest
 from freezeframe.errors import VerifyError
 from freezeframe.models import SnapshotDisk, VerifyVerdict
 from freezeframe.storage import mounted, open_image, verify_disks
+from tests.fakes.hostfs import MiB, loop_mounted, sh
 
 TOOLS = ("qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat")
 pytestmark = [
@@ -44,28 +45,6 @@ pytestmark = [
         reason="needs qemu-utils, qemu-storage-daemon, e2fsprogs, xfsprogs, dosfstools",
     ),
 ]
-
-MiB = 1024 * 1024
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-@contextlib.contextmanager
-def loop_mounted(raw: Path, mnt: Path) -> Iterator[Path]:
-    """Mount a raw filesystem image through a loop device; always undone."""
-    dev = sh("losetup", "--find", "--show", str(raw)).strip()
-    try:
-        mnt.mkdir(exist_ok=True)
-        sh("mount", dev, str(mnt))
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, check=False)
-            sh("umount", str(mnt))
-    finally:
-        sh("losetup", "-d", dev)
 
 
 def write_app_files(root: Path) -> None:
