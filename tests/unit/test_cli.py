@@ -90,3 +90,20 @@ def test_recover_with_nothing_open(ff) -> None:  # type: ignore[no-untyped-def]
     assert r.returncode == 0
     assert "no open freeze intents" in r.stdout
     assert json.loads(ff("recover", "--json").stdout) == []
+
+
+def test_lab_up_refuses_the_name_of_a_registered_vm(ff) -> None:  # type: ignore[no-untyped-def]
+    ff("vm", "add", "web1", "--qmp", "/x")
+    r = ff("lab", "up", "web1")
+    assert r.returncode == 2
+    assert "not a lab VM" in r.stderr
+    assert ff("lab", "list", "--json").stdout.strip() == "[]"  # nothing was booted
+
+
+def test_database_url_option(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "other.sqlite"
+    assert ff("--database-url", f"sqlite:///{db}", "vm", "add", "a", "--qmp", "/x").returncode == 0
+    assert db.exists()
+    assert json.loads(ff("vm", "list", "--json").stdout) == []  # the default catalog is another
+    listed = ff("--database-url", f"sqlite:///{db}", "vm", "list", "--json").stdout
+    assert [v["name"] for v in json.loads(listed)] == ["a"]

@@ -12,7 +12,7 @@ import typer
 
 from freezeframe.catalog import Catalog
 from freezeframe.cli._common import console, die, emit_json, err_console, run
-from freezeframe.errors import FreezeframeError, NotFoundError
+from freezeframe.errors import AlreadyExistsError, FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 
 app = typer.Typer(
@@ -57,6 +57,13 @@ def up(
     fstypes = tuple(d for d in (p.strip() for p in disks.split(",")) if d)
 
     async def go() -> LabVm:
+        async with await Catalog.open() as cat:
+            with contextlib.suppress(NotFoundError):
+                if not (await cat.get_vm(name)).lab:
+                    raise AlreadyExistsError(
+                        f"a VM named {name!r} is registered and is not a lab VM",
+                        hint="pick another name, or `freezeframe vm remove` it first",
+                    )
         vm = await lab_up(
             name,
             disks=fstypes,

@@ -40,7 +40,16 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        envvar="FREEZEFRAME_DATABASE_URL",
+        help="Catalog database (SQLAlchemy URL); default: SQLite in the state directory.",
+    ),
 ) -> None:
+    if database_url:
+        # The catalog reads it from the environment (paths.default_database_url).
+        os.environ["FREEZEFRAME_DATABASE_URL"] = database_url
     level = logging.DEBUG if verbose or os.environ.get("FREEZEFRAME_DEBUG") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
