@@ -49,6 +49,16 @@ def test_maps_filesystems_to_disks_by_pci_address() -> None:
     assert map_filesystem_to_disk(stray, tuple(DISKS)) is None
 
 
+def test_disks_sharing_a_controller_address_map_by_serial() -> None:
+    scsi = PciAddress(0, 0, 7, 0)
+    a = DiskInfo("sda", "sda", "/x/a.qcow2", "qcow2", 1 << 20, pci=scsi, serial="ffa")
+    b = DiskInfo("sdb", "sdb", "/x/b.qcow2", "qcow2", 1 << 20, pci=scsi, serial="ffb")
+    on_b = GuestFilesystem("/b", "ext4", "sdb", (GuestDisk("/dev/sdb", "scsi", scsi, "ffb"),))
+    assert map_filesystem_to_disk(on_b, (a, b)) == b
+    no_serial = GuestFilesystem("/b", "ext4", "sdb", (GuestDisk("/dev/sdb", "scsi", scsi),))
+    assert map_filesystem_to_disk(no_serial, (a, b)) is None  # ambiguous: not guessed
+
+
 def test_all_freezable_means_plain_freeze_and_filesystem_level() -> None:
     plan = make_plan(
         policy=QuiescePolicy.REQUIRED,

@@ -81,17 +81,22 @@ class Plan:
 
 
 def map_filesystem_to_disk(fs: GuestFilesystem, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
-    """The VM disk a guest filesystem lives on: by PCI address, else by serial.
+    """The VM disk a guest filesystem lives on: by serial first, then by PCI address when only
+    one disk has it (disks behind one SCSI controller share the controller's address).
 
     A filesystem spanning several disks (LVM, md) maps to the first one found; the engine
     freezes it whole anyway.
     """
     for gd in fs.disks:
         for disk in disks:
-            if gd.pci is not None and disk.pci is not None and gd.pci == disk.pci:
-                return disk
             if gd.serial and disk.serial and gd.serial == disk.serial:
                 return disk
+    for gd in fs.disks:
+        if gd.pci is None:
+            continue
+        same = [d for d in disks if d.pci is not None and d.pci == gd.pci]
+        if len(same) == 1:
+            return same[0]
     return None
 
 
