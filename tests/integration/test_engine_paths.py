@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -343,3 +343,16 @@ async def test_verify_of_deleted_or_truncated_image_is_a_clear_error(rig: Rig) -
     mounts = Path("/proc/mounts").read_text()
     assert "qemu-storage-daemon" not in mounts
     assert str(rig.vm.dir) not in mounts
+
+
+async def test_chain_follows_the_disks_not_the_name(rig: Rig) -> None:
+    snap = Snapshotter(rig.catalog)
+    first = await snap.snapshot("t")
+    second = await snap.snapshot("t")
+    assert first.parent_id is None
+    assert second.parent_id == first.id
+    # The same name for a new VM (its disks are not the overlays of "t"): a new chain.
+    async with bios_vm(agent=True) as other:
+        await rig.catalog.add_vm(replace(rig.cfg, qmp_path=other.qmp), replace=True)
+        third = await snap.snapshot("t")
+    assert third.parent_id is None

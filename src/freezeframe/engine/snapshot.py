@@ -217,7 +217,6 @@ class Snapshotter:
         await self.catalog.acquire_vm_lock(vm, owner)
         run: _Run | None = None
         try:
-            parent = await self.catalog.latest_snapshot(cfg.name)
             record = SnapshotRecord(
                 id=new_snapshot_id(),
                 vm=cfg.name,
@@ -225,7 +224,6 @@ class Snapshotter:
                 status=SnapshotStatus.RUNNING,
                 policy=policy,
                 level=ConsistencyLevel.NONE,
-                parent_id=parent.id if parent else None,
             )
             run = _Run(cfg, req, policy, freeze_timeout, owner, Timeline(progress), record)
             return await self._snapshot_locked(run)
@@ -320,6 +318,7 @@ class Snapshotter:
             disks = await driver.disks()
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
+            run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
             run.probe = AgentProbe(path=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
                 run.agent, run.probe = await self._connect_agent(cfg, driver)
@@ -365,6 +364,16 @@ class Snapshotter:
         return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
+
+    async def _parent(self, vm: str, disks: list[DiskInfo]) -> str | None:
+        """The snapshot this one continues: the newest done one whose new overlay is what a
+        disk of the VM writes to now (not merely the VM's newest: a VM re-created under the
+        same name starts a new chain)."""
+        current = {d.file for d in disks}
+        for rec in reversed(await self.catalog.list_snapshots(vm)):
+            if rec.status is SnapshotStatus.DONE and any(d.overlay in current for d in rec.disks):
+                return rec.id
+        return None
 
     async def _connect_agent(
         self, cfg: VmConfig, driver: HypervisorDriver
