@@ -356,3 +356,22 @@ async def test_chain_follows_the_disks_not_the_name(rig: Rig) -> None:
         await rig.catalog.add_vm(replace(rig.cfg, qmp_path=other.qmp), replace=True)
         third = await snap.snapshot("t")
     assert third.parent_id is None
+
+
+async def test_refused_freeze_sends_no_thaw(rig: Rig) -> None:
+    """Someone else froze the guest between our probe and our freeze: qemu-ga refuses the
+    freeze (disabled while frozen); freezeframe must not thaw the other party's freeze."""
+    rig.agent.behave(
+        "guest-fsfreeze-freeze",
+        error=("CommandNotFound", "Command guest-fsfreeze-freeze has been disabled"),
+    )
+    rec = await Snapshotter(rig.catalog).snapshot("t")  # preferred: falls back to crash
+    assert rec.level is ConsistencyLevel.CRASH
+    assert "disabled" in rec.level_reason
+    assert "guest-fsfreeze-thaw" not in rig.agent.commands
+    assert await rig.catalog.open_intents("t") == []
+    with pytest.raises(SnapshotFailedError, match="disabled"):
+        await Snapshotter(rig.catalog).snapshot(
+            "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
+        )
+    assert "guest-fsfreeze-thaw" not in rig.agent.commands

@@ -35,6 +35,7 @@ from freezeframe.catalog import Catalog, make_owner
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
+    AgentCommandError,
     AgentError,
     AgentTimeoutError,
     CutError,
@@ -137,6 +138,7 @@ class _Run:
     frozen_count: int | None = None
     freeze_problem: str | None = None
     freeze_sent: bool = False
+    freeze_refused: bool = False  # the agent answered the freeze with an error
     thaw_confirmed: bool = False
     thaw_note: str = ""
     cut_done: bool = False
@@ -557,6 +559,13 @@ class Snapshotter:
             )
             tl.mark("freeze_timeout", run.freeze_problem)
             return
+        except AgentCommandError as exc:
+            # The agent refused or failed the freeze and says so: qemu-ga froze nothing (it
+            # thaws its own partial freeze before answering an error).
+            run.freeze_problem = f"the freeze failed: {exc.message}"
+            run.freeze_refused = True
+            tl.mark("freeze_failed", exc.message)
+            return
         except AgentError as exc:
             run.freeze_problem = f"the freeze failed: {exc.message}"
             tl.mark("freeze_failed", exc.message)
@@ -619,7 +628,11 @@ class Snapshotter:
         self, run: _Run, agent: GuestAgent, intent: FreezeIntent, *, urgent: bool
     ) -> None:
         budget = 1.5 if urgent else self.thaw_timeout
-        run.thaw_confirmed = await self._thaw(agent, run.tl, budget, urgent=urgent)
+        if run.freeze_refused:
+            # Nothing of ours is frozen: a thaw now could only undo someone else's freeze.
+            run.thaw_confirmed = await self._nothing_frozen(run, agent, budget)
+        else:
+            run.thaw_confirmed = await self._thaw(agent, run.tl, budget, urgent=urgent)
         if run.thaw_confirmed:
             try:
                 await self.catalog.close_intent(intent.id, "engine")
@@ -653,6 +666,19 @@ class Snapshotter:
         confirmed = state is FsFreezeState.THAWED
         tl.mark("thaw_confirmed" if confirmed else "still_frozen", f"status {state.value}")
         return confirmed
+
+    async def _nothing_frozen(self, run: _Run, agent: GuestAgent, budget: float) -> bool:
+        """After a refused freeze: no thaw is sent; the intent closes, and a guest found frozen
+        (by someone else) is named, not touched."""
+        try:
+            state = await agent.fsfreeze_status(timeout=budget)
+        except AgentError as exc:
+            run.tl.mark("status_failed", exc.message)
+            return False
+        run.tl.mark("not_frozen_by_us", f"freeze refused, no thaw sent; status {state.value}")
+        if state is FsFreezeState.FROZEN:
+            run.notes.append("the guest is frozen by someone else; freezeframe did not thaw it")
+        return True
 
     async def _after_thaw(self, run: _Run, driver: HypervisorDriver) -> None:
         assert self.after_thaw is not None
