@@ -65,16 +65,17 @@ class ToolResult:
         return self.stderr.decode(errors="replace")
 
 
-def require(program: str) -> str:
+def require(program: str, package: str | None = None) -> str:
     """Absolute path of ``program`` on PATH (also /usr/sbin, /sbin).
 
-    Raises DependencyError naming the Debian package when it is missing.
+    Raises DependencyError naming the Debian package (``package``, else :data:`PACKAGE_OF`)
+    when it is missing.
     """
     found = shutil.which(program) or shutil.which(
         program, path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
     )
     if not found:
-        pkg = PACKAGE_OF.get(program, program)
+        pkg = package or PACKAGE_OF.get(program, program)
         raise DependencyError(f"{program} is not installed", package=pkg)
     return found
 

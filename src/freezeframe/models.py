@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 __all__ = [
+    "GUEST_AGENT_PORT",
     "AgentInfo",
     "ConsistencyLevel",
     "DiskInfo",
@@ -32,6 +33,10 @@ __all__ = [
     "VerifyVerdict",
     "VmConfig",
 ]
+
+
+#: Name of the virtio-serial port qemu-ga listens on (``hw_qemu_guest_agent=yes`` adds it).
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 
 
 class QuiescePolicy(enum.StrEnum):

@@ -57,14 +57,12 @@ from freezeframe.hypervisor.base import (
     PreparedCut,
     PreparedDisk,
 )
-from freezeframe.models import DiskInfo, PciAddress, VmConfig
+from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, VmConfig
 
 __all__ = ["GUEST_AGENT_PORT", "QmpCommandError", "QmpDriver", "overlay_node_name"]
 
 log = logging.getLogger(__name__)
 
-#: Name of the virtio-serial port qemu-ga listens on inside the guest.
-GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 
 _SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: < 32 chars, id_wellformed

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freezeframe import paths
-from freezeframe._tools import run
+from freezeframe._tools import require, run
 from freezeframe.errors import DependencyError, LabError, ToolError
 from freezeframe.lab._cpio import CpioWriter
 from freezeframe.lab._util import atomic_write, file_lock
@@ -102,7 +102,6 @@ _KERNEL_LAYOUT = "2"
 _META = "linux-image-amd64"
 _DEP_RE = re.compile(r"(linux-image-(\d[\w.+~-]*-amd64))(?:\s*\(\s*=\s*([^)\s]+)\s*\))?")
 _QGA = "/usr/sbin/qemu-ga"
-_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +131,8 @@ def check_dependencies(fstypes: tuple[str, ...] = ()) -> None:
     for fstype in fstypes:
         program, package = MKFS_PROGRAMS[fstype]
         programs[program] = package
-    search = f"{os.environ.get('PATH', '')}:{_SEARCH_PATH}"
     for program, package in programs.items():
-        if not shutil.which(program, path=search):
-            raise DependencyError(f"{program} is not installed", package=package)
+        require(program, package)
 
 
 def _modules_hash() -> str:

@@ -25,6 +25,7 @@ from freezeframe._tools import require, run
 from freezeframe.errors import ToolError
 from freezeframe.lab._build import BootArtifacts
 from freezeframe.lab._model import LabDisk
+from freezeframe.models import GUEST_AGENT_PORT
 
 __all__ = [
     "MEMORY_MB",
@@ -46,7 +47,6 @@ PROBE_TIMEOUT = 8.0
 PROBE_MARKER = "FFLAB-PROBE-OK"
 #: PCI slot of data disk 0 on the ``pc`` machine's bus ``pci.0`` (disk N is at 0x08 + N).
 DISK_SLOT0 = 0x08
-AGENT_PORT = "org.qemu.guest_agent.0"
 
 
 def _opt(value: str | Path) -> str:
@@ -118,7 +118,7 @@ def qemu_argv(
             "-chardev",
             f"socket,id=qga0,path={_opt(qga_path)},server=on,wait=off",
             "-device",
-            f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}",
+            f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}",
         ]
     for i, disk in enumerate(disks):
         argv += [
