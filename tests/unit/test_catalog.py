@@ -205,6 +205,28 @@ def test_migrations_downgrade_and_upgrade_again(tmp_path: Path) -> None:
         engine.dispose()
 
 
+async def test_open_waits_for_a_writer_holding_the_file_while_switching_to_wal(
+    db_path: Path,
+) -> None:
+    # Another process writing the new file (rollback journal still, as while it switches to
+    # WAL itself) blocks our switch; SQLite says "locked" at once, without its busy handler.
+    # Opening must wait for it, not fail (this failed CI once, as a race of two processes).
+    reader = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    try:
+        reader.execute("CREATE TABLE early (x INTEGER)")
+        reader.execute("BEGIN IMMEDIATE")  # holds the RESERVED lock
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.4, reader.execute, "COMMIT")
+        started = loop.time()
+        async with await Catalog.open(_url(db_path)) as catalog:
+            assert await catalog.list_vms() == []
+        assert loop.time() - started >= 0.3
+    finally:
+        reader.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 async def test_database_from_a_newer_freezeframe_is_refused(db_path: Path) -> None:
     await (await Catalog.open(_url(db_path))).close()
     with sqlite3.connect(db_path) as conn:

@@ -12,6 +12,7 @@ import enum
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,6 +309,35 @@ def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or (url.query.get("mode") == "memory")
 
 
+def _enable_wal(cur: sqlite3.Cursor) -> None:
+    """Put the database in WAL mode (persistent), waiting for other processes up to the timeout.
+
+    Switching the journal mode needs an exclusive lock and SQLite answers "database is locked"
+    at once, without the busy handler, while another connection (say a second process opening
+    the same new file) holds a shared lock. So the switch is retried with a short backoff until
+    :data:`BUSY_TIMEOUT_MS`; a file already in WAL mode is only read.
+
+    Raises:
+        sqlite3.OperationalError: still locked after the timeout, or another database error.
+    """
+    row = cur.execute("PRAGMA journal_mode").fetchone()
+    if row is not None and str(row[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            row = cur.execute("PRAGMA journal_mode = WAL").fetchone()
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    if row is None or str(row[0]).lower() != "wal":
+        log.warning("SQLite refused WAL mode (journal_mode=%s)", row)
+
+
 def _create_engine(url: URL) -> Engine:
     """An engine for ``url``; for SQLite with WAL, a busy timeout and our own BEGINs."""
     if url.get_backend_name() != "sqlite":
@@ -329,9 +359,7 @@ def _create_engine(url: URL) -> Engine:
             cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
             cur.execute("PRAGMA foreign_keys = ON")
             if not memory:
-                mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
-                if mode is None or str(mode[0]).lower() != "wal":
-                    log.warning("SQLite refused WAL mode (journal_mode=%s)", mode)
+                _enable_wal(cur)
         finally:
             cur.close()
 
