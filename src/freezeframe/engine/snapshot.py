@@ -28,10 +28,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, make_owner
+from freezeframe.engine._aio import shielded
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 #: Commands the freeze needs from the agent.
 FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
 
-T = TypeVar("T")
 ProgressFn = Callable[[TimelineEvent], None]
 #: Called with the VM's name and its connected driver; runs outside the freeze window.
 Hook = Callable[[str, HypervisorDriver], Awaitable[None]]
@@ -232,7 +231,7 @@ class Snapshotter:
         finally:
             # A follow-up still talking to the agent keeps the lock and releases it itself.
             if run is None or run.followup is None or run.followup.done():
-                await _shielded(self.catalog.release_vm_lock(vm, owner))
+                await shielded(self.catalog.release_vm_lock(vm, owner))
 
     async def wait_followups(self, timeout: float | None = None) -> bool:
         """Wait for background thaw follow-ups; True if every one confirmed a thaw."""
@@ -261,17 +260,17 @@ class Snapshotter:
             await self.catalog.finish_snapshot(record)
             return record
         except asyncio.CancelledError:
-            await _shielded(self._store_failure(run, "interrupted; " + self._thaw_summary(run)))
+            await shielded(self._store_failure(run, "interrupted; " + self._thaw_summary(run)))
             raise
         except UsageError:
             # Bad input found once the VM was asked (an exclusion naming nothing): not an
             # attempt, nothing was touched; forget the write-ahead record.
-            await _shielded(self.catalog.delete_snapshot(run.sid))
+            await shielded(self.catalog.delete_snapshot(run.sid))
             raise
         except FreezeframeError as exc:
             tl.mark("failed", exc.message, notify=False)
             fs = exc.filesystems if isinstance(exc, _Failed) else ()
-            await _shielded(self._store_failure(run, exc.message, fs))
+            await shielded(self._store_failure(run, exc.message, fs))
             raise SnapshotFailedError(
                 f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}",
                 snapshot_id=run.sid,
@@ -280,7 +279,7 @@ class Snapshotter:
         except Exception as exc:
             log.exception("snapshot %s of %s: internal error", run.sid, run.cfg.name)
             msg = f"internal error: {exc!r}; " + self._thaw_summary(run)
-            await _shielded(self._store_failure(run, msg))
+            await shielded(self._store_failure(run, msg))
             raise
         finally:
             run.stored.set()
@@ -351,7 +350,7 @@ class Snapshotter:
                 finally:
                     # An unknown outcome keeps everything: the VM may be writing to an overlay.
                     if not run.cut_done and not run.cut_unknown:
-                        await _shielded(driver.abort(prepared))
+                        await shielded(driver.abort(prepared))
                 try:
                     await driver.verify_cut(prepared)
                 except CutError as exc:
@@ -362,7 +361,7 @@ class Snapshotter:
                     evidence = await self._evidence(run.agent, cfg.agent_log_path, tl)
             finally:
                 if run.agent is not None and run.followup is None:
-                    await _shielded(run.agent.close())
+                    await shielded(run.agent.close())
         return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
@@ -442,7 +441,7 @@ class Snapshotter:
             )
         finally:
             if not keep:  # also on cancellation: QEMU's agent socket serves one client
-                await _shielded(agent.close())
+                await shielded(agent.close())
 
     def _plan(self, run: _Run, disks: list[DiskInfo], driver: HypervisorDriver) -> Plan:
         cfg, req = run.cfg, run.req
@@ -530,10 +529,10 @@ class Snapshotter:
                         cut_exc = await self._cut(run, driver, deadline)
                 finally:
                     urgent = run.frozen_count is None  # the freeze never answered
-                    await _shielded(self._thaw_and_close(run, agent, intent, urgent=urgent))
+                    await shielded(self._thaw_and_close(run, agent, intent, urgent=urgent))
         finally:
             if hooked and self.after_thaw is not None:
-                await _shielded(self._after_thaw(run, driver))
+                await shielded(self._after_thaw(run, driver))
         if not run.thaw_confirmed:
             self._unconfirmed(run, agent, intent)
         await self._settle_cut(run, driver, cut_exc)
@@ -720,8 +719,8 @@ class Snapshotter:
                 await asyncio.sleep(0.5)
             return False
         finally:
-            await _shielded(agent.close())
-            await _shielded(self.catalog.release_vm_lock(run.cfg.name, run.owner))
+            await shielded(agent.close())
+            await shielded(self.catalog.release_vm_lock(run.cfg.name, run.owner))
 
     async def _note_on_record(self, sid: str, name: str, detail: str) -> None:
         rec = await self.catalog.get_snapshot(sid)
@@ -812,24 +811,6 @@ class _Failed(FreezeframeError):
     ) -> None:
         super().__init__(message, hint=hint)
         self.filesystems = filesystems
-
-
-async def _shielded(aw: Awaitable[T]) -> T:
-    """Run ``aw`` to completion even if the caller is cancelled meanwhile, then re-raise the
-    cancellation. Used for the thaw and for cleanup that must not be cut short."""
-    task: asyncio.Future[T] = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 def _plan_summary(plan: Plan) -> str:

@@ -1,0 +1,92 @@
+"""``recover`` against a fake agent on a real socket and a real SQLite catalog.
+
+Recovering takes the VM's snapshot lock: a thaw must never land inside the freeze window of a
+snapshot that a live process is taking right now.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tests.fakes.fake_agent import FakeAgent, FakeFs
+
+from freezeframe.catalog import Catalog, make_owner
+from freezeframe.engine import recover
+from freezeframe.errors import NotFoundError
+
+FS = [FakeFs("/", "ext4"), FakeFs("/data", "xfs")]
+
+
+def _dead_owner() -> str:
+    """An owner string of a process of this host that has exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:deadbeef"
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeAgent]:
+    async with FakeAgent(tmp_path / "qga.sock", fs=FS) as f:
+        f.frozen = True  # as a killed snapshot left it
+        yield f
+
+
+@pytest.fixture
+async def cat(tmp_path: Path) -> AsyncIterator[Catalog]:
+    catalog = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+    try:
+        yield catalog
+    finally:
+        await catalog.close()
+
+
+async def test_dead_owners_intent_is_thawed_and_the_lock_left_free(
+    fake: FakeAgent, cat: Catalog
+) -> None:
+    dead = _dead_owner()
+    intent = await cat.open_intent("web", "snap-1", fake.path, dead)
+    await cat.acquire_vm_lock("web", dead)  # the dead snapshot's lock is still there
+    out = await recover(cat)
+    assert [(o.intent_id, o.thawed, o.skipped) for o in out] == [(intent.id, True, False)]
+    assert not fake.frozen
+    assert await cat.open_intents() == []
+    await cat.acquire_vm_lock("web", make_owner())  # recover released what it took over
+
+
+async def test_vm_locked_by_a_live_snapshot_is_left_alone_unless_forced(
+    fake: FakeAgent, cat: Catalog
+) -> None:
+    await cat.open_intent("web", "snap-1", fake.path, _dead_owner())
+    live = f"{socket.gethostname()}:{os.getpid()}:0ther0wn"  # alive: this process
+    await cat.acquire_vm_lock("web", live)  # a new snapshot of "web" is running right now
+    out = await recover(cat)
+    assert [(o.thawed, o.skipped) for o in out] == [(False, True)]
+    assert "in progress" in out[0].detail
+    assert "--force" in out[0].detail
+    assert fake.frozen, "a thaw inside another snapshot's freeze window"
+    assert not [c for c, _ in fake.received if c == "guest-fsfreeze-thaw"]
+    assert len(await cat.open_intents()) == 1
+
+    out = await recover(cat, force=True)
+    assert [(o.thawed, o.skipped) for o in out] == [(True, False)]
+    assert not fake.frozen
+    await cat.release_vm_lock("web", live)  # still the live owner's lock
+
+
+async def test_live_intent_skips_the_whole_vm(fake: FakeAgent, cat: Catalog) -> None:
+    await cat.open_intent("web", "snap-old", fake.path, _dead_owner())
+    await cat.open_intent("web", "snap-new", fake.path, make_owner())  # alive: this process
+    out = await recover(cat)
+    assert [(o.snapshot_id, o.skipped) for o in out] == [("snap-old", True), ("snap-new", True)]
+    assert "live process" in out[0].detail
+    assert fake.frozen
+
+
+async def test_unknown_vm_is_refused(cat: Catalog) -> None:
+    with pytest.raises(NotFoundError):
+        await recover(cat, "nope")
