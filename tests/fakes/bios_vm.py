@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu.qmp import QMPClient
+from qemu.qmp.protocol import ConnectError
 
 from freezeframe.models import PciAddress
 
@@ -134,7 +135,15 @@ async def bios_vm(*, agent: bool, extras: bool = False) -> AsyncIterator[Vm]:
             if time.monotonic() > deadline:
                 raise RuntimeError("qemu did not create its QMP sockets")
             await asyncio.sleep(0.02)
-        await asyncio.wait_for(watch.connect(str(tmp / "watch.sock")), 10)
+        # The socket file appears at bind(), before listen(): refused until QEMU listens.
+        while True:
+            try:
+                await asyncio.wait_for(watch.connect(str(tmp / "watch.sock")), 10)
+                break
+            except ConnectError:
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         yield Vm(proc, tmp, str(tmp / "qmp.sock"), watch)
     finally:
         with contextlib.suppress(Exception):
