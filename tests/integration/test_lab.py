@@ -175,8 +175,12 @@ async def test_broken_guest_init_fails_with_console_tail(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return _ff("lab", *args)
+
+
+def _ff(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from freezeframe.cli.main import main; main()", "lab", *args],
+        [sys.executable, "-c", "from freezeframe.cli.main import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -216,8 +220,17 @@ def test_cli_up_list_status_down() -> None:
         assert bad.returncode == 2
         assert "zfs" in json.loads(bad.stdout)["message"]
 
+        snap = _ff("snapshot", "create", "cli1", "--quiesce", "off", "--json")
+        assert snap.returncode == 0, snap.stderr
+        listed = json.loads(_ff("snapshot", "list", "cli1", "--json").stdout)
+        assert [r["id"] for r in listed] == [json.loads(snap.stdout)["id"]]
+
         down = _cli("down", "cli1", "--purge", "--json")
         assert down.returncode == 0, down.stderr
+        assert json.loads(down.stdout)["snapshots_removed"] == 1
+        # Its images were in the purged directory: no record may point at them any more.
+        everything = json.loads(_ff("snapshot", "list", "--json").stdout)
+        assert [r["id"] for r in everything if r["vm"] == "cli1"] == []
         assert not _qemu.qemu_alive(doc["pid"], Path(doc["qmp_path"]))
         missing = _cli("status", "cli1", "--json")
         assert missing.returncode == 2

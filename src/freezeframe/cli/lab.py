@@ -91,21 +91,30 @@ def down(
     purge: bool = typer.Option(False, "--purge", help="Also delete its disks and logs."),
     as_json: bool = _JSON,
 ) -> None:
-    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files and its
-    registration (its snapshot records stay in the catalog)."""
+    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files, its
+    registration and its snapshot records (their images lived in the deleted directory)."""
 
-    async def go() -> None:
+    async def go() -> int:
         await lab_down(name, purge=purge)
-        if purge:
-            async with await Catalog.open() as cat:
+        if not purge:
+            return 0
+        async with await Catalog.open() as cat:
+            with contextlib.suppress(NotFoundError):
+                await cat.remove_vm(name)
+            records = await cat.list_snapshots(name)
+            for rec in records:
                 with contextlib.suppress(NotFoundError):
-                    await cat.remove_vm(name)
+                    await cat.delete_snapshot(rec.id)
+            for intent in await cat.open_intents(name):  # the guest is gone: nothing to thaw
+                await cat.close_intent(intent.id, "lab down --purge")
+            return len(records)
 
-    run(go, as_json=as_json)
+    removed = run(go, as_json=as_json)
     if as_json:
-        emit_json({"name": name, "stopped": True, "purged": purge})
+        emit_json({"name": name, "stopped": True, "purged": purge, "snapshots_removed": removed})
     else:
-        err_console.print(f"lab VM {name} stopped{' and purged' if purge else ''}")
+        gone = f" and purged ({removed} snapshot record(s) removed)" if purge else ""
+        err_console.print(f"lab VM {name} stopped{gone}")
 
 
 @app.command("list")
