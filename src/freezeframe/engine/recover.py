@@ -18,9 +18,9 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
+from freezeframe._aio import shielded
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
-from freezeframe.engine._aio import shielded
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import AgentError, BusyError, FreezeframeError, NotFoundError
 from freezeframe.models import FreezeIntent, FsFreezeState, SnapshotStatus

@@ -29,9 +29,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+from freezeframe._aio import shielded
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, make_owner
-from freezeframe.engine._aio import shielded
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (

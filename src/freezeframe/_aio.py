@@ -1,4 +1,4 @@
-"""Small asyncio helpers the engine's modules share."""
+"""Small asyncio helpers shared by the engine and the drivers (imports nothing of freezeframe)."""
 
 from __future__ import annotations
 
