@@ -101,14 +101,19 @@ class VerifyVerdict(enum.StrEnum):
 
     CONSISTENT = "verified-consistent"
     NEEDS_RECOVERY = "needs-recovery"
+    CHECK_FAILED = "check-failed"  # the filesystem checks pass, a user (application) check fails
     CORRUPT = "corrupt"
     UNCHECKED = "unchecked"  # no checker for that filesystem type
 
     @property
     def badness(self) -> int:
-        return {"verified-consistent": 0, "unchecked": 1, "needs-recovery": 2, "corrupt": 3}[
-            self.value
-        ]
+        return {
+            "verified-consistent": 0,
+            "unchecked": 1,
+            "needs-recovery": 2,
+            "check-failed": 3,
+            "corrupt": 4,
+        }[self.value]
 
 
 # ---------------------------------------------------------------------------- VM configuration
