@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from freezeframe.engine.plan import check_exclusions, level_of, make_plan, map_filesystem_to_disk
+import pytest
+
+from freezeframe.engine.plan import (
+    check_exclusions,
+    level_of,
+    make_plan,
+    map_filesystem_to_disk,
+    map_filesystem_to_disks,
+)
+from freezeframe.errors import UsageError
 from freezeframe.models import (
     ConsistencyLevel,
     DiskInfo,
@@ -145,3 +154,133 @@ def test_exclusions_that_name_nothing_are_reported() -> None:
     bad = check_exclusions(DISKS, [fs(0, "ext4")], ("/nope",), ("disk9",))
     assert len(bad) == 2
     assert check_exclusions(DISKS, [fs(0, "ext4")], ("/mnt/disk0",), ("disk1",)) == []
+
+
+# --- A filesystem spanning several disks (LVM, md) ------------------------------------------
+
+
+def lvm_root() -> GuestFilesystem:
+    """``/`` on a volume group over disk0 and disk1 (qemu-ga lists both in ``disk``); a second
+    PV on disk0 appears twice, as qemu-ga reports for two partitions of one disk."""
+    return GuestFilesystem(
+        "/",
+        "ext4",
+        "dm-0",
+        (
+            GuestDisk("/dev/vda", "virtio", PciAddress(0, 0, 4, 0)),
+            GuestDisk("/dev/vdb", "virtio", PciAddress(0, 0, 5, 0)),
+            GuestDisk("/dev/vda", "virtio", PciAddress(0, 0, 4, 0)),
+        ),
+    )
+
+
+def test_a_spanning_filesystem_maps_to_every_disk_once() -> None:
+    assert map_filesystem_to_disks(lvm_root(), tuple(DISKS)) == (DISKS[0], DISKS[1])
+    assert map_filesystem_to_disk(lvm_root(), tuple(DISKS)) == DISKS[0]
+
+
+def test_lvm_over_two_disks_is_filesystem_level_on_both_and_frozen_once() -> None:
+    plan = make_plan(policy=QuiescePolicy.REQUIRED, disks=DISKS[:2], guest_fs=[lvm_root()])
+    assert plan.problems == ()  # neither disk "carries no guest filesystem"
+    assert [(d.fs.mountpoint, d.device, d.freeze) for d in plan.filesystems] == [
+        ("/", "disk0", True),
+        ("/", "disk1", True),
+    ]
+    assert plan.freeze_list is None
+    assert plan.expected_frozen == 1  # qemu-ga counts filesystems, not disks
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM
+    recs = [d.as_record(frozen=True) for d in plan.filesystems]
+    assert level_of(DISKS[:2], recs) is ConsistencyLevel.FILESYSTEM
+
+
+def test_freeze_list_names_a_spanning_mount_once() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.PREFERRED,
+        disks=DISKS,
+        guest_fs=[lvm_root(), fs(2, "vfat")],
+    )
+    assert plan.freeze_list == ("/",)
+    assert plan.expected_frozen == 1
+
+
+def test_excluding_one_disk_of_a_spanning_filesystem_is_refused() -> None:
+    with pytest.raises(UsageError) as ei:
+        make_plan(
+            policy=QuiescePolicy.PREFERRED,
+            disks=DISKS[:2],
+            guest_fs=[lvm_root()],
+            exclude_disks=("disk1",),
+        )
+    msg = ei.value.message
+    assert "/ spans disk0 and disk1" in msg
+    assert "excluding disk1" in msg
+    bad = check_exclusions(DISKS[:2], [lvm_root()], (), ("disk1",))
+    assert bad == [msg]
+
+
+def test_excluding_a_member_disk_and_the_mount_is_accepted() -> None:
+    assert check_exclusions(DISKS[:2], [lvm_root()], ("/",), ("disk1",)) == []
+    plan = make_plan(
+        policy=QuiescePolicy.PREFERRED,
+        disks=DISKS[:2],
+        guest_fs=[lvm_root()],
+        exclude_mounts=("/",),
+        exclude_disks=("disk1",),
+    )
+    assert [d.device for d in plan.disks] == ["disk0"]
+    assert [(d.device, d.excluded, d.freeze) for d in plan.filesystems] == [("disk0", True, False)]
+    assert not plan.quiesce
+
+
+def test_excluding_every_disk_of_a_spanning_filesystem_is_accepted() -> None:
+    assert check_exclusions(DISKS, [lvm_root()], (), ("disk0", "disk1")) == []
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS,
+        guest_fs=[lvm_root(), fs(2, "ext4")],
+        exclude_disks=("disk0", "disk1"),
+    )
+    assert plan.problems == ()
+    assert plan.freeze_list == ("/mnt/disk2",)
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM
+
+
+# --- The level never pretends: an unfrozen filesystem, excluded or not, lowers its disk -----
+
+
+def root_and_esp() -> list[GuestFilesystem]:
+    return [fs(0, "ext4", "/"), fs(0, "vfat", "/boot/efi")]
+
+
+def test_an_excluded_unfrozen_filesystem_makes_its_disk_crash() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS[:1],
+        guest_fs=root_and_esp(),
+        exclude_mounts=("/boot/efi",),
+    )
+    assert plan.problems == ()  # excluding it is accepted ...
+    assert plan.freeze_list == ("/",)
+    esp = next(d for d in plan.filesystems if d.fs.mountpoint == "/boot/efi")
+    assert esp.reason.startswith("excluded")  # ... and the record says why
+    assert plan.predicted_level is ConsistencyLevel.CRASH  # ... but the level does not pretend
+    recs = [
+        SnapshotFilesystem("/", "ext4", "disk0", frozen=True),
+        SnapshotFilesystem("/boot/efi", "vfat", "disk0", frozen=False, reason=esp.reason),
+    ]
+    assert level_of(DISKS[:1], recs) is ConsistencyLevel.CRASH
+
+
+def test_a_disk_excluded_whole_does_not_lower_the_level() -> None:
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED,
+        disks=DISKS[:2],
+        guest_fs=[fs(0, "ext4", "/"), fs(1, "vfat", "/boot/efi")],
+        exclude_disks=("disk1",),
+    )
+    assert plan.problems == ()
+    assert [(d.device, d.reason) for d in plan.filesystems] == [
+        ("disk0", ""),
+        (None, "excluded: disk not snapshotted"),
+    ]
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM

@@ -4,15 +4,25 @@ Pure functions over already-narrowed facts (the VM's disks from the driver, the 
 filesystems from the agent, the policy): no I/O, so every decision the engine takes before
 touching the guest is unit-tested here. The engine (:mod:`.snapshot`) gathers the facts and
 acts on the plan; :mod:`.doctor` shows the same plan as a checklist.
+
+A guest filesystem lives on every VM disk ``guest-get-fsinfo`` lists for it (LVM and md span
+several): the plan holds one decision per (filesystem, snapshotted disk) pair, and freezes and
+counts each mount point once. The level never pretends: a snapshotted disk is
+filesystem-consistent only when every guest filesystem on it was frozen; one left unfrozen,
+excluded by the user or not, makes the disk crash-consistent. Excluding a whole disk takes it
+out of the snapshot, so it does not lower the level; excluding only some of the disks a
+filesystem spans is refused (:func:`check_exclusions`), unless its mount point is excluded too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from freezeframe.errors import UsageError
 from freezeframe.models import (
     ConsistencyLevel,
     DiskInfo,
+    GuestDisk,
     GuestFilesystem,
     QuiescePolicy,
     SnapshotFilesystem,
@@ -26,6 +36,7 @@ __all__ = [
     "level_of",
     "make_plan",
     "map_filesystem_to_disk",
+    "map_filesystem_to_disks",
 ]
 
 #: Filesystem types whose FIFREEZE fails (qemu-ga ignores EOPNOTSUPP silently, measured here).
@@ -34,7 +45,11 @@ UNFREEZABLE_FSTYPES = frozenset({"vfat", "msdos", "fat", "exfat", "ntfs", "ntfs3
 
 @dataclass(frozen=True, slots=True)
 class FsDecision:
-    """What the plan does with one guest filesystem."""
+    """What the plan does with one guest filesystem on one disk.
+
+    A filesystem spanning several snapshotted disks has one decision per disk (same mount
+    point, different ``device``), so the record of each disk says what happened to it.
+    """
 
     fs: GuestFilesystem
     device: str | None  # DiskInfo.device it lives on, None if on no snapshotted disk
@@ -59,7 +74,9 @@ class Plan:
     ``problems`` are reasons the freeze cannot give a filesystem-consistent snapshot of every
     snapshotted disk; under ``required`` any problem fails the snapshot before the freeze.
     ``freeze_list`` is None for a plain ``guest-fsfreeze-freeze`` (freeze everything), or the
-    mount points to pass to ``guest-fsfreeze-freeze-list``.
+    mount points to pass to ``guest-fsfreeze-freeze-list``, each once. ``expected_frozen`` is
+    the number of mount points the agent should report frozen (it counts filesystems, not
+    disks).
     """
 
     policy: QuiescePolicy
@@ -72,7 +89,12 @@ class Plan:
 
     @property
     def predicted_level(self) -> ConsistencyLevel:
-        """The level a snapshot reaches if the freeze does what the plan expects."""
+        """The level a snapshot reaches if the freeze does what the plan expects.
+
+        By :func:`level_of`: crash when any snapshotted disk carries a filesystem the plan
+        does not freeze (unfreezable, or excluded by mount point) or none at all; a disk
+        excluded whole is not in ``disks`` and does not count.
+        """
         if not self.disks:
             return ConsistencyLevel.NONE
         if not self.quiesce:
@@ -80,45 +102,97 @@ class Plan:
         return level_of(self.disks, [d.as_record(frozen=d.freeze) for d in self.filesystems])
 
 
-def map_filesystem_to_disk(fs: GuestFilesystem, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
-    """The VM disk a guest filesystem lives on: by serial first, then by PCI address when only
-    one disk has it (disks behind one SCSI controller share the controller's address).
-
-    A filesystem spanning several disks (LVM, md) maps to the first one found; the engine
-    freezes it whole anyway.
-    """
-    for gd in fs.disks:
+def _disk_of(gd: GuestDisk, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
+    """The VM disk one guest disk is: by serial, else by PCI address when only one VM disk
+    has it (disks behind one SCSI controller share the controller's address)."""
+    if gd.serial:
         for disk in disks:
-            if gd.serial and disk.serial and gd.serial == disk.serial:
+            if disk.serial and disk.serial == gd.serial:
                 return disk
-    for gd in fs.disks:
-        if gd.pci is None:
-            continue
+    if gd.pci is not None:
         same = [d for d in disks if d.pci is not None and d.pci == gd.pci]
         if len(same) == 1:
             return same[0]
     return None
 
 
+def map_filesystem_to_disks(
+    fs: GuestFilesystem, disks: tuple[DiskInfo, ...]
+) -> tuple[DiskInfo, ...]:
+    """Every VM disk a guest filesystem lives on, each once, in the guest's order.
+
+    A filesystem on LVM or md lists several guest disks; each is matched by serial first, then
+    by PCI address when only one VM disk has it. Guest disks that match no VM disk (ambiguous
+    or not the VM's) are left out. Raises nothing.
+    """
+    found: list[DiskInfo] = []
+    for gd in fs.disks:
+        disk = _disk_of(gd, disks)
+        if disk is not None and disk not in found:
+            found.append(disk)
+    return tuple(found)
+
+
+def map_filesystem_to_disk(fs: GuestFilesystem, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
+    """The first VM disk a guest filesystem lives on (see :func:`map_filesystem_to_disks` for
+    all of them), None if on none. For display only: planning uses every disk. Raises nothing."""
+    found = map_filesystem_to_disks(fs, disks)
+    return found[0] if found else None
+
+
 def level_of(
     disks: tuple[DiskInfo, ...] | list[DiskInfo], filesystems: list[SnapshotFilesystem]
 ) -> ConsistencyLevel:
-    """Consistency level of a cut = the weakest over its disks.
+    """Consistency level of a cut = the weakest over its (snapshotted) disks. Raises nothing.
 
     A disk is filesystem-consistent when it carries at least one guest filesystem and every
-    one of them not excluded by the user was frozen; otherwise crash-consistent.
+    one of them was frozen; otherwise crash-consistent. A filesystem excluded by mount point
+    still lies on the disk unfrozen, so it makes the disk crash-consistent: the level never
+    pretends. A disk excluded whole is not among ``disks`` and does not lower the level.
     """
     levels: list[ConsistencyLevel] = []
     for disk in disks:
         on_disk = [f for f in filesystems if f.device == disk.device]
-        covered = [f for f in on_disk if not f.reason.startswith("excluded")]
-        # A disk whose filesystems were all excluded on purpose is still crash-consistent:
-        # the user accepted that for it, the record says so, the level does not pretend.
-        if covered and all(f.frozen for f in covered):
+        if on_disk and all(f.frozen for f in on_disk):
             levels.append(ConsistencyLevel.FILESYSTEM)
         else:
             levels.append(ConsistencyLevel.CRASH)
     return ConsistencyLevel.weakest(levels)
+
+
+def _chosen(disks: list[DiskInfo], exclude_disks: tuple[str, ...]) -> tuple[DiskInfo, ...]:
+    return tuple(d for d in disks if d.device not in exclude_disks and d.node not in exclude_disks)
+
+
+def _names(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _partial_exclusions(
+    disks: list[DiskInfo],
+    guest_fs: list[GuestFilesystem] | None,
+    exclude_mounts: tuple[str, ...],
+    exclude_disks: tuple[str, ...],
+) -> list[str]:
+    """Disk exclusions that would cut a filesystem in half: some of its disks in the snapshot,
+    some not, and its mount point not excluded."""
+    if guest_fs is None or not exclude_disks:
+        return []
+    chosen = _chosen(disks, exclude_disks)
+    bad: list[str] = []
+    for fs in guest_fs:
+        if fs.mountpoint in exclude_mounts:
+            continue
+        on = map_filesystem_to_disks(fs, tuple(disks))
+        left_out = [d.device for d in on if d not in chosen]
+        if left_out and len(left_out) < len(on):
+            bad.append(
+                f"{fs.mountpoint} spans {_names([d.device for d in on])}: excluding "
+                f"{_names(left_out)} would snapshot only part of it; exclude the mount point "
+                f"too (--exclude-mount {fs.mountpoint}), or "
+                + ("neither disk" if len(on) == 2 else "none of its disks")
+            )
+    return bad
 
 
 def make_plan(
@@ -133,11 +207,12 @@ def make_plan(
     """Decide what to snapshot and what to freeze.
 
     ``guest_fs`` is None when the agent could not be asked (``agent_problem`` says why).
-    Raises nothing: unknown exclusions are reported as problems by :func:`check_exclusions`.
+    Unknown exclusions are not checked here (:func:`check_exclusions` reports them).
+    Raises UsageError when ``exclude_disks`` leaves out some, not all, of the disks a
+    filesystem spans and its mount point is not excluded (also reported by
+    :func:`check_exclusions`, which the engine calls first).
     """
-    chosen = tuple(
-        d for d in disks if d.device not in exclude_disks and d.node not in exclude_disks
-    )
+    chosen = _chosen(disks, exclude_disks)
     if policy is QuiescePolicy.OFF:
         return Plan(policy=policy, disks=chosen, quiesce=False)
     if agent_problem is not None or guest_fs is None:
@@ -147,18 +222,21 @@ def make_plan(
             quiesce=False,
             problems=(agent_problem or "the guest agent could not be asked",),
         )
+    partial = _partial_exclusions(disks, guest_fs, exclude_mounts, exclude_disks)
+    if partial:
+        raise UsageError("; ".join(partial))
 
     decisions: list[FsDecision] = []
     problems: list[str] = []
     for fs in guest_fs:
-        disk = map_filesystem_to_disk(fs, tuple(disks))
-        on_chosen = disk is not None and disk in chosen
-        device = disk.device if disk is not None and on_chosen else None
+        on = map_filesystem_to_disks(fs, tuple(disks))
+        devices: list[str | None] = [d.device for d in on if d in chosen] or [None]
         if fs.mountpoint in exclude_mounts:
-            decisions.append(
-                FsDecision(fs, device, freeze=False, excluded=True, reason="excluded by the user")
-            )
-        elif disk is not None and not on_chosen:
+            decisions += [
+                FsDecision(fs, dev, freeze=False, excluded=True, reason="excluded by the user")
+                for dev in devices
+            ]
+        elif on and devices == [None]:
             decisions.append(
                 FsDecision(
                     fs, None, freeze=False, excluded=True, reason="excluded: disk not snapshotted"
@@ -166,14 +244,16 @@ def make_plan(
             )
         elif fs.fstype in UNFREEZABLE_FSTYPES:
             reason = f"{fs.fstype} does not support FIFREEZE"
-            decisions.append(FsDecision(fs, device, freeze=False, reason=reason))
-            if device is not None:
+            decisions += [FsDecision(fs, dev, freeze=False, reason=reason) for dev in devices]
+            if on:
+                names = [d.device for d in on]
                 problems.append(
-                    f"{fs.mountpoint} ({fs.fstype}) on disk {device} cannot be frozen; "
-                    f"exclude it with --exclude-mount {fs.mountpoint} or --exclude-disk {device}"
+                    f"{fs.mountpoint} ({fs.fstype}) on disk {_names(names)} cannot be frozen; "
+                    f"exclude it with --exclude-mount {fs.mountpoint} or "
+                    + " ".join(f"--exclude-disk {n}" for n in names)
                 )
         else:
-            decisions.append(FsDecision(fs, device, freeze=True))
+            decisions += [FsDecision(fs, dev, freeze=True) for dev in devices]
 
     for disk in chosen:
         if not any(d.device == disk.device for d in decisions):
@@ -182,7 +262,8 @@ def make_plan(
                 "(raw use, unmounted, or not mapped): it can only be crash-consistent"
             )
 
-    to_freeze = tuple(d.fs.mountpoint for d in decisions if d.freeze)
+    # One entry per mount point: qemu-ga freezes and counts filesystems, not disks.
+    to_freeze = tuple(dict.fromkeys(d.fs.mountpoint for d in decisions if d.freeze))
     everything_freezable = all(d.freeze for d in decisions)
     return Plan(
         policy=policy,
@@ -203,7 +284,10 @@ def check_exclusions(
     exclude_mounts: tuple[str, ...],
     exclude_disks: tuple[str, ...],
 ) -> list[str]:
-    """Exclusions that name nothing (a typo must not silently snapshot everything)."""
+    """Exclusions the engine must refuse before anything happens: those that name nothing (a
+    typo must not silently snapshot everything), and disk exclusions that would snapshot only
+    part of a filesystem spanning several disks (unless its mount point is excluded too).
+    Raises nothing."""
     bad: list[str] = []
     names = {d.device for d in disks} | {d.node for d in disks}
     bad += [f"--exclude-disk {x}: the VM has no such disk" for x in exclude_disks if x not in names]
@@ -214,4 +298,5 @@ def check_exclusions(
             for x in exclude_mounts
             if x not in mounts
         ]
+    bad += _partial_exclusions(disks, guest_fs, exclude_mounts, exclude_disks)
     return bad
