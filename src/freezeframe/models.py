@@ -8,6 +8,7 @@ the module that receives them; the rest of the code never sees raw JSON.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -137,6 +138,32 @@ class VmConfig:
     agent_log_path: str | None = None
     exclude_mounts: tuple[str, ...] = ()
     lab: bool = False
+
+    def problems(self) -> list[str]:
+        """What is wrong with this configuration (empty when it can be stored). The settings a
+        driver needs are checked by the driver (``HypervisorDriver.from_config``)."""
+        out = []
+        if not VM_NAME_RE.fullmatch(self.name):
+            out.append(
+                f"bad VM name {self.name!r}: 1-128 of letters, digits and . _ : @ + -, "
+                "starting with a letter or digit"
+            )
+        if not 0 < self.freeze_timeout <= MAX_FREEZE_TIMEOUT:  # also false for NaN
+            out.append(
+                f"freeze timeout must be in (0, {MAX_FREEZE_TIMEOUT:g}] seconds, "
+                f"got {self.freeze_timeout:g}"
+            )
+        for what, path in (("QMP", self.qmp_path), ("guest-agent", self.qga_path)):
+            if path is not None and not path.startswith("/"):
+                out.append(f"the {what} socket path must be absolute, got {path!r}")
+        return out
+
+
+#: Names of VMs in the catalog (libvirt domain names such as ``instance-0000002a`` fit).
+VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+
+#: The longest freeze deadline accepted, in seconds.
+MAX_FREEZE_TIMEOUT = 3600.0
 
 
 # ---------------------------------------------------------------------------- guest agent
@@ -298,6 +325,17 @@ class SnapshotRecord:
     freeze_window_ms: float | None = None
     evidence: tuple[str, ...] = ()  # agent log lines from the freeze window
     verification: Verification | None = None
+
+    @property
+    def thaw_unconfirmed(self) -> bool:
+        """True while the guest may still be frozen by this snapshot: the engine could not
+        confirm its thaw (timeline ``thaw_unconfirmed``) and nobody confirmed one since
+        (``thaw_confirmed`` by the follow-up or ``freezeframe recover``)."""
+        names = [e.name for e in self.timeline]
+        if "thaw_unconfirmed" not in names:
+            return False
+        last = len(names) - 1 - names[::-1].index("thaw_unconfirmed")
+        return "thaw_confirmed" not in names[last + 1 :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,6 +291,34 @@ async def test_vm_roundtrip_replace_list_remove(cat: Catalog) -> None:
         await cat.remove_vm("db")
 
 
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (VmConfig(name="a b"), "bad VM name"),
+        (VmConfig(name="../x"), "bad VM name"),
+        (VmConfig(name=""), "bad VM name"),
+        (VmConfig(name="x", freeze_timeout=float("nan")), "freeze timeout"),
+        (VmConfig(name="x", freeze_timeout=float("inf")), "freeze timeout"),
+        (VmConfig(name="x", freeze_timeout=0), "freeze timeout"),
+        (VmConfig(name="x", qmp_path="run/x.qmp"), "QMP socket path must be absolute"),
+        (VmConfig(name="x", qga_path="x.qga"), "guest-agent socket path must be absolute"),
+    ],
+)
+async def test_invalid_vm_is_refused_before_storing(
+    cat: Catalog, cfg: VmConfig, match: str
+) -> None:
+    # A NaN freeze timeout once reached the database and came back as "already registered".
+    with pytest.raises(UsageError, match=match):
+        await cat.add_vm(cfg)
+    assert await cat.list_vms() == []
+
+
+async def test_libvirt_style_names_are_accepted(cat: Catalog) -> None:
+    await cat.add_vm(VmConfig(name="instance-0000002a"))
+    await cat.add_vm(VmConfig(name="web_1.prod@rack:3+b"))
+    assert len(await cat.list_vms()) == 2
+
+
 # ---------------------------------------------------------------------------- snapshots
 
 

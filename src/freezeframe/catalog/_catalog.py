@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import StaticPool
 
 from freezeframe import paths
+from freezeframe._aio import shielded
 from freezeframe.catalog._owner import holder_is_dead
 from freezeframe.catalog._schema import (
     FreezeIntentRow,
@@ -404,8 +405,10 @@ class Catalog:
 
     Get one with :meth:`open` (or ``async with await Catalog.open() as cat``). Every public
     method runs its database work in a worker thread (``asyncio.to_thread``); calls of one
-    Catalog are serialized. Every method raises :class:`CatalogError` when the database fails
-    (the SQLAlchemy error is its ``__cause__``) or the catalog is closed, plus what it lists.
+    Catalog are serialized, and a cancelled call still waits for its thread, so it has either
+    fully taken effect or not at all when CancelledError reaches the caller. Every method raises
+    :class:`CatalogError` when the database fails (the SQLAlchemy error is its ``__cause__``) or
+    the catalog is closed, plus what it lists.
     """
 
     def __init__(self, engine: Engine, display_url: str) -> None:
@@ -487,7 +490,10 @@ class Catalog:
         return self._display
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(self._guarded, fn, *args)
+        # Cancelling the caller cannot stop a thread: wait for the database work to end, so that
+        # once CancelledError arrives the call has either taken effect or not, and a later
+        # call (a compensating release, say) runs after it.
+        return await shielded(asyncio.to_thread(self._guarded, fn, *args))
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         with self._serial:
@@ -512,8 +518,12 @@ class Catalog:
         """Register ``cfg`` (or overwrite the VM of that name when ``replace``).
 
         Raises:
+            UsageError: ``cfg`` is not valid (see :meth:`VmConfig.problems`).
             AlreadyExistsError: a VM of that name exists and ``replace`` is false.
         """
+        problems = cfg.problems()
+        if problems:
+            raise UsageError("; ".join(problems))
         await self._run(self._add_vm, cfg, replace)
 
     def _add_vm(self, cfg: VmConfig, replace: bool) -> None:
@@ -529,8 +539,15 @@ class Catalog:
                     s.delete(old)
                     s.flush()
                 s.add(_vm_row(cfg))
-        except IntegrityError as exc:  # a concurrent add on a backend without write locks
-            raise AlreadyExistsError(f"VM {cfg.name!r} is already registered") from exc
+        except IntegrityError as exc:
+            # A concurrent add on a backend without write locks; any other constraint is ours.
+            with self._reader() as s, s.begin():
+                exists = s.get(VmRow, cfg.name) is not None
+            if exists:
+                raise AlreadyExistsError(f"VM {cfg.name!r} is already registered") from exc
+            raise CatalogError(
+                f"catalog {self._display}: cannot store VM {cfg.name!r}: {_describe(exc)}"
+            ) from exc
 
     async def get_vm(self, name: str) -> VmConfig:
         """The VM registered as ``name``.

@@ -22,6 +22,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -46,6 +47,7 @@ from freezeframe.errors import (
 )
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, load_driver
 from freezeframe.models import (
+    MAX_FREEZE_TIMEOUT,
     AgentInfo,
     ConsistencyLevel,
     DiskInfo,
@@ -142,6 +144,7 @@ class _Run:
     thaw_note: str = ""
     cut_done: bool = False
     cut_unknown: bool = False
+    cut_interrupted: bool = False  # cancelled while the cut's transaction ran
     notes: list[str] = field(default_factory=list)
     followup: asyncio.Task[bool] | None = None
     stored: asyncio.Event = field(default_factory=asyncio.Event)
@@ -210,12 +213,19 @@ class Snapshotter:
         freeze_timeout = (
             req.freeze_timeout if req.freeze_timeout is not None else cfg.freeze_timeout
         )
-        if not 0 < freeze_timeout <= 3600:
-            raise UsageError(f"freeze timeout must be in (0, 3600] seconds, got {freeze_timeout:g}")
-        if req.hold_frozen < 0:
+        if not 0 < freeze_timeout <= MAX_FREEZE_TIMEOUT:  # also false for NaN
+            raise UsageError(
+                f"freeze timeout must be in (0, {MAX_FREEZE_TIMEOUT:g}] seconds, "
+                f"got {freeze_timeout:g}"
+            )
+        if not req.hold_frozen >= 0:
             raise UsageError("hold time must not be negative")
         owner = make_owner()
-        await self.catalog.acquire_vm_lock(vm, owner)
+        try:
+            await self.catalog.acquire_vm_lock(vm, owner)
+        except asyncio.CancelledError:  # the lock may have been taken just before
+            await shielded(self.catalog.release_vm_lock(vm, owner))
+            raise
         run: _Run | None = None
         try:
             record = SnapshotRecord(
@@ -253,7 +263,12 @@ class Snapshotter:
 
     async def _snapshot_locked(self, run: _Run) -> SnapshotRecord:
         tl = run.tl
-        await self.catalog.begin_snapshot(run.record)
+        try:
+            await self.catalog.begin_snapshot(run.record)
+        except asyncio.CancelledError:  # it may have been stored just before: not an attempt
+            with contextlib.suppress(FreezeframeError):
+                await shielded(self.catalog.delete_snapshot(run.sid))
+            raise
         tl.mark("started", f"policy {run.policy.value}, freeze deadline {run.freeze_timeout:g}s")
         try:
             record = await self._take(run)
@@ -348,14 +363,12 @@ class Snapshotter:
                     else:
                         await self._settle_cut(run, driver, await self._cut(run, driver, None))
                 finally:
+                    if run.cut_interrupted:
+                        await shielded(self._resolve_interrupted_cut(run, driver))
                     # An unknown outcome keeps everything: the VM may be writing to an overlay.
                     if not run.cut_done and not run.cut_unknown:
                         await shielded(driver.abort(prepared))
-                try:
-                    await driver.verify_cut(prepared)
-                except CutError as exc:
-                    raise _Failed(f"the cut was reported done but {exc.message}") from exc
-                tl.mark("cut_verified", "every disk writes to its new overlay")
+                await self._verify_cut(run, driver)
                 evidence: tuple[str, ...] = ()
                 if run.agent is not None and cfg.agent_log_path and run.frozen_count is not None:
                     evidence = await self._evidence(run.agent, cfg.agent_log_path, tl)
@@ -367,12 +380,13 @@ class Snapshotter:
     # ------------------------------------------------------------------ steps
 
     async def _parent(self, vm: str, disks: list[DiskInfo]) -> str | None:
-        """The snapshot this one continues: the newest done one whose new overlay is what a
+        """The snapshot this one continues: the newest one whose new overlay is what a
         disk of the VM writes to now (not merely the VM's newest: a VM re-created under the
         same name starts a new chain)."""
         current = {d.file for d in disks}
         for rec in reversed(await self.catalog.list_snapshots(vm)):
-            if rec.status is SnapshotStatus.DONE and any(d.overlay in current for d in rec.disks):
+            # Failed attempts count too when their cut happened (their disks are recorded).
+            if any(d.overlay in current for d in rec.disks):
                 return rec.id
         return None
 
@@ -506,15 +520,20 @@ class Snapshotter:
         qga_path = run.probe.path
         assert qga_path is not None
         hooked = False
-        if self.before_freeze is not None:
-            hooked = True
-            await self.before_freeze(cfg.name, driver)
-            tl.mark("before_freeze_hook")
-        intent = await self.catalog.open_intent(cfg.name, run.sid, qga_path, run.owner)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + run.freeze_timeout
+        intent: FreezeIntent | None = None
         cut_exc: BaseException | None = None
         try:
+            if self.before_freeze is not None:
+                hooked = True  # a hook that fails half-way still gets its after_thaw
+                await self.before_freeze(cfg.name, driver)
+                tl.mark("before_freeze_hook")
+            try:
+                intent = await self.catalog.open_intent(cfg.name, run.sid, qga_path, run.owner)
+            except asyncio.CancelledError:  # stored just before? nothing is frozen: close it
+                await shielded(self._close_own_intents(run))
+                raise
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + run.freeze_timeout
             with tl.deferred():
                 try:
                     run.freeze_sent = True
@@ -533,6 +552,7 @@ class Snapshotter:
         finally:
             if hooked and self.after_thaw is not None:
                 await shielded(self._after_thaw(run, driver))
+        assert intent is not None
         if not run.thaw_confirmed:
             self._unconfirmed(run, agent, intent)
         await self._settle_cut(run, driver, cut_exc)
@@ -596,9 +616,56 @@ class Snapshotter:
             msg = exc.message if isinstance(exc, HypervisorError) else "no answer in time"
             run.tl.mark("cut_failed", msg)
             return exc
+        except asyncio.CancelledError:
+            # The transaction may have been sent: until asked (after the thaw), the VM may
+            # write to the new overlays, so nothing may be deleted and the disks are recorded.
+            run.cut_unknown = run.cut_interrupted = True
+            run.tl.mark("cut_interrupted", "cancelled while the transaction ran")
+            raise
         run.cut_done = True
         run.tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
         return None
+
+    async def _resolve_interrupted_cut(self, run: _Run, driver: HypervisorDriver) -> None:
+        """After a cancellation during the cut (the guest is thawed by now): ask which images the
+        disks use, so a switched cut is recorded and an unswitched one is cleaned up."""
+        prepared = run.prepared
+        assert prepared is not None
+        try:
+            async with asyncio.timeout(10):
+                state = await driver.cut_state(prepared)
+        except (HypervisorError, TimeoutError):
+            state = "unknown"
+        run.tl.mark("cut_state", state)
+        if state == "switched":
+            run.cut_done, run.cut_unknown = True, False
+        elif state == "not-switched":
+            run.cut_unknown = False
+
+    async def _verify_cut(self, run: _Run, driver: HypervisorDriver) -> None:
+        """Check that every disk writes to its new overlay. A check that cannot be made (QMP
+        gone) falls back to :meth:`HypervisorDriver.cut_state`: a switched cut stays done."""
+        prepared = run.prepared
+        assert prepared is not None
+        try:
+            await driver.verify_cut(prepared)
+        except CutError as exc:
+            raise _Failed(f"the cut was reported done but {exc.message}") from exc
+        except HypervisorError as exc:
+            try:
+                state = await driver.cut_state(prepared)
+            except HypervisorError:
+                state = "unknown"
+            if state != "switched":
+                raise _Failed(
+                    f"the cut was reported done but could not be checked ({exc.message}); "
+                    "the overlays are kept and listed",
+                    hint="check the VM's disks (query-block) before deleting any overlay",
+                ) from exc
+            run.notes.append(f"the cut could not be verified in full ({exc.message})")
+            run.tl.mark("cut_state", state)
+            return
+        run.tl.mark("cut_verified", "every disk writes to its new overlay")
 
     async def _settle_cut(
         self, run: _Run, driver: HypervisorDriver, exc: BaseException | None
@@ -637,6 +704,15 @@ class Snapshotter:
                 await self.catalog.close_intent(intent.id, "engine")
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+
+    async def _close_own_intents(self, run: _Run) -> None:
+        """Close the intents of this snapshot that are open although no freeze was sent."""
+        try:
+            for intent in await self.catalog.open_intents(run.cfg.name):
+                if intent.snapshot_id == run.sid:
+                    await self.catalog.close_intent(intent.id, "engine (no freeze sent)")
+        except FreezeframeError as exc:
+            log.warning("could not close the intents of snapshot %s: %s", run.sid, exc)
 
     async def _thaw(self, agent: GuestAgent, tl: Timeline, budget: float, *, urgent: bool) -> bool:
         """Send the thaw and confirm it with guest-fsfreeze-status, within ``budget`` seconds.

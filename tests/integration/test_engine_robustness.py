@@ -1,0 +1,212 @@
+"""Engine paths found by review: cancellation at every await that writes something, an
+unconfirmed thaw, a cut that cannot be verified, hooks around a failing step.
+
+Same rig as ``test_engine_paths.py``: a real QEMU (BIOS only: real QMP, real block layer, real
+overlays) with a fake guest agent on a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from freezeframe.engine import SnapshotRequest, Snapshotter
+from freezeframe.errors import CatalogError, HypervisorUnavailableError, SnapshotFailedError
+from freezeframe.hypervisor import HypervisorDriver, PreparedCut
+from freezeframe.hypervisor.qmp import QmpDriver
+from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus
+from tests.integration.test_engine_paths import EXT4, XFS, Rig, _rig
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async for r in _rig(tmp_path, [EXT4, XFS]):
+        yield r
+
+
+def _wrap_cut(
+    monkeypatch: pytest.MonkeyPatch, before: float, after: float, reached: asyncio.Event
+) -> None:
+    """Make QmpDriver.cut slow before and/or after the real transaction."""
+    real = QmpDriver.cut
+
+    async def slow_cut(self: QmpDriver, prepared: PreparedCut) -> None:
+        reached.set()
+        await asyncio.sleep(before)
+        await real(self, prepared)
+        await asyncio.sleep(after)
+
+    monkeypatch.setattr(QmpDriver, "cut", slow_cut)
+
+
+async def _cancel_during_cut(rig: Rig, req: SnapshotRequest, reached: asyncio.Event) -> None:
+    task = asyncio.create_task(Snapshotter(rig.catalog).snapshot("t", req))
+    await asyncio.wait_for(reached.wait(), 30)
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("quiesce", [QuiescePolicy.REQUIRED, QuiescePolicy.OFF])
+async def test_cancel_after_the_switch_keeps_and_records_the_cut(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, quiesce: QuiescePolicy
+) -> None:
+    reached = asyncio.Event()
+    _wrap_cut(monkeypatch, before=0.0, after=30.0, reached=reached)
+    before = await rig.images()
+    await _cancel_during_cut(rig, SnapshotRequest(quiesce=quiesce), reached)
+    after = await rig.images()
+    assert after != before  # QEMU switched before the answer was awaited
+    (rec,) = await rig.catalog.list_snapshots("t")
+    assert rec.status is SnapshotStatus.FAILED
+    assert "interrupted" in rec.error
+    # The overlays the VM writes to now are recorded, not lost, and exist on disk.
+    assert {d.device: d.overlay for d in rec.disks} == after
+    assert {d.device: d.image for d in rec.disks} == before
+    assert all(Path(f).is_file() for f in after.values())
+    assert "cut_state" in [e.name for e in rec.timeline]
+    assert not rig.agent.frozen
+    assert await rig.catalog.open_intents("t") == []
+    # The next snapshot continues the chain from it.
+    monkeypatch.undo()
+    nxt = await Snapshotter(rig.catalog).snapshot("t", SnapshotRequest(quiesce=quiesce))
+    assert nxt.parent_id == rec.id
+
+
+async def test_cancel_before_the_switch_deletes_the_overlays(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached = asyncio.Event()
+    _wrap_cut(monkeypatch, before=30.0, after=0.0, reached=reached)
+    before, files = await rig.images(), rig.files()
+    await _cancel_during_cut(rig, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED), reached)
+    assert await rig.images() == before
+    assert rig.files() == files
+    (rec,) = await rig.catalog.list_snapshots("t")
+    assert rec.status is SnapshotStatus.FAILED
+    assert rec.disks == ()
+    assert not rig.agent.frozen
+
+
+async def test_unconfirmed_thaw_is_flagged_on_a_done_record(rig: Rig) -> None:
+    # The thaw gets no answer: the cut is good (taken frozen), but the guest may be frozen.
+    rig.agent.behave("guest-fsfreeze-thaw", hang=True)  # no answer, no effect, nothing after
+    rec = await Snapshotter(rig.catalog, thaw_timeout=1.0).snapshot(
+        "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
+    )
+    assert rec.status is SnapshotStatus.DONE
+    assert rec.level is ConsistencyLevel.FILESYSTEM
+    assert rec.thaw_unconfirmed
+    assert "recover" in rec.level_reason
+    assert rig.agent.frozen
+    assert len(await rig.catalog.open_intents("t")) == 1
+
+
+async def test_cli_exits_12_when_the_thaw_is_unconfirmed(rig: Rig, tmp_path: Path) -> None:
+    rig.agent.behave("guest-fsfreeze-thaw", hang=True)  # no answer, no effect, nothing after
+    url = f"sqlite:///{tmp_path / 'cat.sqlite'}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from freezeframe.cli.main import main; main()",
+        "--database-url",
+        url,
+        "snapshot",
+        "create",
+        "t",
+        "--quiesce",
+        "required",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 12, err.decode()
+    assert "NOT confirmed" in err.decode()
+    assert "freezeframe recover" in err.decode()
+
+
+async def test_cancel_while_waiting_for_the_lock_leaves_no_lock(rig: Rig, tmp_path: Path) -> None:
+    # Another process holds SQLite's write lock: acquiring the VM lock waits (busy timeout).
+    blocker = sqlite3.connect(tmp_path / "cat.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    task = asyncio.create_task(Snapshotter(rig.catalog).snapshot("t"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await asyncio.sleep(0.3)
+    blocker.execute("COMMIT")  # now the waiting write goes through, after the cancellation
+    blocker.close()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The lock it may have taken is released: the next snapshot runs.
+    rec = await Snapshotter(rig.catalog).snapshot("t")
+    assert rec.status is SnapshotStatus.DONE
+    assert await rig.catalog.list_snapshots("t") == [rec]
+
+
+Hook = Callable[[str, HypervisorDriver], Awaitable[None]]
+
+
+def _hooks(calls: list[str]) -> tuple[Hook, Hook]:
+    async def before(vm: str, driver: HypervisorDriver) -> None:
+        calls.append("before")
+
+    async def after(vm: str, driver: HypervisorDriver) -> None:
+        calls.append("after")
+
+    return before, after
+
+
+async def test_after_thaw_runs_when_the_intent_cannot_be_written(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: Any) -> None:
+        raise CatalogError("catalog x: database is full")
+
+    monkeypatch.setattr(rig.catalog, "open_intent", broken)
+    calls: list[str] = []
+    before, after = _hooks(calls)
+    snap = Snapshotter(rig.catalog, before_freeze=before, after_thaw=after)
+    with pytest.raises(SnapshotFailedError, match="database is full"):
+        await snap.snapshot("t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+    assert calls == ["before", "after"]
+    assert "guest-fsfreeze-freeze" not in rig.agent.commands
+
+
+async def test_after_thaw_runs_when_the_before_hook_fails(rig: Rig) -> None:
+    calls: list[str] = []
+
+    async def before(vm: str, driver: HypervisorDriver) -> None:
+        calls.append("before")
+        raise CatalogError("application did not quiesce")
+
+    _, after = _hooks(calls)
+    snap = Snapshotter(rig.catalog, before_freeze=before, after_thaw=after)
+    with pytest.raises(SnapshotFailedError, match="did not quiesce"):
+        await snap.snapshot("t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+    assert calls == ["before", "after"]
+    assert not rig.agent.frozen
+
+
+async def test_unverifiable_but_switched_cut_stays_done(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def lost(self: QmpDriver, prepared: PreparedCut) -> None:
+        raise HypervisorUnavailableError("QMP connection lost")
+
+    monkeypatch.setattr(QmpDriver, "verify_cut", lost)
+    rec = await Snapshotter(rig.catalog).snapshot(
+        "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
+    )
+    assert rec.status is SnapshotStatus.DONE
+    assert rec.level is ConsistencyLevel.FILESYSTEM
+    assert "could not be verified" in rec.level_reason
+    assert {d.device: d.overlay for d in rec.disks} == await rig.images()
