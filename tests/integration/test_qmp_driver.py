@@ -302,6 +302,98 @@ async def test_prepare_rolls_back_on_a_foreign_error_and_on_cancel(
 
 
 @integration
+async def test_a_second_cancel_during_the_rollback_does_not_cut_it_short(
+    driver: QmpDriver, vm: Vm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disks = await driver.disks()
+    second_started, undo_started = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def hanging_run(*argv: str, **kw: Any) -> object:
+        calls.append(argv[0])
+        if len(calls) == 2:  # qemu-img for disk1: disk0 is already file + node
+            second_started.set()
+            await asyncio.Event().wait()  # hangs until cancelled
+        return await run(*argv, **kw)
+
+    real_execute = driver._execute
+
+    async def slow_del(command: str, arguments: dict[str, object] | None = None) -> object:
+        if command == "blockdev-del":
+            undo_started.set()
+            await asyncio.sleep(0.5)  # the operator presses Ctrl-C again meanwhile
+        return await real_execute(command, arguments)
+
+    monkeypatch.setattr(qmp_module, "run", hanging_run)
+    monkeypatch.setattr(driver, "_execute", slow_del)
+
+    task = asyncio.create_task(driver.prepare_cut("s1", disks))
+    await asyncio.wait_for(second_started.wait(), 10)
+    assert "ff-s1-disk0" in await vm.node_names()
+    task.cancel()
+    await asyncio.wait_for(undo_started.wait(), 10)
+    for _ in range(3):
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(n.startswith("ff-") for n in await vm.node_names())
+    assert list(vm.dir.glob("*.ff-*")) == []
+
+
+@integration
+async def test_cancel_while_blockdev_add_is_in_flight_removes_its_node(
+    driver: QmpDriver, vm: Vm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disks = await driver.disks()
+    added = asyncio.Event()
+    real_execute = driver._execute
+
+    async def reply_never_seen(command: str, arguments: dict[str, object] | None = None) -> object:
+        result = await real_execute(command, arguments)
+        if command == "blockdev-add" and (arguments or {}).get("node-name") == "ff-s1-disk1":
+            added.set()  # QEMU created the node, but the reply has not reached the caller yet
+            await asyncio.Event().wait()
+        return result
+
+    monkeypatch.setattr(driver, "_execute", reply_never_seen)
+    task = asyncio.create_task(driver.prepare_cut("s1", disks))
+    await asyncio.wait_for(added.wait(), 10)
+    assert {"ff-s1-disk0", "ff-s1-disk1"} <= await vm.node_names()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(n.startswith("ff-") for n in await vm.node_names())
+    assert list(vm.dir.glob("*.ff-*")) == []
+
+
+@integration
+async def test_a_socket_that_is_not_qmp_fails_fast_and_quietly(
+    vm: Vm, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    qga = f"{vm.dir}/qga.sock"  # QEMU's guest-agent chardev: accepts, never greets
+    drv = QmpDriver(qga, vm_name="wrong")  # default timeouts, as the CLI builds it
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(HypervisorUnavailableError) as info:
+        await drv.connect()
+    elapsed = loop.time() - start
+    assert elapsed < qmp_module.GREETING_TIMEOUT + 1.5 < drv.timeout
+    assert info.value.message == (
+        f"VM 'wrong': {qga} answered but sent no QMP greeting within "
+        f"{qmp_module.GREETING_TIMEOUT:g} s: is it QEMU's QMP socket (-qmp unix:{qga},server=on)?"
+    )
+    assert "one client at a time" in (info.value.hint or "")
+    await drv.close()
+    # qemu.qmp's own error records ("Failed to establish session: CancelledError") are
+    # translated into that error: they are passed on at DEBUG only (shown at -v)
+    library = [r for r in caplog.records if r.name.startswith("qemu.qmp")]
+    assert any("CancelledError" in r.getMessage() for r in library)
+    assert [r.getMessage() for r in library if r.levelno > logging.DEBUG] == []
+
+
+@integration
 async def test_abort_reconnects_after_the_connection_is_gone(driver: QmpDriver, vm: Vm) -> None:
     prepared = await driver.prepare_cut("s1", await driver.disks())
     await driver.close()  # e.g. the connection dropped while the cut's outcome was unknown

@@ -16,22 +16,30 @@ driver's ``timeout``; a caller may also cancel any call (e.g. ``asyncio.timeout`
 
 One client at a time: a QEMU QMP socket started as ``-qmp unix:PATH,server=on,wait=off``
 serves ONE client; a second client's ``connect()`` is accepted by the kernel but never gets a
-greeting until the first disconnects. :meth:`QmpDriver.connect` therefore times out and raises
-:class:`~freezeframe.errors.HypervisorUnavailableError` saying so. Give QEMU a second ``-qmp``
-(or a ``-chardev socket ... -mon chardev=...``) if another tool must stay connected.
+greeting until the first disconnects; neither does a socket that is no QMP monitor (e.g. the
+guest agent's). :meth:`QmpDriver.connect` therefore waits only ``greeting_timeout`` (a few
+seconds: QEMU greets at once) and raises :class:`~freezeframe.errors.HypervisorUnavailableError`
+saying so. Give QEMU a second ``-qmp`` (or a ``-chardev socket ... -mon chardev=...``) if another
+tool must stay connected.
+
+The :mod:`qemu.qmp` library logs its own errors (e.g. "Failed to establish session:
+CancelledError") before raising them; this driver translates every one of them into an error of
+ours, so each client gets a logger that passes those records on at DEBUG level only (see
+:class:`_LibraryLog`): an operator sees them at ``-v``, never as raw lines on a normal run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
 import stat
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from qemu.qmp import (
     ConnectError,
@@ -42,6 +50,7 @@ from qemu.qmp import (
     Runstate,
 )
 
+from freezeframe._aio import shielded
 from freezeframe._tools import require, run
 from freezeframe.errors import (
     CutError,
@@ -69,10 +78,38 @@ _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: < 32 chars, 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[A-Za-z0-9_-]+$")
 _UNIX_CHARDEV = re.compile(r"^(?:disconnected:)?unix:([^,]+)")
 _START_HINT = "start QEMU with -qmp unix:PATH,server=on,wait=off and pass that PATH"
+#: How long :meth:`QmpDriver.connect` waits for QEMU's greeting. QEMU sends it as soon as it
+#: accepts a client, so a short wait tells a busy or wrong socket apart promptly.
+GREETING_TIMEOUT = 3.0
 _ONE_CLIENT_HINT = (
     "a QEMU QMP socket serves one client at a time: is another client (libvirt, another "
     "freezeframe, qmp-shell) connected? Otherwise the socket is not a QMP monitor"
 )
+
+
+class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger given to each :class:`QMPClient`: every record, whatever its level, goes on at
+    DEBUG under the library's own logger name.
+
+    Why this and not a global setting: the library logs an error and then raises it, and the
+    driver turns each such exception into a HypervisorError the caller reports, so at ERROR the
+    same failure would reach the operator twice, once as a raw ``CancelledError`` line. A
+    library must not configure logging for the application (setting the level of the
+    ``qemu.qmp`` logger, or adding a filter to it, would also change what other users of
+    qemu.qmp in the same process see); giving our own client instances a logger of ours only
+    changes the records of connections this driver owns. At ``-v`` (DEBUG) they still show.
+    """
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+def _new_client(name: str) -> QMPClient:
+    client = QMPClient(name or None)
+    # QMPClient only ever calls debug/info/warning/error/critical/log on ``logger``, which a
+    # LoggerAdapter provides; the attribute is typed as Logger, hence the ignore.
+    client.logger = _LibraryLog(client.logger, {})  # type: ignore[assignment]
+    return client
 
 
 class QmpCommandError(HypervisorError):
@@ -228,6 +265,24 @@ def _remove_file(path: str | Path, label: str) -> None:
         log.warning("%s: cannot remove %s: %s", label, path, exc)
 
 
+def _is_image(file: str | None, path: Path) -> bool:
+    """Whether a node's ``file`` (``query-named-block-nodes``) is the image ``path``: either the
+    plain name or, for an overlay added without a backing, ``json:{..."file": {"filename":
+    PATH}}``."""
+    if file is None:
+        return False
+    if file == str(path):
+        return True
+    if not file.startswith("json:"):
+        return False
+    try:
+        spec = json.loads(file.removeprefix("json:"))
+    except ValueError:
+        return False
+    inner = spec.get("file") if isinstance(spec, dict) else None
+    return isinstance(inner, dict) and inner.get("filename") == str(path)
+
+
 def _ms_since(start_ns: int) -> float:
     return (time.perf_counter_ns() - start_ns) / 1e6
 
@@ -238,9 +293,10 @@ def _ms_since(start_ns: int) -> float:
 class QmpDriver(HypervisorDriver):
     """Driver for one QEMU process reached through its QMP unix socket ``qmp_path``.
 
-    ``vm_name`` only labels messages and logs; ``timeout`` bounds the connection and every
-    QMP command (seconds). :attr:`last_timings` holds the durations measured by the last
-    :meth:`prepare_cut` / :meth:`cut` (milliseconds).
+    ``vm_name`` only labels messages and logs; ``timeout`` bounds every QMP command (seconds),
+    ``greeting_timeout`` the wait for QEMU's greeting when connecting (at most ``timeout``).
+    :attr:`last_timings` holds the durations measured by the last :meth:`prepare_cut` /
+    :meth:`cut` (milliseconds).
     """
 
     name = "qmp"
@@ -251,10 +307,18 @@ class QmpDriver(HypervisorDriver):
         pause_resume=True,
     )
 
-    def __init__(self, qmp_path: str, *, vm_name: str = "", timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        qmp_path: str,
+        *,
+        vm_name: str = "",
+        timeout: float = 10.0,
+        greeting_timeout: float = GREETING_TIMEOUT,
+    ) -> None:
         self.qmp_path = qmp_path
         self.vm_name = vm_name
         self.timeout = timeout
+        self.greeting_timeout = min(greeting_timeout, timeout)
         self._client: QMPClient | None = None
         self._timings: dict[str, float] = {}
 
@@ -284,8 +348,8 @@ class QmpDriver(HypervisorDriver):
         connection broke.
 
         Raises HypervisorUnavailableError (with a hint) when the socket is missing, refuses
-        the connection, does not greet within ``timeout`` (another client holds it, or it is
-        not a QMP monitor) or does not speak QMP. The driver stays disconnected on failure.
+        the connection, does not greet within ``greeting_timeout`` (another client holds it, or
+        it is not a QMP monitor) or does not speak QMP. The driver stays disconnected on failure.
         """
         if self._client is not None:
             if self._client.runstate == Runstate.RUNNING:
@@ -296,12 +360,14 @@ class QmpDriver(HypervisorDriver):
                 f"{self._label}: QMP socket {self.qmp_path} does not exist",
                 hint=f"is the VM running? {_START_HINT}",
             )
-        client = QMPClient(self.vm_name or None)
+        client = _new_client(self.vm_name)
         try:
-            await asyncio.wait_for(client.connect(self.qmp_path), self.timeout)
+            await asyncio.wait_for(client.connect(self.qmp_path), self.greeting_timeout)
         except TimeoutError as exc:
             raise HypervisorUnavailableError(
-                f"{self._label}: no QMP greeting from {self.qmp_path} within {self.timeout:g}s",
+                f"{self._label}: {self.qmp_path} answered but sent no QMP greeting within "
+                f"{self.greeting_timeout:g} s: is it QEMU's QMP socket "
+                f"(-qmp unix:{self.qmp_path},server=on)?",
                 hint=_ONE_CLIENT_HINT,
             ) from exc
         except ConnectError as exc:
@@ -518,6 +584,9 @@ class QmpDriver(HypervisorDriver):
                     timeout=self.timeout, what=f"qemu-img create {overlay.name}",
                 )  # fmt: skip
                 created = time.perf_counter_ns()
+                # Listed before the call: a blockdev-add cut short (cancelled, timed out) may
+                # still have created the node; _undo asks QEMU which nodes exist.
+                nodes.append(node)
                 await self._execute(
                     "blockdev-add",
                     {
@@ -527,12 +596,13 @@ class QmpDriver(HypervisorDriver):
                         "backing": None,
                     },
                 )
-                nodes.append(node)
                 self._timings[f"prepare.{disk.device}.create_ms"] = (created - start) / 1e6
                 self._timings[f"prepare.{disk.device}.add_ms"] = _ms_since(created)
                 prepared.append(PreparedDisk(disk, str(overlay), node, disk.file))
         except BaseException as exc:
-            await self._undo(nodes, files)
+            # Shielded: a second Ctrl-C (cancellation) during the rollback must not leave
+            # overlays and ff-* nodes behind; it is re-raised once the rollback has finished.
+            await shielded(self._undo(nodes, files))
             if isinstance(exc, CutError) or not isinstance(exc, Exception):
                 raise  # ours already, or a cancellation / KeyboardInterrupt: as it is
             hint = exc.hint if isinstance(exc, FreezeframeError) else None
@@ -571,9 +641,21 @@ class QmpDriver(HypervisorDriver):
         return None
 
     async def _undo(self, nodes: list[str], files: list[Path]) -> None:
-        """Roll back a failed prepare: these nodes were never attached. Never raises."""
+        """Roll back a failed prepare: ``nodes`` were never attached (the last one may not
+        exist: its blockdev-add may have been cut short); ``files[i]`` belongs to ``nodes[i]``.
+        A file is only deleted once QEMU does not know its node. Never raises (run it
+        shielded: each QMP call is bounded by ``timeout``)."""
         removed = set()
-        for node in nodes:
+        known: dict[str, str] | None
+        try:
+            known = await self._node_files() if nodes else {}
+        except Exception as exc:  # e.g. the connection is gone: try each node anyway
+            log.debug("%s: cannot list block nodes: %s", self._label, exc)
+            known = None
+        for node, path in zip(nodes, files, strict=False):
+            if known is not None and not _is_image(known.get(node), path):
+                removed.add(node)  # never created, or a node of that name that is not ours
+                continue
             try:
                 await self._execute("blockdev-del", {"node-name": node})
                 removed.add(node)
@@ -730,16 +812,21 @@ class QmpDriver(HypervisorDriver):
             _remove_file(d.overlay_file, self._label)
 
     async def _node_names(self) -> set[str]:
+        return set(await self._node_files())
+
+    async def _node_files(self) -> dict[str, str]:
+        """Every named block node -> the file name of its image."""
         nodes = _list(
             await self._execute("query-named-block-nodes", {"flat": True}),
             "query-named-block-nodes",
         )
-        names: set[str] = set()
+        files: dict[str, str] = {}
         for node_obj in nodes:
-            name = _dict(node_obj, "named block node").get("node-name")
+            node = _dict(node_obj, "named block node")
+            name, file = node.get("node-name"), node.get("file")
             if isinstance(name, str):
-                names.add(name)
-        return names
+                files[name] = file if isinstance(file, str) else ""
+        return files
 
     # ----------------------------------------------------------------- vCPUs
 
