@@ -855,3 +855,14 @@ class Catalog:
             log.warning("lock of VM %s was not held (release by %s)", vm, owner)
         else:
             log.warning("lock of VM %s is held by %s, not %s: left alone", vm, holder.owner, owner)
+
+    async def vm_lock_holder(self, vm: str) -> tuple[str, datetime] | None:
+        """Who holds the lock of ``vm`` and since when (aware UTC); None when it is free.
+        Read-only: a lock of a dead process is reported as it is (see ``holder_is_dead``).
+        Raises CatalogError."""
+        return await self._run(self._vm_lock_holder, vm)
+
+    def _vm_lock_holder(self, vm: str) -> tuple[str, datetime] | None:
+        with self._reader() as s, s.begin():
+            holder = s.get(VmLockRow, vm)
+            return None if holder is None else (holder.owner, holder.acquired_at)
