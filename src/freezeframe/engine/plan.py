@@ -249,8 +249,10 @@ def make_plan(
                 names = [d.device for d in on]
                 problems.append(
                     f"{fs.mountpoint} ({fs.fstype}) on disk {_names(names)} cannot be frozen; "
-                    f"exclude it with --exclude-mount {fs.mountpoint} or "
+                    "leave the disk out with "
                     + " ".join(f"--exclude-disk {n}" for n in names)
+                    + f", or take it unfrozen (crash-consistent) with --exclude-mount "
+                    f"{fs.mountpoint}"
                 )
         else:
             decisions += [FsDecision(fs, dev, freeze=True) for dev in devices]

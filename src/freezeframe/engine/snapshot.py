@@ -832,13 +832,19 @@ class Snapshotter:
         else:
             fs = tuple(d.as_record(frozen=d.freeze) for d in plan.filesystems)
             level = level_of(plan.disks, list(fs))
-            frozen = [f.mountpoint for f in fs if f.frozen]
-            not_frozen = [f"{f.mountpoint} ({f.reason})" for f in fs if not f.frozen]
+            # A filesystem spanning several disks has a record per disk: name it once.
+            frozen = list(dict.fromkeys(f.mountpoint for f in fs if f.frozen))
+            not_frozen = list(
+                dict.fromkeys(f"{f.mountpoint} ({f.reason})" for f in fs if not f.frozen)
+            )
             why = f"frozen: {', '.join(frozen) or 'none'}"
             if not_frozen:
                 why += f"; not frozen: {', '.join(not_frozen)}"
-            if plan.problems:
-                why += "; " + "; ".join(plan.problems)
+            named = {f.mountpoint for f in fs if not f.frozen}
+            # Problems about a filesystem already named as not frozen are not repeated.
+            extra = [p for p in plan.problems if not any(p.startswith(m + " ") for m in named)]
+            if extra:
+                why += "; " + "; ".join(extra)
         for note in (run.thaw_note, *run.notes):
             if note:
                 why += f"; {note}"
@@ -890,7 +896,7 @@ class _Failed(FreezeframeError):
 
 
 def _plan_summary(plan: Plan) -> str:
-    n_fs = sum(1 for d in plan.filesystems if d.freeze)
+    n_fs = len({d.fs.mountpoint for d in plan.filesystems if d.freeze})
     return (
         f"{len(plan.disks)} disk(s), {n_fs} filesystem(s) to freeze, "
         f"predicted level {plan.predicted_level.value}"
