@@ -6,7 +6,11 @@ qcow2 -- small (64-320 MiB virtual, a few MiB on disk). How each one is made:
 - ext4 "quiesced": copied while ``fsfreeze -f`` holds the mounted filesystem -> clean.
 - ext4 "crash": copied while mounted, after ``sync``, without a freeze -> ``needs_recovery``
   (ext4 sets it on disk at mount and clears it only at freeze/umount).
-- xfs "quiesced": copied while frozen -> the log is still dirty (as measured in real guests).
+- xfs "quiesced": copied while frozen -> the log is still dirty (as measured in real guests),
+  but covered: only superblock records behind the last checkpoint.
+- xfs "crash": copied while mounted, right after ``sync``, without a freeze -> the log holds
+  inode and AG header changes not yet written in place.
+- xfs "clean": unmounted after writing -> clean log.
 - vfat: mkfs.vfat only (the host cannot mount vfat); a second one with the dirty bit poked in.
 - a partitioned disk (MBR written here: ext4 + vfat), a blank disk, an ext4 damaged with
   ``debugfs -w -R "clri ..."`` (a directory entry pointing to a wiped inode).
@@ -26,13 +30,16 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from freezeframe.errors import VerifyError
-from freezeframe.models import SnapshotDisk, VerifyVerdict
+from freezeframe.cli.snapshot import verdict_exit
+from freezeframe.errors import UsageError, VerifyError
+from freezeframe.models import SnapshotDisk, Verification, VerifyVerdict
 from freezeframe.storage import mounted, open_image, verify_disks
+from freezeframe.storage.verify import _parse_xfs_logprint
 from tests.fakes.hostfs import MiB, loop_mounted, sh
 
 TOOLS = ("qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat")
@@ -88,6 +95,16 @@ def make_fs_image(d: Path, name: str, fstype: str, size_mib: int, *, frozen: boo
             copy_sparse(live, copy)
     live.unlink()
     return to_qcow2(copy)
+
+
+def make_clean_xfs(d: Path) -> Path:
+    raw = d / "xfsclean.raw"
+    with open(raw, "wb") as f:
+        f.truncate(320 * MiB)
+    sh("mkfs.xfs", "-q", "-f", str(raw))
+    with loop_mounted(raw, d / "xfsclean.mnt") as mnt:
+        write_app_files(mnt)
+    return to_qcow2(raw)
 
 
 def make_vfat(d: Path, name: str, *, dirty: bool) -> Path:
@@ -152,6 +169,8 @@ class Images:
     ext4: Path
     ext4_crash: Path
     xfs: Path
+    xfs_crash: Path
+    xfs_clean: Path
     vfat: Path
     vfat_dirty: Path
     parts: Path
@@ -174,6 +193,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
         ext4=make_fs_image(d, "ext4", "ext4", 64, frozen=True),
         ext4_crash=make_fs_image(d, "ext4crash", "ext4", 64, frozen=False),
         xfs=make_fs_image(d, "xfs", "xfs", 320, frozen=True),
+        xfs_crash=make_fs_image(d, "xfscrash", "xfs", 320, frozen=False),
+        xfs_clean=make_clean_xfs(d),
         vfat=make_vfat(d, "vfat", dirty=False),
         vfat_dirty=make_vfat(d, "vfatdirty", dirty=True),
         parts=make_partitioned(d),
@@ -281,10 +302,55 @@ async def test_frozen_xfs_log_replayed_then_consistent(images: Images, workdir: 
     (check,) = v.checks
     assert check.fstype == "xfs"
     assert check.log_replayed, check.detail
+    assert "log covered" in check.detail
+    assert "consistent after recovery" in check.detail
     # the replay went to the throw-away overlay: a second run must replay again
     again = await verify_disks([disk(images.xfs)], workdir=str(workdir))
     assert again.checks[0].log_replayed
     assert fingerprint(images.xfs) == before
+
+
+async def test_unquiesced_xfs_needs_recovery(images: Images, workdir: Path) -> None:
+    """A crash cut of xfs passes xfs_repair -n after the replay just like a frozen one; only
+    the log as it was before the replay tells them apart."""
+    v = await verify_disks([disk(images.xfs_crash)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.NEEDS_RECOVERY, v.checks
+    (check,) = v.checks
+    assert check.log_replayed
+    assert "log dirty" in check.detail, check.detail
+    assert "INO" in check.detail, check.detail
+    assert "consistent after recovery" in check.detail
+
+
+async def test_clean_xfs_log_is_consistent_without_replay(images: Images, workdir: Path) -> None:
+    v = await verify_disks([disk(images.xfs_clean)], workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.CONSISTENT
+    (check,) = v.checks
+    assert not check.log_replayed
+    assert check.detail.startswith("log clean")
+
+
+def test_xfs_logprint_classification() -> None:
+    head = "xfs_logprint:\n    log tail: 40 head: 44 state: <DIRTY>\n\n"
+    sb = (
+        "TRANS: tid:0x1  #items:2  trans:0x1  q:0x0\n"
+        "BUF: cnt:2 total:2 a:0x0 len:24 a:0x0 len:384 \n"
+        "\tBUF:  #regs:2   start blkno:0x0   len:1   bmap size:1   flags:0x9000\n"
+        "\tSUPER Block Buffer:\n"
+    )
+    ino = "INO: cnt:3 total:3 a:0x0 len:56 a:0x0 len:176 a:0x0 len:16 \n\tINODE: #regs:3\n"
+    agf = (
+        "BUF: cnt:2 total:2 a:0x0 len:24 a:0x0 len:128 \n"
+        "\tBUF:  #regs:2   start blkno:0x1   len:1   bmap size:1   flags:0x2800\n"
+        "\tAGF Buffer: (XAGF)\n"
+    )
+    assert _parse_xfs_logprint(head + sb + sb).state == "covered"
+    dirty = _parse_xfs_logprint(head + sb + ino + agf)
+    assert (dirty.state, dirty.items, dirty.kinds) == ("dirty", 2, ("BUF", "INO"))
+    assert _parse_xfs_logprint(head).state == "unknown"
+    assert _parse_xfs_logprint("garbage").state == "unknown"
+    clean = "    log tail: 14 head: 14 state: <CLEAN>\n"
+    assert _parse_xfs_logprint(clean).state == "clean"
 
 
 async def test_vfat_checked_without_mounting(images: Images, workdir: Path) -> None:
@@ -356,18 +422,80 @@ async def test_user_check_reads_a_file(images: Images, workdir: Path) -> None:
     )
     v = await verify_disks([disk(images.xfs)], user_checks=[check], workdir=str(workdir))
     assert v.verdict is VerifyVerdict.CONSISTENT
-    assert "counter=42" in v.checks[0].detail
-    assert v.checks[0].log_replayed
+    fs, user = v.checks
+    assert fs.log_replayed
+    assert (user.device, user.fstype, user.verdict) == ("disk0", "xfs", VerifyVerdict.CONSISTENT)
+    assert user.detail.startswith("user checks:")
+    assert "counter=42" in user.detail
 
 
-async def test_failing_user_check_is_corrupt(images: Images, workdir: Path) -> None:
+async def test_failing_user_check_is_check_failed_not_corrupt(
+    images: Images, workdir: Path
+) -> None:
+    """A user check is the application's opinion: the filesystem's own verdict stays."""
     checks = ["cat app/state.txt", "sh -c 'echo app state is bad >&2; exit 3'"]
     v = await verify_disks([disk(images.ext4)], user_checks=checks, workdir=str(workdir))
-    assert v.verdict is VerifyVerdict.CORRUPT
-    detail = v.checks[0].detail
-    assert "counter=42" in detail
-    assert "exit 3" in detail
-    assert "app state is bad" in detail
+    assert v.verdict is VerifyVerdict.CHECK_FAILED
+    fs, user = v.checks
+    assert (fs.fstype, fs.verdict) == ("ext4", VerifyVerdict.CONSISTENT)
+    assert "e2fsck -fn passes" in fs.detail
+    assert (user.fstype, user.verdict) == ("ext4", VerifyVerdict.CHECK_FAILED)
+    assert "counter=42" in user.detail
+    assert "exit 3" in user.detail
+    assert "app state is bad" in user.detail
+    # ranked between needs-recovery and corrupt
+    crash = await verify_disks([disk(images.ext4_crash)], user_checks=checks, workdir=str(workdir))
+    assert [c.verdict for c in crash.checks] == [
+        VerifyVerdict.NEEDS_RECOVERY,
+        VerifyVerdict.CHECK_FAILED,
+    ]
+    assert crash.verdict is VerifyVerdict.CHECK_FAILED
+    damaged = await verify_disks(
+        [disk(images.ext4), disk(images.damaged, "disk1")], user_checks=checks, workdir=str(workdir)
+    )
+    assert damaged.verdict is VerifyVerdict.CORRUPT
+    assert "user checks not run on a corrupt filesystem" in damaged.checks[-1].detail
+
+
+def test_verdict_exit_codes() -> None:
+    def code(verdict: VerifyVerdict | None) -> int:
+        if verdict is None:
+            return verdict_exit(None)
+        return verdict_exit(Verification(verdict, datetime.now(UTC)))
+
+    assert [code(v) for v in VerifyVerdict] == [
+        {"verified-consistent": 0, "check-failed": 21, "corrupt": 22}.get(v.value, 20)
+        for v in VerifyVerdict
+    ]
+    assert code(VerifyVerdict.CHECK_FAILED) == 21
+    assert code(VerifyVerdict.NEEDS_RECOVERY) == code(VerifyVerdict.UNCHECKED) == code(None) == 20
+
+
+async def test_user_check_timeout_kills_its_process_group(images: Images, workdir: Path) -> None:
+    """A check whose shell waits for a child is killed as a group at its timeout (killing
+    only the shell left the child holding the output pipe: verify hung), recorded as failed,
+    and the next check still runs; the mount, loop device and export are torn down."""
+    checks = ["sh -c 'echo started; sleep 67.5; echo never'", "cat app/state.txt"]
+    t0 = asyncio.get_running_loop().time()
+    v = await asyncio.wait_for(
+        verify_disks(
+            [disk(images.ext4)],
+            user_checks=checks,
+            user_check_timeout=1.0,
+            workdir=str(workdir),
+        ),
+        30,
+    )
+    assert asyncio.get_running_loop().time() - t0 < 25
+    assert not processes_with(b"sleep\x0067.5"), "the check's child was not killed"
+    assert v.verdict is VerifyVerdict.CHECK_FAILED
+    fs, user = v.checks
+    assert fs.verdict is VerifyVerdict.CONSISTENT
+    assert "timed out after 1 s" in user.detail
+    assert "started" in user.detail
+    assert "counter=42" in user.detail  # the second check ran
+    with pytest.raises(UsageError):
+        await verify_disks([disk(images.ext4)], user_checks=["true"], user_check_timeout=0)
 
 
 async def test_user_check_on_unmountable_vfat_says_not_run(images: Images, workdir: Path) -> None:

@@ -3,7 +3,8 @@
 Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, crash with
 ``--quiesce off``); 20 done but weaker than asked (``preferred`` fell back to crash); the error
 codes of :mod:`freezeframe.errors` otherwise (10 = attempted and failed, recorded; 9 = another
-snapshot of this VM is in progress).
+snapshot of this VM is in progress). With ``--verify`` the verdict's code (:func:`verdict_exit`:
+21 check-failed, 22 corrupt) wins over 20.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.cli._common import EXIT_WEAKER, console, emit_json, err_console, run
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
+from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT
 from freezeframe.errors import FreezeframeError
 from freezeframe.models import (
     ConsistencyLevel,
@@ -21,6 +23,7 @@ from freezeframe.models import (
     SnapshotRecord,
     TimelineEvent,
     Verification,
+    VerifyVerdict,
 )
 
 app = typer.Typer(help="Create, list, show and verify snapshots.", no_args_is_help=True)
@@ -28,6 +31,31 @@ app = typer.Typer(help="Create, list, show and verify snapshots.", no_args_is_he
 
 def expected_level(policy: QuiescePolicy) -> ConsistencyLevel:
     return ConsistencyLevel.CRASH if policy is QuiescePolicy.OFF else ConsistencyLevel.FILESYSTEM
+
+
+#: ``snapshot verify`` / ``create --verify``: the filesystems pass their own checks, a user
+#: ``--check`` failed or timed out (verdict ``check-failed``).
+EXIT_CHECK_FAILED = 21
+#: ``snapshot verify`` / ``create --verify``: a filesystem is corrupt (verdict ``corrupt``).
+EXIT_CORRUPT = 22
+
+
+def verdict_exit(v: Verification | None) -> int:
+    """Exit code for a verification: 0 verified-consistent; 20 (EXIT_WEAKER) unchecked,
+    needs-recovery or no verification; 21 check-failed; 22 corrupt."""
+    if v is None:
+        return EXIT_WEAKER
+    return {
+        VerifyVerdict.CONSISTENT: 0,
+        VerifyVerdict.CHECK_FAILED: EXIT_CHECK_FAILED,
+        VerifyVerdict.CORRUPT: EXIT_CORRUPT,
+    }.get(v.verdict, EXIT_WEAKER)
+
+
+def _positive_seconds(value: float) -> float:
+    if not 0 < value < float("inf"):  # also false for NaN
+        raise typer.BadParameter(f"must be a number of seconds > 0, got {value:g}")
+    return value
 
 
 @app.command("create")
@@ -47,6 +75,13 @@ def create(
     ),
     verify: bool = typer.Option(False, "--verify", help="Verify the images right after the cut."),
     check: list[str] = typer.Option([], "--check", help="With --verify: a user check command."),
+    check_timeout: float = typer.Option(
+        DEFAULT_CHECK_TIMEOUT,
+        "--check-timeout",
+        metavar="SECONDS",
+        callback=_positive_seconds,
+        help="With --check: kill a check (its whole process group) after SECONDS; it fails.",
+    ),
     hold_frozen: float = typer.Option(0.0, "--hold-frozen", hidden=True),
     as_json: bool = typer.Option(False, "--json", help="Print the full record as JSON."),
 ) -> None:
@@ -68,7 +103,7 @@ def create(
             rec = await Snapshotter(cat).snapshot(vm, req, progress=None if as_json else progress)
             if verify:
                 try:
-                    await verify_snapshot(cat, rec.id, checks=check)
+                    await verify_snapshot(cat, rec.id, checks=check, check_timeout=check_timeout)
                 except FreezeframeError as exc:
                     err_console.print(f"[red]verify failed to run:[/] {exc.message}")
                 rec = await cat.get_snapshot(rec.id)
@@ -85,9 +120,9 @@ def create(
             err_console.print(
                 f"[yellow]weaker than asked:[/] {rec.level.value} instead of {asked.value}"
             )
-        raise SystemExit(EXIT_WEAKER)
-    if verify and (rec.verification is None or rec.verification.verdict.badness > 0):
-        raise SystemExit(EXIT_WEAKER)
+        raise SystemExit(max(EXIT_WEAKER, verdict_exit(rec.verification) if verify else 0))
+    if verify and (code := verdict_exit(rec.verification)):
+        raise SystemExit(code)
 
 
 @app.command("list")
@@ -138,18 +173,31 @@ def verify_cmd(
     check: list[str] = typer.Option(
         [], "--check", help="Command run in each read-only mounted filesystem (repeatable)."
     ),
+    check_timeout: float = typer.Option(
+        DEFAULT_CHECK_TIMEOUT,
+        "--check-timeout",
+        metavar="SECONDS",
+        callback=_positive_seconds,
+        help="Kill a check (its whole process group) after SECONDS; it counts as failed.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Check every filesystem of every image at the cut, offline and read-only."""
+    """Check every filesystem of every image at the cut, offline and read-only.
+
+    Exit 0 verified-consistent, 20 unchecked or needs-recovery, 21 check-failed (the
+    filesystems pass, a --check failed or timed out), 22 corrupt.
+    """
 
     async def go() -> Verification:
         async with await Catalog.open() as cat:
-            return await verify_snapshot(cat, snapshot_id, checks=check)
+            return await verify_snapshot(
+                cat, snapshot_id, checks=check, check_timeout=check_timeout
+            )
 
     v = run(go, as_json=as_json)
     if as_json:
         emit_json(v)
     else:
         print_verification(v)
-    if v.verdict.badness > 0:
-        raise SystemExit(EXIT_WEAKER)
+    if code := verdict_exit(v):
+        raise SystemExit(code)

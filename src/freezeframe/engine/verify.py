@@ -14,16 +14,29 @@ from freezeframe.errors import VerifyError
 from freezeframe.models import SnapshotStatus, Verification
 from freezeframe.storage import verify_disks
 
-__all__ = ["verify_snapshot"]
+__all__ = ["DEFAULT_CHECK_TIMEOUT", "verify_snapshot"]
+
+#: Seconds a user check may run (per filesystem) before its process group is killed.
+DEFAULT_CHECK_TIMEOUT = 300.0
 
 
 async def verify_snapshot(
-    catalog: Catalog, snapshot_id: str, *, checks: Sequence[str] = ()
+    catalog: Catalog,
+    snapshot_id: str,
+    *,
+    checks: Sequence[str] = (),
+    check_timeout: float = DEFAULT_CHECK_TIMEOUT,
 ) -> Verification:
     """Verify snapshot ``snapshot_id`` (id or unique prefix) and store the verdict.
 
-    Raises NotFoundError / UsageError (unknown or ambiguous id), VerifyError (a failed
-    snapshot, or an image that cannot be read: the catalog is left unchanged).
+    ``checks`` are user check command lines, each run in every mountable filesystem for at
+    most ``check_timeout`` seconds (see :func:`freezeframe.storage.verify_disks`); a failing
+    one makes the verdict ``check-failed``, the filesystems' own checks keep theirs. The new
+    verification replaces a stored one.
+
+    Raises NotFoundError / UsageError (unknown or ambiguous id, ``check_timeout`` not > 0),
+    VerifyError (a failed snapshot, or an image that cannot be read: the catalog is left
+    unchanged).
     """
     rec = await catalog.get_snapshot(snapshot_id)
     if rec.status is not SnapshotStatus.DONE or not rec.disks:
@@ -32,6 +45,8 @@ async def verify_snapshot(
             + (f" ({rec.error})" if rec.error else "")
         )
     expect = {f.device: f.fstype for f in rec.filesystems if f.device}
-    result = await verify_disks(rec.disks, user_checks=tuple(checks), expect=expect)
+    result = await verify_disks(
+        rec.disks, user_checks=tuple(checks), expect=expect, user_check_timeout=check_timeout
+    )
     await catalog.set_verification(rec.id, result)
     return result

@@ -114,7 +114,7 @@ def _sectors_read(dev: str) -> int:
 # ---------------------------------------------------------------------------- helpers
 
 
-async def _uncancellable(aw: Awaitable[None]) -> None:
+async def _uncancellable(aw: Awaitable[object]) -> None:
     """Run ``aw`` to completion even if the calling task is cancelled meanwhile; re-raise the
     cancellation afterwards. Used for teardown, which must not stop half-way."""
     task = asyncio.ensure_future(aw)

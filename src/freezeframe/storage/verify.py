@@ -6,37 +6,57 @@ Owns the rules that turn checker output into a :class:`~freezeframe.models.Verif
   filesystem was not quiesced) is ``needs-recovery`` -- the journal is then replayed on the
   throw-away overlay and ``e2fsck -fn`` must pass, else ``corrupt``. Without it, ``e2fsck -fn``
   decides between ``verified-consistent`` and ``corrupt``.
-- xfs: ``xfs_repair -n``. A frozen xfs still has a dirty log (measured), so when the check
-  refuses because of "valuable metadata changes in a log", the log is replayed on the overlay
-  (mount + umount) and ``xfs_repair -n`` runs again: passing then is ``verified-consistent``
-  with ``log_replayed``.
+- xfs: ``xfs_repair -n``; a clean log (unmount record) and a pass is ``verified-consistent``.
+  A frozen xfs still has a dirty log (measured): the freeze *covers* it, i.e. writes only
+  superblock records behind the last checkpoint. So before anything is replayed,
+  ``xfs_logprint -t`` lists the log items between tail and head: only superblock buffers (a
+  covered log: quiesced, or idle long enough for the kernel to cover it) is
+  ``verified-consistent``; any other item (inodes, AG headers, ... : metadata changes not yet
+  written in place -- not quiesced at the cut) is ``needs-recovery``, exactly like ext4's
+  ``needs_recovery``; a log that cannot be read that way is ``needs-recovery`` too. In every
+  dirty case the log is then replayed on the overlay (mount + umount) and ``xfs_repair -n``
+  must pass, else ``corrupt``; the detail says "log replayed: consistent after recovery".
 - vfat: ``fsck.vfat -n`` on the device (the host cannot mount vfat). Only the dirty bit set
   (mounted, not cleanly unmounted: vfat cannot be frozen) is ``needs-recovery``.
 - anything else (or no filesystem at all): ``unchecked``.
 
-User checks run on top, once per mountable filesystem that is not corrupt, mounted read-only.
-The whole snapshot gets the worst verdict. The images are only read (see
+User checks run on top, once per mountable filesystem that is not corrupt, mounted read-only,
+each in its own process group, killed as a group at its timeout. They are the application's
+opinion, not the filesystem's: their result is a separate :class:`FsCheck` right after the
+filesystem's own one (same device and partition, detail starting with ``user checks:``),
+``verified-consistent`` when all pass, ``check-failed`` when one fails or times out; the
+filesystem's own check keeps its verdict. The whole snapshot gets the worst verdict
+(:attr:`VerifyVerdict.badness`). The images are only read (see
 :mod:`freezeframe.storage.inspect`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from freezeframe._tools import run
-from freezeframe.errors import VerifyError
+from freezeframe._tools import require, run
+from freezeframe.errors import UsageError, VerifyError
 from freezeframe.models import FsCheck, SnapshotDisk, Verification, VerifyVerdict
-from freezeframe.storage.inspect import ImageView, Partition, mounted, open_image
+from freezeframe.storage.inspect import (
+    ImageView,
+    Partition,
+    _uncancellable,
+    mounted,
+    open_image,
+)
 
 __all__ = ["verify_disks"]
 
@@ -47,6 +67,8 @@ _FAT = frozenset({"vfat", "msdos", "fat"})
 _TAIL_LINES = 5
 _DEFAULT_CHECK_TIMEOUT = 1800.0
 _DEFAULT_USER_CHECK_TIMEOUT = 300.0
+#: How long the output of a killed user check is still read.
+_DRAIN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +156,53 @@ async def _check_ext(part: Partition, timeout: float, workdir: str | None) -> _R
 
 
 _XFS_DIRTY_LOG = re.compile(r"metadata changes in a log|log.*(dirty|replay)", re.IGNORECASE)
+_XFS_LOG_STATE = re.compile(r"log tail: \d+ head: \d+ state: <(\w+)>")
+#: An item header of ``xfs_logprint -t``: ``BUF: cnt:2 total:2 ...``, ``INO: cnt:3 ...``.
+_XFS_ITEM = re.compile(r"^(\w+): cnt:\d+", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class _XfsLog:
+    """What ``xfs_logprint -t`` says about the log before any replay."""
+
+    state: str  # "clean", "covered", "dirty" or "unknown"
+    items: int = 0  # log items other than superblock buffers (dirty)
+    kinds: tuple[str, ...] = ()  # their kinds (INO, BUF, ...), sorted
+    why: str = ""  # unknown: why
+
+
+def _parse_xfs_logprint(text: str) -> _XfsLog:
+    """Classify ``xfs_logprint -t`` output (tail..head of the log, transactional view).
+
+    A covered log -- what a freeze leaves, and what an idle filesystem gets after a while --
+    holds only the dummy transactions that log the superblock; anything else is metadata
+    that recovery would have to write in place.
+    """
+    m = _XFS_LOG_STATE.search(text)
+    if m is None:
+        return _XfsLog("unknown", why="no log state in xfs_logprint output")
+    if m.group(1).upper() == "CLEAN":
+        return _XfsLog("clean")
+    body = text[m.end() :]
+    starts = [i.start() for i in _XFS_ITEM.finditer(body)] + [len(body)]
+    other: list[str] = []
+    for a, b in itertools.pairwise(starts):
+        item = body[a:b]
+        kind = item.split(":", 1)[0]
+        if not (kind == "BUF" and "SUPER Block Buffer" in item):
+            other.append(kind)
+    if len(starts) == 1:
+        return _XfsLog("unknown", why="the log is dirty but xfs_logprint lists no items")
+    if not other:
+        return _XfsLog("covered")
+    return _XfsLog("dirty", items=len(other), kinds=tuple(sorted(set(other))))
+
+
+async def _xfs_log_state(device: str, timeout: float) -> _XfsLog:
+    res = await run("xfs_logprint", "-t", device, check=False, timeout=timeout)
+    if res.returncode != 0:
+        return _XfsLog("unknown", why=f"xfs_logprint -t exit {res.returncode}: {_tail(res.err)}")
+    return _parse_xfs_logprint(res.out)
 
 
 async def _check_xfs(part: Partition, timeout: float, workdir: str | None) -> _Result:
@@ -143,19 +212,39 @@ async def _check_xfs(part: Partition, timeout: float, workdir: str | None) -> _R
     output = first.out + "\n" + first.err
     if not _XFS_DIRTY_LOG.search(output):
         return _Result(VerifyVerdict.CORRUPT, f"xfs_repair -n fails: {_tail(output)}")
+    require("xfs_logprint", "xfsprogs")
+    state = await _xfs_log_state(part.device, timeout)  # read before the replay changes it
+    if state.state in ("clean", "covered"):
+        verdict = VerifyVerdict.CONSISTENT
+        before = (
+            "log covered (only the superblock records a freeze writes: quiesced at the cut)"
+            if state.state == "covered"
+            else "log clean"
+        )
+    elif state.state == "dirty":
+        verdict = VerifyVerdict.NEEDS_RECOVERY
+        before = (
+            f"log dirty: {state.items} metadata item(s) ({', '.join(state.kinds)}) not yet "
+            "written in place (needs recovery: not quiesced at the cut)"
+        )
+    else:
+        verdict = VerifyVerdict.NEEDS_RECOVERY
+        before = f"log dirty and its content unknown ({state.why}): treated as needs recovery"
     failed = await _replay(part, workdir)
     if failed:
-        return _Result(VerifyVerdict.CORRUPT, f"log replay failed: {failed}")
+        return _Result(VerifyVerdict.CORRUPT, f"{before}; log replay failed: {failed}")
     second = await run("xfs_repair", "-n", part.device, check=False, timeout=timeout)
     if second.returncode != 0:
         return _Result(
             VerifyVerdict.CORRUPT,
-            f"after log replay xfs_repair -n fails: {_tail(second.out + chr(10) + second.err)}",
+            f"{before}; after log replay xfs_repair -n fails: "
+            f"{_tail(second.out + chr(10) + second.err)}",
             log_replayed=True,
         )
     return _Result(
-        VerifyVerdict.CONSISTENT,
-        "log dirty; replayed on the throw-away overlay, then xfs_repair -n passes",
+        verdict,
+        f"{before}; log replayed on the throw-away overlay: consistent after recovery "
+        "(xfs_repair -n passes)",
         log_replayed=True,
     )
 
@@ -221,10 +310,21 @@ def _parse_user_checks(user_checks: Sequence[str]) -> list[list[str]]:
     return parsed
 
 
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the process group of a user check (its PID: it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 async def _run_user_check(
     argv: list[str], cwd: Path, env: dict[str, str], timeout: float
 ) -> tuple[int | None, str, str]:
-    """Run one user check; (exit code or None on timeout, stdout, stderr)."""
+    """Run one user check in a new session; (exit code or None on timeout, stdout, stderr).
+
+    On timeout or cancellation the check's whole process group is killed (a shell's children
+    too), so nothing keeps the read-only mount busy; the group is killed after a normal exit
+    as well, for background children left behind.
+    """
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -233,21 +333,30 @@ async def _run_user_check(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
     except OSError as exc:
         return 127, "", f"cannot start {argv[0]}: {exc}"
+    rc: int | None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        return None, out.decode(errors="replace"), err.decode(errors="replace")
-    except asyncio.CancelledError:
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            rc = proc.returncode
+        except TimeoutError:
+            log.warning("user check %s timed out after %g s; killing it", argv[0], timeout)
+            _kill_group(proc)
+            rc = None
+            try:  # what it wrote before; bounded: a child that left the group may hold a pipe
+                out, err = await asyncio.wait_for(proc.communicate(), _DRAIN_TIMEOUT)
+            except TimeoutError:
+                out, err = b"", b""
+    finally:  # also on cancellation (Ctrl-C): the teardown of the mount follows
+        _kill_group(proc)
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await _uncancellable(proc.wait())
+    return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 async def _user_checks(
@@ -257,8 +366,9 @@ async def _user_checks(
     checks: list[list[str]],
     timeout: float,
     workdir: str | None,
-) -> tuple[bool, list[str]]:
-    """Run every user check on ``part`` mounted read-only; (all passed, detail lines)."""
+) -> tuple[bool | None, list[str]]:
+    """Run every user check on ``part`` mounted read-only; (all passed, or None when they
+    could not be run; detail lines)."""
     notes: list[str] = []
     passed = True
     try:
@@ -277,18 +387,20 @@ async def _user_checks(
                 rc, out, err = await _run_user_check(argv, mnt, env, timeout)
                 if rc is None:
                     passed = False
-                    notes.append(f"user check `{name}` timed out after {timeout:g}s")
+                    tail = _tail(out + "\n" + err)
+                    notes.append(
+                        f"`{name}` timed out after {timeout:g} s (killed)"
+                        + (f": {tail}" if tail else "")
+                    )
                 elif rc != 0:
                     passed = False
-                    notes.append(
-                        f"user check `{name}` failed (exit {rc}): {_tail(out + chr(10) + err)}"
-                    )
+                    notes.append(f"`{name}` failed (exit {rc}): {_tail(out + chr(10) + err)}")
                 else:
                     tail = _tail(out)
-                    notes.append(f"user check `{name}` passed" + (f": {tail}" if tail else ""))
+                    notes.append(f"`{name}` passed" + (f": {tail}" if tail else ""))
     except VerifyError as exc:
         log.warning("user checks not run on %s (%s): %s", disk.device, part.device, exc)
-        notes.append(f"user checks NOT run: {exc.message}")
+        return None, [f"user checks NOT run: {exc.message}"]
     return passed, notes
 
 
@@ -332,31 +444,47 @@ async def _check_disk(
             )
             continue
         result = await _check_fs(part, fstype, timeout, workdir)
-        verdict, details = result.verdict, [result.detail]
-        if user_checks and verdict in (VerifyVerdict.CONSISTENT, VerifyVerdict.NEEDS_RECOVERY):
+        details = [result.detail]
+        user_row: FsCheck | None = None
+        if user_checks and result.verdict in (
+            VerifyVerdict.CONSISTENT,
+            VerifyVerdict.NEEDS_RECOVERY,
+        ):
             ok, notes = await _user_checks(disk, part, fstype, user_checks, user_timeout, workdir)
-            details.extend(notes)
-            if not ok:
-                verdict = VerifyVerdict.CORRUPT
+            if ok is None:
+                details.extend(notes)
+            else:
+                user_row = FsCheck(
+                    device=disk.device,
+                    fstype=fstype,
+                    verdict=VerifyVerdict.CONSISTENT if ok else VerifyVerdict.CHECK_FAILED,
+                    detail="user checks: " + "; ".join(notes),
+                    partition=partition,
+                )
         elif user_checks:
-            details.append(f"user checks not run on a {verdict.value} filesystem")
-        check = FsCheck(
-            device=disk.device,
-            fstype=fstype,
-            verdict=verdict,
-            detail="; ".join(details),
-            log_replayed=result.log_replayed,
-            partition=partition,
-        )
-        log.info(
-            "%s%s %s: %s (%s)",
-            disk.device,
-            f" partition {partition}" if partition else "",
-            fstype,
-            verdict.value,
-            check.detail,
-        )
-        checks.append(check)
+            details.append(f"user checks not run on a {result.verdict.value} filesystem")
+        for check in (
+            FsCheck(
+                device=disk.device,
+                fstype=fstype,
+                verdict=result.verdict,
+                detail="; ".join(details),
+                log_replayed=result.log_replayed,
+                partition=partition,
+            ),
+            user_row,
+        ):
+            if check is None:
+                continue
+            log.info(
+                "%s%s %s: %s (%s)",
+                disk.device,
+                f" partition {partition}" if partition else "",
+                fstype,
+                check.verdict.value,
+                check.detail,
+            )
+            checks.append(check)
     if expected and view.partitions:
         found = {_family(p.fstype) for p in view.partitions}
         if _family(expected) not in found:
@@ -399,21 +527,28 @@ async def verify_disks(
     mountable filesystem that is not corrupt, mounted read-only (``nosuid,nodev,noexec``;
     after the log/journal replay), with the mount point as working directory and
     ``FF_MOUNT``, ``FF_DEVICE`` (the snapshot disk), ``FF_FSTYPE``, ``FF_IMAGE`` (and
-    ``FF_BLOCKDEV``, ``FF_PARTITION``) in the environment. A non-zero exit or a timeout makes
-    the filesystem ``corrupt``, with the command's last output lines in the detail; a passing
-    check's last stdout lines go into the detail too. A filesystem this host cannot mount
-    (vfat) keeps its verdict and says "user checks NOT run" in its detail.
+    ``FF_BLOCKDEV``, ``FF_PARTITION``) in the environment, each in its own process group.
+    Their outcome is one more :class:`FsCheck` per filesystem, right after the filesystem's
+    own (same device, partition and fstype; detail ``user checks: ...`` with each command's
+    last output lines): ``verified-consistent`` when all pass, ``check-failed`` when one exits
+    non-zero or runs longer than ``user_check_timeout`` seconds (its whole process group is
+    then killed: "timed out after N s"). The filesystem's own verdict is left as it is. A
+    filesystem this host cannot mount (vfat) gets no such row; its own check says "user
+    checks NOT run".
 
     The overall verdict is the worst one; ``bytes_read`` sums what was read from the exported
     disks (see :meth:`~freezeframe.storage.inspect.ImageView.bytes_read`).
 
     Raises VerifyError when a check cannot be run at all (image missing or damaged, export
     failed, ``/dev/fuse`` missing, a user check that is empty or names a missing program);
+    UsageError when ``user_check_timeout`` is not a positive number of seconds;
     DependencyError when a checker program is missing. Everything set up for the failing
     disk is torn down before the error propagates.
     """
     started = time.monotonic()
     checked_at = datetime.now(UTC)
+    if not 0 < user_check_timeout < float("inf"):  # also false for NaN
+        raise UsageError(f"the user check timeout must be > 0 seconds, got {user_check_timeout:g}")
     parsed = _parse_user_checks(user_checks)
     expect = expect or {}
     checks: list[FsCheck] = []
