@@ -4,18 +4,29 @@ Runs the same preflight the snapshot runs (driver, agent probe, plan) without pr
 freezing or switching anything, and turns each fact into a check: pass / warn / fail with a
 one-line fix in the operator's words and the cloud's (``hw_qemu_guest_agent``,
 ``os_require_quiesce``). Ends with the consistency level a snapshot would reach now.
+
+The catalog's VM lock is looked at first: while a snapshot of the VM is in progress, its QMP
+and guest-agent sockets (one client each) belong to that snapshot, so doctor says so at once
+and touches neither. When the agent does not answer, doctor tells a host-side socket problem
+(the path given with ``vm add --qga`` does not exist or refuses connections) apart from a guest
+without a running qemu-ga.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import os
+import stat
 from dataclasses import dataclass
 
-from freezeframe.catalog import Catalog
+from freezeframe.catalog import Catalog, holder_is_dead
 from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesystem_to_disk
 from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
 from freezeframe.errors import HypervisorError
-from freezeframe.models import ConsistencyLevel, FsFreezeState, QuiescePolicy
+from freezeframe.hypervisor.base import HypervisorDriver
+from freezeframe.models import ConsistencyLevel, FsFreezeState, QuiescePolicy, VmConfig
 
 __all__ = ["Check", "CheckStatus", "DoctorReport", "doctor"]
 
@@ -50,7 +61,8 @@ class DoctorReport:
 async def doctor(
     catalog: Catalog, vm: str, *, quiesce: QuiescePolicy | None = None
 ) -> DoctorReport:
-    """Diagnose ``vm``. Raises NotFoundError for an unknown VM; everything else is a check."""
+    """Diagnose ``vm``. Raises NotFoundError for an unknown VM, CatalogError when the catalog
+    cannot be read; everything else is a check."""
     cfg = await catalog.get_vm(vm)
     policy = quiesce or cfg.quiesce
     checks: list[Check] = []
@@ -66,6 +78,42 @@ async def doctor(
         f"{' (os_require_quiesce)' if policy is QuiescePolicy.REQUIRED else ''}, "
         f"freeze deadline {cfg.freeze_timeout:g} s",
     )
+    held = await catalog.vm_lock_holder(cfg.name)
+    if held is not None:
+        owner, since = held
+        when = since.isoformat(timespec="seconds")
+        if not holder_is_dead(owner, since):
+            add(
+                "snapshot lock",
+                None,
+                f"a snapshot of {cfg.name} is in progress by {owner} since {when}: its QMP and "
+                "guest-agent sockets serve one client each, so they are not checked now",
+                "run `freezeframe doctor` again once that snapshot has finished",
+            )
+            intents = await catalog.open_intents(cfg.name)
+            if intents:
+                add(
+                    "freeze intents",
+                    None,
+                    f"{len(intents)} open (snapshot {intents[0].snapshot_id}): the guest is "
+                    "frozen by that snapshot right now",
+                    "nothing to do while it runs; if its process hangs, `freezeframe recover "
+                    f"{cfg.name} --force` thaws the guest",
+                )
+            return _report(
+                cfg.name,
+                policy,
+                checks,
+                ConsistencyLevel.NONE,
+                f"a snapshot of {cfg.name} is in progress: another one would be refused now "
+                "(busy); ask again when it has finished",
+            )
+        add(
+            "snapshot lock",
+            None,
+            f"left by {owner} since {when}, a process that is gone",
+            "nothing to do: the next snapshot takes the lock over",
+        )
     driver = open_driver(cfg)
     try:
         await driver.connect()
@@ -105,9 +153,11 @@ async def doctor(
             "run `freezeframe recover`",
         )
         probe = await Snapshotter(catalog).probe_agent(cfg, driver)
+        channel = await _agent_chardev(driver) if cfg.agent and probe.info is None else None
     finally:
         await driver.close()
 
+    agent_problem = probe.problem
     if not cfg.agent:
         add(
             "agent",
@@ -125,14 +175,25 @@ async def doctor(
             "org.qemu.guest_agent.0) and restart the VM",
         )
     else:
-        add("agent channel", True, f"virtio-serial port org.qemu.guest_agent.0 at {probe.path}")
-        if probe.info is None:
+        host_problem = None if probe.info is not None else await _socket_problem(probe.path)
+        if host_problem is None:
+            add(
+                "agent channel",
+                True,
+                f"virtio-serial port org.qemu.guest_agent.0 at {probe.path} (accepts connections)",
+            )
+        if host_problem is not None:
+            # Nothing reached the guest: the host-side path is wrong, not the guest's package.
+            agent_problem = f"the guest-agent socket {probe.path} {host_problem}"
+            add("agent channel", False, agent_problem, _socket_fix(cfg, probe.path, channel))
+        elif probe.info is None:
             add(
                 "agent",
                 False,
                 probe.problem or "the agent does not answer",
                 "install and start qemu-guest-agent in the guest "
-                "(apt-get install qemu-guest-agent; systemctl enable --now qemu-guest-agent)",
+                "(apt-get install qemu-guest-agent; systemctl enable --now qemu-guest-agent); "
+                "or another client holds the socket (one at a time)",
             )
         else:
             ping = f", ping {probe.ping_ms:.1f} ms" if probe.ping_ms is not None else ""
@@ -184,27 +245,81 @@ async def doctor(
         disks=disks,
         guest_fs=probe.filesystems,
         exclude_mounts=cfg.exclude_mounts,
-        agent_problem=probe.problem,
+        agent_problem=agent_problem,
     )
     if policy is QuiescePolicy.REQUIRED and plan.problems:
         level = ConsistencyLevel.NONE
         add(
             "policy outcome",
             False,
-            "os_require_quiesce is set: this VM cannot be snapshotted until "
+            "this VM cannot be snapshotted with quiesce required (os_require_quiesce): "
             + "; ".join(plan.problems),
-            "fix the failing checks above, or use --quiesce preferred",
+            "fix the failing checks above, or use --quiesce preferred (crash-consistent "
+            "where the guest cannot be frozen)",
         )
     else:
         level = plan.predicted_level
     return _report(cfg.name, policy, checks, level)
 
 
+async def _agent_chardev(driver: HypervisorDriver) -> str | None:
+    """The unix socket path of the VM's agent port as QEMU reports it, or None."""
+    if not driver.capabilities.agent_channel_check:
+        return None
+    try:
+        channel = await driver.agent_channel()
+    except HypervisorError:
+        return None
+    return channel if channel and channel.startswith("/") else None
+
+
+async def _socket_problem(path: str) -> str | None:
+    """Why the host-side unix socket ``path`` cannot reach any agent: it does not exist, is
+    no socket or refuses connections. None when it accepts a connection (closed at once)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist on this host"
+    except OSError as exc:
+        return f"cannot be looked at: {exc.strerror or exc}"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket"
+    try:
+        async with asyncio.timeout(2):
+            _, writer = await asyncio.open_unix_connection(path)
+    except ConnectionRefusedError:
+        return "refuses connections (nothing listens: a socket left by a VM that stopped?)"
+    except (OSError, TimeoutError) as exc:
+        return f"cannot be connected to ({exc or type(exc).__name__})"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def _socket_fix(cfg: VmConfig, path: str, channel: str | None) -> str:
+    if channel is not None and channel != path:
+        return (
+            f"QEMU says the VM's agent socket is {channel}: "
+            f"`freezeframe vm add {cfg.name} --replace --qga {channel}` (keep its other options)"
+        )
+    return (
+        f"is the VM running? pass the host path of the VM's agent socket with `freezeframe vm "
+        f"add {cfg.name} --qga PATH`: the path of QEMU's `-chardev socket,path=PATH,"
+        "server=on,wait=off,id=qga0` behind `-device virtserialport,chardev=qga0,"
+        "name=org.qemu.guest_agent.0`"
+    )
+
+
 def _report(
-    vm: str, policy: QuiescePolicy, checks: list[Check], level: ConsistencyLevel
+    vm: str,
+    policy: QuiescePolicy,
+    checks: list[Check],
+    level: ConsistencyLevel,
+    verdict: str = "",
 ) -> DoctorReport:
-    if level is ConsistencyLevel.NONE:
+    if not verdict and level is ConsistencyLevel.NONE:
         verdict = f"a {policy.value} snapshot of {vm} would fail now"
-    else:
+    elif not verdict:
         verdict = f"a snapshot of {vm} would be {level.value}-consistent now"
     return DoctorReport(vm, policy, tuple(checks), level, verdict)

@@ -1,0 +1,171 @@
+"""``doctor`` against a real QEMU (BIOS only: real QMP, real agent chardev) and a fake guest
+agent: a snapshot in progress, the wording of a failing ``--quiesce required`` and a guest-agent
+socket path that is wrong on the host side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from freezeframe.catalog import Catalog
+from freezeframe.engine import SnapshotRequest, Snapshotter, doctor
+from freezeframe.engine.doctor import Check, CheckStatus, DoctorReport
+from freezeframe.models import ConsistencyLevel, QuiescePolicy, VmConfig
+from tests.fakes.bios_vm import Vm, bios_vm
+from tests.fakes.fake_agent import FakeAgent, FakeFs
+
+pytestmark = pytest.mark.integration
+
+EXT4 = FakeFs("/mnt/disk0", "ext4", name="vda", pci=(0, 0, 5, 0))
+XFS = FakeFs("/mnt/disk1", "xfs", name="vdb", pci=(0, 0, 6, 0))
+VFAT = FakeFs("/mnt/disk1", "vfat", name="vdb", pci=(0, 0, 6, 0), freezable=False)
+
+
+@dataclass
+class Rig:
+    vm: Vm
+    agent: FakeAgent
+    catalog: Catalog
+    cfg: VmConfig
+
+    async def reconfigure(self, **changes: object) -> None:
+        await self.catalog.add_vm(replace(self.cfg, **changes), replace=True)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with (
+        bios_vm(agent=True) as vm,
+        FakeAgent(vm.dir / "fake-qga.sock", fs=[EXT4, XFS]) as agent,
+    ):
+        cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+        cfg = VmConfig(name="t", qmp_path=vm.qmp, qga_path=agent.path)
+        await cat.add_vm(cfg)
+        try:
+            yield Rig(vm, agent, cat, cfg)
+        finally:
+            await cat.close()
+
+
+def _check(rep: DoctorReport, name: str) -> Check:
+    return next(c for c in rep.checks if c.name == name)
+
+
+def _fixes(rep: DoctorReport) -> str:
+    return "\n".join(c.fix for c in rep.checks)
+
+
+async def test_a_snapshot_in_progress_is_reported_at_once(rig: Rig) -> None:
+    task = asyncio.create_task(
+        Snapshotter(rig.catalog).snapshot("t", SnapshotRequest(hold_frozen=2.0))
+    )
+    try:
+        await rig.agent.wait_for("guest-fsfreeze-freeze")
+        sent = len(rig.agent.commands)
+        holder = await rig.catalog.vm_lock_holder("t")
+        assert holder is not None
+        start = time.monotonic()
+        rep = await doctor(rig.catalog, "t")
+        elapsed = time.monotonic() - start
+        # the snapshot holds QMP (one client) and the agent: neither was touched or waited for
+        assert elapsed < 1.0
+        assert len(rig.agent.commands) == sent
+        lock = _check(rep, "snapshot lock")
+        assert lock.status is CheckStatus.WARN
+        assert lock.detail.startswith(
+            f"a snapshot of t is in progress by {holder[0]} since "
+            f"{holder[1].isoformat(timespec='seconds')}"
+        )
+        intents = _check(rep, "freeze intents")
+        assert intents.status is CheckStatus.WARN
+        assert "frozen by that snapshot right now" in intents.detail
+        assert [c.name for c in rep.checks] == ["policy", "snapshot lock", "freeze intents"]
+        assert "in progress" in rep.verdict
+        assert rep.ok  # warnings only
+    finally:
+        rec = await task
+    assert rec.level is ConsistencyLevel.FILESYSTEM  # undisturbed
+    rep = await doctor(rig.catalog, "t")  # finished: the full checklist again
+    assert not any(c.name == "snapshot lock" for c in rep.checks)
+    assert rep.ok, rep.checks
+
+
+async def test_a_lock_left_by_a_dead_process_is_a_warning_only(rig: Rig) -> None:
+    dead = f"{socket.gethostname()}:4194305:dead"  # above any pid_max: never a live process
+    await rig.catalog.acquire_vm_lock("t", dead)
+    rep = await doctor(rig.catalog, "t")
+    lock = _check(rep, "snapshot lock")
+    assert lock.status is CheckStatus.WARN
+    assert f"left by {dead}" in lock.detail
+    assert rep.predicted_level is ConsistencyLevel.FILESYSTEM  # every other check ran
+    assert _check(rep, "agent").status is CheckStatus.PASS
+
+
+async def test_required_quiesce_outcome_reads_correctly(rig: Rig) -> None:
+    rig.agent.fs = [EXT4, VFAT]
+    rep = await doctor(rig.catalog, "t", quiesce=QuiescePolicy.REQUIRED)
+    outcome = _check(rep, "policy outcome")
+    assert outcome.status is CheckStatus.FAIL
+    assert outcome.detail.startswith(
+        "this VM cannot be snapshotted with quiesce required (os_require_quiesce): "
+        "/mnt/disk1 (vfat) on disk disk1 cannot be frozen"
+    )
+    assert "until" not in outcome.detail
+
+    await rig.reconfigure(agent=False, qga_path=None)
+    rep = await doctor(rig.catalog, "t", quiesce=QuiescePolicy.REQUIRED)
+    outcome = _check(rep, "policy outcome")
+    assert outcome.detail.startswith(
+        "this VM cannot be snapshotted with quiesce required (os_require_quiesce): "
+        "the VM is configured without a guest agent"
+    )
+    assert "until" not in outcome.detail
+
+
+async def test_a_wrong_host_socket_path_is_not_blamed_on_the_guest(rig: Rig) -> None:
+    qemu_side = f"{rig.vm.dir}/qga.sock"  # the VM's real agent chardev, as QEMU reports it
+    missing = str(rig.vm.dir / "nonexistent" / "qga.sock")
+    await rig.reconfigure(qga_path=missing)
+    rep = await doctor(rig.catalog, "t", quiesce=QuiescePolicy.REQUIRED)
+    channel = _check(rep, "agent channel")
+    assert channel.status is CheckStatus.FAIL
+    assert channel.detail == f"the guest-agent socket {missing} does not exist on this host"
+    assert f"--qga {qemu_side}" in channel.fix
+    assert "apt-get" not in _fixes(rep)
+    assert not any(c.name == "agent" for c in rep.checks)
+    outcome = _check(rep, "policy outcome")
+    assert missing in outcome.detail
+    assert "install" not in outcome.detail
+
+    stale = rig.vm.dir / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))  # bound, never listening: what a stopped VM leaves behind
+    s.close()
+    await rig.reconfigure(qga_path=str(stale))
+    rep = await doctor(rig.catalog, "t")
+    channel = _check(rep, "agent channel")
+    assert channel.status is CheckStatus.FAIL
+    assert "refuses connections" in channel.detail
+    assert "apt-get" not in _fixes(rep)
+
+
+async def test_a_socket_that_accepts_but_no_agent_answers_is_the_guests_problem(
+    rig: Rig,
+) -> None:
+    qemu_side = f"{rig.vm.dir}/qga.sock"  # QEMU accepts; no qemu-ga runs in a BIOS-only VM
+    await rig.reconfigure(qga_path=qemu_side)
+    rep = await doctor(rig.catalog, "t")
+    channel = _check(rep, "agent channel")
+    assert channel.status is CheckStatus.PASS
+    assert qemu_side in channel.detail
+    agent = _check(rep, "agent")
+    assert agent.status is CheckStatus.FAIL
+    assert "install and start qemu-guest-agent in the guest" in agent.fix
+    assert rep.predicted_level is ConsistencyLevel.CRASH
