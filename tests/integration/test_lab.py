@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -15,9 +16,12 @@ import pytest
 
 from freezeframe import paths
 from freezeframe.agent import GuestAgent
+from freezeframe.catalog import Catalog
+from freezeframe.engine import SnapshotRequest, Snapshotter
 from freezeframe.errors import AlreadyExistsError, DependencyError, LabError, UsageError
 from freezeframe.lab import LabVm, _build, _qemu, cache_dir, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab.workload import MAXGAP_PATH, SEQ_PATH, last_sequence
+from freezeframe.models import QuiescePolicy
 from tests.integration.conftest import LabVmFactory
 
 pytestmark = pytest.mark.integration
@@ -133,10 +137,20 @@ async def test_running_name_is_taken_and_a_stale_directory_is_reused(
             break
         await asyncio.sleep(0.05)
     assert not lab_status("dup").running
-    reborn = await lab_vm("dup", disks=("vfat",), agent=False)
+    # A stopped VM restarts on its own disks: other disks are refused, nothing is touched.
+    with pytest.raises(LabError, match=r"exists \(stopped\) with disks ext4, not vfat") as refused:
+        await lab_up("dup", disks=("vfat",), agent=False)
+    assert "lab down dup --purge" in (refused.value.hint or "")
+    with pytest.raises(LabError, match="not 1073741824"):
+        await lab_up("dup", disk_size="1G", agent=False)
+    reborn = await lab_vm("dup", disks=("ext4",), agent=False)
     assert reborn.pid != vm.pid
     assert lab_status("dup").running
-    assert [d.fstype for d in reborn.disks] == ["vfat"]
+    assert [d.fstype for d in reborn.disks] == ["ext4"]
+    # Purged, the name is free for other disks.
+    await lab_down("dup", purge=True)
+    other = await lab_vm("dup", disks=("vfat",), agent=False)
+    assert [d.fstype for d in other.disks] == ["vfat"]
 
 
 async def test_guest_not_ready_in_time(lab_vm: LabVmFactory) -> None:
@@ -240,3 +254,127 @@ def test_cli_up_list_status_down() -> None:
         for name in ("cli1", "cli2"):
             if (paths.lab_dir() / name).exists():
                 asyncio.run(lab_down(name, purge=True))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+async def _guest_sh(vm: LabVm, script: str) -> bytes:
+    assert vm.qga_path is not None
+    async with GuestAgent(str(vm.qga_path), timeout=30.0) as ga:
+        res = await ga.exec("/bin/sh", ["-c", script])
+    assert res.exitcode == 0, res
+    return res.stdout
+
+
+def _booted_from(name: str) -> list[str]:
+    argv = (paths.lab_dir() / name / "qemu.argv").read_text().splitlines()
+    return [a.split("filename=", 1)[1] for a in argv if a.startswith("driver=file,")]
+
+
+async def test_restart_boots_from_the_top_of_each_chain(lab_vm: LabVmFactory) -> None:
+    """lab down + lab up keeps what the guest wrote after a snapshot and never writes into
+    the snapshot's image at the cut; so does an up after QEMU was killed (no record)."""
+    name = "rst"
+    vm = await lab_vm(name, disks=("ext4",))
+    base = vm.disks[0].file
+    async with await Catalog.open() as cat:
+        await cat.add_vm(vm.vm_config(), replace=True)
+        snap = Snapshotter(cat)
+        first = await snap.snapshot(name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+        assert [Path(d.image) for d in first.disks] == [base]
+        assert first.disks[0].overlay is not None
+        top1 = Path(first.disks[0].overlay)
+        await _guest_sh(vm, "echo after-first > /mnt/disk0/marker1 && sync")
+        await lab_down(name)
+        base_sum = _sha256(base)
+
+        again = await lab_vm(name, disks=("ext4",))
+        assert _booted_from(name) == [str(top1)]
+        assert await _guest_sh(again, "cat /mnt/disk0/marker1") == b"after-first\n"
+        second = await snap.snapshot(name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+        assert [Path(d.image) for d in second.disks] == [top1]
+        assert second.disks[0].overlay is not None
+        top2 = Path(second.disks[0].overlay)
+        await _guest_sh(again, "echo after-second > /mnt/disk0/marker2 && sync")
+        top1_sum = _sha256(top1)
+
+    # Unclean: QEMU killed, nothing recorded; the one leaf of the chain is found.
+    os.kill(again.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not _qemu.qemu_alive(again.pid, again.qmp_path):
+            break
+        await asyncio.sleep(0.05)
+    third = await lab_up(name)  # no disks given: its own (the fixture still purges it)
+    assert [d.fstype for d in third.disks] == ["ext4"]
+    assert _booted_from(name) == [str(top2)]
+    out = await _guest_sh(third, "cat /mnt/disk0/marker1 /mnt/disk0/marker2")
+    assert out == b"after-first\nafter-second\n"
+    await lab_down(name)
+    # The snapshots' images at the cut never changed.
+    assert _sha256(base) == base_sum
+    assert _sha256(top1) == top1_sum
+    check = subprocess.run(["qemu-img", "check", str(base)], capture_output=True, check=False)
+    assert check.returncode == 0, check.stdout
+
+    # A leaf that would fork the chain makes the top ambiguous without a record: refused.
+    record = paths.lab_dir() / name / "vm.json"
+    doc = json.loads(record.read_text())
+    assert doc["tops"] == {"disk0": str(top2)}
+    stray = top2.with_name("disk0.ff-stray.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(top1), str(stray)],
+        check=True,
+    )
+    del doc["tops"]
+    record.write_text(json.dumps(doc))
+    with pytest.raises(LabError, match="ambiguous") as info:
+        await lab_up(name)
+    assert "disk0.ff-stray.qcow2" in info.value.message
+    assert top2.name in info.value.message
+    assert not lab_status(name).running
+    # With the record, the recorded top wins; one that backs another image is refused.
+    doc["tops"] = {"disk0": str(top1)}
+    record.write_text(json.dumps(doc))
+    with pytest.raises(LabError, match="backing file of"):
+        await lab_up(name)
+    assert _sha256(top1) == top1_sum
+
+
+def test_cli_rejects_bad_up_input_and_help_shows_the_name_rule() -> None:
+    for args, text in [
+        (("--timeout", "-1"), "timeout"),
+        (("--timeout", "0"), "timeout"),
+        (("--timeout", "nan"), "timeout"),
+        (("--disks", ""), "no data disk"),
+        (("--disks", "ext4,,xfs"), "empty entry"),
+        (("--disk-size", "1"), "disk size"),
+    ]:
+        res = _cli("up", "badin", *args, "--json")
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert json.loads(res.stdout)["error"] == "UsageError"
+        assert text in json.loads(res.stdout)["message"]
+    assert not (paths.lab_dir() / "badin").exists()
+    helped = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from freezeframe.cli.main import main; main()",
+            "lab",
+            "up",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert "1-32 characters of a-z, 0-9 and '-'" in helped.stdout
+    purge = _cli("down", "--help").stdout
+    assert "registration" in purge

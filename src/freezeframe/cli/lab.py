@@ -9,11 +9,13 @@ import contextlib
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from freezeframe.catalog import Catalog
 from freezeframe.cli._common import console, die, emit_json, err_console, run
 from freezeframe.errors import AlreadyExistsError, FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
+from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
@@ -25,13 +27,17 @@ _JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 
 def _print_vm(vm: LabVm) -> None:
     state = "[green]running[/]" if vm.running else "[red]stopped[/]"
-    console.print(f"[bold]{vm.name}[/] {state} pid {vm.pid} accel {vm.accel}", highlight=False)
-    console.print(f"  qmp      {vm.qmp_path}", highlight=False)
-    console.print(f"  agent    {vm.qga_path or '(none)'}", highlight=False)
-    console.print(f"  console  {vm.console_log}", highlight=False)
+    console.print(
+        f"[bold]{escape(vm.name)}[/] {state} pid {vm.pid} accel {escape(vm.accel)}",
+        highlight=False,
+    )
+    console.print(f"  qmp      {vm.qmp_path}", markup=False, highlight=False)
+    console.print(f"  agent    {vm.qga_path or '(none)'}", markup=False, highlight=False)
+    console.print(f"  console  {vm.console_log}", markup=False, highlight=False)
     for d in vm.disks:
         console.print(
             f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}",
+            markup=False,
             highlight=False,
         )
 
@@ -45,16 +51,37 @@ def _sync(as_json: bool, fn: Any, *args: Any) -> Any:
 
 @app.command("up")
 def up(
-    name: str = typer.Argument(..., help="VM name: [a-z0-9][a-z0-9-]{0,31}."),
-    disks: str = typer.Option("ext4,xfs", "--disks", help="Data disk filesystems, in order."),
-    disk_size: str = typer.Option("256M", "--disk-size", help="Size of each data disk."),
+    name: str = typer.Argument(
+        ..., help="VM name: 1-32 characters of a-z, 0-9 and '-', not starting with '-'."
+    ),
+    disks: str | None = typer.Option(
+        None,
+        "--disks",
+        help="Data disk filesystems, in order, comma-separated: ext4, xfs, vfat "
+        "(new VM: default ext4,xfs; a stopped VM restarts on its own disks).",
+    ),
+    disk_size: str | None = typer.Option(
+        None, "--disk-size", help="Size of each new data disk, 64M..64G (default 256M)."
+    ),
     no_agent: bool = typer.Option(False, "--no-agent", help="Do not start qemu-ga."),
     accel: str = typer.Option("auto", "--accel", help="auto, kvm or tcg."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds for the guest to be ready."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", help="Seconds for the guest to be ready (more than 0, at most 3600)."
+    ),
     as_json: bool = _JSON,
 ) -> None:
-    """Build (cached) and boot a lab VM; return once its agent answers guest-ping."""
-    fstypes = tuple(d for d in (p.strip() for p in disks.split(",")) if d)
+    """Build (cached) and boot a lab VM; return once its agent answers guest-ping.
+
+    A stopped lab VM restarts on its own disks, each from the top of its snapshot chain."""
+    fstypes: tuple[str, ...] | None = None
+    try:
+        if disks is not None:
+            fstypes = parse_disks(disks)
+        if disk_size is not None:
+            parse_size(disk_size)
+        validate_timeout(timeout)
+    except FreezeframeError as exc:
+        die(exc, as_json=as_json)
 
     async def go() -> LabVm:
         async with await Catalog.open() as cat:
@@ -81,18 +108,24 @@ def up(
     if as_json:
         emit_json(vm.to_json())
     else:
-        err_console.print(f"lab VM {vm.name} is up ({vm.accel})", highlight=False)
+        err_console.print(f"lab VM {vm.name} is up ({vm.accel})", markup=False, highlight=False)
         _print_vm(vm)
 
 
 @app.command("down")
 def down(
     name: str = typer.Argument(...),
-    purge: bool = typer.Option(False, "--purge", help="Also delete its disks and logs."),
+    purge: bool = typer.Option(
+        False,
+        "--purge",
+        help="Also delete its files (disks, snapshot overlays, logs), its registration and "
+        "its snapshot records.",
+    ),
     as_json: bool = _JSON,
 ) -> None:
-    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); --purge deletes its files, its
-    registration and its snapshot records (their images lived in the deleted directory)."""
+    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); its disks stay for the next lab up.
+    --purge deletes its files, its registration and its snapshot records (their images lived
+    in the deleted directory)."""
 
     async def go() -> int:
         await lab_down(name, purge=purge)
@@ -114,7 +147,7 @@ def down(
         emit_json({"name": name, "stopped": True, "purged": purge, "snapshots_removed": removed})
     else:
         gone = f" and purged ({removed} snapshot record(s) removed)" if purge else ""
-        err_console.print(f"lab VM {name} stopped{gone}")
+        err_console.print(f"lab VM {name} stopped{gone}", markup=False)
 
 
 @app.command("list")
@@ -129,7 +162,7 @@ def list_(as_json: bool = _JSON) -> None:
     for vm in vms:
         state = "running" if vm.running else "stopped"
         fs = ",".join(d.fstype for d in vm.disks) or "-"
-        console.print(f"{vm.name:<20} {state:<8} pid {vm.pid:<8} {vm.accel:<4} {fs}")
+        console.print(f"{vm.name:<20} {state:<8} pid {vm.pid:<8} {vm.accel:<4} {fs}", markup=False)
 
 
 @app.command("status")

@@ -5,6 +5,7 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ __all__ = [
     "MAX_DISKS",
     "LabDisk",
     "LabVm",
+    "parse_disks",
     "parse_size",
     "validate_accel",
     "validate_fstypes",
     "validate_name",
+    "validate_timeout",
 ]
 
 #: qemu-ga's --logfile inside the lab guest (see guest/init).
@@ -39,6 +42,8 @@ _SIZE_RE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _MIN_SIZE = 64 << 20
 _MAX_SIZE = 64 << 30
+#: Longest ``timeout`` (seconds) ``lab_up`` accepts.
+MAX_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,34 @@ def validate_fstypes(disks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if len(out) > MAX_DISKS:
         raise UsageError(f"too many lab disks ({len(out)}); at most {MAX_DISKS}")
     return out
+
+
+def parse_disks(text: str) -> tuple[str, ...]:
+    """``"ext4,xfs"`` -> ``("ext4", "xfs")``; raise UsageError for an empty list, an empty
+    entry (``"ext4,,xfs"``) or an unknown filesystem."""
+    parts = tuple(p.strip() for p in text.split(","))
+    if not any(parts):
+        raise UsageError(
+            "no data disk given",
+            hint=f"e.g. --disks ext4,xfs (choose from {', '.join(FILESYSTEMS)})",
+        )
+    if not all(parts):
+        raise UsageError(
+            f"empty entry in the disk list {text!r}", hint="separate filesystems by one comma"
+        )
+    return validate_fstypes(parts)
+
+
+def validate_timeout(timeout: float) -> float:
+    """Return ``timeout`` if it is a number of seconds in (0, :data:`MAX_TIMEOUT`]; else raise
+    UsageError."""
+    if not isinstance(timeout, int | float) or not math.isfinite(timeout):
+        raise UsageError(f"invalid timeout {timeout!r}", hint="a number of seconds, e.g. 60")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise UsageError(
+            f"timeout {timeout:g}s out of range", hint=f"more than 0 and at most {MAX_TIMEOUT:g}"
+        )
+    return float(timeout)
 
 
 def validate_accel(accel: str) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "kill_now",
     "qemu_alive",
     "qemu_argv",
+    "query_tops",
     "stop_qemu",
 ]
 
@@ -188,6 +189,40 @@ async def _qmp_quit(qmp_path: Path, timeout: float) -> None:
     finally:
         with contextlib.suppress(QMPError, OSError, TimeoutError, EOFError):
             await asyncio.wait_for(client.disconnect(), timeout)
+
+
+async def query_tops(qmp_path: Path, timeout: float = 3.0) -> dict[str, str]:
+    """Ask the running QEMU (``query-block``) which image is on top of each disk: a map from
+    the file at the bottom of each chain (the disk's base image) to the top image's file.
+
+    Raises QMPError, OSError, TimeoutError or EOFError when QEMU cannot be asked, ValueError
+    when its reply is not what ``query-block`` returns.
+    """
+    client = QMPClient("fflab")
+    try:
+        await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
+        blocks = await asyncio.wait_for(client.execute("query-block"), timeout)
+    finally:
+        with contextlib.suppress(QMPError, OSError, TimeoutError, EOFError):
+            await asyncio.wait_for(client.disconnect(), timeout)
+    if not isinstance(blocks, list):
+        raise ValueError(f"query-block returned {type(blocks).__name__}")
+    tops: dict[str, str] = {}
+    for block in blocks:
+        inserted = block.get("inserted") if isinstance(block, dict) else None
+        image = inserted.get("image") if isinstance(inserted, dict) else None
+        if not isinstance(image, dict):
+            continue
+        top = image.get("filename")
+        bottom = top
+        below = image.get("backing-image")
+        while isinstance(below, dict):
+            bottom = below.get("filename")
+            below = below.get("backing-image")
+        if not isinstance(top, str) or not isinstance(bottom, str):
+            raise ValueError("query-block: an image without a file name")
+        tops[bottom] = top
+    return tops
 
 
 async def _wait_gone_async(pid: int, qmp_path: Path, timeout: float) -> bool:

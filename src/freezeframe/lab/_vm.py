@@ -1,15 +1,21 @@
 """Lab VM lifecycle: ``lab_up``, ``lab_down``, ``lab_list``, ``lab_status``.
 
 A lab VM lives in ``<lab dir>/NAME/``: ``vm.json`` (the :class:`LabVm` record), ``qemu.pid``,
-``qmp.sock``, ``qga.sock``, ``console.log`` and ``diskN.qcow2``. Operations on one name are
-serialised by a lock file in ``<lab dir>/.locks/``. A directory whose QEMU is gone is stale and
-is reused by the next ``lab_up`` of that name.
+``qmp.sock``, ``qga.sock``, ``console.log``, the base images ``diskN.qcow2`` and the overlays
+snapshots put on top of them (``diskN.ff-<id>.qcow2``). Operations on one name are serialised
+by a lock file in ``<lab dir>/.locks/``.
+
+``lab_down`` (without purge) keeps the disks: before it stops QEMU it records in ``vm.json``
+(key ``tops``) which image is on top of each disk, and the next ``lab_up`` of that name boots
+every disk from the top of its chain (see :mod:`freezeframe.lab._chain`), never from an image a
+snapshot recorded as its image at the cut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -26,7 +32,7 @@ from freezeframe.errors import (
     LabError,
     NotFoundError,
 )
-from freezeframe.lab import _build, _disks, _qemu
+from freezeframe.lab import _build, _chain, _disks, _qemu
 from freezeframe.lab._model import (
     LabDisk,
     LabVm,
@@ -34,6 +40,7 @@ from freezeframe.lab._model import (
     validate_accel,
     validate_fstypes,
     validate_name,
+    validate_timeout,
 )
 from freezeframe.lab._util import atomic_write, console_tail, file_lock
 
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 READY_MARKER = "FFLAB-READY"
 ERROR_MARKER = "fflab: ERROR"
 _RECORD = "vm.json"
+_TOPS = "tops"
+_DEFAULT_DISKS = ("ext4", "xfs")
+_DEFAULT_SIZE = "256M"
 _SOCKET_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
@@ -69,6 +79,42 @@ def _read_record(name: str) -> LabVm | None:
         return LabVm.from_json(doc, running=running)
     except (KeyError, TypeError, ValueError) as exc:
         raise LabError(f"lab VM {name}: malformed {_RECORD}: {exc}") from exc
+
+
+def _read_tops(name: str) -> dict[str, str] | None:
+    """What ``lab_down`` recorded on top of each device, or None (no clean stop recorded)."""
+    try:
+        doc = json.loads((_vm_dir(name) / _RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    tops = doc.get(_TOPS) if isinstance(doc, dict) else None
+    if not isinstance(tops, dict) or not all(isinstance(v, str) for v in tops.values()):
+        return None
+    return {str(k): v for k, v in tops.items()}
+
+
+def _write_record(vm: LabVm, tops: dict[str, str] | None = None) -> None:
+    doc = vm.to_json()
+    if tops is not None:
+        doc[_TOPS] = tops
+    atomic_write(_vm_dir(vm.name) / _RECORD, json.dumps(doc, indent=2).encode())
+
+
+async def _record_tops(vm: LabVm) -> None:
+    """Before stopping a running VM: record the image on top of each of its disks (or, if
+    QEMU cannot tell, make sure no stale record is left, so the next ``lab_up`` searches)."""
+    tops: dict[str, str] | None = None
+    try:
+        by_base = await _qemu.query_tops(vm.qmp_path)
+        found = {d.device: by_base[str(d.file)] for d in vm.disks if str(d.file) in by_base}
+        if len(found) == len(vm.disks):
+            tops = found
+        else:
+            log.warning("lab %s: query-block does not show every disk: %s", vm.name, by_base)
+    except Exception as exc:  # QMP, OS or reply errors: fall back to the search on lab_up
+        log.warning("lab %s: cannot ask QEMU for its disks' top images: %s", vm.name, exc)
+    _write_record(vm, tops)
+    log.info("lab %s: recorded tops %s", vm.name, tops)
 
 
 def _remove_runtime_files(vmdir: Path) -> None:
@@ -120,33 +166,101 @@ async def _wait_ready(vm: LabVm, deadline: float) -> None:
         await agent.close()
 
 
+async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> list[LabDisk]:
+    """Create the directory and fresh data disks of a new lab VM. A directory without a
+    record (a ``lab_up`` that failed before QEMU started) is replaced, unless it holds snapshot
+    overlays: then LabError."""
+    vmdir = _vm_dir(name)
+    if vmdir.exists():
+        overlays = sorted(p.name for p in vmdir.glob("*.ff-*.qcow2"))
+        if overlays:
+            raise LabError(
+                f"lab VM {name}: {vmdir} has no {_RECORD} but holds snapshot images "
+                f"({', '.join(overlays)}); not overwriting them",
+                hint=f"freezeframe lab down {name} --purge",
+            )
+        log.info("lab %s: replacing unrecorded directory %s", name, vmdir)
+        shutil.rmtree(vmdir)
+    vmdir.mkdir(parents=True)
+    out: list[LabDisk] = []
+    for i, fstype in enumerate(fstypes):
+        disk = LabDisk(
+            device=f"disk{i}",
+            node=f"disk{i}",
+            file=vmdir / f"disk{i}.qcow2",
+            format="qcow2",
+            fstype=fstype,
+            mountpoint=f"/mnt/disk{i}",
+        )
+        await _disks.make_disk(disk.file, fstype, size or parse_size(_DEFAULT_SIZE), f"ffdisk{i}")
+        out.append(disk)
+    return out
+
+
+async def _restart_disks(
+    old: LabVm, fstypes: tuple[str, ...] | None, size: int | None
+) -> tuple[list[LabDisk], list[LabDisk]]:
+    """The disks of a stopped VM (as recorded) and the same disks pointing at the image each
+    must boot from. Raises LabError if ``fstypes``/``size`` do not match them or the top of a
+    chain cannot be told (see :func:`_chain.boot_tops`)."""
+    name = old.name
+    purge = f"freezeframe lab down {name} --purge, then lab up again"
+    have = tuple(d.fstype for d in old.disks)
+    if fstypes is not None and fstypes != have:
+        raise LabError(
+            f"lab VM {name} exists (stopped) with disks {','.join(have) or '(none)'}, "
+            f"not {','.join(fstypes) or '(none)'}",
+            hint=f"omit --disks to restart it as it is, or {purge}",
+        )
+    tops, bases = await _chain.boot_tops(name, _vm_dir(name), old.disks, _read_tops(name))
+    if size is not None:
+        for d in old.disks:
+            want = max(size, _disks.XFS_MIN_SIZE) if d.fstype == "xfs" else size
+            if bases[d.device].virtual_size != want:
+                raise LabError(
+                    f"lab VM {name} exists (stopped): {d.device} is "
+                    f"{bases[d.device].virtual_size} bytes, not {want}",
+                    hint=f"omit --disk-size to restart it as it is, or {purge}",
+                )
+    log.info("lab %s: restarting on its disks", name)
+    boot = [dataclasses.replace(d, file=tops[d.device]) for d in old.disks]
+    return list(old.disks), boot
+
+
 async def lab_up(
     name: str,
     *,
-    disks: tuple[str, ...] | list[str] = ("ext4", "xfs"),
-    disk_size: str | int = "256M",
+    disks: tuple[str, ...] | list[str] | None = None,
+    disk_size: str | int | None = None,
     agent: bool = True,
     accel: str = "auto",
     timeout: float = 60.0,
 ) -> LabVm:
     """Build (cached) and boot the lab VM ``name``; return it once it is ready.
 
+    A new VM gets fresh data disks (``disks``: their filesystems, default ext4 + xfs;
+    ``disk_size`` each, default 256M). A stopped VM of that name restarts on its own disks,
+    each booted from the top of its image chain (the overlay its last snapshot switched it to),
+    so nothing written before ``lab_down`` is lost and no snapshot's image changes; ``disks``
+    and ``disk_size``, if given, must match it.
+
     Ready means ``guest-ping`` answers (without an agent: READY on the console) within
     ``timeout`` seconds of QEMU's start (building the kernel and initramfs the first time
     comes on top). Raises UsageError (bad name, filesystem, size, accelerator),
     AlreadyExistsError (the name is running), DependencyError (a host package is missing),
     ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build failed; the guest did
-    not become ready: the message carries the console's last lines). On any failure no QEMU
+    not become ready: the message carries the console's last lines; a stopped VM's disks do
+    not match ``disks``/``disk_size`` or the top of a disk's chain cannot be told for sure:
+    the message names the candidate images). On any failure no QEMU
     of this VM is left running; its directory (with the console log) stays for inspection and
     is reused by the next ``lab_up``.
     """
     validate_name(name)
-    fstypes = validate_fstypes(tuple(disks))
-    size = parse_size(disk_size)
+    asked = validate_fstypes(tuple(disks)) if disks is not None else None
+    asked_size = parse_size(disk_size) if disk_size is not None else None
     validate_accel(accel)
-    if timeout <= 0:
-        raise LabError(f"timeout must be positive, got {timeout!r}")
-    _build.check_dependencies(fstypes)
+    timeout = validate_timeout(timeout)
+    _build.check_dependencies(asked if asked is not None else _DEFAULT_DISKS)
     vmdir = _vm_dir(name)
     qmp_path, qga_path = vmdir / "qmp.sock", vmdir / "qga.sock"
     if len(str(qga_path)) > _SOCKET_MAX:
@@ -164,23 +278,15 @@ async def lab_up(
         artifacts = await _build.ensure_artifacts()
         chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
         log.info("lab %s: accelerator %s", name, chosen)
-        if vmdir.exists():
-            log.info("lab %s: reusing stale directory %s", name, vmdir)
-            shutil.rmtree(vmdir)
-        vmdir.mkdir(parents=True)
-        lab_disks: list[LabDisk] = []
-        for i, fstype in enumerate(fstypes):
-            disk = LabDisk(
-                device=f"disk{i}",
-                node=f"disk{i}",
-                file=vmdir / f"disk{i}.qcow2",
-                format="qcow2",
-                fstype=fstype,
-                mountpoint=f"/mnt/disk{i}",
-            )
-            await _disks.make_disk(disk.file, fstype, size, f"ffdisk{i}")
-            lab_disks.append(disk)
+        if old is not None:
+            lab_disks, boot_disks = await _restart_disks(old, asked, asked_size)
+            _remove_runtime_files(vmdir)
+        else:
+            lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size)
+            boot_disks = lab_disks
+        fstypes = tuple(d.fstype for d in lab_disks)
         console_log = vmdir / "console.log"
+        console_log.unlink(missing_ok=True)  # no READY of an earlier boot
         pidfile = vmdir / "qemu.pid"
         argv = _qemu.qemu_argv(
             name=name,
@@ -190,7 +296,7 @@ async def lab_up(
             console_log=console_log,
             qmp_path=qmp_path,
             qga_path=qga_path if agent else None,
-            disks=lab_disks,
+            disks=boot_disks,
             pidfile=pidfile,
         )
         (vmdir / "qemu.argv").write_text("\n".join(argv) + "\n")
@@ -209,7 +315,7 @@ async def lab_up(
                 accel=chosen,
                 disks=tuple(lab_disks),
             )
-            atomic_write(vmdir / _RECORD, json.dumps(vm.to_json(), indent=2).encode())
+            _write_record(vm)
             await _wait_ready(vm, started + timeout)
         except BaseException as exc:
             if not pid:
@@ -232,7 +338,8 @@ async def lab_up(
 
 async def lab_down(name: str, *, purge: bool = False) -> None:
     """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL) and remove its sockets;
-    with ``purge`` delete its directory (disks, console log) too.
+    with ``purge`` delete its directory (disks, overlays, console log) too. Without ``purge``
+    the image on top of each disk is recorded first, for the next ``lab_up``.
 
     The PID is checked to still be this VM's QEMU before any signal. Stopping a VM that is
     not running is not an error. Raises UsageError for a bad name, NotFoundError if there is
@@ -250,6 +357,8 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
                 raise
             vm = None
         if vm is not None and vm.running:
+            if not purge:
+                await _record_tops(vm)
             how = await _qemu.stop_qemu(vm.pid, vm.qmp_path)
             log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
             if _qemu.qemu_alive(vm.pid, vm.qmp_path):
