@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from freezeframe.errors import DependencyError, UsageError
-from freezeframe.lab import _build, _qemu
+from freezeframe.errors import DependencyError, LabError, UsageError
+from freezeframe.lab import _build, _chain, _qemu
 from freezeframe.lab._build import BootArtifacts
 from freezeframe.lab._cpio import CpioWriter
-from freezeframe.lab._model import LabDisk, parse_size, validate_fstypes, validate_name
+from freezeframe.lab._model import (
+    LabDisk,
+    parse_disks,
+    parse_size,
+    validate_fstypes,
+    validate_name,
+    validate_timeout,
+)
 from freezeframe.lab._util import console_tail
 
 
@@ -155,3 +162,67 @@ def test_console_tail_keeps_an_earlier_panic_line(tmp_path: Path) -> None:
     assert tail[0].startswith("Kernel panic")
     assert tail[1] == "..."
     assert tail[2:] == [f"trace {i}" for i in range(40, 50)]
+
+
+def test_parse_disks() -> None:
+    assert parse_disks("ext4,xfs") == ("ext4", "xfs")
+    assert parse_disks(" EXT4 , vfat") == ("ext4", "vfat")
+    for bad, text in [("", "no data disk"), (" , ", "no data disk"), ("ext4,,xfs", "empty")]:
+        with pytest.raises(UsageError, match=text):
+            parse_disks(bad)
+    with pytest.raises(UsageError, match="zfs"):
+        parse_disks("ext4,zfs")
+
+
+def test_validate_timeout() -> None:
+    assert validate_timeout(60) == 60.0
+    assert validate_timeout(0.5) == 0.5
+    for bad in (0, -1, float("nan"), float("inf"), 1e9):
+        with pytest.raises(UsageError):
+            validate_timeout(bad)
+
+
+def _qcow2(path: Path, backing: Path | None = None) -> Path:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-F", "qcow2", "-b", str(backing)]
+    subprocess.run([*argv, str(path), "64M"], check=True)
+    return path
+
+
+def _disk(vmdir: Path, i: int) -> LabDisk:
+    return LabDisk(f"disk{i}", f"disk{i}", vmdir / f"disk{i}.qcow2", "qcow2", "ext4", "/mnt")
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+async def test_boot_tops_follows_the_chain_and_refuses_doubt(tmp_path: Path) -> None:
+    d0, d1 = _disk(tmp_path, 0), _disk(tmp_path, 1)
+    base0, base1 = _qcow2(d0.file), _qcow2(d1.file)
+    a0 = _qcow2(tmp_path / "disk0.ff-a.qcow2", base0)
+    b0 = _qcow2(tmp_path / "disk0.ff-b.qcow2", a0)
+    # No record: the one leaf above each base.
+    tops, bases = await _chain.boot_tops("t", tmp_path, [d0, d1], None)
+    assert tops == {"disk0": b0, "disk1": base1}
+    assert bases["disk0"].virtual_size == 64 << 20
+    # A record wins when it checks out.
+    tops, _ = await _chain.boot_tops(
+        "t", tmp_path, [d0, d1], {"disk0": str(b0), "disk1": str(base1)}
+    )
+    assert tops == {"disk0": b0, "disk1": base1}
+    # Never an image another one is backed by, never one of another disk's chain.
+    with pytest.raises(LabError, match=r"backing file of disk0\.ff-b\.qcow2"):
+        await _chain.boot_tops("t", tmp_path, [d0], {"disk0": str(a0)})
+    with pytest.raises(LabError, match="does not chain back"):
+        await _chain.boot_tops("t", tmp_path, [d0], {"disk0": str(base1)})
+    with pytest.raises(LabError, match="missing"):
+        await _chain.boot_tops("t", tmp_path, [d0], {"disk0": str(tmp_path / "gone.qcow2")})
+    # A fork: without a record the top is ambiguous.
+    fork = _qcow2(tmp_path / "disk0.ff-fork.qcow2", a0)
+    with pytest.raises(LabError, match="ambiguous") as info:
+        await _chain.boot_tops("t", tmp_path, [d0], None)
+    assert "disk0.ff-b.qcow2, disk0.ff-fork.qcow2" in info.value.message
+    fork.unlink()
+    # A broken link in the chain: refused, naming the file.
+    a0.unlink()
+    with pytest.raises(LabError, match=r"disk0\.ff-b\.qcow2"):
+        await _chain.boot_tops("t", tmp_path, [d0], {"disk0": str(b0)})
