@@ -2,6 +2,12 @@
 
 Owns the mapping of :class:`~freezeframe.errors.FreezeframeError` to process exit codes and the
 ``--json`` convention (a single JSON document on stdout; human text and progress on stderr).
+
+Exit codes besides the errors': 130 on SIGINT, 143 on SIGTERM (128 + the signal, as a shell
+reports a process killed by it); 141 (128 + SIGPIPE) when stdout's reader went away
+(``freezeframe snapshot list | head -1``), silently. Output that is not a terminal is never
+wrapped. Text from outside (messages, paths, guest and QEMU text) is printed with
+:func:`rich.markup.escape` or ``markup=False``: a ``[/tmp/x]`` in it is text, not markup.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import dataclasses
 import enum
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -18,18 +25,64 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from freezeframe.errors import FreezeframeError
+from freezeframe.models import VmConfig
 
-__all__ = ["EXIT_WEAKER", "console", "die", "emit_json", "err_console", "run", "to_jsonable"]
+__all__ = [
+    "EXIT_PIPE",
+    "EXIT_WEAKER",
+    "console",
+    "die",
+    "emit_json",
+    "err_console",
+    "hint_for_vm",
+    "run",
+    "to_jsonable",
+]
 
 T = TypeVar("T")
 
 #: ``snapshot create`` succeeded but reached a weaker consistency level than asked.
 EXIT_WEAKER = 20
 
-console = Console()
-err_console = Console(stderr=True)
+#: stdout's reader went away (128 + SIGPIPE, what a shell reports for a tool killed by it).
+EXIT_PIPE = 128 + signal.SIGPIPE
+
+#: Width of output that is not a terminal: no line is ever wrapped there.
+_NO_WRAP_WIDTH = 1 << 16
+
+
+def _stdout_gone() -> NoReturn:
+    """The reader of stdout went away: stop quietly (no traceback, no message), exit 141."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    raise SystemExit(EXIT_PIPE)
+
+
+class _Console(Console):
+    """A Rich console that never hard-wraps output that is not a terminal (Rich's default is
+    80 columns there) and ends quietly when its reader goes away."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        super().__init__(stderr=stderr)
+        if not self.is_terminal:
+            self.soft_wrap = True
+            self.width = _NO_WRAP_WIDTH
+
+    def on_broken_pipe(self) -> None:
+        if not self.stderr:
+            _stdout_gone()
+        # Progress and messages on stderr are a side channel: losing them must not stop a
+        # snapshot half-way (this may run inside the freeze window's event loop).
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+
+
+console: Console = _Console()
+err_console: Console = _Console(stderr=True)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -52,9 +105,12 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
-    """Print ``obj`` as one JSON document on stdout."""
-    sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
-    sys.stdout.flush()
+    """Print ``obj`` as one JSON document on stdout (exit 141 when its reader went away)."""
+    try:
+        sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
 
 
 def die(exc: FreezeframeError, *, as_json: bool = False) -> NoReturn:
@@ -72,14 +128,28 @@ def die(exc: FreezeframeError, *, as_json: bool = False) -> NoReturn:
             doc["snapshot_id"] = snap
         emit_json(doc)
     else:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     raise SystemExit(exc.exit_code)
 
 
+def hint_for_vm(cfg: VmConfig, hint: str | None) -> str | None:
+    """``hint`` in the words of ``cfg``'s kind: a lab VM is started with ``lab up``, not by
+    running QEMU by hand (the QMP driver's "start QEMU with -qmp unix:PATH..." hint)."""
+    if cfg.lab and hint and "start QEMU" in hint:
+        return f"is the lab VM running? start it with `freezeframe lab up {cfg.name}`"
+    return hint
+
+
 def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False) -> T:
-    """Run one coroutine of the async core; turn FreezeframeError into its exit code."""
+    """Run one coroutine of the async core; turn FreezeframeError into its exit code, SIGINT
+    into 130 and SIGTERM into 143 (after the core's cleanup ran)."""
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals, task: asyncio.Task[Any]) -> None:
+        received.append(sig)
+        task.cancel()
 
     async def main() -> T:
         # SIGINT and SIGTERM only cancel the work: the engine's cleanup (the thaw above all)
@@ -90,7 +160,7 @@ def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False)
         signals = (signal.SIGINT, signal.SIGTERM)
         if task is not None:
             for sig in signals:
-                loop.add_signal_handler(sig, task.cancel)
+                loop.add_signal_handler(sig, on_signal, sig, task)
         try:
             return await factory()
         finally:
@@ -100,8 +170,9 @@ def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False)
     try:
         return asyncio.run(main())
     except asyncio.CancelledError:
-        err_console.print("[red]interrupted[/]")
-        raise SystemExit(130) from None
+        sig = received[0] if received else signal.SIGINT
+        err_console.print("[red]terminated[/]" if sig == signal.SIGTERM else "[red]interrupted[/]")
+        raise SystemExit(128 + sig) from None
     except FreezeframeError as exc:
         die(exc, as_json=as_json)
     except KeyboardInterrupt:

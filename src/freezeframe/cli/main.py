@@ -2,17 +2,23 @@
 
 Handlers are thin: they turn arguments into one call on the async core (engine, lab, catalog)
 and print the result; only :func:`main` ever exits the process.
+
+With ``--json`` among the arguments, an option-parsing error (unknown option, bad choice) is the
+same JSON error document on stdout as every other error, exit 2, instead of Click's usage box.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import typer
 
 from freezeframe import __version__
 from freezeframe.cli import lab, ops, snapshot, vm
+from freezeframe.cli._common import die
+from freezeframe.errors import UsageError
 
 app = typer.Typer(
     name="freezeframe",
@@ -56,7 +62,19 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    if "--json" not in sys.argv[1:]:
+        app()  # Click/Typer report usage errors themselves
+        return
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # Click's UsageError (exit 2) and its other errors
+        err = UsageError(exc.format_message())
+        err.exit_code = exc.exit_code
+        die(err, as_json=True)
+    except typer.Abort:
+        raise SystemExit(1) from None
+    # Without standalone mode Click returns the code of a typer.Exit (or the handler's None).
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
+from rich.markup import escape
 
 from freezeframe.catalog import Catalog
-from freezeframe.cli._common import console, die, emit_json, run, to_jsonable
+from freezeframe.cli._common import console, die, emit_json, hint_for_vm, run, to_jsonable
 from freezeframe.cli._render import print_doctor
 from freezeframe.engine import DoctorReport, RecoverOutcome, doctor, recover
 from freezeframe.errors import RecoverError
@@ -21,7 +24,10 @@ def doctor_cmd(
 
     async def go() -> DoctorReport:
         async with await Catalog.open() as cat:
-            return await doctor(cat, vm, quiesce=quiesce)
+            rep = await doctor(cat, vm, quiesce=quiesce)
+            cfg = await cat.get_vm(vm)
+        checks = [dataclasses.replace(c, fix=hint_for_vm(cfg, c.fix) or "") for c in rep.checks]
+        return dataclasses.replace(rep, checks=tuple(checks))
 
     rep = run(go, as_json=as_json)
     if as_json:
@@ -44,7 +50,7 @@ def recover_cmd(
             return await recover(cat, vm, force=force)
 
     out = run(go, as_json=as_json)
-    failed = [o for o in out if not o.thawed and not o.skipped]
+    failed = [o for o in out if o.failed]
     if as_json:
         emit_json(out)
     elif not out:
@@ -63,7 +69,9 @@ def recover_cmd(
 
 def _print(o: RecoverOutcome) -> None:
     state = (
-        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped else "[red]FAILED[/]"
-    )
-    console.print(f"{o.vm} (snapshot {o.snapshot_id}, intent {o.intent_id}): {state} {o.detail}",
-                  highlight=False)  # fmt: skip
+        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped
+        else "[red]FAILED[/]" if o.failed else "[green]settled[/]"
+    )  # fmt: skip
+    what = f"intent {o.intent_id}" if o.intent_id is not None else "left running, no freeze"
+    console.print(f"{escape(o.vm)} (snapshot {escape(o.snapshot_id)}, {what}): "
+                  f"{state} {escape(o.detail)}", highlight=False)  # fmt: skip

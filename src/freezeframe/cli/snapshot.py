@@ -9,14 +9,24 @@ snapshot of this VM is in progress). With ``--verify`` the verdict's code (:func
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
+from rich.markup import escape
 
 from freezeframe.catalog import Catalog
-from freezeframe.cli._common import EXIT_WEAKER, console, emit_json, err_console, run
+from freezeframe.cli._common import (
+    EXIT_WEAKER,
+    console,
+    emit_json,
+    err_console,
+    hint_for_vm,
+    run,
+)
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
 from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT
-from freezeframe.errors import FreezeframeError
+from freezeframe.errors import FreezeframeError, NotFoundError
 from freezeframe.models import (
     ConsistencyLevel,
     QuiescePolicy,
@@ -95,17 +105,24 @@ def create(
     )
 
     def progress(ev: TimelineEvent) -> None:
-        err_console.print(f"[dim]{ev.t:%H:%M:%S.%f}"[:-3] + f"[/] {ev.name} {ev.detail}",
-                          highlight=False)  # fmt: skip
+        err_console.print(f"[dim]{ev.t:%H:%M:%S.%f}"[:-3] + f"[/] {escape(ev.name)} "
+                          f"{escape(ev.detail)}", highlight=False)  # fmt: skip
 
     async def go() -> SnapshotRecord:
         async with await Catalog.open() as cat:
-            rec = await Snapshotter(cat).snapshot(vm, req, progress=None if as_json else progress)
+            try:
+                rec = await Snapshotter(cat).snapshot(
+                    vm, req, progress=None if as_json else progress
+                )
+            except FreezeframeError as exc:
+                with contextlib.suppress(NotFoundError):
+                    exc.hint = hint_for_vm(await cat.get_vm(vm), exc.hint)
+                raise
             if verify:
                 try:
                     await verify_snapshot(cat, rec.id, checks=check, check_timeout=check_timeout)
                 except FreezeframeError as exc:
-                    err_console.print(f"[red]verify failed to run:[/] {exc.message}")
+                    err_console.print(f"[red]verify failed to run:[/] {escape(exc.message)}")
                 rec = await cat.get_snapshot(rec.id)
             return rec
 
@@ -130,26 +147,43 @@ def list_(
     vm: str | None = typer.Argument(None, help="Only this VM."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List snapshots, oldest first (failed attempts too)."""
+    """List snapshots, oldest first (failed attempts too), also of a VM no longer registered."""
 
     async def go() -> list[SnapshotRecord]:
         async with await Catalog.open() as cat:
-            if vm is not None:
-                await cat.get_vm(vm)
-            return await cat.list_snapshots(vm)
+            recs = await cat.list_snapshots(vm)
+            if vm is not None and not recs:
+                await cat.get_vm(vm)  # NotFoundError: neither registered nor any record
+            return recs
 
     recs = run(go, as_json=as_json)
     if as_json:
         emit_json(recs)
         return
-    for r in recs:
-        window = f"{r.freeze_window_ms:7.1f} ms" if r.freeze_window_ms is not None else "      -   "
-        ver = r.verification.verdict.value if r.verification else "unverified"
-        console.print(
-            f"{r.id}  {r.created_at:%Y-%m-%d %H:%M:%S}  {r.vm:12} {r.status.value:7} "
-            f"{r.level.value:11} window {window}  {ver}  parent {r.parent_id or '-'}",
-            highlight=False,
+    if not recs:
+        err_console.print("no snapshots")
+        return
+    header = ("ID", "CREATED (UTC)", "VM", "STATUS", "LEVEL", "WINDOW", "VERIFIED", "PARENT")
+    rows = [header] + [
+        (
+            r.id,
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+            r.vm,
+            r.status.value,
+            r.level.value,
+            f"{r.freeze_window_ms:.1f} ms" if r.freeze_window_ms is not None else "-",
+            r.verification.verdict.value if r.verification else "unverified",
+            r.parent_id or "-",
         )
+        for r in recs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        line = "  ".join(
+            cell.rjust(w) if i == 5 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        console.print(line.rstrip(), markup=False, highlight=False)
 
 
 @app.command("show")

@@ -1,13 +1,21 @@
-"""``freezeframe vm``: register VMs with their control sockets and policy."""
+"""``freezeframe vm``: register VMs with their control sockets and policy.
+
+``vm add`` registers a VM that is not running yet (its socket paths not there yet, with a
+warning) but refuses a path that exists and is not a unix socket. ``vm remove`` refuses a lab VM
+(``lab down NAME --purge`` forgets it with its files) unless ``--force``.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from freezeframe.catalog import Catalog
-from freezeframe.cli._common import console, emit_json, run
+from freezeframe.cli._common import console, emit_json, err_console, run
 from freezeframe.errors import UsageError
 from freezeframe.models import QuiescePolicy, VmConfig
 
@@ -31,9 +39,9 @@ def add(
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register a running QEMU VM by its sockets."""
-    if freeze_timeout <= 0:
-        raise typer.BadParameter("must be > 0", param_hint="--freeze-timeout")
+    """Register a QEMU VM by its sockets (it need not be running yet)."""
+    qmp = qmp.absolute()
+    qga = qga.absolute() if qga is not None else None
     cfg = VmConfig(
         name=name,
         qmp_path=str(qmp),
@@ -45,17 +53,50 @@ def add(
         exclude_mounts=tuple(exclude_mount),
     )
 
-    async def go() -> None:
-        if not name or "/" in name:
-            raise UsageError(f"bad VM name {name!r}")
+    async def go() -> list[Path]:
+        if qga is not None and not agent:
+            raise UsageError(
+                "--qga names the guest agent's socket, --no-agent says there is none",
+                hint="drop one of them",
+            )
+        missing = [p for p in (qmp, qga) if p is not None and not _socket_or_missing(p)]
         async with await Catalog.open() as cat:
             await cat.add_vm(cfg, replace=replace)
+        return missing
 
-    run(go, as_json=as_json)
+    missing = run(go, as_json=as_json)
+    for path in missing:
+        err_console.print(
+            f"[yellow]warning:[/] {escape(str(path))} is not there yet: is the VM running?",
+            highlight=False,
+        )
     if as_json:
         emit_json(cfg)
     else:
-        console.print(f"registered VM [bold]{name}[/] (qmp {qmp}, quiesce {quiesce.value})")
+        console.print(
+            f"registered VM [bold]{escape(name)}[/] (qmp {escape(str(qmp))}, "
+            f"quiesce {quiesce.value})",
+            highlight=False,
+        )
+
+
+def _socket_or_missing(path: Path) -> bool:
+    """True if ``path`` is a unix socket, False if it does not exist (yet).
+
+    Raises UsageError when it exists and is something else, or cannot ever be one.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # e.g. a parent is a regular file
+        raise UsageError(f"{path} cannot be a socket: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(
+            f"{path} exists and is not a unix socket",
+            hint="pass the path QEMU was started with: -qmp unix:PATH / -chardev socket,path=PATH",
+        )
+    return True
 
 
 @app.command("list")
@@ -74,20 +115,31 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
         console.print(
             f"{v.name:20} {'lab ' if v.lab else ''}quiesce={v.quiesce.value} "
             f"agent={'yes' if v.agent else 'no'} qmp={v.qmp_path}",
+            markup=False,
             highlight=False,
         )
 
 
 @app.command("remove")
-def remove(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Forget a VM (its snapshots stay in the catalog)."""
+def remove(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="Also a lab VM (its QEMU keeps running)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Forget a VM (its snapshots stay in the catalog). A lab VM: `lab down NAME --purge`."""
 
     async def go() -> None:
         async with await Catalog.open() as cat:
+            if (await cat.get_vm(name)).lab and not force:
+                raise UsageError(
+                    f"{name!r} is a lab VM: removing only its registration would leave it "
+                    "running and unreachable",
+                    hint=f"`freezeframe lab down {name} --purge` (or `vm remove {name} --force`)",
+                )
             await cat.remove_vm(name)
 
     run(go, as_json=as_json)
     if as_json:
         emit_json({"removed": name})
     else:
-        console.print(f"removed VM {name}")
+        console.print(f"removed VM {name}", markup=False, highlight=False)
