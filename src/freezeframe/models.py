@@ -308,7 +308,11 @@ class Verification:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRecord:
-    """One snapshot set of one VM, successful or failed."""
+    """One snapshot set of one VM, successful or failed.
+
+    ``disks`` of a done record are the disks at the cut; of a failed one, those of a cut that
+    happened (or may have); of a running one, the overlays prepared so far (not yet switched).
+    """
 
     id: str
     vm: str

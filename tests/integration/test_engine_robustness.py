@@ -8,19 +8,23 @@ overlays) with a fake guest agent on a real socket.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from freezeframe.engine import SnapshotRequest, Snapshotter
+from freezeframe.engine import SnapshotRequest, Snapshotter, recover
+from freezeframe.engine.snapshot import _snapshot_disks
 from freezeframe.errors import CatalogError, HypervisorUnavailableError, SnapshotFailedError
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut
 from freezeframe.hypervisor.qmp import QmpDriver
-from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus
+from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotRecord, SnapshotStatus
 from tests.integration.test_engine_paths import EXT4, XFS, Rig, _rig
 
 pytestmark = pytest.mark.integration
@@ -210,3 +214,106 @@ async def test_unverifiable_but_switched_cut_stays_done(
     assert rec.level is ConsistencyLevel.FILESYSTEM
     assert "could not be verified" in rec.level_reason
     assert {d.device: d.overlay for d in rec.disks} == await rig.images()
+
+
+# ---------------------------------------------------------------------------- a process dies
+
+
+def _dead_owner() -> str:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:deadbeef"
+
+
+async def _left_running(rig: Rig, *, cut: bool) -> tuple[str, dict[str, str]]:
+    """What a process killed after preparing (and, with ``cut``, after cutting) leaves: a
+    running record holding the prepared disks, and its VM lock. Returns (id, images before)."""
+    before = await rig.images()
+    sid = "dead0000" + ("c" if cut else "p")
+    async with QmpDriver.from_config(rig.cfg) as driver:
+        prepared = await driver.prepare_cut(sid, await driver.disks())
+        if cut:
+            await driver.cut(prepared)
+    rec = SnapshotRecord(
+        id=sid,
+        vm="t",
+        created_at=datetime.now(UTC),
+        status=SnapshotStatus.RUNNING,
+        policy=QuiescePolicy.REQUIRED,
+        level=ConsistencyLevel.NONE,
+        disks=_snapshot_disks(prepared),
+    )
+    await rig.catalog.begin_snapshot(rec)
+    await rig.catalog.acquire_vm_lock("t", _dead_owner())
+    return sid, before
+
+
+async def test_recover_deletes_overlays_a_dead_process_prepared(rig: Rig) -> None:
+    files = rig.files()
+    sid, before = await _left_running(rig, cut=False)
+    assert rig.files() != files  # the overlays exist
+    (out,) = await recover(rig.catalog)
+    assert (out.intent_id, out.snapshot_id, out.failed) == (None, sid, False)
+    assert "removed" in out.detail
+    assert rig.files() == files
+    assert await rig.images() == before
+    nodes = await rig.vm.query("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    assert not [n for n in nodes if str(n["node-name"]).startswith("ff-")]
+    rec = await rig.catalog.get_snapshot(sid)
+    assert rec.status is SnapshotStatus.FAILED
+    assert rec.disks == ()
+    assert "died" in rec.error
+
+
+async def test_recover_keeps_and_records_overlays_of_a_dead_process_cut(rig: Rig) -> None:
+    sid, before = await _left_running(rig, cut=True)
+    (out,) = await recover(rig.catalog)
+    assert "switched" in out.detail
+    rec = await rig.catalog.get_snapshot(sid)
+    assert rec.status is SnapshotStatus.FAILED
+    now = await rig.images()
+    assert {d.device: d.overlay for d in rec.disks} == now != before
+    assert all(Path(f).is_file() for f in now.values())
+    nxt = await Snapshotter(rig.catalog).snapshot("t")  # the lock was taken over and freed
+    assert nxt.parent_id == sid
+
+
+async def test_kill_9_while_frozen_then_recover_leaves_nothing(rig: Rig, tmp_path: Path) -> None:
+    files, before = rig.files(), await rig.images()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from freezeframe.cli.main import main; main()",
+        "--database-url",
+        f"sqlite:///{tmp_path / 'cat.sqlite'}",
+        "snapshot",
+        "create",
+        "t",
+        "--hold-frozen",
+        "20",
+        "--freeze-timeout",
+        "30",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await rig.agent.wait_for("guest-fsfreeze-freeze", timeout=60)
+        await asyncio.sleep(0.3)
+        assert rig.agent.frozen
+    finally:
+        proc.kill()  # SIGKILL: no cleanup at all
+        await proc.wait()
+    await rig.agent.disconnect()
+    out = await recover(rig.catalog)
+    assert [(o.thawed, o.failed) for o in out] == [(True, False)]
+    assert "removed" in out[0].detail
+    assert not rig.agent.frozen
+    assert rig.files() == files
+    assert await rig.images() == before
+    (rec,) = await rig.catalog.list_snapshots("t")
+    assert rec.status is SnapshotStatus.FAILED
+    names = [e.name for e in rec.timeline]
+    for step in ("started", "planned", "prepared", "thaw_confirmed", "recovered"):
+        assert step in names, names  # the story up to the kill is kept
+    assert await rig.catalog.open_intents() == []

@@ -50,7 +50,7 @@ def recover_cmd(
             return await recover(cat, vm, force=force)
 
     out = run(go, as_json=as_json)
-    failed = [o for o in out if not o.thawed and not o.skipped]
+    failed = [o for o in out if o.failed]
     if as_json:
         emit_json(out)
     elif not out:
@@ -69,7 +69,9 @@ def recover_cmd(
 
 def _print(o: RecoverOutcome) -> None:
     state = (
-        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped else "[red]FAILED[/]"
-    )
-    console.print(f"{escape(o.vm)} (snapshot {escape(o.snapshot_id)}, intent {o.intent_id}): "
+        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped
+        else "[red]FAILED[/]" if o.failed else "[green]settled[/]"
+    )  # fmt: skip
+    what = f"intent {o.intent_id}" if o.intent_id is not None else "left running, no freeze"
+    console.print(f"{escape(o.vm)} (snapshot {escape(o.snapshot_id)}, {what}): "
                   f"{state} {escape(o.detail)}", highlight=False)  # fmt: skip

@@ -1,14 +1,20 @@
-"""Closing freeze intents that nobody closed: a killed process must never leave a guest frozen.
+"""Cleaning up after a snapshot process that died: a killed process must never leave a guest
+frozen, nor overlays that nobody knows about.
 
 An intent is written before ``guest-fsfreeze-freeze`` is sent and closed once a thaw is
 confirmed. An intent still open means the guest may be frozen: :func:`recover` thaws it through
 the agent, confirms with ``guest-fsfreeze-status``, closes the intent and notes it on the
-snapshot record (marking a record left ``running`` by a dead process as failed).
+snapshot record.
 
 Recovering a VM takes its snapshot lock, like a snapshot does: a thaw sent while another process
 holds a guest frozen for its own cut would silently break that snapshot's consistency. A lock
 left by a dead process of this host is taken over; a VM whose lock a live process holds is
 skipped (that process thaws the guest itself) unless ``force``.
+
+While it holds the lock, no snapshot of the VM can be running, so a record still ``running`` was
+left by a dead process: it is marked failed, and the overlays it prepared (stored on the record
+before the freeze) are settled through the VM's driver — kept and recorded when the disks were
+switched to them (the chain goes on from there), deleted when they were not.
 """
 
 from __future__ import annotations
@@ -21,9 +27,16 @@ from dataclasses import dataclass, replace
 from freezeframe._aio import shielded
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
+from freezeframe.engine.snapshot import open_driver
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import AgentError, BusyError, FreezeframeError, NotFoundError
-from freezeframe.models import FreezeIntent, FsFreezeState, SnapshotStatus
+from freezeframe.models import (
+    FreezeIntent,
+    FsFreezeState,
+    SnapshotDisk,
+    SnapshotRecord,
+    SnapshotStatus,
+)
 
 __all__ = ["RecoverOutcome", "recover"]
 
@@ -32,14 +45,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RecoverOutcome:
-    """What happened to one open intent."""
+    """What happened to one open intent (``intent_id``), or to one record a dead process left
+    running without an intent (``intent_id`` None: it died before freezing)."""
 
-    intent_id: int
+    intent_id: int | None
     vm: str
     snapshot_id: str
     thawed: bool
     skipped: bool = False
     detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """An intent whose guest could not be confirmed thawed."""
+        return self.intent_id is not None and not self.thawed and not self.skipped
 
 
 async def recover(
@@ -49,12 +68,14 @@ async def recover(
     force: bool = False,
     timeout: float = 5.0,
 ) -> list[RecoverOutcome]:
-    """Thaw every VM with an open freeze intent (of ``vm`` only, if given).
+    """Thaw every VM with an open freeze intent and settle the records dead processes left
+    running (of ``vm`` only, if given).
 
     Intents whose owner is not provably dead (alive on this host, or on another host) are
     skipped (the owner thaws itself) unless ``force``; so are the intents of a VM whose snapshot
-    lock a live process holds. With ``force`` the guest is thawed regardless. Never raises for
-    one VM's trouble: each outcome says what happened.
+    lock a live process holds. With ``force`` the guest is thawed regardless (but records are
+    settled only under the lock). Never raises for one VM's trouble: each outcome says what
+    happened.
 
     Raises:
         NotFoundError: ``vm`` is given and not registered.
@@ -65,9 +86,10 @@ async def recover(
     by_vm: defaultdict[str, list[FreezeIntent]] = defaultdict(list)
     for intent in await catalog.open_intents(vm):
         by_vm[intent.vm].append(intent)
+    running = [r.vm for r in await catalog.list_snapshots(vm) if r.status is SnapshotStatus.RUNNING]
     outcomes: list[RecoverOutcome] = []
-    for name, intents in by_vm.items():
-        outcomes.extend(await _recover_vm(catalog, name, intents, force, timeout))
+    for name in dict.fromkeys([*by_vm, *running]):
+        outcomes.extend(await _recover_vm(catalog, name, by_vm.get(name, []), force, timeout))
     return outcomes
 
 
@@ -95,14 +117,26 @@ async def _recover_vm(
         await catalog.acquire_vm_lock(vm, owner)
         locked = True
     except BusyError as exc:
-        if not force:
+        if not force:  # a live snapshot: its running record is not stale either
             return [
                 _skipped(i, f"{exc.message}; it thaws itself; --force thaws anyway")
                 for i in intents
             ]
         log.warning("recovering VM %s without its lock (--force): %s", vm, exc.message)
     try:
-        return [await _recover_one(catalog, i, timeout) for i in intents]
+        outcomes = [await _recover_one(catalog, i, timeout) for i in intents]
+        if not locked:
+            return outcomes
+        settled = await _settle_stale_records(catalog, vm, timeout)
+        merged = []
+        for o in outcomes:
+            note = settled.pop(o.snapshot_id, "")
+            merged.append(replace(o, detail=f"{o.detail}; {note}") if note else o)
+        merged += [
+            RecoverOutcome(None, vm, sid, thawed=False, detail=note)
+            for sid, note in settled.items()
+        ]
+        return merged
     finally:
         if locked:
             await shielded(catalog.release_vm_lock(vm, owner))
@@ -130,14 +164,57 @@ async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -
     tl.mark("thaw_confirmed", f"by freezeframe recover: {detail}")
     try:
         rec = await catalog.get_snapshot(intent.snapshot_id)
+        await catalog.finish_snapshot(replace(rec, timeline=(*rec.timeline, *tl.events)))
     except NotFoundError:
-        return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
-    changes: dict[str, object] = {"timeline": (*rec.timeline, *tl.events)}
-    if rec.status is SnapshotStatus.RUNNING:
-        changes["status"] = SnapshotStatus.FAILED
-        changes["error"] = "the process taking it died; the guest was thawed by freezeframe recover"
-    try:
-        await catalog.finish_snapshot(replace(rec, **changes))  # type: ignore[arg-type]
+        pass
     except FreezeframeError as exc:  # the thaw itself succeeded; the note is secondary
-        log.warning("could not note the recovery on snapshot %s: %s", rec.id, exc)
+        log.warning("could not note the recovery on snapshot %s: %s", intent.snapshot_id, exc)
     return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
+
+
+async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> dict[str, str]:
+    """Mark the records of ``vm`` still running as failed (call with the VM's lock held: no
+    snapshot of it is running) and settle their prepared overlays. Returns id -> what was done."""
+    out: dict[str, str] = {}
+    for rec in await catalog.list_snapshots(vm):
+        if rec.status is not SnapshotStatus.RUNNING:
+            continue
+        note, disks = await _settle_disks(catalog, rec, timeout)
+        ev = Timeline().mark("recovered", note)
+        failed = replace(
+            rec,
+            status=SnapshotStatus.FAILED,
+            error=f"the process taking it died; {note}",
+            disks=disks,
+            timeline=(*rec.timeline, ev),
+        )
+        try:
+            await catalog.finish_snapshot(failed)
+        except FreezeframeError as exc:
+            note += f"; the record could not be updated: {exc.message}"
+        out[rec.id] = note
+    return out
+
+
+async def _settle_disks(
+    catalog: Catalog, rec: SnapshotRecord, timeout: float
+) -> tuple[str, tuple[SnapshotDisk, ...]]:
+    """Keep (and record) overlays the VM was switched to; delete those it never used."""
+    if not rec.disks:
+        return "nothing was prepared on the disks", ()
+    files = ", ".join(str(d.overlay) for d in rec.disks)
+    try:
+        driver = open_driver(await catalog.get_vm(rec.vm))
+        prepared = driver.prepared_from_record(rec.id, rec.disks)
+        async with asyncio.timeout(timeout * 3), driver:
+            state = await driver.cut_state(prepared)
+            if state == "not-switched":
+                await driver.abort(prepared)
+    except (FreezeframeError, TimeoutError) as exc:
+        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+        return f"its overlays are kept, the hypervisor cannot be asked ({msg}): {files}", rec.disks
+    if state == "switched":
+        return "the disks had been switched: the overlays are kept and recorded", rec.disks
+    if state == "not-switched":
+        return f"the overlays it had prepared were removed: {files}", ()
+    return f"the cut's state is unknown: the overlays are kept and recorded: {files}", rec.disks

@@ -349,6 +349,7 @@ class Snapshotter:
                     )
                 prepared = run.prepared = await driver.prepare_cut(run.sid, list(plan.disks))
                 tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
+                await self._checkpoint(run)
                 try:
                     quiesce = plan.quiesce and run.agent is not None and run.probe.path is not None
                     if quiesce:
@@ -378,6 +379,13 @@ class Snapshotter:
         return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
+
+    async def _checkpoint(self, run: _Run) -> None:
+        """Store the running record with its prepared disks, parent and timeline so far: if the
+        process dies from here on, ``freezeframe recover`` finds the overlays to clean up (or,
+        when the cut happened, to keep) and the record keeps its story."""
+        rec = replace(run.record, disks=_snapshot_disks(run.prepared), timeline=run.tl.events)
+        await self.catalog.finish_snapshot(rec)
 
     async def _parent(self, vm: str, disks: list[DiskInfo]) -> str | None:
         """The snapshot this one continues: the newest one whose new overlay is what a

@@ -10,11 +10,12 @@ freeze -> cut -> thaw.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
 from freezeframe.errors import UsageError
-from freezeframe.models import DiskInfo, VmConfig
+from freezeframe.models import DiskInfo, SnapshotDisk, VmConfig
 
 __all__ = [
     "CutState",
@@ -130,6 +131,16 @@ class HypervisorDriver(abc.ABC):
         ``"not-switched"`` when none does, ``"unknown"`` when the driver cannot tell (or sees
         a state a cut cannot leave). Never raises. Drivers that cannot ask say ``"unknown"``."""
         return "unknown"
+
+    def prepared_from_record(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> PreparedCut:
+        """Rebuild the preparation of attempt ``snapshot_id`` from the disks its record holds
+        (written before the freeze), so that ``freezeframe recover`` can ask :meth:`cut_state`
+        and :meth:`abort` it after the process that prepared it died. No I/O.
+
+        Raises:
+            UsageError: this driver cannot rebuild a preparation from a record.
+        """
+        raise UsageError(f"driver {self.name!r} cannot rebuild a prepared cut from its record")
 
     def cut_problem(self, disk: DiskInfo, overlay_dir: str | None = None) -> str | None:
         """Why ``disk`` cannot be prepared for a cut (with ``overlay_dir``, or next to its

@@ -38,6 +38,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -66,7 +67,7 @@ from freezeframe.hypervisor.base import (
     PreparedCut,
     PreparedDisk,
 )
-from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, VmConfig
+from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, SnapshotDisk, VmConfig
 
 __all__ = ["GUEST_AGENT_PORT", "QmpCommandError", "QmpDriver", "overlay_node_name"]
 
@@ -772,6 +773,23 @@ class QmpDriver(HypervisorDriver):
             ", ".join(f"{dev}: {state}" for dev, state in states.items()),
         )
         return "unknown"
+
+    def prepared_from_record(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> PreparedCut:
+        """The preparation of ``snapshot_id`` as :meth:`prepare_cut` made it: the overlay node
+        names follow from the id and the device (:func:`overlay_node_name`). No I/O.
+
+        Raises:
+            UsageError: a disk of the record has no overlay file.
+        """
+        out = []
+        for d in disks:
+            if d.overlay is None:
+                raise UsageError(f"snapshot {snapshot_id}: disk {d.device} has no overlay")
+            info = DiskInfo(d.device, d.node, d.image, d.format, d.virtual_size)
+            out.append(
+                PreparedDisk(info, d.overlay, overlay_node_name(snapshot_id, d.device), d.image)
+            )
+        return PreparedCut(snapshot_id, tuple(out))
 
     async def abort(self, prepared: PreparedCut) -> None:
         """Remove a preparation that was not cut: reconnect first if the connection broke
