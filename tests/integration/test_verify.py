@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -35,9 +36,20 @@ from pathlib import Path
 
 import pytest
 
+from freezeframe.catalog import Catalog
 from freezeframe.cli.snapshot import verdict_exit
+from freezeframe.engine import verify_snapshot
 from freezeframe.errors import UsageError, VerifyError
-from freezeframe.models import SnapshotDisk, Verification, VerifyVerdict
+from freezeframe.models import (
+    ConsistencyLevel,
+    QuiescePolicy,
+    SnapshotDisk,
+    SnapshotRecord,
+    SnapshotStatus,
+    Verification,
+    VerifyVerdict,
+    VmConfig,
+)
 from freezeframe.storage import mounted, open_image, verify_disks
 from freezeframe.storage.verify import _parse_xfs_logprint
 from tests.fakes.hostfs import MiB, loop_mounted, sh
@@ -320,6 +332,49 @@ async def test_unquiesced_xfs_needs_recovery(images: Images, workdir: Path) -> N
     assert "log dirty" in check.detail, check.detail
     assert "INO" in check.detail, check.detail
     assert "consistent after recovery" in check.detail
+
+
+async def test_covered_xfs_log_of_an_unfrozen_filesystem_needs_recovery(
+    images: Images, workdir: Path
+) -> None:
+    """A crash cut taken before the kernel logged new metadata leaves a covered log, just like
+    a freeze: the record's "not frozen" decides."""
+    v = await verify_disks([disk(images.xfs)], unfrozen={"disk0"}, workdir=str(workdir))
+    assert v.verdict is VerifyVerdict.NEEDS_RECOVERY, v.checks
+    assert "not frozen at the cut" in v.checks[0].detail
+    other = await verify_disks([disk(images.xfs)], unfrozen={"disk9"}, workdir=str(workdir))
+    assert other.verdict is VerifyVerdict.CONSISTENT
+
+
+@pytest.mark.parametrize("level", [ConsistencyLevel.CRASH, ConsistencyLevel.FILESYSTEM])
+async def test_verify_snapshot_tells_a_crash_cut_of_xfs(
+    images: Images, tmp_path: Path, level: ConsistencyLevel
+) -> None:
+    """``snapshot verify`` of a ``--quiesce off`` snapshot: its xfs is needs-recovery even when
+    the log is covered; the same image in a quiesced record is verified-consistent."""
+    cat = await Catalog.open(f"sqlite:///{tmp_path / 'catalog.db'}")
+    try:
+        await cat.add_vm(VmConfig(name="vx", qmp_path="/nonexistent.sock"))
+        rec = SnapshotRecord(
+            id="ab12cd34ef56",
+            vm="vx",
+            created_at=datetime.now(UTC),
+            status=SnapshotStatus.DONE,
+            policy=QuiescePolicy.OFF if level is ConsistencyLevel.CRASH else QuiescePolicy.REQUIRED,
+            level=level,
+            disks=(disk(images.xfs),),
+        )
+        await cat.begin_snapshot(dataclasses.replace(rec, status=SnapshotStatus.RUNNING))
+        await cat.finish_snapshot(rec)
+        v = await verify_snapshot(cat, rec.id)
+    finally:
+        await cat.close()
+    want = (
+        VerifyVerdict.NEEDS_RECOVERY
+        if level is ConsistencyLevel.CRASH
+        else VerifyVerdict.CONSISTENT
+    )
+    assert v.verdict is want, v.checks
 
 
 async def test_clean_xfs_log_is_consistent_without_replay(images: Images, workdir: Path) -> None:

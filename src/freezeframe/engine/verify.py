@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from freezeframe.catalog import Catalog
 from freezeframe.errors import VerifyError
-from freezeframe.models import SnapshotStatus, Verification
+from freezeframe.models import ConsistencyLevel, SnapshotStatus, Verification
 from freezeframe.storage import verify_disks
 
 __all__ = ["DEFAULT_CHECK_TIMEOUT", "verify_snapshot"]
@@ -45,8 +45,18 @@ async def verify_snapshot(
             + (f" ({rec.error})" if rec.error else "")
         )
     expect = {f.device: f.fstype for f in rec.filesystems if f.device}
+    # disks whose filesystems were not frozen at the cut: named by the record, or every disk
+    # without a frozen filesystem when the snapshot as a whole is only crash-consistent
+    frozen = {f.device for f in rec.filesystems if f.device and f.frozen}
+    unfrozen = {f.device for f in rec.filesystems if f.device and not f.frozen}
+    if rec.level.rank < ConsistencyLevel.FILESYSTEM.rank:
+        unfrozen |= {d.device for d in rec.disks if d.device not in frozen}
     result = await verify_disks(
-        rec.disks, user_checks=tuple(checks), expect=expect, user_check_timeout=check_timeout
+        rec.disks,
+        user_checks=tuple(checks),
+        expect=expect,
+        user_check_timeout=check_timeout,
+        unfrozen=unfrozen,
     )
     await catalog.set_verification(rec.id, result)
     return result

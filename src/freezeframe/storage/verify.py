@@ -13,7 +13,10 @@ Owns the rules that turn checker output into a :class:`~freezeframe.models.Verif
   covered log: quiesced, or idle long enough for the kernel to cover it) is
   ``verified-consistent``; any other item (inodes, AG headers, ... : metadata changes not yet
   written in place -- not quiesced at the cut) is ``needs-recovery``, exactly like ext4's
-  ``needs_recovery``; a log that cannot be read that way is ``needs-recovery`` too. In every
+  ``needs_recovery``; a log that cannot be read that way is ``needs-recovery`` too. A covered
+  log cannot tell a quiesced cut from a crash cut taken before the kernel wrote new metadata
+  to the log, so when the snapshot record says the filesystem was not frozen, it is
+  ``needs-recovery`` too. In every
   dirty case the log is then replayed on the overlay (mount + umount) and ``xfs_repair -n``
   must pass, else ``corrupt``; the detail says "log replayed: consistent after recovery".
 - vfat: ``fsck.vfat -n`` on the device (the host cannot mount vfat). Only the dirty bit set
@@ -42,7 +45,7 @@ import shlex
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,7 +208,9 @@ async def _xfs_log_state(device: str, timeout: float) -> _XfsLog:
     return _parse_xfs_logprint(res.out)
 
 
-async def _check_xfs(part: Partition, timeout: float, workdir: str | None) -> _Result:
+async def _check_xfs(
+    part: Partition, timeout: float, workdir: str | None, unfrozen: bool = False
+) -> _Result:
     first = await run("xfs_repair", "-n", part.device, check=False, timeout=timeout)
     if first.returncode == 0:
         return _Result(VerifyVerdict.CONSISTENT, "log clean; xfs_repair -n passes")
@@ -214,7 +219,14 @@ async def _check_xfs(part: Partition, timeout: float, workdir: str | None) -> _R
         return _Result(VerifyVerdict.CORRUPT, f"xfs_repair -n fails: {_tail(output)}")
     require("xfs_logprint", "xfsprogs")
     state = await _xfs_log_state(part.device, timeout)  # read before the replay changes it
-    if state.state in ("clean", "covered"):
+    if state.state == "covered" and unfrozen:
+        verdict = VerifyVerdict.NEEDS_RECOVERY
+        before = (
+            "log covered (no metadata change pending), but the snapshot record says this "
+            "filesystem was not frozen at the cut: a crash cut, treated as needs recovery "
+            "(the image alone cannot tell it from a quiesced one)"
+        )
+    elif state.state in ("clean", "covered"):
         verdict = VerifyVerdict.CONSISTENT
         before = (
             "log covered (only the superblock records a freeze writes: quiesced at the cut)"
@@ -278,12 +290,14 @@ async def _check_vfat(part: Partition, timeout: float) -> _Result:
     return _Result(VerifyVerdict.CORRUPT, f"fsck.vfat -n fails: {_tail(output)}")
 
 
-async def _check_fs(part: Partition, fstype: str, timeout: float, workdir: str | None) -> _Result:
+async def _check_fs(
+    part: Partition, fstype: str, timeout: float, workdir: str | None, unfrozen: bool = False
+) -> _Result:
     family = _family(fstype)
     if family == "ext":
         return await _check_ext(part, timeout, workdir)
     if family == "xfs":
-        return await _check_xfs(part, timeout, workdir)
+        return await _check_xfs(part, timeout, workdir, unfrozen)
     if family == "vfat":
         return await _check_vfat(part, timeout)
     return _Result(VerifyVerdict.UNCHECKED, f"no checker for {fstype}")
@@ -415,6 +429,7 @@ async def _check_disk(
     timeout: float,
     user_timeout: float,
     workdir: str | None,
+    unfrozen: Collection[str],
 ) -> list[FsCheck]:
     targets: list[tuple[Partition, str | None]] = [(p, p.fstype) for p in view.partitions]
     if not targets and expected:
@@ -443,7 +458,7 @@ async def _check_disk(
                 )
             )
             continue
-        result = await _check_fs(part, fstype, timeout, workdir)
+        result = await _check_fs(part, fstype, timeout, workdir, disk.device in unfrozen)
         details = [result.detail]
         user_row: FsCheck | None = None
         if user_checks and result.verdict in (
@@ -514,6 +529,7 @@ async def verify_disks(
     workdir: str | None = None,
     check_timeout: float = _DEFAULT_CHECK_TIMEOUT,
     user_check_timeout: float = _DEFAULT_USER_CHECK_TIMEOUT,
+    unfrozen: Collection[str] = (),
 ) -> Verification:
     """Check every filesystem of every disk image in ``disks``; the images are never written.
 
@@ -521,7 +537,10 @@ async def verify_disks(
     overlay), one disk after the other; each filesystem found (on the whole device, or on each
     partition) gets an :class:`FsCheck`. ``expect`` maps ``SnapshotDisk.device`` to the
     filesystem type the guest reported: a disk without a recognisable filesystem is checked as
-    that type, and a disk where it is missing gets a ``corrupt`` check.
+    that type, and a disk where it is missing gets a ``corrupt`` check. ``unfrozen`` names the
+    disks whose filesystems were *not* frozen at the cut (from the snapshot record): an xfs
+    there whose log is covered -- on-disk metadata identical to a quiesced cut's -- is
+    ``needs-recovery``, not ``verified-consistent``.
 
     ``user_checks`` are command lines (split with :func:`shlex.split`, no shell) run once per
     mountable filesystem that is not corrupt, mounted read-only (``nosuid,nodev,noexec``;
@@ -565,6 +584,7 @@ async def verify_disks(
                         check_timeout,
                         user_check_timeout,
                         workdir,
+                        unfrozen,
                     )
                 )
             finally:
