@@ -338,10 +338,10 @@ async def test_restart_boots_from_the_top_of_each_chain(lab_vm: LabVmFactory) ->
     assert "disk0.ff-stray.qcow2" in info.value.message
     assert top2.name in info.value.message
     assert not lab_status(name).running
-    # With the record, the recorded top wins; one that backs another image is refused.
+    # A recorded top that now backs two images (a fork above it) is refused too.
     doc["tops"] = {"disk0": str(top1)}
     record.write_text(json.dumps(doc))
-    with pytest.raises(LabError, match="backing file of"):
+    with pytest.raises(LabError, match="backing file of other images"):
         await lab_up(name)
     assert _sha256(top1) == top1_sum
 

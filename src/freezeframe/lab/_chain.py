@@ -131,13 +131,21 @@ async def boot_tops(
                     hint=purge,
                 )
             if top in backing:
-                users = [p for p, c in chains.items() if len(c.chain) > 1 and c.chain[1] == top]
-                raise LabError(
-                    f"lab VM {name}: {disk.device}: the image it ran on, {top.name}, is the "
-                    f"backing file of {_names(users)}: booting it would change that image's "
-                    "base (an interrupted snapshot may have left it)",
-                    hint=f"`freezeframe recover {name}`, delete the leftover, or {purge}",
-                )
+                # A snapshot raced lab_down, or an interrupted one left an (empty) overlay:
+                # the one image above it keeps everything it holds; several: refuse.
+                above = [p for p, c in chains.items() if top in c.chain[1:] and p not in backing]
+                if len(above) != 1:
+                    raise LabError(
+                        f"lab VM {name}: {disk.device}: the image it ran on, {top.name}, is the "
+                        f"backing file of other images and the top above it is ambiguous: "
+                        f"candidates {_names(above) or '(none)'}",
+                        hint=f"delete the leftover of an interrupted snapshot, or {purge}",
+                    )
+                log.warning(
+                    "lab %s: %s: %s (recorded) now backs %s: booting that",
+                    name, disk.device, top.name, above[0].name,
+                )  # fmt: skip
+                top = above[0]
         else:
             leaves = [p for p, c in chains.items() if c.bottom == base and p not in backing]
             if len(leaves) != 1:
