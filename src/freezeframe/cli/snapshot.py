@@ -26,7 +26,7 @@ from freezeframe.cli._common import (
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
 from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT
-from freezeframe.errors import FreezeframeError, NotFoundError
+from freezeframe.errors import FreezeframeError, NotFoundError, RecoverError
 from freezeframe.models import (
     ConsistencyLevel,
     QuiescePolicy,
@@ -131,6 +131,13 @@ def create(
         emit_json(rec)
     else:
         print_record(rec)
+    if rec.thaw_unconfirmed:  # the cut is good, but the guest may still be frozen
+        if not as_json:
+            err_console.print(
+                "[red]the thaw was NOT confirmed: the guest may still be frozen.[/] "
+                "Run `freezeframe recover` now."
+            )
+        raise SystemExit(RecoverError.exit_code)
     asked = expected_level(rec.policy)
     if rec.level.rank < asked.rank:
         if not as_json:
