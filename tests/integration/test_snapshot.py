@@ -237,6 +237,8 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 async def test_killed_while_frozen_then_recover(lab_vm: LabVmFactory, catalog: Catalog) -> None:
     vm = await lab_vm(disks=("ext4", "xfs"))
     await register(catalog, vm)
+    vmdir = vm.qmp_path.parent
+    images = sorted(p.name for p in vmdir.glob("*.qcow2"))
     env = dict(os.environ)
     proc = _cli("snapshot", "create", vm.name, "--hold-frozen", "60", env=env)
     try:
@@ -264,6 +266,10 @@ async def test_killed_while_frozen_then_recover(lab_vm: LabVmFactory, catalog: C
     rec = await catalog.get_snapshot(intent.snapshot_id)
     assert rec.status is SnapshotStatus.FAILED
     assert "recover" in rec.error
+    # The overlays it prepared before freezing were never switched to: they are gone.
+    assert "removed" in rec.error
+    assert rec.disks == ()
+    assert sorted(p.name for p in vmdir.glob("*.qcow2")) == images
 
 
 async def test_concurrent_snapshot_is_refused(lab_vm: LabVmFactory, catalog: Catalog) -> None:

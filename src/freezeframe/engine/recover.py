@@ -184,7 +184,7 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
         failed = replace(
             rec,
             status=SnapshotStatus.FAILED,
-            error=f"the process taking it died; {note}",
+            error=f"the process taking it died; settled by freezeframe recover: {note}",
             disks=disks,
             timeline=(*rec.timeline, ev),
         )
