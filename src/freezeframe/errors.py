@@ -29,6 +29,7 @@ Each class carries a stable process exit code for the CLI (``exit_code``).
      +-- CatalogError                      exit 8   the database
      |    +-- BusyError                    exit 9   another snapshot of this VM is in progress
      +-- SnapshotFailedError               exit 10  a snapshot was attempted and failed (recorded)
+     |    +-- ThawUnconfirmedError         exit 12  ... and its guest may still be frozen
      +-- VerifyError                       exit 11  an offline check could not be run
      +-- RecoverError                      exit 12  a guest could not be confirmed thawed
 
@@ -56,6 +57,7 @@ __all__ = [
     "NotFoundError",
     "RecoverError",
     "SnapshotFailedError",
+    "ThawUnconfirmedError",
     "ToolError",
     "UsageError",
     "VerifyError",
@@ -195,6 +197,13 @@ class SnapshotFailedError(FreezeframeError):
     def __init__(self, message: str, *, snapshot_id: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.snapshot_id = snapshot_id
+
+
+class ThawUnconfirmedError(SnapshotFailedError):
+    """A failed snapshot whose thaw could not be confirmed: the guest may still be frozen (its
+    freeze intent stays open for ``freezeframe recover``). Same exit code as RecoverError."""
+
+    exit_code = 12
 
 
 class VerifyError(FreezeframeError):

@@ -22,6 +22,7 @@ from freezeframe.errors import (
     BusyError,
     NotFoundError,
     SnapshotFailedError,
+    ThawUnconfirmedError,
     UsageError,
     VerifyError,
 )
@@ -183,6 +184,9 @@ async def test_hung_agent_leaves_intent_open_until_recover(rig: Rig) -> None:
         )
     assert time.monotonic() - t0 < 1.0 + 2.0
     assert "recover" in ei.value.message
+    # The guest may still be frozen: its own error and exit code, not a plain failure.
+    assert isinstance(ei.value, ThawUnconfirmedError)
+    assert ei.value.exit_code == 12
     intents = await rig.catalog.open_intents("t")
     assert len(intents) == 1
     # The freeze did reach the "guest" (hang has no effect by default: make it frozen, as a

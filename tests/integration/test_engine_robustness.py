@@ -22,7 +22,7 @@ import pytest
 from freezeframe.engine import SnapshotRequest, Snapshotter, recover
 from freezeframe.engine.snapshot import _snapshot_disks
 from freezeframe.errors import CatalogError, HypervisorUnavailableError, SnapshotFailedError
-from freezeframe.hypervisor import HypervisorDriver, PreparedCut
+from freezeframe.hypervisor import HypervisorDriver, PreparedCut, PreparedDisk
 from freezeframe.hypervisor.qmp import QmpDriver
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotRecord, SnapshotStatus
 from tests.integration.test_engine_paths import EXT4, XFS, Rig, _rig
@@ -317,3 +317,40 @@ async def test_kill_9_while_frozen_then_recover_leaves_nothing(rig: Rig, tmp_pat
     for step in ("started", "planned", "prepared", "thaw_confirmed", "recovered"):
         assert step in names, names  # the story up to the kill is kept
     assert await rig.catalog.open_intents() == []
+
+
+async def test_a_failing_checkpoint_still_removes_the_prepared_overlays(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files, before = rig.files(), await rig.images()
+    real = rig.catalog.finish_snapshot
+    calls = 0
+
+    async def flaky(rec: SnapshotRecord) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the checkpoint right after prepare_cut
+            raise CatalogError("catalog x: database is locked")
+        await real(rec)
+
+    monkeypatch.setattr(rig.catalog, "finish_snapshot", flaky)
+    with pytest.raises(SnapshotFailedError, match="database is locked"):
+        await Snapshotter(rig.catalog).snapshot("t")
+    assert rig.files() == files
+    assert await rig.images() == before
+    nodes = await rig.vm.query("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    assert not [n for n in nodes if str(n["node-name"]).startswith("ff-")]
+
+
+async def test_abort_never_deletes_a_file_a_disk_uses(rig: Rig) -> None:
+    # A preparation whose node QEMU does not know (a restarted VM) but whose file a disk now
+    # runs on: aborting it must keep the file.
+    before = await rig.images()
+    used = before["disk0"]
+    async with QmpDriver.from_config(rig.cfg) as driver:
+        (disk, *_) = await driver.disks()
+        stale = PreparedCut("gone", (PreparedDisk(disk, used, "ff-gone-disk0", used),))
+        await driver.abort(stale)
+    assert Path(used).is_file()
+    assert await rig.images() == before

@@ -371,6 +371,18 @@ async def test_begin_and_finish_rules(cat: Catalog, db_path: Path) -> None:
     assert (_rows(db_path, "verifications"), _rows(db_path, "fs_checks")) == (0, 0)
 
 
+async def test_append_timeline_adds_without_rewriting(cat: Catalog) -> None:
+    await cat.begin_snapshot(_record("app-1"))
+    first = TimelineEvent("started", T0, 1)
+    await cat.finish_snapshot(replace(_record("app-1"), timeline=(first,)))
+    late = TimelineEvent("thaw_confirmed", T0 + timedelta(seconds=1), 2, "by recover")
+    await cat.append_timeline("app-1", [late])
+    await cat.append_timeline("app-1", [])
+    assert (await cat.get_snapshot("app-1")).timeline == (first, late)
+    with pytest.raises(NotFoundError):
+        await cat.append_timeline("nope", [late])
+
+
 async def test_get_snapshot_by_prefix(cat: Catalog) -> None:
     for sid in ("abcdef01", "abcdef02", "abcxyz99", "a%c_0000"):
         await cat.begin_snapshot(_record(sid))

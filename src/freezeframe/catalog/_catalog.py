@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -635,6 +635,39 @@ class Catalog:
             s.delete(old)
             s.flush()
             s.add(new)
+
+    async def append_timeline(self, snapshot_id: str, events: Sequence[TimelineEvent]) -> None:
+        """Add ``events`` to the end of the stored timeline of ``snapshot_id`` (exact id), in
+        one transaction and without rewriting the record: a note from another process (recover,
+        a follow-up) never replaces a record its owner wrote meanwhile.
+
+        Raises:
+            NotFoundError: no such snapshot.
+            CatalogError: a datetime is naive.
+        """
+        await self._run(self._append_timeline, snapshot_id, tuple(events))
+
+    def _append_timeline(self, snapshot_id: str, events: tuple[TimelineEvent, ...]) -> None:
+        with self._writer() as s, s.begin():
+            if s.get(SnapshotRow, snapshot_id) is None:
+                raise NotFoundError(f"no snapshot {snapshot_id}", hint=_SNAPSHOT_HINT)
+            last = s.scalar(
+                sa.select(sa.func.max(TimelineEventRow.ordinal)).where(
+                    TimelineEventRow.snapshot_id == snapshot_id
+                )
+            )
+            start = -1 if last is None else int(last)
+            for i, e in enumerate(events, start + 1):
+                s.add(
+                    TimelineEventRow(
+                        snapshot_id=snapshot_id,
+                        ordinal=i,
+                        name=e.name,
+                        t=_aware(e.t, f"timeline event {e.name!r}"),
+                        mono_ns=e.mono_ns,
+                        detail=e.detail,
+                    )
+                )
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
         """The snapshot ``snapshot_id``, or the only one whose id starts with it.

@@ -162,9 +162,8 @@ async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -
     detail = f"was {before.value}; thawed {n} filesystem(s); confirmed thawed"
     await catalog.close_intent(intent.id, "recover")
     tl.mark("thaw_confirmed", f"by freezeframe recover: {detail}")
-    try:
-        rec = await catalog.get_snapshot(intent.snapshot_id)
-        await catalog.finish_snapshot(replace(rec, timeline=(*rec.timeline, *tl.events)))
+    try:  # appended, not rewritten: without the lock (--force) its owner may write meanwhile
+        await catalog.append_timeline(intent.snapshot_id, tl.events)
     except NotFoundError:
         pass
     except FreezeframeError as exc:  # the thaw itself succeeded; the note is secondary

@@ -43,6 +43,7 @@ from freezeframe.errors import (
     FreezeframeError,
     HypervisorError,
     SnapshotFailedError,
+    ThawUnconfirmedError,
     UsageError,
 )
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, load_driver
@@ -202,8 +203,10 @@ class Snapshotter:
 
         Raises NotFoundError (unknown VM), UsageError (bad request), BusyError (another
         snapshot of this VM is running), SnapshotFailedError (attempted and failed; the failed
-        record is stored under its ``snapshot_id``). A successful record may still be weaker
-        than asked (``preferred``): compare ``record.level``. ``progress`` is called for each
+        record is stored under its ``snapshot_id``), ThawUnconfirmedError (a SnapshotFailedError
+        whose guest may still be frozen: its intent stays open for ``freezeframe recover``).
+        A successful record may still be weaker than asked (``preferred``): compare
+        ``record.level``, and ``record.thaw_unconfirmed``. ``progress`` is called for each
         step; steps inside the freeze window are reported after the thaw, and an exception
         raised by ``progress`` is logged and ignored.
         """
@@ -286,6 +289,13 @@ class Snapshotter:
             tl.mark("failed", exc.message, notify=False)
             fs = exc.filesystems if isinstance(exc, _Failed) else ()
             await shielded(self._store_failure(run, exc.message, fs))
+            if run.freeze_sent and not run.thaw_confirmed:
+                raise ThawUnconfirmedError(
+                    f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}; the thaw was "
+                    "NOT confirmed: the guest may still be frozen",
+                    snapshot_id=run.sid,
+                    hint="run `freezeframe recover` now",
+                ) from exc
             raise SnapshotFailedError(
                 f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}",
                 snapshot_id=run.sid,
@@ -349,8 +359,8 @@ class Snapshotter:
                     )
                 prepared = run.prepared = await driver.prepare_cut(run.sid, list(plan.disks))
                 tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
-                await self._checkpoint(run)
                 try:
+                    await self._checkpoint(run)
                     quiesce = plan.quiesce and run.agent is not None and run.probe.path is not None
                     if quiesce:
                         problem = await self._preflush(run)
@@ -807,9 +817,7 @@ class Snapshotter:
             await shielded(self.catalog.release_vm_lock(run.cfg.name, run.owner))
 
     async def _note_on_record(self, sid: str, name: str, detail: str) -> None:
-        rec = await self.catalog.get_snapshot(sid)
-        ev = Timeline().mark(name, detail)
-        await self.catalog.finish_snapshot(replace(rec, timeline=(*rec.timeline, ev)))
+        await self.catalog.append_timeline(sid, [Timeline().mark(name, detail)])
 
     async def _evidence(self, agent: GuestAgent, path: str, tl: Timeline) -> tuple[str, ...]:
         """The agent's log lines from the freeze window (qemu-ga --logfile --verbose)."""

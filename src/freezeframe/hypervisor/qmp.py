@@ -802,6 +802,9 @@ class QmpDriver(HypervisorDriver):
         try:
             await self.connect()
             known = await self._node_names()
+            # A file some device uses (a VM restarted on it, a cut whose reply was lost) stays,
+            # whatever its node is called now.
+            _, in_use = _scan_blocks(_list(await self._execute("query-block"), "query-block"))
         except Exception as exc:  # abort never raises: without QEMU nothing can be removed
             log.warning(
                 "%s: keeping every overlay of %s (%s): cannot ask QEMU: %s",
@@ -812,6 +815,11 @@ class QmpDriver(HypervisorDriver):
             )
             return
         for d in prepared.disks:
+            if d.overlay_file in in_use:
+                log.warning(
+                    "%s: keeping overlay %s: a disk of the VM uses it", self._label, d.overlay_file
+                )
+                continue
             try:
                 if d.overlay_node in known:
                     await self._execute("blockdev-del", {"node-name": d.overlay_node})
