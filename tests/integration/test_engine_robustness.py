@@ -225,7 +225,9 @@ def _dead_owner() -> str:
     return f"{socket.gethostname()}:{child.pid}:deadbeef"
 
 
-async def _left_running(rig: Rig, *, cut: bool) -> tuple[str, dict[str, str]]:
+async def _left_running(
+    rig: Rig, *, cut: bool, recorded: bool = True
+) -> tuple[str, dict[str, str]]:
     """What a process killed after preparing (and, with ``cut``, after cutting) leaves: a
     running record holding the prepared disks, and its VM lock. Returns (id, images before)."""
     before = await rig.images()
@@ -241,7 +243,7 @@ async def _left_running(rig: Rig, *, cut: bool) -> tuple[str, dict[str, str]]:
         status=SnapshotStatus.RUNNING,
         policy=QuiescePolicy.REQUIRED,
         level=ConsistencyLevel.NONE,
-        disks=_snapshot_disks(prepared),
+        disks=_snapshot_disks(prepared) if recorded else (),
     )
     await rig.catalog.begin_snapshot(rec)
     await rig.catalog.acquire_vm_lock("t", _dead_owner())
@@ -264,6 +266,21 @@ async def test_recover_deletes_overlays_a_dead_process_prepared(rig: Rig) -> Non
     assert rec.status is SnapshotStatus.FAILED
     assert rec.disks == ()
     assert "died" in rec.error
+
+
+async def test_recover_finds_overlays_a_dead_process_made_but_never_recorded(rig: Rig) -> None:
+    # Killed in the few ms between creating the overlays and storing them on its record.
+    files = rig.files()
+    sid, before = await _left_running(rig, cut=False, recorded=False)
+    assert rig.files() != files
+    (out,) = await recover(rig.catalog)
+    assert "removed" in out.detail
+    assert rig.files() == files
+    assert await rig.images() == before
+    nodes = await rig.vm.query("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    assert not [n for n in nodes if str(n["node-name"]).startswith("ff-")]
+    assert (await rig.catalog.get_snapshot(sid)).status is SnapshotStatus.FAILED
 
 
 async def test_recover_keeps_and_records_overlays_of_a_dead_process_cut(rig: Rig) -> None:

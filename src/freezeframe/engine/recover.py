@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -200,7 +201,7 @@ async def _settle_disks(
 ) -> tuple[str, tuple[SnapshotDisk, ...]]:
     """Keep (and record) overlays the VM was switched to; delete those it never used."""
     if not rec.disks:
-        return "nothing was prepared on the disks", ()
+        return await _discard_unrecorded(catalog, rec, timeout), ()
     files = ", ".join(str(d.overlay) for d in rec.disks)
     try:
         driver = open_driver(await catalog.get_vm(rec.vm))
@@ -217,3 +218,31 @@ async def _settle_disks(
     if state == "not-switched":
         return f"the overlays it had prepared were removed: {files}", ()
     return f"the cut's state is unknown: the overlays are kept and recorded: {files}", rec.disks
+
+
+async def _discard_unrecorded(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
+    """A process that died between creating its overlays and recording them (a few ms) leaves
+    files and nodes no record names: remove what the driver's naming says it made, unless a
+    disk uses it (the cut cannot have happened before the record, but abort checks anyway)."""
+    try:
+        driver = open_driver(await catalog.get_vm(rec.vm))
+        async with asyncio.timeout(timeout * 3), driver:
+            prepared = driver.prepared_for(rec.id, await driver.disks())
+            present = _existing([p.overlay_file for p in prepared.disks])
+            await driver.abort(prepared)
+    except (FreezeframeError, TimeoutError) as exc:
+        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+        return f"nothing recorded as prepared; leftovers could not be looked for ({msg})"
+    if not present:
+        return "nothing was prepared on the disks"
+    kept = _existing(present)
+    gone = [f for f in present if f not in kept]
+    note = f"the overlays it had prepared were removed: {', '.join(gone)}" if gone else ""
+    if kept:
+        note += ("; " if note else "") + f"kept (in use or not removable): {', '.join(kept)}"
+    return note
+
+
+def _existing(files: list[str]) -> list[str]:
+    """The files that exist (a stat each: cheap enough for the event loop)."""
+    return [f for f in files if os.path.exists(f)]

@@ -132,6 +132,16 @@ class HypervisorDriver(abc.ABC):
         a state a cut cannot leave). Never raises. Drivers that cannot ask say ``"unknown"``."""
         return "unknown"
 
+    def prepared_for(self, snapshot_id: str, disks: Sequence[DiskInfo]) -> PreparedCut:
+        """What :meth:`prepare_cut` would create for ``disks`` (names only, no I/O), so that
+        ``freezeframe recover`` can :meth:`abort` leftovers of an attempt whose process died
+        before it could record them. Files or nodes that do not exist are fine for abort.
+
+        Raises:
+            UsageError: this driver cannot name its preparation in advance.
+        """
+        raise UsageError(f"driver {self.name!r} cannot name a prepared cut in advance")
+
     def prepared_from_record(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> PreparedCut:
         """Rebuild the preparation of attempt ``snapshot_id`` from the disks its record holds
         (written before the freeze), so that ``freezeframe recover`` can ask :meth:`cut_state`

@@ -774,6 +774,24 @@ class QmpDriver(HypervisorDriver):
         )
         return "unknown"
 
+    def prepared_for(self, snapshot_id: str, disks: Sequence[DiskInfo]) -> PreparedCut:
+        """The overlays :meth:`prepare_cut` (without ``overlay_dir``) makes for ``disks`` now:
+        ``<image stem>.ff-<id>.qcow2`` next to each image, node :func:`overlay_node_name`.
+
+        Raises:
+            CutError: a disk's image is not a local file (no overlay path can be named).
+        """
+        out = tuple(
+            PreparedDisk(
+                d,
+                str(_overlay_path(d, snapshot_id, None)),
+                overlay_node_name(snapshot_id, d.device),
+                d.file,
+            )
+            for d in disks
+        )
+        return PreparedCut(snapshot_id, out)
+
     def prepared_from_record(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> PreparedCut:
         """The preparation of ``snapshot_id`` as :meth:`prepare_cut` made it: the overlay node
         names follow from the id and the device (:func:`overlay_node_name`). No I/O.
