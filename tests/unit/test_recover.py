@@ -18,6 +18,7 @@ from tests.fakes.fake_agent import FakeAgent, FakeFs
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.engine import recover
 from freezeframe.errors import NotFoundError
+from freezeframe.models import VmConfig
 
 FS = [FakeFs("/", "ext4"), FakeFs("/data", "xfs")]
 
@@ -90,3 +91,31 @@ async def test_live_intent_skips_the_whole_vm(fake: FakeAgent, cat: Catalog) -> 
 async def test_unknown_vm_is_refused(cat: Catalog) -> None:
     with pytest.raises(NotFoundError):
         await recover(cat, "nope")
+
+
+async def test_intent_of_a_vm_that_is_not_running_is_closed(tmp_path: Path, cat: Catalog) -> None:
+    # QEMU is gone: neither the agent's nor QMP's socket exists; nothing can be frozen.
+    await cat.add_vm(VmConfig(name="gone", qmp_path=str(tmp_path / "qmp.sock")))
+    await cat.open_intent("gone", "snap-1", str(tmp_path / "qga.sock"), _dead_owner())
+    (out,) = await recover(cat)
+    assert (out.thawed, out.failed) == (True, False)
+    assert "not running" in out.detail
+    assert await cat.open_intents() == []
+
+
+async def test_unreachable_agent_of_a_running_vm_keeps_the_intent(
+    tmp_path: Path, cat: Catalog
+) -> None:
+    # The VM's control socket answers (someone listens): the guest may well be frozen.
+    qmp = tmp_path / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(qmp))
+    listener.listen()
+    try:
+        await cat.add_vm(VmConfig(name="alive", qmp_path=str(qmp)))
+        await cat.open_intent("alive", "snap-1", str(tmp_path / "qga.sock"), _dead_owner())
+        (out,) = await recover(cat, timeout=1.0)
+        assert out.failed
+        assert len(await cat.open_intents()) == 1
+    finally:
+        listener.close()

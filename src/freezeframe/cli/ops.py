@@ -74,4 +74,4 @@ def _print(o: RecoverOutcome) -> None:
     )  # fmt: skip
     what = f"intent {o.intent_id}" if o.intent_id is not None else "left running, no freeze"
     console.print(f"{escape(o.vm)} (snapshot {escape(o.snapshot_id)}, {what}): "
-                  f"{state} {escape(o.detail)}", highlight=False)  # fmt: skip
+                  f"{state} — {escape(o.detail)}", highlight=False)  # fmt: skip

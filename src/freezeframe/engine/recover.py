@@ -30,7 +30,13 @@ from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.engine.timeline import Timeline
-from freezeframe.errors import AgentError, BusyError, FreezeframeError, NotFoundError
+from freezeframe.errors import (
+    AgentError,
+    AgentUnavailableError,
+    BusyError,
+    FreezeframeError,
+    NotFoundError,
+)
 from freezeframe.models import (
     FreezeIntent,
     FsFreezeState,
@@ -153,6 +159,15 @@ async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -
                 after = await agent.fsfreeze_status()
     except (AgentError, TimeoutError) as exc:
         msg = exc.message if isinstance(exc, AgentError) else "no answer"
+        if isinstance(exc, AgentUnavailableError) and await _vm_is_gone(catalog, intent.vm):
+            # No QEMU, no guest: nothing can be frozen any more.
+            detail = f"the VM is not running (agent: {msg}; QMP does not answer either)"
+            await catalog.close_intent(intent.id, "recover (VM not running)")
+            tl.mark("vm_not_running", f"by freezeframe recover: {detail}; intent closed")
+            await _note(catalog, intent.snapshot_id, tl)
+            return RecoverOutcome(
+                intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail
+            )
         return RecoverOutcome(
             intent.id, intent.vm, intent.snapshot_id, thawed=False, detail=f"agent: {msg}"
         )
@@ -160,16 +175,34 @@ async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -
         return RecoverOutcome(
             intent.id, intent.vm, intent.snapshot_id, thawed=False, detail="still frozen"
         )
-    detail = f"was {before.value}; thawed {n} filesystem(s); confirmed thawed"
+    detail = (
+        f"the guest was {before.value}; {n} filesystem(s) thawed, "
+        "confirmed by guest-fsfreeze-status"
+    )
     await catalog.close_intent(intent.id, "recover")
     tl.mark("thaw_confirmed", f"by freezeframe recover: {detail}")
-    try:  # appended, not rewritten: without the lock (--force) its owner may write meanwhile
-        await catalog.append_timeline(intent.snapshot_id, tl.events)
+    await _note(catalog, intent.snapshot_id, tl)
+    return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
+
+
+async def _note(catalog: Catalog, snapshot_id: str, tl: Timeline) -> None:
+    """Append recover's events to the record (never rewriting it: without the lock, with
+    --force, its owner may write meanwhile); a missing record or a failing note is logged."""
+    try:
+        await catalog.append_timeline(snapshot_id, tl.events)
     except NotFoundError:
         pass
     except FreezeframeError as exc:  # the thaw itself succeeded; the note is secondary
-        log.warning("could not note the recovery on snapshot %s: %s", intent.snapshot_id, exc)
-    return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail)
+        log.warning("could not note the recovery on snapshot %s: %s", snapshot_id, exc)
+
+
+async def _vm_is_gone(catalog: Catalog, vm: str) -> bool:
+    """True only when the VM's driver is certain it is not running (QMP: its socket missing
+    or refusing). Anything else, an unknown VM included, is not proof."""
+    try:
+        return await open_driver(await catalog.get_vm(vm)).is_gone()
+    except FreezeframeError:
+        return False
 
 
 async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> dict[str, str]:

@@ -125,6 +125,12 @@ class HypervisorDriver(abc.ABC):
         Drivers that cannot tell do nothing."""
         return None
 
+    async def is_gone(self) -> bool:
+        """True only when it is certain that the VM is not running (so its guest cannot be
+        frozen), without connecting; False when it runs or when that cannot be told. Never
+        raises. The default cannot tell."""
+        return False
+
     async def cut_state(self, prepared: PreparedCut) -> CutState:
         """Whether a cut of ``prepared`` is in effect, asked after :meth:`cut` raised (timeout,
         lost connection, cancellation): ``"switched"`` when every disk writes to its overlay,

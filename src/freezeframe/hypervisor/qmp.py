@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Sequence
@@ -217,6 +218,21 @@ def _overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> 
     return directory / f"{stem}.ff-{snapshot_id}.qcow2"
 
 
+def _socket_dead(path: str) -> bool:
+    """True when nothing can ever answer on unix socket ``path``: missing or refused."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return False
+
+
 def _exists(path: str | Path) -> bool:
     return os.path.exists(path)
 
@@ -335,6 +351,11 @@ class QmpDriver(HypervisorDriver):
     @property
     def _label(self) -> str:
         return f"VM {self.vm_name!r}" if self.vm_name else f"QMP {self.qmp_path}"
+
+    async def is_gone(self) -> bool:
+        """QEMU is not running: its QMP socket file is missing or refuses connections (a
+        socket that accepts, even one that never greets, is not proof)."""
+        return await asyncio.to_thread(_socket_dead, self.qmp_path)
 
     @property
     def last_timings(self) -> dict[str, float]:
