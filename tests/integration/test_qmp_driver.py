@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -405,6 +406,39 @@ async def test_abort_reconnects_after_the_connection_is_gone(driver: QmpDriver, 
     assert [d.node for d in await driver.disks()] == ["disk0", "disk1"]  # still connected
 
 
+def _assert_lost(exc: HypervisorError, vm: Vm, command: str) -> None:
+    assert isinstance(exc, HypervisorUnavailableError)
+    assert exc.message == (
+        f"VM 't': the QMP connection to {vm.qmp} was lost (during {command}): "
+        "is QEMU still running?"
+    )
+    assert "disconnect()" not in (exc.hint or "")
+
+
+@integration
+async def test_qemu_gone_during_or_between_commands_is_a_lost_connection(
+    driver: QmpDriver, vm: Vm
+) -> None:
+    # During: QEMU holds the command (stopped), then dies before answering.
+    os.kill(vm.proc.pid, signal.SIGSTOP)
+    task = asyncio.create_task(driver.disks())
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    vm.proc.kill()
+    await vm.proc.wait()
+    with pytest.raises(HypervisorError) as during:
+        await task
+    _assert_lost(during.value, vm, "query-block")
+    # Between: every later command (qemu.qmp: "QMPClient is disconnecting. Call disconnect()
+    # to return to IDLE state.") says the same.
+    for call, command in ((driver.disks, "query-block"), (driver.agent_channel, "qom-list")):
+        with pytest.raises(HypervisorError) as between:
+            await call()
+        _assert_lost(between.value, vm, command)
+    with pytest.raises(HypervisorUnavailableError, match=r"does not exist|refused"):
+        await driver.connect()  # a reconnect says what is wrong with the socket
+
+
 @integration
 async def test_cut_state(driver: QmpDriver, vm: Vm, caplog: pytest.LogCaptureFixture) -> None:
     prepared = await driver.prepare_cut("s1", await driver.disks())
@@ -545,6 +579,7 @@ async def test_cut_refused_vs_outcome_unknown(sock_dir: Path) -> None:
         fake.replies["query-named-block-nodes"] = Return(
             [{"node-name": "disk0"}, {"node-name": "ff-s1-disk0"}]
         )
+        fake.replies["query-block"] = Return([])  # no disk uses the overlay file
         fake.replies["blockdev-del"] = Error("Node 'ff-s1-disk0' is busy")
         await drv.abort(prepared)
         assert fake.commands().count("qmp_capabilities") == 2
@@ -566,6 +601,7 @@ async def test_abort_after_a_dropped_connection_removes_unused_overlays(sock_dir
     replies: dict[str, Reply | list[Reply]] = {
         "transaction": Hangup(),
         "query-named-block-nodes": Return([{"node-name": "disk0"}, {"node-name": "ff-s1-disk0"}]),
+        "query-block": Return([]),  # no disk uses the overlay file
         "blockdev-del": Return({}),
     }
     async with FakeQmpServer(path, replies) as fake, QmpDriver(path, timeout=2) as drv:

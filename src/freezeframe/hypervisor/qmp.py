@@ -51,6 +51,7 @@ from qemu.qmp import (
     QMPError,
     Runstate,
 )
+from qemu.qmp.protocol import StateError
 
 from freezeframe._aio import shielded
 from freezeframe._tools import require, run
@@ -431,6 +432,8 @@ class QmpDriver(HypervisorDriver):
         client = self._client
         if client is None:
             raise HypervisorUnavailableError(f"{self._label}: not connected (call connect())")
+        if client.runstate != Runstate.RUNNING:  # QEMU hung up since the last command
+            raise self._lost(command)
         try:
             return await asyncio.wait_for(client.execute(command, arguments), self.timeout)
         except ExecuteError as exc:
@@ -443,14 +446,21 @@ class QmpDriver(HypervisorDriver):
             raise HypervisorError(
                 f"{self._label}: QMP {command}: no reply within {self.timeout:g}s"
             ) from exc
-        except ExecInterruptedError as exc:
-            raise HypervisorUnavailableError(
-                f"{self._label}: QMP connection lost during {command}"
-            ) from exc
-        except (QMPError, OSError, EOFError) as exc:
-            raise HypervisorUnavailableError(
-                f"{self._label}: QMP {command}: {exc or type(exc).__name__}"
-            ) from exc
+        except (ExecInterruptedError, StateError, OSError, EOFError) as exc:
+            # The connection went away during the command (or just before it): the library's
+            # own words ("QMPClient is disconnecting. Call disconnect() ...") mean nothing to
+            # an operator.
+            raise self._lost(command) from exc
+        except QMPError as exc:  # a reply the library could not read: the session is over
+            log.debug("%s: QMP %s: %r", self._label, command, exc)
+            raise self._lost(command) from exc
+
+    def _lost(self, command: str) -> HypervisorUnavailableError:
+        return HypervisorUnavailableError(
+            f"{self._label}: the QMP connection to {self.qmp_path} was lost (during {command}): "
+            "is QEMU still running?",
+            hint="check the VM's QEMU process; once it runs again, retry",
+        )
 
     # ----------------------------------------------------------------- inspection
 
