@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from freezeframe.catalog import Catalog
 from freezeframe.errors import VerifyError
 from freezeframe.models import ConsistencyLevel, SnapshotStatus, Verification
-from freezeframe.storage import verify_disks
+from freezeframe.storage import parse_user_checks, verify_disks
 
-__all__ = ["DEFAULT_CHECK_TIMEOUT", "verify_snapshot"]
+__all__ = ["DEFAULT_CHECK_TIMEOUT", "parse_user_checks", "verify_snapshot"]
 
 #: Seconds a user check may run (per filesystem) before its process group is killed.
 DEFAULT_CHECK_TIMEOUT = 300.0
@@ -34,10 +34,12 @@ async def verify_snapshot(
     one makes the verdict ``check-failed``, the filesystems' own checks keep theirs. The new
     verification replaces a stored one.
 
-    Raises NotFoundError / UsageError (unknown or ambiguous id, ``check_timeout`` not > 0),
-    VerifyError (a failed snapshot, or an image that cannot be read: the catalog is left
+    Raises NotFoundError / UsageError (unknown or ambiguous id, ``check_timeout`` not > 0, a
+    check that cannot be parsed or whose program is not on this host's PATH: found before
+    anything is read), VerifyError (a failed snapshot, or an image that cannot be read: the catalog is left
     unchanged).
     """
+    parse_user_checks(checks)  # bad input is refused before anything is exported
     rec = await catalog.get_snapshot(snapshot_id)
     if rec.status is not SnapshotStatus.DONE or not rec.disks:
         raise VerifyError(

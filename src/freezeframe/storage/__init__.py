@@ -3,6 +3,13 @@
 (:mod:`~freezeframe.storage.verify`)."""
 
 from freezeframe.storage.inspect import ImageView, Partition, mounted, open_image
-from freezeframe.storage.verify import verify_disks
+from freezeframe.storage.verify import parse_user_checks, verify_disks
 
-__all__ = ["ImageView", "Partition", "mounted", "open_image", "verify_disks"]
+__all__ = [
+    "ImageView",
+    "Partition",
+    "mounted",
+    "open_image",
+    "parse_user_checks",
+    "verify_disks",
+]
