@@ -263,3 +263,47 @@ def test_json_option_errors_are_json(home: Path, args: tuple[str, ...]) -> None:
     assert doc["error"] == "UsageError"
     assert doc["exit_code"] == 2
     assert doc["message"]
+    assert "hint" in doc  # README: error, message, exit_code, hint (null when none)
+
+
+def test_json_error_documents_always_carry_a_hint(home: Path) -> None:
+    doc = json.loads(ff("vm", "add", "x", "--json").stdout)  # a usage error without a hint
+    assert doc == {
+        "error": "UsageError",
+        "message": doc["message"],
+        "exit_code": 2,
+        "hint": None,
+    }
+    doc = json.loads(ff("snapshot", "show", "nope", "--json").stdout)
+    assert doc["hint"] == "see `freezeframe snapshot list`"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--json", "--bogus"), "No such option: --bogus"),
+        (("--json", "snapshot", "list", "--bogus"), "No such option: --bogus"),
+        (("--json",), "--json belongs to a command"),
+        (("--json", "vm"), "--json belongs to a command"),
+    ],
+)
+def test_a_json_option_before_the_command_still_gives_json(
+    home: Path, args: tuple[str, ...], message: str
+) -> None:
+    r = ff(*args)
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    assert doc["error"] == "UsageError"
+    assert doc["message"].startswith(message)
+    assert "No such option: --json" not in doc["message"]
+
+
+def test_json_before_the_command_is_the_commands_json(home: Path) -> None:
+    register(VmConfig(name="web1", qmp_path=str(home / "q.sock")))
+    for args in (("--json", "vm", "list"), ("-v", "--json", "vm", "list")):
+        r = ff(*args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert [v["name"] for v in json.loads(r.stdout)] == ["web1"]
+    r = ff("--database-url", f"sqlite:///{home / 'other.sqlite'}", "--json", "vm", "list")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout) == []

@@ -120,9 +120,8 @@ def die(exc: FreezeframeError, *, as_json: bool = False) -> NoReturn:
             "error": type(exc).__name__,
             "message": exc.message,
             "exit_code": exc.exit_code,
+            "hint": exc.hint or None,  # always there (README), null when there is none
         }
-        if exc.hint:
-            doc["hint"] = exc.hint
         snap = getattr(exc, "snapshot_id", None)
         if snap:
             doc["snapshot_id"] = snap

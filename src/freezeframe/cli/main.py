@@ -5,6 +5,8 @@ and print the result; only :func:`main` ever exits the process.
 
 With ``--json`` among the arguments, an option-parsing error (unknown option, bad choice) is the
 same JSON error document on stdout as every other error, exit 2, instead of Click's usage box.
+``--json`` may also come before the command (``freezeframe --json vm list``): it is handed on to
+the command, which owns its output.
 """
 
 from __future__ import annotations
@@ -60,15 +62,49 @@ def _root(
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
 
+#: Options of the root command that take a value (the next argument is not the command).
+_ROOT_VALUE_OPTIONS = frozenset({"--database-url"})
+
+
+def _json_to_command(argv: list[str]) -> list[str]:
+    """``argv`` with a ``--json`` given before the command moved behind it (every command
+    takes ``--json``; the root command has no output of its own). Before a ``--`` if any."""
+    i = 0
+    leading: list[str] = []
+    moved = False
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        if argv[i] == "--json":
+            moved = True
+        else:
+            leading.append(argv[i])
+            if argv[i] in _ROOT_VALUE_OPTIONS and i + 1 < len(argv):
+                i += 1
+                leading.append(argv[i])
+        i += 1
+    if not moved:
+        return argv
+    rest = argv[i:]
+    end = rest.index("--") if "--" in rest else len(rest)
+    return [*leading, *rest[:end], "--json", *rest[end:]]
+
+
 def main() -> None:
     """Console-script entry point."""
-    if "--json" not in sys.argv[1:]:
+    argv = sys.argv[1:]
+    if "--json" not in argv:
         app()  # Click/Typer report usage errors themselves
         return
     try:
-        code = app(standalone_mode=False)
+        code = app(args=_json_to_command(argv), standalone_mode=False)
     except typer.TyperException as exc:  # Click's UsageError (exit 2) and its other errors
-        err = UsageError(exc.format_message())
+        if getattr(exc, "option_name", None) == "--json":  # no command to hand it on to
+            err = UsageError(
+                "--json belongs to a command: `freezeframe [--json] COMMAND [ARGS]...` "
+                "(no command given, or --json between a group and its command)",
+                hint="e.g. `freezeframe vm list --json`; `freezeframe --help` lists the commands",
+            )
+        else:
+            err = UsageError(exc.format_message())
         err.exit_code = exc.exit_code
         die(err, as_json=True)
     except typer.Abort:
