@@ -307,3 +307,36 @@ def test_json_before_the_command_is_the_commands_json(home: Path) -> None:
     r = ff("--database-url", f"sqlite:///{home / 'other.sqlite'}", "--json", "vm", "list")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout) == []
+
+
+def test_vm_add_replace_refuses_a_lab_vm_unless_forced(home: Path) -> None:
+    lab = VmConfig(
+        name="lab1",
+        qmp_path=str(home / "q.sock"),
+        qga_path=str(home / "qga.sock"),
+        agent_log_path="/var/log/qemu-ga.log",
+        lab=True,
+    )
+    register(lab)
+    r = ff("vm", "add", "lab1", "--qmp", str(home / "q.sock"), "--replace")
+    assert r.returncode == 2
+    assert "is a lab VM" in r.stderr
+    assert "freezeframe lab down lab1 --purge" in r.stderr
+    doc = json.loads(ff("vm", "add", "lab1", "--qmp", "/x", "--replace", "--json").stdout)
+    assert doc["exit_code"] == 2
+    assert "lab up lab1" in doc["hint"]
+    [kept] = json.loads(ff("vm", "list", "--json").stdout)
+    assert (kept["lab"], kept["qga_path"], kept["agent_log_path"]) == (
+        True,
+        lab.qga_path,
+        lab.agent_log_path,
+    )
+    assert ff("vm", "remove", "lab1").returncode == 2  # still guarded
+
+    r = ff("vm", "add", "lab1", "--qmp", str(home / "q.sock"), "--replace", "--force")
+    assert r.returncode == 0, r.stderr
+    [own] = json.loads(ff("vm", "list", "--json").stdout)
+    assert own["lab"] is False
+    # an operator's own VM is replaced without --force, as before
+    r = ff("vm", "add", "lab1", "--qmp", str(home / "q2.sock"), "--replace")
+    assert r.returncode == 0, r.stderr

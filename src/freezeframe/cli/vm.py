@@ -1,8 +1,9 @@
 """``freezeframe vm``: register VMs with their control sockets and policy.
 
 ``vm add`` registers a VM that is not running yet (its socket paths not there yet, with a
-warning) but refuses a path that exists and is not a unix socket. ``vm remove`` refuses a lab VM
-(``lab down NAME --purge`` forgets it with its files) unless ``--force``.
+warning) but refuses a path that exists and is not a unix socket. ``vm add --replace`` and
+``vm remove`` refuse a lab VM (``lab down NAME --purge`` forgets it with its files) unless
+``--force``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def add(
     ),
     exclude_mount: list[str] = typer.Option([], "--exclude-mount", help="Never freeze this."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry."),
+    force: bool = typer.Option(
+        False, "--force", help="With --replace: also a lab VM's entry (it stops being a lab VM)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a QEMU VM by its sockets (it need not be running yet)."""
@@ -61,6 +65,14 @@ def add(
             )
         missing = [p for p in (qmp, qga) if p is not None and not _socket_or_missing(p)]
         async with await Catalog.open() as cat:
+            old = {v.name: v for v in await cat.list_vms()}.get(name) if replace else None
+            if old is not None and old.lab and not force:
+                raise UsageError(
+                    f"{name!r} is a lab VM: replacing its registration would turn it into a VM "
+                    "of your own (its agent socket and log forgotten) while the lab VM runs on",
+                    hint=f"`freezeframe lab down {name} --purge`, then `freezeframe lab up "
+                    f"{name}` (or `vm add {name} --replace --force`)",
+                )
             await cat.add_vm(cfg, replace=replace)
         return missing
 
