@@ -25,8 +25,8 @@ from freezeframe.cli._common import (
 )
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
-from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT
-from freezeframe.errors import FreezeframeError, NotFoundError, RecoverError
+from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT, parse_user_checks
+from freezeframe.errors import FreezeframeError, NotFoundError, RecoverError, UsageError
 from freezeframe.models import (
     ConsistencyLevel,
     QuiescePolicy,
@@ -109,6 +109,10 @@ def create(
                           f"{escape(ev.detail)}", highlight=False)  # fmt: skip
 
     async def go() -> SnapshotRecord:
+        # bad --check input is refused before anything is frozen or cut
+        if check and not verify:
+            raise UsageError("--check needs --verify (the checks run on the verified images)")
+        parse_user_checks(check)
         async with await Catalog.open() as cat:
             try:
                 rec = await Snapshotter(cat).snapshot(

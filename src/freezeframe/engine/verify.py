@@ -36,8 +36,8 @@ async def verify_snapshot(
 
     Raises NotFoundError / UsageError (unknown or ambiguous id, ``check_timeout`` not > 0, a
     check that cannot be parsed or whose program is not on this host's PATH: found before
-    anything is read), VerifyError (a failed snapshot, or an image that cannot be read: the catalog is left
-    unchanged).
+    anything is read), VerifyError (a failed snapshot, or an image that cannot be read: the
+    catalog is left unchanged).
     """
     parse_user_checks(checks)  # bad input is refused before anything is exported
     rec = await catalog.get_snapshot(snapshot_id)
