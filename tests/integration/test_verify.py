@@ -51,7 +51,7 @@ from freezeframe.models import (
     VmConfig,
 )
 from freezeframe.storage import mounted, open_image, verify_disks
-from freezeframe.storage.verify import _parse_xfs_logprint
+from freezeframe.storage.verify import CHECK_OUTPUT_MAX, _parse_xfs_logprint
 from tests.fakes.hostfs import MiB, loop_mounted, sh
 
 TOOLS = ("qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat")
@@ -512,6 +512,24 @@ async def test_failing_user_check_is_check_failed_not_corrupt(
     assert "user checks not run on a corrupt filesystem" in damaged.checks[-1].detail
 
 
+async def test_user_check_output_is_bounded(images: Images, workdir: Path) -> None:
+    """A check printing megabytes keeps only the last few KiB, and says so."""
+    checks = [
+        "sh -c 'head -c 3000000 /dev/zero | tr \"\\\\000\" x; echo; echo LAST-LINE'",
+        "sh -c 'seq 1 400000; echo END-OF-ERR >&2; exit 4'",
+    ]
+    v = await verify_disks([disk(images.ext4)], user_checks=checks, workdir=str(workdir))
+    fs, user = v.checks
+    assert fs.verdict is VerifyVerdict.CONSISTENT
+    assert user.verdict is VerifyVerdict.CHECK_FAILED
+    assert "LAST-LINE" in user.detail
+    assert "END-OF-ERR" in user.detail
+    assert "exit 4" in user.detail
+    assert user.detail.count("[output truncated: 3000011 bytes written") == 1
+    assert user.detail.count("[output truncated: 2688906 bytes written") == 1
+    assert len(user.detail) < 3 * CHECK_OUTPUT_MAX
+
+
 def test_verdict_exit_codes() -> None:
     def code(verdict: VerifyVerdict | None) -> int:
         if verdict is None:
@@ -562,12 +580,17 @@ async def test_user_check_on_unmountable_vfat_says_not_run(images: Images, workd
 
 
 async def test_bad_user_check_rejected_before_any_export(workdir: Path, images: Images) -> None:
-    with pytest.raises(VerifyError, match="not found"):
+    """Bad input (exit 2), not a failure to verify."""
+    with pytest.raises(UsageError, match="not found"):
         await verify_disks(
             [disk(images.ext4)], user_checks=["no-such-program-ff"], workdir=str(workdir)
         )
-    with pytest.raises(VerifyError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         await verify_disks([disk(images.ext4)], user_checks=["  "], workdir=str(workdir))
+    with pytest.raises(UsageError, match="cannot be parsed"):
+        await verify_disks(
+            [disk(images.ext4)], user_checks=['sh -c "unterminated'], workdir=str(workdir)
+        )
 
 
 # ---------------------------------------------------------------------------- errors, teardown

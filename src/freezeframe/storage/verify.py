@@ -77,6 +77,8 @@ _DEFAULT_CHECK_TIMEOUT = 1800.0
 _DEFAULT_USER_CHECK_TIMEOUT = 300.0
 #: How long the output of a killed user check is still read.
 _DRAIN_TIMEOUT = 5.0
+#: Of each user check's output only the last this many bytes are kept (and stored).
+CHECK_OUTPUT_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,17 +449,68 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+class _OutputTail:
+    """The last ``limit`` bytes of what a check wrote to one pipe, and how much it wrote."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.total = 0
+
+    async def read_from(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            self.total += len(chunk)
+            self.data += chunk
+            if len(self.data) > self.limit:
+                del self.data[: len(self.data) - self.limit]
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckRun:
+    """What one user check did: exit code (None: killed at its timeout) and output tails."""
+
+    returncode: int | None
+    out: str
+    err: str
+    written: int  # bytes written to stdout and stderr together
+    cut: bool = False  # more was written than kept
+
+    def output(self, stdout_only: bool = False) -> str:
+        """The last lines of the output, at most :data:`CHECK_OUTPUT_MAX` characters, with a
+        note when the check wrote more than that."""
+        text = _tail(self.out if stdout_only else self.out + "\n" + self.err)
+        kept = text[-CHECK_OUTPUT_MAX:]
+        if self.cut or len(kept) < len(text):
+            return (
+                f"[output truncated: {self.written} bytes written, "
+                f"at most the last {CHECK_OUTPUT_MAX} kept] {kept}"
+            )
+        return kept
+
+
 async def _run_user_check(
     argv: list[str], cwd: Path, env: dict[str, str], timeout: float
-) -> tuple[int | None, str, str]:
-    """Run one user check in a new session; (exit code or None on timeout, stdout, stderr).
+) -> _CheckRun:
+    """Run one user check in a new session; only the last :data:`CHECK_OUTPUT_MAX` bytes of
+    its stdout and of its stderr are kept (in memory too).
 
-    On timeout or cancellation the check's whole process group is killed (a shell's children
-    too), so nothing keeps the read-only mount busy; the group is killed after a normal exit
-    as well, for background children left behind.
+    It runs under ``setpriv --pdeathsig KILL``: if this process dies (kill -9), the kernel
+    kills the check's leader (asyncio forks from the event loop's thread, whose exit is what
+    the kernel watches; :func:`~freezeframe.storage.inspect.sweep_stale_workspaces` gets the
+    rest). On timeout or cancellation the check's whole process group is killed (a shell's
+    children too), so nothing keeps the read-only mount busy; the group is killed after a
+    normal exit as well, for background children left behind.
     """
+    setpriv = require("setpriv", "util-linux")
     try:
         proc = await asyncio.create_subprocess_exec(
+            setpriv,
+            "--pdeathsig",
+            "KILL",
+            "--",
             *argv,
             cwd=str(cwd),
             env=env,
@@ -467,27 +520,38 @@ async def _run_user_check(
             start_new_session=True,
         )
     except OSError as exc:
-        return 127, "", f"cannot start {argv[0]}: {exc}"
+        return _CheckRun(127, "", f"cannot start {argv[0]}: {exc}", 0)
+    out, err = _OutputTail(CHECK_OUTPUT_MAX), _OutputTail(CHECK_OUTPUT_MAX)
+    if proc.stdout is None or proc.stderr is None:  # pragma: no cover - PIPE was asked for
+        raise VerifyError(f"user check {argv[0]}: no pipes to read its output")
+    readers = [
+        asyncio.ensure_future(out.read_from(proc.stdout)),
+        asyncio.ensure_future(err.read_from(proc.stderr)),
+    ]
     rc: int | None
     try:
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            await asyncio.wait_for(asyncio.gather(*readers, proc.wait()), timeout)
             rc = proc.returncode
         except TimeoutError:
             log.warning("user check %s timed out after %g s; killing it", argv[0], timeout)
             _kill_group(proc)
             rc = None
-            try:  # what it wrote before; bounded: a child that left the group may hold a pipe
-                out, err = await asyncio.wait_for(proc.communicate(), _DRAIN_TIMEOUT)
-            except TimeoutError:
-                out, err = b"", b""
+            # what it wrote before; bounded: a child that left the group may hold a pipe
+            await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT)
     finally:  # also on cancellation (Ctrl-C): the teardown of the mount follows
         _kill_group(proc)
+        for reader in readers:
+            reader.cancel()
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await _uncancellable(proc.wait())
-    return rc, out.decode(errors="replace"), err.decode(errors="replace")
+    written = out.total + err.total
+    cut = out.total > len(out.data) or err.total > len(err.data)
+    if cut:
+        log.info("user check %s wrote %d bytes; only the last ones are kept", argv[0], written)
+    return _CheckRun(rc, out.text(), err.text(), written, cut)
 
 
 async def _user_checks(
@@ -515,19 +579,19 @@ async def _user_checks(
             )
             for argv in checks:
                 name = shlex.join(argv)
-                rc, out, err = await _run_user_check(argv, mnt, env, timeout)
-                if rc is None:
+                done = await _run_user_check(argv, mnt, env, timeout)
+                if done.returncode is None:
                     passed = False
-                    tail = _tail(out + "\n" + err)
+                    tail = done.output()
                     notes.append(
                         f"`{name}` timed out after {timeout:g} s (killed)"
                         + (f": {tail}" if tail else "")
                     )
-                elif rc != 0:
+                elif done.returncode != 0:
                     passed = False
-                    notes.append(f"`{name}` failed (exit {rc}): {_tail(out + chr(10) + err)}")
+                    notes.append(f"`{name}` failed (exit {done.returncode}): {done.output()}")
                 else:
-                    tail = _tail(out)
+                    tail = done.output(stdout_only=True)
                     notes.append(f"`{name}` passed" + (f": {tail}" if tail else ""))
     except VerifyError as exc:
         log.warning("user checks not run on %s (%s): %s", disk.device, part.device, exc)
