@@ -169,3 +169,85 @@ async def test_a_socket_that_accepts_but_no_agent_answers_is_the_guests_problem(
     assert agent.status is CheckStatus.FAIL
     assert "install and start qemu-guest-agent in the guest" in agent.fix
     assert rep.predicted_level is ConsistencyLevel.CRASH
+
+
+def _fails(rep: DoctorReport) -> list[Check]:
+    return [c for c in rep.checks if c.status is CheckStatus.FAIL]
+
+
+@pytest.mark.parametrize("policy", [QuiescePolicy.PREFERRED, QuiescePolicy.REQUIRED])
+async def test_a_guest_left_frozen_is_one_clear_fail(rig: Rig, policy: QuiescePolicy) -> None:
+    # What a `kill -9` of `snapshot create --hold-frozen` leaves: the guest frozen (qemu-ga
+    # then reports most commands disabled in guest-info) and the freeze intent open.
+    dead = f"{socket.gethostname()}:4194305:dead"
+    intent = await rig.catalog.open_intent("t", "snap-killed", rig.agent.path, dead)
+    rig.agent.frozen = True
+    rep = await doctor(rig.catalog, "t", quiesce=policy)
+    [fail] = _fails(rep)
+    assert fail.name == "guest state"
+    assert fail.detail.startswith("the guest is frozen (guest-fsfreeze-status): freeze intent ")
+    assert f"intent {intent.id} of snapshot snap-killed by {dead}" in fail.detail
+    assert fail.fix.startswith("run `freezeframe recover t`")
+    names = [c.name for c in rep.checks]
+    for misleading in ("freeze commands", "pre-flush", "freeze intents", "policy outcome"):
+        assert misleading not in names
+    assert "--block-rpcs" not in _fixes(rep)
+    assert "frozen" in rep.verdict
+    if policy is QuiescePolicy.REQUIRED:
+        assert rep.predicted_level is ConsistencyLevel.NONE
+
+    # frozen by someone else: no intent to name, recover cannot thaw it
+    await rig.catalog.close_intent(intent.id, "test")
+    rep = await doctor(rig.catalog, "t", quiesce=policy)
+    [fail] = _fails(rep)
+    assert fail.detail == (
+        "the guest is frozen (guest-fsfreeze-status): no freeze intent of freezeframe is "
+        "open, another tool froze it"
+    )
+    assert "guest-fsfreeze-thaw" in fail.fix
+
+    rig.agent.frozen = False  # thawed: the full checklist again, all green
+    rep = await doctor(rig.catalog, "t", quiesce=policy)
+    assert _check(rep, "freeze commands").status is CheckStatus.PASS
+    assert not _fails(rep)
+
+
+async def test_a_registered_agent_path_that_is_not_qemus_is_named(rig: Rig) -> None:
+    qemu_side = f"{rig.vm.dir}/qga.sock"  # the VM's real agent chardev, as QEMU reports it
+    fix = f"`freezeframe vm add t --replace --qga {qemu_side}`"
+    # The rig's fake agent answers at another path: it may be another VM's agent.
+    rep = await doctor(rig.catalog, "t")
+    channel = _check(rep, "agent channel")
+    assert channel.status is CheckStatus.WARN
+    assert f"registered with --qga {rig.agent.path}" in channel.detail
+    assert f"QEMU's agent port org.qemu.guest_agent.0 is at {qemu_side}" in channel.detail
+    assert fix in channel.fix
+
+    # Some other listening socket that is no agent: the path is the problem, not the guest.
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    other = rig.vm.dir / "other.sock"
+    server = await asyncio.start_unix_server(hang_up, str(other))
+    try:
+        await rig.reconfigure(qga_path=str(other))
+        rep = await doctor(rig.catalog, "t")
+    finally:
+        server.close()
+        await server.wait_closed()
+    channel = _check(rep, "agent channel")
+    assert channel.status is CheckStatus.FAIL
+    assert channel.detail == (
+        f"no guest agent answers at {other} (registered with --qga), and QEMU's agent port "
+        f"org.qemu.guest_agent.0 is at {qemu_side}"
+    )
+    assert fix in channel.fix
+    assert not any(c.name == "agent" for c in rep.checks)
+    assert "apt-get" not in _fixes(rep)
+
+    # Another name of QEMU's own socket is no mismatch.
+    link = rig.vm.dir / "link.sock"
+    link.symlink_to(qemu_side)
+    await rig.reconfigure(qga_path=str(link))
+    rep = await doctor(rig.catalog, "t")
+    assert _check(rep, "agent channel").status is CheckStatus.PASS

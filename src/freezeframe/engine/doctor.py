@@ -9,7 +9,11 @@ The catalog's VM lock is looked at first: while a snapshot of the VM is in progr
 and guest-agent sockets (one client each) belong to that snapshot, so doctor says so at once
 and touches neither. When the agent does not answer, doctor tells a host-side socket problem
 (the path given with ``vm add --qga`` does not exist or refuses connections) apart from a guest
-without a running qemu-ga.
+without a running qemu-ga, and names QEMU's own agent socket (``query-chardev``) when the
+registered path is another one (FAIL when no agent answers there, else a warning: it may be
+another VM's agent). A guest that is frozen (``guest-fsfreeze-status``, asked before anything
+else) is one FAIL naming the open freeze intent, if any, and ``freezeframe recover``; nothing
+is derived from ``guest-info`` then (qemu-ga reports most commands disabled while frozen).
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesyst
 from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
 from freezeframe.errors import HypervisorError
 from freezeframe.hypervisor.base import HypervisorDriver
-from freezeframe.models import ConsistencyLevel, FsFreezeState, QuiescePolicy, VmConfig
+from freezeframe.models import (
+    ConsistencyLevel,
+    FreezeIntent,
+    FsFreezeState,
+    QuiescePolicy,
+    VmConfig,
+)
 
 __all__ = ["Check", "CheckStatus", "DoctorReport", "doctor"]
 
@@ -144,19 +154,24 @@ async def doctor(
                 f"leave it out with --exclude-disk {d.device}",
             )
         intents = await catalog.open_intents(cfg.name)
+        probe = await Snapshotter(catalog).probe_agent(cfg, driver)
+        channel = await _agent_chardev(driver) if cfg.agent else None
+    finally:
+        await driver.close()
+
+    # While frozen, qemu-ga reports most commands disabled (guest-info): the freeze is the one
+    # problem then, said once (with the intent, if freezeframe froze it), nothing derived from
+    # guest-info.
+    frozen = probe.state is FsFreezeState.FROZEN
+    if not frozen:
         add(
             "freeze intents",
             not intents,
             "none open"
             if not intents
             else f"{len(intents)} open (snapshot {intents[0].snapshot_id}): guest may be frozen",
-            "run `freezeframe recover`",
+            f"run `freezeframe recover {cfg.name}`",
         )
-        probe = await Snapshotter(catalog).probe_agent(cfg, driver)
-        channel = await _agent_chardev(driver) if cfg.agent and probe.info is None else None
-    finally:
-        await driver.close()
-
     agent_problem = probe.problem
     if not cfg.agent:
         add(
@@ -176,51 +191,71 @@ async def doctor(
         )
     else:
         host_problem = None if probe.info is not None else await _socket_problem(probe.path)
-        if host_problem is None:
+        qemu_path = _elsewhere(probe.path, channel)  # QEMU's agent socket, when not probe.path
+        replace_fix = _socket_fix(cfg, probe.path, qemu_path)
+        if host_problem is not None:
+            # Nothing reached the guest: the host-side path is wrong, not the guest's package.
+            agent_problem = f"the guest-agent socket {probe.path} {host_problem}"
+            add("agent channel", False, agent_problem, _socket_fix(cfg, probe.path, channel))
+        elif qemu_path is not None and probe.info is None:
+            # Something listens at the registered path, but it is not this VM's agent port.
+            agent_problem = (
+                f"no guest agent answers at {probe.path} (registered with --qga), and QEMU's "
+                f"agent port org.qemu.guest_agent.0 is at {qemu_path}"
+            )
+            add("agent channel", False, agent_problem, replace_fix)
+        elif qemu_path is not None:
+            add(
+                "agent channel",
+                None,
+                f"the VM is registered with --qga {probe.path}, but QEMU's agent port "
+                f"org.qemu.guest_agent.0 is at {qemu_path}: the agent answering at "
+                f"{probe.path} may be another VM's (its freeze would not quiesce this one), "
+                "unless it reaches the same port another way (a proxy, QEMU in another mount "
+                "namespace)",
+                replace_fix,
+            )
+        else:
             add(
                 "agent channel",
                 True,
                 f"virtio-serial port org.qemu.guest_agent.0 at {probe.path} (accepts connections)",
             )
-        if host_problem is not None:
-            # Nothing reached the guest: the host-side path is wrong, not the guest's package.
-            agent_problem = f"the guest-agent socket {probe.path} {host_problem}"
-            add("agent channel", False, agent_problem, _socket_fix(cfg, probe.path, channel))
-        elif probe.info is None:
-            add(
-                "agent",
-                False,
-                probe.problem or "the agent does not answer",
-                "install and start qemu-guest-agent in the guest "
-                "(apt-get install qemu-guest-agent; systemctl enable --now qemu-guest-agent); "
-                "or another client holds the socket (one at a time)",
-            )
+        host_side = host_problem is not None or (qemu_path is not None and probe.info is None)
+        if probe.info is None:
+            if not host_side:  # else said above: the host-side path, not the guest's agent
+                add(
+                    "agent",
+                    False,
+                    probe.problem or "the agent does not answer",
+                    "install and start qemu-guest-agent in the guest "
+                    "(apt-get install qemu-guest-agent; systemctl enable --now "
+                    "qemu-guest-agent); or another client holds the socket (one at a time)",
+                )
         else:
             ping = f", ping {probe.ping_ms:.1f} ms" if probe.ping_ms is not None else ""
             add("agent", True, f"qemu-ga {probe.info.version} answers{ping}")
-            missing = [c for c in FREEZE_COMMANDS if not probe.info.enabled(c)]
-            add(
-                "freeze commands",
-                not missing,
-                "guest-fsfreeze-freeze/thaw/status enabled"
-                if not missing
-                else f"disabled or unsupported: {', '.join(missing)}",
-                "remove them from qemu-ga's --block-rpcs / blacklist in the guest",
-            )
-            add(
-                "pre-flush",
-                True if probe.info.enabled("guest-exec") else None,
-                "guest-exec enabled: dirty data is flushed before the freeze"
-                if probe.info.enabled("guest-exec")
-                else "guest-exec disabled: the freeze itself flushes dirty data (longer window)",
-                "allow guest-exec in qemu-ga to shorten the freeze window",
-            )
-            if probe.state is FsFreezeState.FROZEN:
+            if frozen:
+                agent_problem = _frozen_detail(intents)
+                add("guest state", False, agent_problem, _frozen_fix(cfg.name, intents))
+            else:
+                missing = [c for c in FREEZE_COMMANDS if not probe.info.enabled(c)]
                 add(
-                    "guest state",
-                    False,
-                    "the guest is frozen right now",
-                    "run `freezeframe recover` (or guest-fsfreeze-thaw)",
+                    "freeze commands",
+                    not missing,
+                    "guest-fsfreeze-freeze/thaw/status enabled"
+                    if not missing
+                    else f"disabled or unsupported: {', '.join(missing)}",
+                    "remove them from qemu-ga's --block-rpcs / blacklist in the guest",
+                )
+                add(
+                    "pre-flush",
+                    True if probe.info.enabled("guest-exec") else None,
+                    "guest-exec enabled: dirty data is flushed before the freeze"
+                    if probe.info.enabled("guest-exec")
+                    else "guest-exec disabled: the freeze itself flushes dirty data (longer "
+                    "window)",
+                    "allow guest-exec in qemu-ga to shorten the freeze window",
                 )
         for fs in probe.filesystems or []:
             disk = map_filesystem_to_disk(fs, tuple(disks))
@@ -247,6 +282,20 @@ async def doctor(
         exclude_mounts=cfg.exclude_mounts,
         agent_problem=agent_problem,
     )
+    if frozen:  # one FAIL says it all; a snapshot would not freeze (or fail under required)
+        level = ConsistencyLevel.NONE if policy is QuiescePolicy.REQUIRED else plan.predicted_level
+        return _report(
+            cfg.name,
+            policy,
+            checks,
+            level,
+            f"the guest of {cfg.name} is frozen: thaw it first (a {policy.value} snapshot now "
+            + (
+                "would fail)"
+                if level is ConsistencyLevel.NONE
+                else f"would be {level.value}-consistent, nothing frozen by it)"
+            ),
+        )
     if policy is QuiescePolicy.REQUIRED and plan.problems:
         level = ConsistencyLevel.NONE
         add(
@@ -295,6 +344,39 @@ async def _socket_problem(path: str) -> str | None:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return None
+
+
+def _elsewhere(path: str, channel: str | None) -> str | None:
+    """QEMU's agent socket ``channel`` when it is not the socket at ``path``; else None."""
+    if channel is None or channel == path:
+        return None
+    try:
+        if os.path.samefile(path, channel):  # another name of the same socket (a symlink)
+            return None
+    except OSError:
+        pass
+    return channel
+
+
+def _frozen_detail(intents: list[FreezeIntent]) -> str:
+    detail = "the guest is frozen (guest-fsfreeze-status)"
+    if not intents:
+        return detail + ": no freeze intent of freezeframe is open, another tool froze it"
+    i = intents[0]
+    return (
+        f"{detail}: freeze intent {i.id} of snapshot {i.snapshot_id} by {i.owner} since "
+        f"{i.opened_at.isoformat(timespec='seconds')} is still open (a snapshot process that "
+        "died or was killed before its thaw)"
+    )
+
+
+def _frozen_fix(vm: str, intents: list[FreezeIntent]) -> str:
+    if intents:
+        return f"run `freezeframe recover {vm}`: it thaws the guest and closes the intent"
+    return (
+        f"run `freezeframe recover {vm}` for freezes freezeframe recorded; this one is not "
+        "recorded: thaw it with guest-fsfreeze-thaw once the tool that froze it is done"
+    )
 
 
 def _socket_fix(cfg: VmConfig, path: str, channel: str | None) -> str:
