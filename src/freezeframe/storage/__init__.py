@@ -2,7 +2,13 @@
 (:mod:`~freezeframe.storage.inspect`) and filesystem checks with verdicts
 (:mod:`~freezeframe.storage.verify`)."""
 
-from freezeframe.storage.inspect import ImageView, Partition, mounted, open_image
+from freezeframe.storage.inspect import (
+    ImageView,
+    Partition,
+    mounted,
+    open_image,
+    sweep_stale_workspaces,
+)
 from freezeframe.storage.verify import parse_user_checks, verify_disks
 
 __all__ = [
@@ -11,5 +17,6 @@ __all__ = [
     "mounted",
     "open_image",
     "parse_user_checks",
+    "sweep_stale_workspaces",
     "verify_disks",
 ]

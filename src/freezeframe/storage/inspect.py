@@ -11,6 +11,14 @@ an ext4 journal replay) lands in the overlay and is thrown away.
 device, the daemon (by PID), the FUSE mount point, the temporary directory -- on success,
 error or cancellation alike.
 
+A process killed with SIGKILL cannot tear anything down, so the helpers run under ``setpriv
+--pdeathsig KILL`` (the kernel kills them when the thread that started them -- asyncio's event
+loop thread -- exits), and each workspace (``ff-verify-*``) holds ``owner.json``: the owner
+(:func:`~freezeframe.catalog._owner.make_owner`, judged by
+:func:`~freezeframe.catalog._owner.holder_is_dead`), when it was made, the daemon's PID and
+the mount points made on its loop devices. :func:`sweep_stale_workspaces` (run by every
+:func:`open_image`, and callable by ``recover``) cleans the workspaces of dead owners.
+
 Bytes read: QEMU accounts I/O per BlockBackend only, and the FUSE export's BlockBackend is
 anonymous, so ``query-blockstats`` reports 0 for every node of the daemon (measured on QEMU
 7.2). :meth:`ImageView.bytes_read` therefore counts what was read from the exported disk: the
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +39,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,9 +47,10 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from freezeframe._tools import require, run
+from freezeframe.catalog._owner import holder_is_dead, make_owner
 from freezeframe.errors import FreezeframeError, ToolError, VerifyError
 
-__all__ = ["ImageView", "Partition", "mounted", "open_image"]
+__all__ = ["ImageView", "Partition", "mounted", "open_image", "sweep_stale_workspaces"]
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +375,181 @@ def _remove_dir(path: str) -> None:
         log.warning("could not remove %s", path)
 
 
+# ---------------------------------------------------------------------------- workspaces
+
+_WORKSPACE_PREFIX = "ff-verify-"
+_OWNER_FILE = "owner.json"
+#: Devices of the images open in this process -> their workspace (for :func:`mounted`).
+_workspace_of: dict[str, str] = {}
+
+
+def _write_record(workspace: str, **changes: object) -> None:
+    """Create or update ``owner.json`` of ``workspace`` (atomically: write, then rename)."""
+    path = os.path.join(workspace, _OWNER_FILE)
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        record = {
+            "owner": make_owner(),
+            "since": datetime.now(UTC).isoformat(),
+            "qsd_pid": None,
+            "mounts": [],
+        }
+    if "mount" in changes:
+        record["mounts"] = [*record.get("mounts", []), changes.pop("mount")]
+    record.update(changes)
+    tmp = path + ".tmp"
+    try:
+        Path(tmp).write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record the owner of %s: %s", workspace, exc)
+
+
+def _loop_backing() -> dict[str, str]:
+    """``/dev/loopN`` -> the file it is attached to, for every attached loop device."""
+    found = {}
+    for entry in Path("/sys/block").glob("loop*"):
+        with contextlib.suppress(OSError):
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+            found[f"/dev/{entry.name}"] = backing.removesuffix(" (deleted)")
+    return found
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _processes_in(mountpoints: Sequence[str]) -> list[int]:
+    """PIDs whose working or root directory is in one of ``mountpoints`` (a user check and
+    its children left behind by a killed verify)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for link in ("cwd", "root"):
+            try:
+                target = os.readlink(entry / link)
+            except OSError:
+                continue
+            if any(_inside(target, m) for m in mountpoints):
+                pids.append(int(entry.name))
+                break
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _read_record(workspace: str) -> dict[str, Any]:
+    """``owner.json`` of ``workspace``; empty when missing or unreadable."""
+    try:
+        record = json.loads(Path(workspace, _OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _workspaces_in(top: str) -> list[str]:
+    try:
+        return sorted(str(p) for p in Path(top).glob(f"{_WORKSPACE_PREFIX}*") if p.is_dir())
+    except OSError:
+        return []
+
+
+async def _sweep_one(workspace: str) -> bool:
+    """Clean one workspace whose owner is dead; True when its directory is gone."""
+    loops = [dev for dev, backing in _loop_backing().items() if _inside(backing, workspace)]
+    devices = set(loops)
+    for dev in loops:
+        devices.update(part for _, part in _partition_devices(dev))
+    record = _read_record(workspace)
+    recorded = [m for m in record.get("mounts", []) if isinstance(m, str)]
+    mounts = [t for src, t in _mount_targets() if src in devices]
+    mounts += [m for m in recorded if m not in mounts and _is_mounted(m)]
+    for pid in _processes_in(mounts):
+        log.warning("killing pid %d (%s), left in %s", pid, _cmdline(pid)[:80], workspace)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for target in reversed(mounts):
+        await _umount(target)
+    for target in recorded:
+        if not _is_mounted(target):
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+    for dev in loops:
+        try:
+            await run("losetup", "-d", dev, timeout=60.0, what="losetup -d")
+        except FreezeframeError as exc:
+            log.warning("cannot detach %s: %s", dev, exc)
+    qsd = record.get("qsd_pid")
+    if isinstance(qsd, int) and qsd > 0 and workspace in _cmdline(qsd):
+        log.warning("killing qemu-storage-daemon pid %d of %s", qsd, workspace)
+        with contextlib.suppress(OSError):
+            os.kill(qsd, signal.SIGKILL)
+        for _ in range(100):
+            if workspace not in _cmdline(qsd):
+                break
+            await asyncio.sleep(0.05)
+    for _, target in reversed(_mount_targets()):
+        if _inside(target, workspace):
+            await _umount(target)
+    if any(_inside(target, workspace) for _, target in _mount_targets()):
+        log.warning("%s still has mounts; left in place", workspace)
+        return False
+    _remove_dir(workspace)
+    return not _exists(workspace)
+
+
+async def sweep_stale_workspaces(workdir: str | None = None) -> list[str]:
+    """Clean the verify workspaces (``ff-verify-*`` in the temporary directory, and in
+    ``workdir`` if given) whose owner process is provably dead (killed with SIGKILL, say):
+    kill what still runs in their mounts, unmount them (lazily if busy), detach the loop
+    devices backed by files inside them, kill their qemu-storage-daemon if that PID still
+    runs it (its command line names the workspace), unmount the FUSE export, remove the
+    directory. A workspace of a live owner, of another host, or without a readable owner
+    record is never touched; one being swept by another process is skipped.
+
+    Returns the workspaces removed. Never raises (what cannot be cleaned is logged).
+    """
+    tops = {tempfile.gettempdir(), *([workdir] if workdir else [])}
+    removed = []
+    for top in sorted(tops):
+        for ws in _workspaces_in(top):
+            record_path = os.path.join(ws, _OWNER_FILE)
+            try:
+                fd = os.open(record_path, os.O_RDONLY)
+            except OSError:
+                continue  # no record (yet): never guess
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # another process is sweeping it
+                record = _read_record(ws)
+                try:
+                    owner = str(record["owner"])
+                    since = datetime.fromisoformat(str(record["since"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if not holder_is_dead(owner, since):
+                    continue
+                log.warning("cleaning %s, left by %s (dead)", ws, owner)
+                try:
+                    if await _sweep_one(ws):
+                        removed.append(ws)
+                except FreezeframeError as exc:
+                    log.warning("cannot clean %s: %s", ws, exc)
+            finally:
+                os.close(fd)
+    return removed
+
+
 # ---------------------------------------------------------------------------- the daemon
 
 
@@ -401,6 +587,11 @@ class _Export:
         }
         sock = self.socket.replace(",", ",,")
         return [
+            # killed by the kernel when the thread that started it (the event loop's) exits
+            require("setpriv", "util-linux"),
+            "--pdeathsig",
+            "KILL",
+            "--",
             require("qemu-storage-daemon"),
             "--blockdev",
             json.dumps(cut),
@@ -437,6 +628,7 @@ class _Export:
             )
         finally:
             logf.close()
+        _write_record(str(Path(self.overlay).parent), qsd_pid=self.proc.pid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _QSD_START_TIMEOUT
         client = QMPClient("freezeframe-verify")
@@ -514,11 +706,14 @@ async def open_image(
     """
     for program in ("qemu-img", "qemu-storage-daemon", "losetup", "blkid", "partx", "mount"):
         require(program)
+    require("setpriv", "util-linux")
+    await sweep_stale_workspaces(workdir)
     path = _preflight(image)
     info = await _image_info(path, fmt)
     size = int(info.get("virtual-size", 0))
 
-    tmp = tempfile.mkdtemp(prefix="ff-verify-", dir=workdir)
+    tmp = tempfile.mkdtemp(prefix=_WORKSPACE_PREFIX, dir=workdir)
+    _write_record(tmp)
     overlay = os.path.join(tmp, "overlay.qcow2")
     export_file = os.path.join(tmp, "disk")
     socket = os.path.join(tmp, "qmp.sock")
@@ -544,6 +739,8 @@ async def open_image(
             except FreezeframeError as exc:
                 log.warning("cannot detach %s: %s", dev, exc)
         await export.stop()
+        for dev in [d for d, ws in _workspace_of.items() if ws == tmp]:
+            del _workspace_of[dev]
         _remove_dir(tmp)
 
     try:
@@ -578,8 +775,11 @@ async def open_image(
         except ToolError as exc:
             raise VerifyError(f"cannot attach a loop device for {image}: {exc}") from exc
         loop_dev = res.out.strip()
+        _workspace_of[loop_dev] = tmp
         baselines[loop_dev] = _sectors_read(loop_dev)
         partitions, table = await _scan(loop_dev, export_file, extra_loops, baselines)
+        for part in partitions:
+            _workspace_of[part.device] = tmp
         view = ImageView(
             image=image,
             format=fmt,
@@ -634,6 +834,8 @@ async def mounted(
     if not part.fstype:
         raise VerifyError(f"{part.device} has no filesystem to mount")
     mnt = tempfile.mkdtemp(prefix="ff-mnt-", dir=workdir)
+    if part.device in _workspace_of:  # for the sweeper, should this process be killed
+        _write_record(_workspace_of[part.device], mount=mnt)
     try:
         try:
             await run(
