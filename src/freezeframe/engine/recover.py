@@ -44,6 +44,7 @@ from freezeframe.models import (
     SnapshotRecord,
     SnapshotStatus,
 )
+from freezeframe.storage import sweep_stale_workspaces
 
 __all__ = ["RecoverOutcome", "recover"]
 
@@ -78,7 +79,8 @@ async def recover(
     """Thaw every VM with an open freeze intent and settle the records dead processes left
     running (of ``vm`` only, if given).
 
-    Intents whose owner is not provably dead (alive on this host, or on another host) are
+    Verify workspaces (mounts, loop devices, qemu-storage-daemon) of dead processes are
+    cleaned first. Intents whose owner is not provably dead (alive on this host, or on another host) are
     skipped (the owner thaws itself) unless ``force``; so are the intents of a VM whose snapshot
     lock a live process holds. With ``force`` the guest is thawed regardless (but records are
     settled only under the lock). Never raises for one VM's trouble: each outcome says what
@@ -90,6 +92,8 @@ async def recover(
     """
     if vm is not None:
         await catalog.get_vm(vm)
+    for workspace in await sweep_stale_workspaces():  # a verify killed with -9
+        log.warning("removed verify workspace %s left by a dead process", workspace)
     by_vm: defaultdict[str, list[FreezeIntent]] = defaultdict(list)
     for intent in await catalog.open_intents(vm):
         by_vm[intent.vm].append(intent)
