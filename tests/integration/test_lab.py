@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from freezeframe import paths
 from freezeframe.agent import GuestAgent
@@ -216,6 +220,7 @@ def test_cli_up_list_status_down() -> None:
                 "device": "disk0",
                 "node": "disk0",
                 "file": str(paths.lab_dir() / "cli1" / "disk0.qcow2"),
+                "base": str(paths.lab_dir() / "cli1" / "disk0.qcow2"),
                 "format": "qcow2",
                 "fstype": "ext4",
                 "mountpoint": "/mnt/disk0",
@@ -296,6 +301,11 @@ async def test_restart_boots_from_the_top_of_each_chain(lab_vm: LabVmFactory) ->
 
         again = await lab_vm(name, disks=("ext4",))
         assert _booted_from(name) == [str(top1)]
+        # The disk shows the image it runs on, and its base.
+        for shown in (again, lab_status(name)):
+            assert (shown.disks[0].file, shown.disks[0].base_image) == (top1, base)
+        status = _cli("status", name)
+        assert f"{top1} (base disk0.qcow2)" in status.stdout, status.stdout
         assert await _guest_sh(again, "cat /mnt/disk0/marker1") == b"after-first\n"
         second = await snap.snapshot(name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
         assert [Path(d.image) for d in second.disks] == [top1]
@@ -378,3 +388,178 @@ def test_cli_rejects_bad_up_input_and_help_shows_the_name_rule() -> None:
     assert "1-32 characters of a-z, 0-9 and '-'" in helped.stdout
     purge = _cli("down", "--help").stdout
     assert "registration" in purge
+
+
+def _seqs_before_restart(log: bytes, disk: int) -> int:
+    """The last sequence number the workload's first run wrote to a log that a later boot's
+    workload (starting again at seq=1) appended to."""
+    seqs = [
+        int(line.split()[0].removeprefix("seq="))
+        for line in log.decode(errors="replace").splitlines()
+        if line.startswith("seq=") and f" disk={disk} " in line
+    ]
+    for prev, cur in itertools.pairwise(seqs):
+        if cur < prev:
+            return prev
+    raise AssertionError(f"no restart of the workload in the log of disk{disk}")
+
+
+async def test_down_flushes_the_guest_before_quitting(lab_vm: LabVmFactory) -> None:
+    """What the guest wrote without sync survives lab down + lab up; the workload's logs do
+    not go back; the record says stopped afterwards."""
+    name = "flush"
+    vm = await lab_vm(name, disks=("ext4", "xfs"))
+    await asyncio.sleep(1.0)  # a few workload rounds in the page cache
+    seq = int(
+        await _guest_sh(
+            vm, "echo m-ext4 > /mnt/disk0/m2; echo m-xfs > /mnt/disk1/m2; cat /run/ffwork/seq"
+        )
+    )
+    assert seq > 0
+    await lab_down(name)
+    doc = json.loads((paths.lab_dir() / name / "vm.json").read_text())
+    assert doc["running"] is False
+    assert not lab_status(name).running
+
+    again = await lab_vm(name)
+    out = await _guest_sh(again, "cat /mnt/disk0/m2 /mnt/disk1/m2")
+    assert out == b"m-ext4\nm-xfs\n"
+    assert again.qga_path is not None
+    async with GuestAgent(str(again.qga_path), timeout=30.0) as ga:
+        for i in range(2):
+            log = await ga.file_read(f"/mnt/disk{i}/ffwork.log", max_bytes=64 << 20)
+            assert _seqs_before_restart(log, i) >= seq
+
+
+async def test_down_refuses_while_a_snapshot_runs(lab_vm: LabVmFactory) -> None:
+    """lab down waits for nobody and destroys nothing while a snapshot holds the VM's lock:
+    refused with exit 9; --force goes on, saying why QEMU could not be asked, with no raw
+    qemu.qmp lines."""
+    name = "busy"
+    vm = await lab_vm(name, disks=("ext4",))
+    async with await Catalog.open() as cat:
+        await cat.add_vm(vm.vm_config(), replace=True)
+    snap = subprocess.Popen(
+        [sys.executable, "-c", "from freezeframe.cli.main import main; main()",
+         "snapshot", "create", name, "--hold-frozen", "30", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        async with await Catalog.open() as cat:
+            for _ in range(200):
+                if await cat.vm_lock_holder(name) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the snapshot never took the VM's lock")
+        await asyncio.sleep(1.0)  # well inside the freeze
+        for args in (("--purge",), ()):
+            refused = _cli("down", name, *args, "--json")
+            assert refused.returncode == 9, (refused.stdout, refused.stderr)
+            assert json.loads(refused.stdout)["error"] == "BusyError"
+            assert "in progress" in json.loads(refused.stdout)["message"]
+            assert lab_status(name).running
+        assert (paths.lab_dir() / name / "disk0.qcow2").is_file()
+
+        forced = _cli("down", name, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert "stopping busy anyway (--force)" in forced.stderr
+        assert not lab_status(name).running
+    finally:
+        if snap.poll() is None:
+            snap.kill()  # it would wait out its hold, then fail: its QEMU is gone
+        snap.communicate(timeout=60)
+
+
+async def test_down_while_another_client_holds_qmp_says_why(lab_vm: LabVmFactory) -> None:
+    """QEMU's QMP socket serves one client: lab down says why it cannot ask QEMU for the top
+    images (no empty reason), prints no raw qemu.qmp lines, and still stops QEMU."""
+    name = "qmpbusy"
+    vm = await lab_vm(name, disks=("ext4",), agent=False)
+    holder = QMPClient("test-holder")
+    await holder.connect(str(vm.qmp_path))
+    try:
+        down = await asyncio.to_thread(_cli, "down", name)
+    finally:
+        with contextlib.suppress(Exception):
+            await holder.disconnect()
+    assert down.returncode == 0, down.stderr
+    assert "qemu.qmp" not in down.stderr
+    assert "Greeting" not in down.stderr
+    tops_line = [ln for ln in down.stderr.splitlines() if "top images" in ln]
+    assert tops_line, down.stderr
+    assert "did not greet within" in tops_line[0]
+    assert not lab_status(name).running
+    assert not _qemu.qemu_alive(vm.pid, vm.qmp_path)
+
+
+def test_cli_up_registers_a_running_unregistered_lab_vm() -> None:
+    """`lab up` killed -9 during boot leaves QEMU running unregistered: the next `lab up`
+    registers it (and says so); once registered, it is refused as running."""
+    name = "orphan"
+    record = paths.lab_dir() / name / "vm.json"
+    first = subprocess.Popen(
+        [sys.executable, "-c", "from freezeframe.cli.main import main; main()",
+         "lab", "up", name, "--disks", "ext4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if record.is_file():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("lab up never wrote its record")
+        first.kill()
+        first.wait(timeout=30)
+        assert lab_status(name).running
+
+        up = _cli("up", name)
+        assert up.returncode == 0, up.stderr
+        assert "not registered: registered it" in up.stderr
+        assert lab_status(name).pid == json.loads(record.read_text())["pid"]
+        snap = _ff("snapshot", "create", name, "--json")
+        assert snap.returncode == 0, snap.stderr
+
+        again = _cli("up", name, "--json")
+        assert again.returncode == 2
+        assert json.loads(again.stdout)["error"] == "AlreadyExistsError"
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=30)
+        if (paths.lab_dir() / name).exists():
+            asyncio.run(lab_down(name, purge=True))
+        assert_nothing_left(name)
+
+
+def test_cli_accel_kvm_fails_at_once_when_the_probe_says_no(tmp_path: Path) -> None:
+    """With a cached probe saying KVM hangs, `--accel kvm` fails at once (exit 5) and names
+    the way out, instead of waiting for the ready timeout."""
+    asyncio.run(_build.ensure_artifacts())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for entry in cache_dir().iterdir():
+        if entry.name != _qemu.PROBE_FILE:
+            (cache / entry.name).symlink_to(entry)
+    artifacts = asyncio.run(_build.ensure_artifacts())
+    (cache / _qemu.PROBE_FILE).write_text(
+        json.dumps({"key": _qemu._probe_key(artifacts.kver), "kvm": False, "at": 0})
+    )
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm: the probe is not consulted")
+    started = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-c", "from freezeframe.cli.main import main; main()",
+         "lab", "up", "kvmno", "--accel", "kvm", "--timeout", "30", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "FREEZEFRAME_CACHE": str(cache)},
+    )  # fmt: skip
+    assert res.returncode == 5, (res.stdout, res.stderr)
+    doc = json.loads(res.stdout)
+    assert doc["error"] == "LabError"
+    assert "KVM is not usable" in doc["message"]
+    assert "--accel auto" in doc["hint"]
+    assert time.monotonic() - started < 20
+    assert not (paths.lab_dir() / "kvmno").exists()
+    assert_nothing_left("kvmno")

@@ -232,3 +232,29 @@ async def test_boot_tops_follows_the_chain_and_refuses_doubt(tmp_path: Path) -> 
     a0.unlink()
     with pytest.raises(LabError, match=r"disk0\.ff-b\.qcow2"):
         await _chain.boot_tops("t", tmp_path, [d0], {"disk0": str(b0)})
+
+
+async def test_accel_kvm_refused_when_the_cached_probe_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    art = BootArtifacts(tmp_path / "vmlinuz", tmp_path / "initrd", "6.1.0-test")
+    monkeypatch.setattr(_qemu, "_kvm_usable", lambda: True)
+    monkeypatch.setattr(_qemu, "_probe_key", lambda kver: f"key|{kver}")
+
+    async def no_probe(artifacts: BootArtifacts) -> bool:
+        raise AssertionError("the cached result must be used")
+
+    monkeypatch.setattr(_qemu, "_probe_kvm", no_probe)
+    probe = tmp_path / _qemu.PROBE_FILE
+    probe.write_text('{"key": "key|6.1.0-test", "kvm": false, "at": 0}')
+    with pytest.raises(LabError, match="KVM is not usable") as info:
+        await _qemu.choose_accel("kvm", art, tmp_path)
+    assert "--accel auto" in (info.value.hint or "")
+    assert info.value.exit_code == 5
+    assert await _qemu.choose_accel("auto", art, tmp_path) == "tcg"
+    assert await _qemu.choose_accel("tcg", art, tmp_path) == "tcg"
+    probe.write_text('{"key": "key|6.1.0-test", "kvm": true, "at": 0}')
+    assert await _qemu.choose_accel("kvm", art, tmp_path) == "kvm"
+    monkeypatch.setattr(_qemu, "_kvm_usable", lambda: False)
+    with pytest.raises(LabError, match="/dev/kvm"):
+        await _qemu.choose_accel("kvm", art, tmp_path)

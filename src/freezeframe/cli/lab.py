@@ -11,9 +11,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from freezeframe.catalog import Catalog
+from freezeframe.catalog import Catalog, make_owner
 from freezeframe.cli._common import console, die, emit_json, err_console, run
-from freezeframe.errors import AlreadyExistsError, FreezeframeError, NotFoundError
+from freezeframe.errors import AlreadyExistsError, BusyError, FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
 
@@ -35,8 +35,10 @@ def _print_vm(vm: LabVm) -> None:
     console.print(f"  agent    {vm.qga_path or '(none)'}", markup=False, highlight=False)
     console.print(f"  console  {vm.console_log}", markup=False, highlight=False)
     for d in vm.disks:
+        # The image the disk runs on (the top of its chain), then its base if that differs.
+        base = f" (base {d.base_image.name})" if d.base_image != d.file else ""
         console.print(
-            f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}",
+            f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}{base}",
             markup=False,
             highlight=False,
         )
@@ -72,7 +74,8 @@ def up(
 ) -> None:
     """Build (cached) and boot a lab VM; return once its agent answers guest-ping.
 
-    A stopped lab VM restarts on its own disks, each from the top of its snapshot chain."""
+    A stopped lab VM restarts on its own disks, each from the top of its snapshot chain. A
+    lab VM that runs but is not registered (its lab up was killed) is registered as it runs."""
     fstypes: tuple[str, ...] | None = None
     try:
         if disks is not None:
@@ -83,7 +86,8 @@ def up(
     except FreezeframeError as exc:
         die(exc, as_json=as_json)
 
-    async def go() -> LabVm:
+    async def go() -> tuple[LabVm, bool]:
+        registered = False
         async with await Catalog.open() as cat:
             with contextlib.suppress(NotFoundError):
                 if not (await cat.get_vm(name)).lab:
@@ -91,6 +95,12 @@ def up(
                         f"a VM named {name!r} is registered and is not a lab VM",
                         hint="pick another name, or `freezeframe vm remove` it first",
                     )
+                registered = True
+        running_pid = None
+        if not registered:
+            with contextlib.suppress(NotFoundError):
+                before = lab_status(name)
+                running_pid = before.pid if before.running else None
         vm = await lab_up(
             name,
             disks=fstypes,
@@ -98,15 +108,24 @@ def up(
             agent=not no_agent,
             accel=accel,
             timeout=timeout,
+            adopt=not registered,  # running and registered: AlreadyExistsError as before
         )
         # Lab VMs are registered automatically, so `snapshot create NAME` works right away.
         async with await Catalog.open() as cat:
             await cat.add_vm(vm.vm_config(), replace=True)
-        return vm
+        return vm, running_pid == vm.pid
 
-    vm = run(go, as_json=as_json)
+    vm, adopted = run(go, as_json=as_json)
     if as_json:
         emit_json(vm.to_json())
+    elif adopted:
+        err_console.print(
+            f"lab VM {vm.name} was already running (pid {vm.pid}) but not registered: "
+            "registered it",
+            markup=False,
+            highlight=False,
+        )
+        _print_vm(vm)
     else:
         err_console.print(f"lab VM {vm.name} is up ({vm.accel})", markup=False, highlight=False)
         _print_vm(vm)
@@ -121,26 +140,49 @@ def down(
         help="Also delete its files (disks, snapshot overlays, logs), its registration and "
         "its snapshot records.",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Go on even while a snapshot of the VM is in progress."
+    ),
     as_json: bool = _JSON,
 ) -> None:
-    """Stop a lab VM (QMP quit, then SIGTERM/SIGKILL); its disks stay for the next lab up.
-    --purge deletes its files, its registration and its snapshot records (their images lived
-    in the deleted directory)."""
+    """Stop a lab VM: flush the guest (sync through the agent), then QMP quit (SIGTERM/SIGKILL
+    if need be); its disks stay for the next lab up. --purge deletes its files, its
+    registration and its snapshot records (their images lived in the deleted directory).
+    Refused (exit 9) while a snapshot of the VM is in progress, unless --force."""
 
     async def go() -> int:
-        await lab_down(name, purge=purge)
-        if not purge:
-            return 0
         async with await Catalog.open() as cat:
-            with contextlib.suppress(NotFoundError):
-                await cat.remove_vm(name)
-            records = await cat.list_snapshots(name)
-            for rec in records:
+            owner = make_owner()
+            locked = False
+            try:
+                await cat.acquire_vm_lock(name, owner)
+                locked = True
+            except BusyError as exc:
+                if not force:
+                    raise BusyError(
+                        f"lab VM {name}: not stopped: {exc.message}",
+                        hint="wait for the snapshot to finish, or add --force (the snapshot "
+                        "then fails, or its record points at deleted images with --purge)",
+                    ) from exc
+                err_console.print(
+                    f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False
+                )
+            try:
+                await lab_down(name, purge=purge)
+                if not purge:
+                    return 0
                 with contextlib.suppress(NotFoundError):
-                    await cat.delete_snapshot(rec.id)
-            for intent in await cat.open_intents(name):  # the guest is gone: nothing to thaw
-                await cat.close_intent(intent.id, "lab down --purge")
-            return len(records)
+                    await cat.remove_vm(name)
+                records = await cat.list_snapshots(name)
+                for rec in records:
+                    with contextlib.suppress(NotFoundError):
+                        await cat.delete_snapshot(rec.id)
+                for intent in await cat.open_intents(name):  # the guest is gone: no thaw
+                    await cat.close_intent(intent.id, "lab down --purge")
+                return len(records)
+            finally:
+                if locked:
+                    await cat.release_vm_lock(name, owner)
 
     removed = run(go, as_json=as_json)
     if as_json:

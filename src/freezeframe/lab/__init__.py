@@ -4,7 +4,7 @@ writer workload on qcow2 data disks, booted under QEMU for tests, benchmarks and
 Public API (the CLI ``freezeframe lab`` is a thin layer over it):
 
 - ``await lab_up(name, *, disks=("ext4", "xfs"), disk_size="256M", agent=True,
-  accel="auto", timeout=60.0) -> LabVm``
+  accel="auto", timeout=60.0, adopt=False) -> LabVm``
 - ``await lab_down(name, *, purge=False) -> None``
 - ``lab_list() -> list[LabVm]``, ``lab_status(name) -> LabVm``
 - :class:`LabVm`, :class:`LabDisk`; the workload helpers are in :mod:`freezeframe.lab.workload`.

@@ -104,13 +104,13 @@ async def boot_tops(
     tops: dict[str, Path] = {}
     bases: dict[str, ImageChain] = {}
     for disk in disks:
-        base = _real(disk.file)
+        base = _real(disk.base_image)
         base_chain = chains.get(base)
         if base_chain is None:
-            raise LabError(f"lab VM {name}: {disk.device}: base image {disk.file} is missing")
+            raise LabError(f"lab VM {name}: {disk.device}: base image {disk.base_image} is missing")
         if len(base_chain.chain) != 1:
             raise LabError(
-                f"lab VM {name}: {disk.device}: base image {disk.file} has a backing file "
+                f"lab VM {name}: {disk.device}: base image {disk.base_image} has a backing file "
                 f"({base_chain.chain[1]})",
                 hint=purge,
             )
@@ -127,7 +127,7 @@ async def boot_tops(
             if chain.bottom != base:
                 raise LabError(
                     f"lab VM {name}: {disk.device}: the image it ran on, {want}, does not "
-                    f"chain back to {disk.file} (its chain: {_names(chain.chain)})",
+                    f"chain back to {disk.base_image} (its chain: {_names(chain.chain)})",
                     hint=purge,
                 )
             if top in backing:

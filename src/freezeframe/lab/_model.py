@@ -51,8 +51,10 @@ class LabDisk:
     """One data disk of a lab VM.
 
     ``device`` is the QEMU device id (``disk0``; its serial is ``ffdisk0``), ``node`` the
-    qcow2 format node name (its file node is ``<node>-file``), ``file`` the qcow2 image,
-    ``mountpoint`` where the guest mounts it.
+    qcow2 format node name (its file node is ``<node>-file``), ``file`` the qcow2 image the
+    disk runs on (the top of its chain: ``diskN.qcow2`` at first, a snapshot's overlay
+    ``diskN.ff-<id>.qcow2`` later), ``base`` the image at the bottom of that chain (None: the
+    same as ``file``), ``mountpoint`` where the guest mounts it.
     """
 
     device: str
@@ -61,12 +63,19 @@ class LabDisk:
     format: str
     fstype: str
     mountpoint: str
+    base: Path | None = None
+
+    @property
+    def base_image(self) -> Path:
+        """The disk's base image ``diskN.qcow2``, the bottom of its chain."""
+        return self.base if self.base is not None else self.file
 
     def to_json(self) -> dict[str, Any]:
         return {
             "device": self.device,
             "node": self.node,
             "file": str(self.file),
+            "base": str(self.base_image),
             "format": self.format,
             "fstype": self.fstype,
             "mountpoint": self.mountpoint,
@@ -74,13 +83,16 @@ class LabDisk:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> LabDisk:
+        file = Path(doc["file"])
+        base = Path(doc["base"]) if doc.get("base") else None
         return cls(
             device=str(doc["device"]),
             node=str(doc["node"]),
-            file=Path(doc["file"]),
+            file=file,
             format=str(doc["format"]),
             fstype=str(doc["fstype"]),
             mountpoint=str(doc["mountpoint"]),
+            base=None if base == file else base,
         )
 
 

@@ -4,6 +4,10 @@ A lab QEMU is started with ``-daemonize`` and ``-pidfile``: it does not stay a c
 process that ran ``lab up``. Before any signal is sent, ``/proc/PID/cmdline`` is checked to
 still be that QEMU (a ``qemu-system-*`` program whose arguments name the VM's QMP socket), so
 a recycled PID is never killed; a zombie counts as gone.
+
+The lab's QMP clients get a logger of their own (see :class:`_QuietLog`): :mod:`qemu.qmp` logs
+an error before raising it, and the lab reports (or translates) every such exception itself,
+so those records show at DEBUG (``-v``) only, never as raw lines on a normal run.
 """
 
 from __future__ import annotations
@@ -16,19 +20,21 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
 from freezeframe._tools import require, run
-from freezeframe.errors import ToolError
+from freezeframe.errors import LabError, ToolError
 from freezeframe.lab._build import BootArtifacts
 from freezeframe.lab._model import LabDisk
 from freezeframe.models import GUEST_AGENT_PORT
 
 __all__ = [
     "MEMORY_MB",
+    "PROBE_FILE",
     "PROBE_TIMEOUT",
     "choose_accel",
     "kernel_cmdline",
@@ -181,32 +187,72 @@ def kill_now(pid: int, qmp_path: Path) -> None:
             log.error("lab: QEMU %d survived SIGKILL", pid)
 
 
-async def _qmp_quit(qmp_path: Path, timeout: float) -> None:
+class _QuietLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger of the lab's QMP clients: every record goes on at DEBUG, under the library's
+    own logger name. Only our client instances get it; the ``qemu.qmp`` logger itself (other
+    users of the library in the process) is left alone."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+def _why(exc: BaseException) -> str:
+    """A non-empty description of ``exc`` (a TimeoutError's ``str`` is empty)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_QMP_ERRORS = (QMPError, OSError, TimeoutError, EOFError)
+
+
+@contextlib.asynccontextmanager
+async def _qmp(qmp_path: Path, timeout: float) -> AsyncIterator[QMPClient]:
+    """A QMP session on ``qmp_path``; raises LabError saying why one cannot be had."""
     client = QMPClient("fflab")
+    # QMPClient only calls debug/info/warning/error/log on ``logger``, which an adapter has.
+    client.logger = _QuietLog(client.logger, {})  # type: ignore[assignment]
     try:
-        await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
-        await asyncio.wait_for(client.execute("quit"), timeout)
+        try:
+            await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
+        except TimeoutError as exc:
+            raise LabError(
+                f"QEMU's QMP socket {qmp_path} did not greet within {timeout:g}s: another QMP "
+                "client holds it (a snapshot of this VM in progress?)"
+            ) from exc
+        except _QMP_ERRORS as exc:
+            raise LabError(f"cannot connect to QMP socket {qmp_path}: {_why(exc)}") from exc
+        yield client
     finally:
-        with contextlib.suppress(QMPError, OSError, TimeoutError, EOFError):
+        with contextlib.suppress(*_QMP_ERRORS):
             await asyncio.wait_for(client.disconnect(), timeout)
+
+
+async def _qmp_execute(client: QMPClient, command: str, timeout: float) -> object:
+    try:
+        return await asyncio.wait_for(client.execute(command), timeout)
+    except TimeoutError as exc:
+        raise LabError(f"QMP {command}: no reply within {timeout:g}s") from exc
+    except _QMP_ERRORS as exc:
+        raise LabError(f"QMP {command} failed: {_why(exc)}") from exc
+
+
+async def _qmp_quit(qmp_path: Path, timeout: float) -> None:
+    async with _qmp(qmp_path, timeout) as client:
+        await _qmp_execute(client, "quit", timeout)
 
 
 async def query_tops(qmp_path: Path, timeout: float = 3.0) -> dict[str, str]:
     """Ask the running QEMU (``query-block``) which image is on top of each disk: a map from
     the file at the bottom of each chain (the disk's base image) to the top image's file.
 
-    Raises QMPError, OSError, TimeoutError or EOFError when QEMU cannot be asked, ValueError
-    when its reply is not what ``query-block`` returns.
+    Raises LabError saying why QEMU cannot be asked (socket missing, no greeting within
+    ``timeout``: another client holds the socket, no reply) or its reply is not what
+    ``query-block`` returns.
     """
-    client = QMPClient("fflab")
-    try:
-        await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
-        blocks = await asyncio.wait_for(client.execute("query-block"), timeout)
-    finally:
-        with contextlib.suppress(QMPError, OSError, TimeoutError, EOFError):
-            await asyncio.wait_for(client.disconnect(), timeout)
+    async with _qmp(qmp_path, timeout) as client:
+        blocks = await _qmp_execute(client, "query-block", timeout)
     if not isinstance(blocks, list):
-        raise ValueError(f"query-block returned {type(blocks).__name__}")
+        raise LabError(f"query-block returned {type(blocks).__name__}, not a list")
     tops: dict[str, str] = {}
     for block in blocks:
         inserted = block.get("inserted") if isinstance(block, dict) else None
@@ -220,7 +266,7 @@ async def query_tops(qmp_path: Path, timeout: float = 3.0) -> dict[str, str]:
             bottom = below.get("filename")
             below = below.get("backing-image")
         if not isinstance(top, str) or not isinstance(bottom, str):
-            raise ValueError("query-block: an image without a file name")
+            raise LabError("query-block: an image without a file name")
         tops[bottom] = top
     return tops
 
@@ -234,20 +280,22 @@ async def _wait_gone_async(pid: int, qmp_path: Path, timeout: float) -> bool:
     return True
 
 
-async def stop_qemu(pid: int, qmp_path: Path) -> str:
-    """Stop the lab QEMU ``pid``: QMP ``quit``, then SIGTERM, then SIGKILL.
+async def stop_qemu(pid: int, qmp_path: Path, *, qmp: bool = True) -> str:
+    """Stop the lab QEMU ``pid``: QMP ``quit`` (unless ``qmp`` is False, e.g. another client
+    holds the socket), then SIGTERM, then SIGKILL.
 
     Returns how it ended (``gone``, ``quit``, ``sigterm``, ``sigkill``). Never signals a
     process that is not that QEMU any more. Does not raise.
     """
     if not qemu_alive(pid, qmp_path):
         return "gone"
-    try:
-        await _qmp_quit(qmp_path, 3.0)
-    except (QMPError, OSError, TimeoutError, EOFError) as exc:
-        log.info("lab: QMP quit on %s failed (%s); signalling", qmp_path, exc)
-    if await _wait_gone_async(pid, qmp_path, 5.0):
-        return "quit"
+    if qmp:
+        try:
+            await _qmp_quit(qmp_path, 3.0)
+        except LabError as exc:
+            log.info("lab: QMP quit failed (%s); signalling", exc.message)
+        if await _wait_gone_async(pid, qmp_path, 5.0):
+            return "quit"
     if qemu_alive(pid, qmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -299,32 +347,55 @@ def _probe_key(kver: str) -> str:
     return f"{os.uname().release}|{qemu.st_size}|{qemu.st_mtime_ns}|{kver}"
 
 
-async def choose_accel(requested: str, artifacts: BootArtifacts, cache: Path) -> str:
-    """``kvm`` or ``tcg`` for ``requested`` (``auto``, ``kvm``, ``tcg``).
+#: Name of the KVM probe's cache file in the build cache.
+PROBE_FILE = "accel-probe.json"
 
-    ``auto`` uses KVM only if /dev/kvm opens and a throw-away guest boots under it within
-    :data:`PROBE_TIMEOUT` (nested KVM here opens fine and then hangs silently). The probe's
-    result is cached in ``cache/accel-probe.json`` per host kernel, QEMU binary and guest
-    kernel. Does not raise.
-    """
-    if requested != "auto":
-        return requested
-    if not _kvm_usable():
-        log.info("lab: /dev/kvm not usable; using TCG")
-        return "tcg"
+
+async def _kvm_works(artifacts: BootArtifacts, cache: Path) -> bool:
+    """The (cached) result of the KVM probe; probes and caches it when there is none."""
     key = _probe_key(artifacts.kver)
-    probe_file = cache / "accel-probe.json"
+    probe_file = cache / PROBE_FILE
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         doc = json.loads(probe_file.read_text())
         if doc["key"] == key:
-            accel = "kvm" if doc["kvm"] else "tcg"
-            log.info("lab: accelerator %s (cached KVM probe)", accel)
-            return accel
+            log.info("lab: cached KVM probe: %s", "passed" if doc["kvm"] else "failed")
+            return bool(doc["kvm"])
     kvm = await _probe_kvm(artifacts)
     with contextlib.suppress(OSError):
         tmp = probe_file.with_name(f".{probe_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"key": key, "kvm": kvm, "at": time.time()}))
         os.replace(tmp, probe_file)
-    accel = "kvm" if kvm else "tcg"
-    log.info("lab: accelerator %s (KVM probe %s)", accel, "passed" if kvm else "failed")
-    return accel
+    return kvm
+
+
+async def choose_accel(requested: str, artifacts: BootArtifacts, cache: Path) -> str:
+    """``kvm`` or ``tcg`` for ``requested`` (``auto``, ``kvm``, ``tcg``).
+
+    KVM is usable only if /dev/kvm opens and a throw-away guest boots under it within
+    :data:`PROBE_TIMEOUT` (nested KVM here opens fine and then hangs silently). The probe's
+    result is cached in ``cache/accel-probe.json`` per host kernel, QEMU binary and guest
+    kernel. ``auto`` picks KVM when it is usable, else TCG; ``kvm`` probes too (once, cached).
+
+    Raises LabError (exit 5) for ``kvm`` when KVM is not usable: the request is well formed
+    (not a usage error), this host just cannot run it, and booting anyway would hang silently
+    until the ready timeout. The hint suggests ``--accel auto`` or ``tcg``.
+    """
+    if requested == "tcg":
+        return "tcg"
+    hint = "use --accel auto (picks TCG here) or --accel tcg"
+    if not _kvm_usable():
+        if requested == "kvm":
+            raise LabError("--accel kvm: /dev/kvm cannot be opened on this host", hint=hint)
+        log.info("lab: /dev/kvm not usable; using TCG")
+        return "tcg"
+    if await _kvm_works(artifacts, cache):
+        return "kvm"
+    if requested == "kvm":
+        raise LabError(
+            "--accel kvm: KVM is not usable on this host: a test guest under KVM printed "
+            f"nothing within {PROBE_TIMEOUT:g}s (nested KVM opens /dev/kvm, then hangs), "
+            "so a lab VM would never become ready",
+            hint=f"{hint}; delete {cache / PROBE_FILE} to probe again",
+        )
+    log.info("lab: KVM probe failed; using TCG")
+    return "tcg"

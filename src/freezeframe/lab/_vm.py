@@ -5,10 +5,12 @@ A lab VM lives in ``<lab dir>/NAME/``: ``vm.json`` (the :class:`LabVm` record), 
 snapshots put on top of them (``diskN.ff-<id>.qcow2``). Operations on one name are serialised
 by a lock file in ``<lab dir>/.locks/``.
 
-``lab_down`` (without purge) keeps the disks: before it stops QEMU it records in ``vm.json``
-(key ``tops``) which image is on top of each disk, and the next ``lab_up`` of that name boots
-every disk from the top of its chain (see :mod:`freezeframe.lab._chain`), never from an image a
-snapshot recorded as its image at the cut.
+``lab_down`` (without purge) keeps the disks: it first flushes the guest (with an agent:
+the workload is stopped, then ``sync``, bounded by :data:`FLUSH_TIMEOUT`), so nothing the guest
+wrote is lost with its page cache; then it records in ``vm.json`` (key ``tops``) which image is
+on top of each disk, and the next ``lab_up`` of that name boots every disk from the top of its
+chain (see :mod:`freezeframe.lab._chain`), never from an image a snapshot recorded as its image
+at the cut.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ _TOPS = "tops"
 _DEFAULT_DISKS = ("ext4", "xfs")
 _DEFAULT_SIZE = "256M"
 _SOCKET_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+#: Seconds ``lab_down`` gives the guest to stop its workload and ``sync`` before QEMU quits.
+FLUSH_TIMEOUT = 5.0
+# Stops (SIGSTOP) the guest's workload, ``/bin/sh /etc/fflab/ffwork ...``, so it writes
+# nothing after the sync, then syncs. "ff[w]ork" keeps this script's own command line (and
+# the subshells it forks) from matching.
+_FLUSH_SCRIPT = (
+    "for p in /proc/[0-9]*; do "
+    '[ "${p#/proc/}" = "$$" ] && continue; '
+    'case "$(tr "\\0" " " < "$p/cmdline" 2>/dev/null)" in '
+    '*/etc/fflab/ff[w]ork*) kill -STOP "${p#/proc/}" ;; esac; '
+    "done; sync"
+)
 
 
 def _vm_dir(name: str) -> Path:
@@ -100,21 +114,63 @@ def _write_record(vm: LabVm, tops: dict[str, str] | None = None) -> None:
     atomic_write(_vm_dir(vm.name) / _RECORD, json.dumps(doc, indent=2).encode())
 
 
-async def _record_tops(vm: LabVm) -> None:
-    """Before stopping a running VM: record the image on top of each of its disks (or, if
-    QEMU cannot tell, make sure no stale record is left, so the next ``lab_up`` searches)."""
-    tops: dict[str, str] | None = None
+async def _query_tops(vm: LabVm) -> tuple[dict[str, str] | None, bool]:
+    """Before stopping a running VM: the image on top of each of its disks (None if QEMU
+    cannot tell: the next ``lab_up`` then searches), and whether QMP answered at all."""
     try:
         by_base = await _qemu.query_tops(vm.qmp_path)
-        found = {d.device: by_base[str(d.file)] for d in vm.disks if str(d.file) in by_base}
-        if len(found) == len(vm.disks):
-            tops = found
+    except LabError as exc:
+        log.warning("lab %s: cannot ask QEMU for its disks' top images: %s", vm.name, exc.message)
+        return None, False
+    bases = {d.device: str(d.base_image) for d in vm.disks}
+    found = {dev: by_base[base] for dev, base in bases.items() if base in by_base}
+    if len(found) == len(vm.disks):
+        return found, True
+    log.warning("lab %s: query-block does not show every disk: %s", vm.name, by_base)
+    return None, True
+
+
+async def _flush_guest(vm: LabVm) -> None:
+    """Stop the guest's workload and ``sync`` its filesystems through the agent, within
+    :data:`FLUSH_TIMEOUT`; on failure or without an agent, log a warning and go on."""
+    if vm.qga_path is None:
+        log.warning(
+            "lab %s: no guest agent: cannot flush the guest before stopping it; data it has "
+            "not written back yet is lost",
+            vm.name,
+        )
+        return
+    agent = GuestAgent(str(vm.qga_path), timeout=FLUSH_TIMEOUT)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(FLUSH_TIMEOUT):
+            res = await agent.exec(
+                "/bin/sh", ["-c", _FLUSH_SCRIPT], timeout=FLUSH_TIMEOUT, capture=False
+            )
+        if res.exitcode != 0:
+            log.warning("lab %s: guest flush exited with %s", vm.name, res.exitcode)
         else:
-            log.warning("lab %s: query-block does not show every disk: %s", vm.name, by_base)
-    except Exception as exc:  # QMP, OS or reply errors: fall back to the search on lab_up
-        log.warning("lab %s: cannot ask QEMU for its disks' top images: %s", vm.name, exc)
-    _write_record(vm, tops)
-    log.info("lab %s: recorded tops %s", vm.name, tops)
+            log.info("lab %s: guest flushed in %.2fs", vm.name, time.monotonic() - started)
+    except (AgentError, TimeoutError) as exc:
+        why = exc.message if isinstance(exc, AgentError) else f"no answer in {FLUSH_TIMEOUT:g}s"
+        log.warning(
+            "lab %s: could not flush the guest before stopping it (%s); data it has not "
+            "written back yet is lost",
+            vm.name,
+            why,
+        )
+    finally:
+        await agent.close()
+
+
+def _orphan_pid(vmdir: Path) -> int | None:
+    """The PID of a live QEMU of this VM directory known only from ``qemu.pid`` (a ``lab_up``
+    killed before it wrote the record), or None."""
+    try:
+        pid = int((vmdir / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _qemu.qemu_alive(pid, vmdir / "qmp.sock") else None
 
 
 def _remove_runtime_files(vmdir: Path) -> None:
@@ -223,8 +279,8 @@ async def _restart_disks(
                     hint=f"omit --disk-size to restart it as it is, or {purge}",
                 )
     log.info("lab %s: restarting on its disks", name)
-    boot = [dataclasses.replace(d, file=tops[d.device]) for d in old.disks]
-    return list(old.disks), boot
+    boot = [dataclasses.replace(d, file=tops[d.device], base=d.base_image) for d in old.disks]
+    return boot, boot
 
 
 async def lab_up(
@@ -235,8 +291,13 @@ async def lab_up(
     agent: bool = True,
     accel: str = "auto",
     timeout: float = 60.0,
+    adopt: bool = False,
 ) -> LabVm:
     """Build (cached) and boot the lab VM ``name``; return it once it is ready.
+
+    If ``name`` is already running: with ``adopt`` (e.g. it is running but not registered,
+    its ``lab_up`` having been killed), wait until it is ready and return it as it runs;
+    without, AlreadyExistsError.
 
     A new VM gets fresh data disks (``disks``: their filesystems, default ext4 + xfs;
     ``disk_size`` each, default 256M). A stopped VM of that name restarts on its own disks,
@@ -247,7 +308,9 @@ async def lab_up(
     Ready means ``guest-ping`` answers (without an agent: READY on the console) within
     ``timeout`` seconds of QEMU's start (building the kernel and initramfs the first time
     comes on top). Raises UsageError (bad name, filesystem, size, accelerator),
-    AlreadyExistsError (the name is running), DependencyError (a host package is missing),
+    AlreadyExistsError (the name is running, without ``adopt``), LabError (``accel="kvm"``
+    and KVM is not usable here; a QEMU of the name runs without a record; an adopted VM does
+    not become ready or has other disks), DependencyError (a host package is missing),
     ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build failed; the guest did
     not become ready: the message carries the console's last lines; a stopped VM's disks do
     not match ``disks``/``disk_size`` or the top of a disk's chain cannot be told for sure:
@@ -271,9 +334,27 @@ async def lab_up(
     async with _lock(name):
         old = _read_record(name)
         if old is not None and old.running:
-            raise AlreadyExistsError(
-                f"lab VM {name} is already running (pid {old.pid})",
-                hint=f"freezeframe lab down {name}",
+            if not adopt:
+                raise AlreadyExistsError(
+                    f"lab VM {name} is already running (pid {old.pid})",
+                    hint=f"freezeframe lab down {name}",
+                )
+            have = tuple(d.fstype for d in old.disks)
+            if asked is not None and asked != have:
+                raise LabError(
+                    f"lab VM {name} is running with disks {','.join(have) or '(none)'}, "
+                    f"not {','.join(asked) or '(none)'}",
+                    hint=f"omit --disks, or freezeframe lab down {name} first",
+                )
+            await _wait_ready(old, time.monotonic() + timeout)
+            log.info("lab %s: already running (pid %d) and ready", name, old.pid)
+            return old
+        orphan = _orphan_pid(vmdir) if old is None else None
+        if orphan is not None:
+            raise LabError(
+                f"lab VM {name}: a QEMU of it (pid {orphan}) runs without a record "
+                "(an interrupted lab up?)",
+                hint=f"freezeframe lab down {name} stops it",
             )
         artifacts = await _build.ensure_artifacts()
         chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
@@ -339,7 +420,10 @@ async def lab_up(
 async def lab_down(name: str, *, purge: bool = False) -> None:
     """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL) and remove its sockets;
     with ``purge`` delete its directory (disks, overlays, console log) too. Without ``purge``
-    the image on top of each disk is recorded first, for the next ``lab_up``.
+    the guest is flushed first (workload stopped, ``sync`` through the agent, at most
+    :data:`FLUSH_TIMEOUT` s; a failure is logged as a warning) and the image on top of each
+    disk is recorded for the next ``lab_up``. A QEMU of the name that runs without a record
+    (its ``lab_up`` was killed) is stopped too.
 
     The PID is checked to still be this VM's QEMU before any signal. Stopping a VM that is
     not running is not an error. Raises UsageError for a bad name, NotFoundError if there is
@@ -356,13 +440,29 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
             if not purge:
                 raise
             vm = None
-        if vm is not None and vm.running:
+        if vm is None:
+            orphan = _orphan_pid(vmdir)
+            if orphan is not None:
+                how = await _qemu.stop_qemu(orphan, vmdir / "qmp.sock")
+                log.info("lab %s: unrecorded QEMU %d stopped (%s)", name, orphan, how)
+                if _qemu.qemu_alive(orphan, vmdir / "qmp.sock"):
+                    raise LabError(f"lab VM {name}: QEMU {orphan} could not be stopped")
+        elif vm.running:
+            tops: dict[str, str] | None = None
+            qmp_ok = True
             if not purge:
-                await _record_tops(vm)
-            how = await _qemu.stop_qemu(vm.pid, vm.qmp_path)
+                await _flush_guest(vm)
+                tops, qmp_ok = await _query_tops(vm)
+            how = await _qemu.stop_qemu(vm.pid, vm.qmp_path, qmp=qmp_ok)
             log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
-            if _qemu.qemu_alive(vm.pid, vm.qmp_path):
+            alive = _qemu.qemu_alive(vm.pid, vm.qmp_path)
+            if not purge:
+                _write_record(dataclasses.replace(vm, running=alive), tops)
+                log.info("lab %s: recorded tops %s", name, tops)
+            if alive:
                 raise LabError(f"lab VM {name}: QEMU {vm.pid} could not be stopped")
+        elif not purge:  # stopped already (e.g. killed): the record says so, tops kept
+            _write_record(vm, _read_tops(name))
         _remove_runtime_files(vmdir)
         if purge:
             shutil.rmtree(vmdir, ignore_errors=True)
