@@ -320,6 +320,7 @@ async def test_restart_boots_from_the_top_of_each_chain(lab_vm: LabVmFactory) ->
         if not _qemu.qemu_alive(again.pid, again.qmp_path):
             break
         await asyncio.sleep(0.05)
+    assert not _qemu.qemu_alive(again.pid, again.qmp_path)
     third = await lab_up(name)  # no disks given: its own (the fixture still purges it)
     assert [d.fstype for d in third.disks] == ["ext4"]
     assert _booted_from(name) == [str(top2)]

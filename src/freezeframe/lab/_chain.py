@@ -46,12 +46,15 @@ def _real(path: str | Path) -> Path:
 async def image_chain(path: Path) -> ImageChain:
     """``qemu-img info --backing-chain`` of ``path``.
 
-    Raises LabError if qemu-img cannot open it or a file of its chain (missing, corrupt, in use
-    by another process), DependencyError if qemu-img is missing.
+    Only metadata is read, with ``-U`` (no image lock): a QEMU killed a moment ago may still
+    hold its locks while it exits, and the QEMU started next takes its own locks anyway.
+
+    Raises LabError if qemu-img cannot open it or a file of its chain (missing, corrupt),
+    DependencyError if qemu-img is missing.
     """
     try:
         res = await run(
-            "qemu-img", "info", "--backing-chain", "--output=json", str(path),
+            "qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path),
             timeout=60, what=f"qemu-img info {path.name}",
         )  # fmt: skip
         doc = json.loads(res.stdout)
