@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,50 @@ def test_database_url_option(ff, tmp_path: Path) -> None:  # type: ignore[no-unt
     assert json.loads(ff("vm", "list", "--json").stdout) == []  # the default catalog is another
     listed = ff("--database-url", f"sqlite:///{db}", "vm", "list", "--json").stdout
     assert [v["name"] for v in json.loads(listed)] == ["a"]
+
+
+def test_purge_forgets_catalog_entries_of_a_lab_vm_whose_directory_is_gone(  # type: ignore[no-untyped-def]
+    ff, tmp_path: Path
+) -> None:
+    # Left by an older version, or a lab directory removed by hand: a registration and a
+    # record whose images lived in the lab directory; an unrelated VM's record stays.
+    from datetime import UTC, datetime
+
+    from freezeframe.catalog import Catalog
+    from freezeframe.models import (
+        ConsistencyLevel,
+        QuiescePolicy,
+        SnapshotDisk,
+        SnapshotRecord,
+        SnapshotStatus,
+        VmConfig,
+    )
+
+    url = f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}"
+    labdir = tmp_path / "home" / "lab" / "ghost"
+
+    def rec(sid: str, image: str) -> SnapshotRecord:
+        disk = SnapshotDisk("disk0", "disk0", image, "qcow2", image + ".ff")
+        return SnapshotRecord(
+            sid, "ghost", datetime.now(UTC), SnapshotStatus.DONE, QuiescePolicy.OFF,
+            ConsistencyLevel.CRASH, disks=(disk,),
+        )  # fmt: skip
+
+    async def seed() -> None:
+        async with await Catalog.open(url) as cat:
+            await cat.add_vm(VmConfig(name="ghost", qmp_path=str(labdir / "qmp.sock"), lab=True))
+            for r in (rec("in-lab", str(labdir / "disk0.qcow2")), rec("elsewhere", "/srv/x")):
+                await cat.begin_snapshot(replace(r, status=SnapshotStatus.RUNNING))
+                await cat.finish_snapshot(r)
+
+    asyncio.run(seed())
+    r = ff("lab", "down", "ghost", "--purge", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {
+        "name": "ghost", "stopped": False, "purged": True, "snapshots_removed": 1,
+    }  # fmt: skip
+    listed = json.loads(ff("snapshot", "list", "--json").stdout)
+    assert [x["id"] for x in listed] == ["elsewhere"]
+    assert json.loads(ff("vm", "list", "--json").stdout) == []
+    again = ff("lab", "down", "ghost", "--purge", "--json")  # nothing left of it now
+    assert again.returncode == 2

@@ -6,16 +6,19 @@ Thin handlers over :mod:`freezeframe.lab`; ``--json`` prints one JSON document o
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import typer
 from rich.markup import escape
 
+from freezeframe import paths
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.cli._common import console, die, emit_json, err_console, run
 from freezeframe.errors import AlreadyExistsError, BusyError, FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
+from freezeframe.models import SnapshotRecord
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
@@ -150,7 +153,7 @@ def down(
     registration and its snapshot records (their images lived in the deleted directory).
     Refused (exit 9) while a snapshot of the VM is in progress, unless --force."""
 
-    async def go() -> int:
+    async def go() -> tuple[bool, int]:
         async with await Catalog.open() as cat:
             owner = make_owner()
             locked = False
@@ -168,28 +171,56 @@ def down(
                     f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False
                 )
             try:
-                await lab_down(name, purge=purge)
+                try:
+                    await lab_down(name, purge=purge)
+                except NotFoundError:
+                    # No lab VM of that name (its directory is gone), but the catalog may still
+                    # hold its registration and records: --purge forgets those too.
+                    if not purge:
+                        raise
+                    removed = await _forget_lab_vm(cat, name)
+                    if removed is None:
+                        raise
+                    return False, removed
                 if not purge:
-                    return 0
-                with contextlib.suppress(NotFoundError):
-                    await cat.remove_vm(name)
-                records = await cat.list_snapshots(name)
-                for rec in records:
-                    with contextlib.suppress(NotFoundError):
-                        await cat.delete_snapshot(rec.id)
-                for intent in await cat.open_intents(name):  # the guest is gone: no thaw
-                    await cat.close_intent(intent.id, "lab down --purge")
-                return len(records)
+                    return True, 0
+                removed = await _forget_lab_vm(cat, name)
+                return True, removed or 0
             finally:
                 if locked:
                     await cat.release_vm_lock(name, owner)
 
-    removed = run(go, as_json=as_json)
+    stopped, removed = run(go, as_json=as_json)
     if as_json:
-        emit_json({"name": name, "stopped": True, "purged": purge, "snapshots_removed": removed})
+        emit_json({"name": name, "stopped": stopped, "purged": purge, "snapshots_removed": removed})
     else:
         gone = f" and purged ({removed} snapshot record(s) removed)" if purge else ""
-        err_console.print(f"lab VM {name} stopped{gone}", markup=False)
+        what = "stopped" if stopped else "was not there; its catalog entries were forgotten"
+        err_console.print(f"lab VM {name} {what}{gone if stopped else f' ({removed} record(s))'}",
+                          markup=False)  # fmt: skip
+
+
+async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:
+    """Remove the lab VM ``name``'s registration, its snapshot records (their images lived in
+    its directory) and close its intents (no guest is left to thaw). None when the catalog
+    holds nothing of a lab VM of that name; a registered VM that is not a lab VM is kept."""
+    found = False
+    try:
+        cfg = await cat.get_vm(name)
+    except NotFoundError:
+        cfg = None
+    if cfg is not None:
+        if not cfg.lab:
+            return None
+        await cat.remove_vm(name)
+        found = True
+    records = _images_inside(await cat.list_snapshots(name), str(paths.lab_dir() / name))
+    for rec in records:
+        with contextlib.suppress(NotFoundError):
+            await cat.delete_snapshot(rec.id)
+    for intent in await cat.open_intents(name):
+        await cat.close_intent(intent.id, "lab down --purge")
+    return len(records) if found or records else None
 
 
 @app.command("list")
@@ -215,3 +246,11 @@ def status(name: str = typer.Argument(...), as_json: bool = _JSON) -> None:
         emit_json(vm.to_json())
     else:
         _print_vm(vm)
+
+
+def _images_inside(records: list[SnapshotRecord], directory: str) -> list[SnapshotRecord]:
+    """The records whose every image lies in ``directory`` (recorded paths are absolute)."""
+    inside = os.path.abspath(directory) + os.sep
+    return [
+        r for r in records if all(os.path.normpath(d.image).startswith(inside) for d in r.disks)
+    ]
