@@ -30,6 +30,20 @@ from tests.integration.test_engine_paths import EXT4, XFS, Rig, _rig
 pytestmark = pytest.mark.integration
 
 
+async def _ff(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
+    """The CLI as a separate process on the rig's catalog (stdout and stderr piped)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from freezeframe.cli.main import main; main()",
+        "--database-url",
+        f"sqlite:///{tmp_path / 'cat.sqlite'}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async for r in _rig(tmp_path, [EXT4, XFS]):
@@ -117,21 +131,7 @@ async def test_unconfirmed_thaw_is_flagged_on_a_done_record(rig: Rig) -> None:
 
 async def test_cli_exits_12_when_the_thaw_is_unconfirmed(rig: Rig, tmp_path: Path) -> None:
     rig.agent.behave("guest-fsfreeze-thaw", hang=True)  # no answer, no effect, nothing after
-    url = f"sqlite:///{tmp_path / 'cat.sqlite'}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "from freezeframe.cli.main import main; main()",
-        "--database-url",
-        url,
-        "snapshot",
-        "create",
-        "t",
-        "--quiesce",
-        "required",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _ff(tmp_path, "snapshot", "create", "t", "--quiesce", "required")
     _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 12, err.decode()
     assert "NOT confirmed" in err.decode()
@@ -298,21 +298,8 @@ async def test_recover_keeps_and_records_overlays_of_a_dead_process_cut(rig: Rig
 
 async def test_kill_9_while_frozen_then_recover_leaves_nothing(rig: Rig, tmp_path: Path) -> None:
     files, before = rig.files(), await rig.images()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "from freezeframe.cli.main import main; main()",
-        "--database-url",
-        f"sqlite:///{tmp_path / 'cat.sqlite'}",
-        "snapshot",
-        "create",
-        "t",
-        "--hold-frozen",
-        "20",
-        "--freeze-timeout",
-        "30",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    proc = await _ff(
+        tmp_path, "snapshot", "create", "t", "--hold-frozen", "20", "--freeze-timeout", "30"
     )
     try:
         await rig.agent.wait_for("guest-fsfreeze-freeze", timeout=60)

@@ -5,27 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
-
-FF = [sys.executable, "-m", "freezeframe.cli.main"]
-
-
-@pytest.fixture
-def ff(tmp_path: Path):  # type: ignore[no-untyped-def]
-    env = {**os.environ, "FREEZEFRAME_HOME": str(tmp_path / "home")}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*FF, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-
-    return run
 
 
 def test_unknown_names_exit_2(ff) -> None:  # type: ignore[no-untyped-def]

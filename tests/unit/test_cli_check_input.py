@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-FF = [sys.executable, "-m", "freezeframe.cli.main"]
+from tests.unit.conftest import Ff
 
 
 @pytest.fixture
-def ff(tmp_path: Path):  # type: ignore[no-untyped-def]
-    env = {**os.environ, "FREEZEFRAME_HOME": str(tmp_path / "home")}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*FF, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-
+def ff(ff: Ff, tmp_path: Path) -> Ff:
     # a registered VM whose QMP socket does not exist: a snapshot attempt fails and is recorded
-    r = run("vm", "add", "web1", "--qmp", str(tmp_path / "qmp.sock"))
+    r = ff("vm", "add", "web1", "--qmp", str(tmp_path / "qmp.sock"))
     assert r.returncode == 0, r.stderr
-    return run
+    return ff
 
 
 def error_of(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
