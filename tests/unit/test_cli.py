@@ -137,3 +137,48 @@ def test_purge_forgets_catalog_entries_of_a_lab_vm_whose_directory_is_gone(  # t
     assert json.loads(ff("vm", "list", "--json").stdout) == []
     again = ff("lab", "down", "ghost", "--purge", "--json")  # nothing left of it now
     assert again.returncode == 2
+
+
+def test_purge_never_touches_a_vm_that_is_not_a_lab_vm(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A snapshot of "web1" killed while frozen left a running record without disks and an open
+    # intent: `recover` needs both. `lab down web1 --purge` must leave them alone.
+    from datetime import UTC, datetime
+
+    from freezeframe.catalog import Catalog
+    from freezeframe.models import (
+        ConsistencyLevel,
+        QuiescePolicy,
+        SnapshotRecord,
+        SnapshotStatus,
+        VmConfig,
+    )
+
+    url = f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}"
+
+    async def seed(registered: bool) -> None:
+        async with await Catalog.open(url) as cat:
+            if registered:
+                await cat.add_vm(VmConfig(name="web1", qmp_path="/run/web1.qmp"))
+            await cat.begin_snapshot(
+                SnapshotRecord(
+                    f"s-{registered}",
+                    "web1",
+                    datetime.now(UTC),
+                    SnapshotStatus.RUNNING,
+                    QuiescePolicy.REQUIRED,
+                    ConsistencyLevel.NONE,
+                )
+            )
+            await cat.open_intent("web1", f"s-{registered}", "/run/web1.qga", "h:1:x")
+
+    async def left() -> tuple[int, int]:
+        async with await Catalog.open(url) as cat:
+            return len(await cat.list_snapshots()), len(await cat.open_intents())
+
+    for registered, n in ((True, 1), (False, 2)):  # registered, then removed with vm remove
+        if not registered:
+            assert ff("vm", "remove", "web1").returncode == 0
+        asyncio.run(seed(registered))
+        r = ff("lab", "down", "web1", "--purge", "--json")
+        assert r.returncode == 2, r.stdout
+        assert asyncio.run(left()) == (n, n)

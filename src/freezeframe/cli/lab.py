@@ -18,7 +18,7 @@ from freezeframe.cli._common import console, die, emit_json, err_console, run
 from freezeframe.errors import AlreadyExistsError, BusyError, FreezeframeError, NotFoundError
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
-from freezeframe.models import SnapshotRecord
+from freezeframe.models import VmConfig
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
@@ -201,26 +201,41 @@ def down(
 
 
 async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:
-    """Remove the lab VM ``name``'s registration, its snapshot records (their images lived in
-    its directory) and close its intents (no guest is left to thaw). None when the catalog
-    holds nothing of a lab VM of that name; a registered VM that is not a lab VM is kept."""
-    found = False
+    """Forget what the catalog holds of the lab VM ``name`` (its directory is gone): its
+    registration if it is a lab VM's, the records whose images all lived in its directory (and,
+    with a lab registration, its records without images), and its intents on a socket in its
+    directory (no guest is left to thaw). Returns how many records went, or None when nothing
+    of a lab VM of that name was found; a VM that is not a lab VM is never touched."""
+    labdir = str(paths.lab_dir() / name)
     try:
-        cfg = await cat.get_vm(name)
+        cfg: VmConfig | None = await cat.get_vm(name)
     except NotFoundError:
         cfg = None
+    if cfg is not None and not cfg.lab:
+        return None
+    records = [
+        r
+        for r in await cat.list_snapshots(name)
+        if (r.disks and _inside([d.image for d in r.disks], labdir))
+        or (not r.disks and cfg is not None)
+    ]
+    if cfg is None and not records:
+        return None
     if cfg is not None:
-        if not cfg.lab:
-            return None
         await cat.remove_vm(name)
-        found = True
-    records = _images_inside(await cat.list_snapshots(name), str(paths.lab_dir() / name))
     for rec in records:
         with contextlib.suppress(NotFoundError):
             await cat.delete_snapshot(rec.id)
     for intent in await cat.open_intents(name):
-        await cat.close_intent(intent.id, "lab down --purge")
-    return len(records) if found or records else None
+        if _inside([intent.qga_path], labdir):
+            await cat.close_intent(intent.id, "lab down --purge")
+    return len(records)
+
+
+def _inside(files: list[str], directory: str) -> bool:
+    """Every one of ``files`` lies in ``directory`` (recorded paths are absolute)."""
+    prefix = os.path.abspath(directory) + os.sep
+    return all(os.path.normpath(f).startswith(prefix) for f in files)
 
 
 @app.command("list")
@@ -246,11 +261,3 @@ def status(name: str = typer.Argument(...), as_json: bool = _JSON) -> None:
         emit_json(vm.to_json())
     else:
         _print_vm(vm)
-
-
-def _images_inside(records: list[SnapshotRecord], directory: str) -> list[SnapshotRecord]:
-    """The records whose every image lies in ``directory`` (recorded paths are absolute)."""
-    inside = os.path.abspath(directory) + os.sep
-    return [
-        r for r in records if all(os.path.normpath(d.image).startswith(inside) for d in r.disks)
-    ]
