@@ -80,7 +80,7 @@ async def recover(
     running (of ``vm`` only, if given).
 
     Verify workspaces (mounts, loop devices, qemu-storage-daemon) of dead processes are
-    cleaned first. Intents whose owner is not provably dead (alive on this host, or on
+    cleaned last, after every thaw. Intents whose owner is not provably dead (alive on this host, or on
     another host) are skipped (the owner thaws itself) unless ``force``; so are the intents of
     a VM whose snapshot lock a live process holds. With ``force`` the guest is thawed
     regardless (but records are settled only under the lock). Never raises for one VM's
@@ -92,8 +92,6 @@ async def recover(
     """
     if vm is not None:
         await catalog.get_vm(vm)
-    for workspace in await sweep_stale_workspaces():  # a verify killed with -9
-        log.warning("removed verify workspace %s left by a dead process", workspace)
     by_vm: defaultdict[str, list[FreezeIntent]] = defaultdict(list)
     for intent in await catalog.open_intents(vm):
         by_vm[intent.vm].append(intent)
@@ -101,6 +99,9 @@ async def recover(
     outcomes: list[RecoverOutcome] = []
     for name in dict.fromkeys([*by_vm, *running]):
         outcomes.extend(await _recover_vm(catalog, name, by_vm.get(name, []), force, timeout))
+    # Last: thawing comes first, and cleaning a workspace can take a while (busy unmounts).
+    for workspace in await sweep_stale_workspaces():  # a verify killed with -9
+        log.warning("removed verify workspace %s left by a dead process", workspace)
     return outcomes
 
 
