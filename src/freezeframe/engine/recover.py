@@ -79,12 +79,12 @@ async def recover(
     """Thaw every VM with an open freeze intent and settle the records dead processes left
     running (of ``vm`` only, if given).
 
-    Verify workspaces (mounts, loop devices, qemu-storage-daemon) of dead processes are
-    cleaned last, after every thaw. Intents whose owner is not provably dead (alive on this host, or on
-    another host) are skipped (the owner thaws itself) unless ``force``; so are the intents of
-    a VM whose snapshot lock a live process holds. With ``force`` the guest is thawed
-    regardless (but records are settled only under the lock). Never raises for one VM's
-    trouble: each outcome says what happened.
+    Intents whose owner is not provably dead (alive on this host, or on another host) are
+    skipped (the owner thaws itself) unless ``force``; so are the intents of a VM whose
+    snapshot lock a live process holds. With ``force`` the guest is thawed regardless (but
+    records are settled only under the lock). Verify workspaces (mounts, loop devices,
+    qemu-storage-daemon) of dead processes are cleaned last, after every thaw. Never raises
+    for one VM's trouble: each outcome says what happened.
 
     Raises:
         NotFoundError: ``vm`` is given and not registered.
