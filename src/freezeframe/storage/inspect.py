@@ -462,6 +462,16 @@ def _workspaces_in(top: str) -> list[str]:
         return []
 
 
+def _real_paths(paths: list[str]) -> set[str]:
+    """Symlinks resolved: /proc/mounts and loop devices show real paths (a symlinked TMPDIR)."""
+    return {os.path.realpath(p) for p in paths}
+
+
+def _real_mkdtemp(prefix: str, directory: str | None) -> str:
+    """A new temporary directory, by its real path (see :func:`_real_paths`)."""
+    return os.path.realpath(tempfile.mkdtemp(prefix=prefix, dir=directory))
+
+
 async def _sweep_one(workspace: str) -> bool:
     """Clean one workspace whose owner is dead; True when its directory is gone."""
     loops = [dev for dev, backing in _loop_backing().items() if _inside(backing, workspace)]
@@ -517,7 +527,7 @@ async def sweep_stale_workspaces(workdir: str | None = None) -> list[str]:
 
     Returns the workspaces removed. Never raises (what cannot be cleaned is logged).
     """
-    tops = {tempfile.gettempdir(), *([workdir] if workdir else [])}
+    tops = _real_paths([tempfile.gettempdir(), *([workdir] if workdir else [])])
     removed = []
     for top in sorted(tops):
         for ws in _workspaces_in(top):
@@ -712,7 +722,7 @@ async def open_image(
     info = await _image_info(path, fmt)
     size = int(info.get("virtual-size", 0))
 
-    tmp = tempfile.mkdtemp(prefix=_WORKSPACE_PREFIX, dir=workdir)
+    tmp = _real_mkdtemp(_WORKSPACE_PREFIX, workdir)
     _write_record(tmp)
     overlay = os.path.join(tmp, "overlay.qcow2")
     export_file = os.path.join(tmp, "disk")
@@ -833,7 +843,7 @@ async def mounted(
         part = target
     if not part.fstype:
         raise VerifyError(f"{part.device} has no filesystem to mount")
-    mnt = tempfile.mkdtemp(prefix="ff-mnt-", dir=workdir)
+    mnt = _real_mkdtemp("ff-mnt-", workdir)
     if part.device in _workspace_of:  # for the sweeper, should this process be killed
         _write_record(_workspace_of[part.device], mount=mnt)
     try:

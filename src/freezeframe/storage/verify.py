@@ -491,6 +491,19 @@ class _CheckRun:
         return kept
 
 
+async def _exit_code(proc: asyncio.subprocess.Process, timeout: float) -> int | None:
+    """``proc``'s exit code once it exits, or None after ``timeout`` seconds. Polled: asyncio's
+    ``Process.wait()`` also waits for the output pipes to close, which a child left in the
+    background can hold open."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while proc.returncode is None:
+        if loop.time() >= end:
+            return None
+        await asyncio.sleep(0.05)
+    return proc.returncode
+
+
 async def _run_user_check(
     argv: list[str], cwd: Path, env: dict[str, str], timeout: float
 ) -> _CheckRun:
@@ -530,15 +543,14 @@ async def _run_user_check(
     ]
     rc: int | None
     try:
-        try:
-            await asyncio.wait_for(asyncio.gather(*readers, proc.wait()), timeout)
-            rc = proc.returncode
-        except TimeoutError:
+        # The timeout is on the check's exit, not on its output: a background child left
+        # holding the pipes must not turn a passed check into a timed-out one.
+        rc = await _exit_code(proc, timeout)
+        if rc is None:
             log.warning("user check %s timed out after %g s; killing it", argv[0], timeout)
-            _kill_group(proc)
-            rc = None
-            # what it wrote before; bounded: a child that left the group may hold a pipe
-            await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT)
+        _kill_group(proc)  # on timeout, and for background children after a normal exit
+        # What it wrote; bounded: a child that left the group may still hold a pipe.
+        await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT)
     finally:  # also on cancellation (Ctrl-C): the teardown of the mount follows
         _kill_group(proc)
         for reader in readers:
