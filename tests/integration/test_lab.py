@@ -564,3 +564,23 @@ def test_cli_accel_kvm_fails_at_once_when_the_probe_says_no(tmp_path: Path) -> N
     assert time.monotonic() - started < 20
     assert not (paths.lab_dir() / "kvmno").exists()
     assert_nothing_left("kvmno")
+
+
+async def test_a_failed_down_leaves_the_workload_running(
+    lab_vm: LabVmFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lab down stops the workload to flush; when QEMU then stays up (the stop failed, or
+    Ctrl-C), the workload is resumed."""
+    name = "resume"
+    vm = await lab_vm(name, disks=("ext4",))
+
+    async def broken_stop(*_: object, **__: object) -> str:
+        raise LabError("simulated: QEMU could not be stopped")
+
+    monkeypatch.setattr(_qemu, "stop_qemu", broken_stop)
+    with pytest.raises(LabError, match="simulated"):
+        await lab_down(name)
+    monkeypatch.undo()
+    first = int(await _guest_sh(vm, "cat /run/ffwork/seq"))
+    await asyncio.sleep(1.5)
+    assert int(await _guest_sh(vm, "cat /run/ffwork/seq")) > first  # still writing

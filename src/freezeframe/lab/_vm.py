@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from freezeframe import paths
+from freezeframe._aio import shielded
 from freezeframe._tools import run
 from freezeframe.agent import GuestAgent
 from freezeframe.errors import (
@@ -69,6 +70,8 @@ _FLUSH_SCRIPT = (
     '*/etc/fflab/ff[w]ork*) kill -STOP "${p#/proc/}" ;; esac; '
     "done; sync"
 )
+#: Resumes what :data:`_FLUSH_SCRIPT` stopped.
+_RESUME_SCRIPT = _FLUSH_SCRIPT.replace("kill -STOP", "kill -CONT").replace("; sync", "")
 
 
 def _vm_dir(name: str) -> Path:
@@ -159,6 +162,20 @@ async def _flush_guest(vm: LabVm) -> None:
             vm.name,
             why,
         )
+    finally:
+        await agent.close()
+
+
+async def _resume_guest(vm: LabVm) -> None:
+    """Undo :func:`_flush_guest`'s stop of the workload (SIGCONT); best effort, never raises."""
+    if vm.qga_path is None:
+        return
+    agent = GuestAgent(str(vm.qga_path), timeout=FLUSH_TIMEOUT)
+    try:
+        async with asyncio.timeout(FLUSH_TIMEOUT):
+            await agent.exec("/bin/sh", ["-c", _RESUME_SCRIPT], timeout=FLUSH_TIMEOUT)
+    except (AgentError, TimeoutError) as exc:
+        log.warning("lab %s: could not resume the guest's workload: %s", vm.name, exc)
     finally:
         await agent.close()
 
@@ -450,12 +467,16 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
         elif vm.running:
             tops: dict[str, str] | None = None
             qmp_ok = True
-            if not purge:
-                await _flush_guest(vm)
-                tops, qmp_ok = await _query_tops(vm)
-            how = await _qemu.stop_qemu(vm.pid, vm.qmp_path, qmp=qmp_ok)
-            log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
-            alive = _qemu.qemu_alive(vm.pid, vm.qmp_path)
+            try:
+                if not purge:
+                    await _flush_guest(vm)  # stops the workload: resumed if QEMU stays up
+                    tops, qmp_ok = await _query_tops(vm)
+                how = await _qemu.stop_qemu(vm.pid, vm.qmp_path, qmp=qmp_ok)
+                log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
+            finally:  # also on Ctrl-C: a VM left running keeps its workload running
+                alive = _qemu.qemu_alive(vm.pid, vm.qmp_path)
+                if alive and not purge:
+                    await shielded(_resume_guest(vm))
             if not purge:
                 _write_record(dataclasses.replace(vm, running=alive), tops)
                 log.info("lab %s: recorded tops %s", name, tops)
