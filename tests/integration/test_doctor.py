@@ -17,6 +17,7 @@ import pytest
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, doctor
 from freezeframe.engine.doctor import Check, CheckStatus, DoctorReport
+from freezeframe.errors import BusyError
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, VmConfig
 from tests.fakes.bios_vm import Vm, bios_vm
 from tests.fakes.fake_agent import FakeAgent, FakeFs
@@ -251,3 +252,18 @@ async def test_a_registered_agent_path_that_is_not_qemus_is_named(rig: Rig) -> N
     await rig.reconfigure(qga_path=str(link))
     rep = await doctor(rig.catalog, "t")
     assert _check(rep, "agent channel").status is CheckStatus.PASS
+
+
+async def test_doctor_holds_the_vm_lock_while_it_talks_to_the_vm(rig: Rig) -> None:
+    # QMP and the agent serve one client each: a snapshot starting meanwhile is refused (busy)
+    # rather than failing on a busy socket or falling back to crash-consistent.
+    rig.agent.behave("guest-info", delay=2.0, times=1)
+    task = asyncio.create_task(doctor(rig.catalog, "t"))
+    await rig.agent.wait_for("guest-info")
+    with pytest.raises(BusyError):
+        await Snapshotter(rig.catalog).snapshot("t")
+    rep = await task
+    assert rep.ok, rep
+    assert await rig.catalog.vm_lock_holder("t") is None  # released
+    rec = await Snapshotter(rig.catalog).snapshot("t")
+    assert rec.level is ConsistencyLevel.FILESYSTEM

@@ -23,12 +23,14 @@ import contextlib
 import enum
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from freezeframe.catalog import Catalog, holder_is_dead
+from freezeframe._aio import shielded
+from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesystem_to_disk
 from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
-from freezeframe.errors import HypervisorError
+from freezeframe.errors import BusyError, HypervisorError
 from freezeframe.hypervisor.base import HypervisorDriver
 from freezeframe.models import (
     ConsistencyLevel,
@@ -124,6 +126,40 @@ async def doctor(
             f"left by {owner} since {when}, a process that is gone",
             "nothing to do: the next snapshot takes the lock over",
         )
+    # Holding the VM's lock: QMP and the agent serve one client each, so a snapshot starting
+    # while doctor talks to them would fail or fall back; it is refused (busy) instead.
+    owner = make_owner()
+    try:
+        await catalog.acquire_vm_lock(cfg.name, owner)
+    except BusyError as exc:
+        add(
+            "snapshot lock",
+            None,
+            f"{exc.message}: its QMP and guest-agent sockets serve one client each, so they "
+            "are not checked now",
+            "run `freezeframe doctor` again once that snapshot has finished",
+        )
+        return _report(
+            cfg.name,
+            policy,
+            checks,
+            ConsistencyLevel.NONE,
+            f"a snapshot of {cfg.name} is in progress: ask again when it has finished",
+        )
+    try:
+        return await _probe(catalog, cfg, policy, checks, add)
+    finally:
+        await shielded(catalog.release_vm_lock(cfg.name, owner))
+
+
+async def _probe(
+    catalog: Catalog,
+    cfg: VmConfig,
+    policy: QuiescePolicy,
+    checks: list[Check],
+    add: Callable[..., None],
+) -> DoctorReport:
+    """The checks that talk to the VM (hypervisor, agent), made while holding its lock."""
     driver = open_driver(cfg)
     try:
         await driver.connect()
