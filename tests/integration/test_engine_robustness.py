@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ from freezeframe.engine.snapshot import _snapshot_disks
 from freezeframe.errors import CatalogError, HypervisorUnavailableError, SnapshotFailedError
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, PreparedDisk
 from freezeframe.hypervisor.qmp import QmpDriver
-from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotRecord, SnapshotStatus
+from freezeframe.models import (
+    ConsistencyLevel,
+    QuiescePolicy,
+    SnapshotRecord,
+    SnapshotStatus,
+    TimelineEvent,
+)
 from tests.integration.test_engine_paths import EXT4, XFS, Rig, _rig
 
 pytestmark = pytest.mark.integration
@@ -358,3 +365,31 @@ async def test_abort_never_deletes_a_file_a_disk_uses(rig: Rig) -> None:
         await driver.abort(stale)
     assert Path(used).is_file()
     assert await rig.images() == before
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_recover_settles_a_cut_whose_outcome_was_unknown(rig: Rig, cut: bool) -> None:
+    # QEMU hung during the cut: the attempt failed with its overlays kept, "outcome unknown".
+    # Once QEMU answers again, recover settles it either way.
+    files = rig.files()
+    sid, before = await _left_running(rig, cut=cut)
+    rec = await rig.catalog.get_snapshot(sid)
+    ev = TimelineEvent("cut_state", datetime.now(UTC), 0, "unknown")
+    await rig.catalog.finish_snapshot(
+        replace(
+            rec, status=SnapshotStatus.FAILED, error="the cut's outcome is unknown", timeline=(ev,)
+        )
+    )
+    await rig.catalog.release_vm_lock("t", (await rig.catalog.vm_lock_holder("t") or ("",))[0])
+    (out,) = await recover(rig.catalog)
+    after = await rig.catalog.get_snapshot(sid)
+    if cut:
+        assert "did happen" in out.detail
+        assert {d.device: d.overlay for d in after.disks} == await rig.images()
+    else:
+        assert "did not happen" in out.detail
+        assert after.disks == ()
+        assert rig.files() == files
+        assert await rig.images() == before
+    assert "cut_settled" in [e.name for e in after.timeline]
+    assert await recover(rig.catalog) == []  # settled once

@@ -72,6 +72,6 @@ def _print(o: RecoverOutcome) -> None:
         "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped
         else "[red]FAILED[/]" if o.failed else "[green]settled[/]"
     )  # fmt: skip
-    what = f"intent {o.intent_id}" if o.intent_id is not None else "left running, no freeze"
+    what = f"intent {o.intent_id}" if o.intent_id is not None else "record left unsettled"
     console.print(f"{escape(o.vm)} (snapshot {escape(o.snapshot_id)}, {what}): "
                   f"{state} — {escape(o.detail)}", highlight=False)  # fmt: skip

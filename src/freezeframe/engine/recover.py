@@ -95,7 +95,7 @@ async def recover(
     by_vm: defaultdict[str, list[FreezeIntent]] = defaultdict(list)
     for intent in await catalog.open_intents(vm):
         by_vm[intent.vm].append(intent)
-    running = [r.vm for r in await catalog.list_snapshots(vm) if r.status is SnapshotStatus.RUNNING]
+    running = [r.vm for r in await catalog.list_snapshots(vm) if _unsettled(r)]
     outcomes: list[RecoverOutcome] = []
     for name in dict.fromkeys([*by_vm, *running]):
         outcomes.extend(await _recover_vm(catalog, name, by_vm.get(name, []), force, timeout))
@@ -215,6 +215,9 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
     snapshot of it is running) and settle their prepared overlays. Returns id -> what was done."""
     out: dict[str, str] = {}
     for rec in await catalog.list_snapshots(vm):
+        if _cut_unknown(rec):
+            out[rec.id] = await _settle_unknown_cut(catalog, rec, timeout)
+            continue
         if rec.status is not SnapshotStatus.RUNNING:
             continue
         note, disks = await _settle_disks(catalog, rec, timeout)
@@ -284,3 +287,51 @@ async def _discard_unrecorded(catalog: Catalog, rec: SnapshotRecord, timeout: fl
 def _existing(files: list[str]) -> list[str]:
     """The files that exist (a stat each: cheap enough for the event loop)."""
     return [f for f in files if os.path.exists(f)]
+
+
+def _cut_unknown(rec: SnapshotRecord) -> bool:
+    """A failed record whose cut's outcome could not be told (QEMU hung or gone at the time)
+    and has not been settled since: its overlays were kept, in case the disks use them."""
+    names = [e.name for e in rec.timeline]
+    unknown = [
+        i for i, e in enumerate(rec.timeline) if e.name == "cut_state" and e.detail == "unknown"
+    ]
+    return (
+        rec.status is SnapshotStatus.FAILED
+        and bool(rec.disks)
+        and bool(unknown)
+        and "cut_settled" not in names[unknown[-1] :]
+    )
+
+
+def _unsettled(rec: SnapshotRecord) -> bool:
+    return rec.status is SnapshotStatus.RUNNING or _cut_unknown(rec)
+
+
+async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
+    """Ask again, now that QEMU may answer: a cut that happened keeps its overlays (recorded);
+    one that did not is removed, and the record no longer lists disks."""
+    try:
+        driver = open_driver(await catalog.get_vm(rec.vm))
+        prepared = driver.prepared_from_record(rec.id, rec.disks)
+        async with asyncio.timeout(timeout * 3), driver:
+            state = await driver.cut_state(prepared)
+            if state == "not-switched":
+                await driver.abort(prepared)
+    except (FreezeframeError, TimeoutError) as exc:
+        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+        return f"the cut's outcome is still unknown ({msg}): its overlays stay"
+    if state == "unknown":
+        return "the cut's outcome is still unknown: its overlays stay"
+    if state == "switched":
+        note, disks = "the cut did happen: the disks write to its overlays (kept)", rec.disks
+    else:
+        note, disks = "the cut did not happen: its overlays were removed", ()
+    ev = Timeline().mark("cut_settled", f"by freezeframe recover: {note}")
+    try:
+        await catalog.finish_snapshot(
+            replace(rec, disks=disks, error=f"{rec.error}; {note}", timeline=(*rec.timeline, ev))
+        )
+    except FreezeframeError as exc:
+        note += f"; the record could not be updated: {exc.message}"
+    return note
