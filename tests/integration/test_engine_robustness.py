@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from freezeframe.engine import SnapshotRequest, Snapshotter, recover
+from freezeframe.engine import SnapshotRequest, Snapshotter, recover, verify_snapshot
 from freezeframe.engine.snapshot import _snapshot_disks
 from freezeframe.errors import CatalogError, HypervisorUnavailableError, SnapshotFailedError
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, PreparedDisk
@@ -101,6 +101,9 @@ async def test_cancel_after_the_switch_keeps_and_records_the_cut(
     assert "cut_state" in [e.name for e in rec.timeline]
     assert not rig.agent.frozen
     assert await rig.catalog.open_intents("t") == []
+    # Its images at the cut can be verified like those of a done snapshot.
+    await verify_snapshot(rig.catalog, rec.id)
+    assert (await rig.catalog.get_snapshot(rec.id)).verification is not None
     # The next snapshot continues the chain from it.
     monkeypatch.undo()
     nxt = await Snapshotter(rig.catalog).snapshot("t", SnapshotRequest(quiesce=quiesce))

@@ -36,12 +36,14 @@ async def verify_snapshot(
 
     Raises NotFoundError / UsageError (unknown or ambiguous id, ``check_timeout`` not > 0, a
     check that cannot be parsed or whose program is not on this host's PATH: found before
-    anything is read), VerifyError (a failed snapshot, or an image that cannot be read: the
-    catalog is left unchanged).
+    anything is read), VerifyError (a running snapshot, a failed one without images at the cut,
+    or an image that cannot be read: the catalog is left unchanged).
     """
     parse_user_checks(checks)  # bad input is refused before anything is exported
     rec = await catalog.get_snapshot(snapshot_id)
-    if rec.status is not SnapshotStatus.DONE or not rec.disks:
+    # A failed attempt whose cut happened (it was interrupted afterwards) keeps its images at
+    # the cut: they can be verified like any others. A running one is not finished yet.
+    if rec.status is SnapshotStatus.RUNNING or not rec.disks:
         raise VerifyError(
             f"snapshot {rec.id} is {rec.status.value} and has no images to verify"
             + (f" ({rec.error})" if rec.error else "")
