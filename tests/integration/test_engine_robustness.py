@@ -396,3 +396,19 @@ async def test_recover_settles_a_cut_whose_outcome_was_unknown(rig: Rig, cut: bo
         assert await rig.images() == before
     assert "cut_settled" in [e.name for e in after.timeline]
     assert await recover(rig.catalog) == []  # settled once
+
+
+async def test_a_guest_left_frozen_by_a_dead_snapshot_is_named(rig: Rig) -> None:
+    rig.agent.frozen = True
+    rig.agent.frozen_mounts = ["/mnt/disk0", "/mnt/disk1"]
+    intent = await rig.catalog.open_intent("t", "old-snap", rig.agent.path, _dead_owner())
+    with pytest.raises(SnapshotFailedError) as ei:
+        await Snapshotter(rig.catalog).snapshot(
+            "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
+        )
+    msg = ei.value.message
+    assert "old-snap" in msg
+    assert f"freeze intent {intent.id}" in msg
+    assert "gone" in msg
+    assert "freezeframe recover t" in msg
+    assert "guest-fsfreeze-thaw" not in rig.agent.commands

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from freezeframe._aio import shielded
 from freezeframe.agent import GuestAgent
-from freezeframe.catalog import Catalog, make_owner
+from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
@@ -445,12 +445,7 @@ class Snapshotter:
             fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
             if state is FsFreezeState.FROZEN:
                 return None, AgentProbe(
-                    path=path,
-                    info=info,
-                    state=state,
-                    problem="the guest is already frozen by someone else "
-                    "(guest-fsfreeze-status); not touching it — if that freeze is stale, "
-                    "run `freezeframe recover`",
+                    path=path, info=info, state=state, problem=await self._frozen_by(cfg.name)
                 )
             missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
             if missing:
@@ -474,6 +469,25 @@ class Snapshotter:
         finally:
             if not keep:  # also on cancellation: QEMU's agent socket serves one client
                 await shielded(agent.close())
+
+    async def _frozen_by(self, vm: str) -> str:
+        """Why the guest is frozen already, as far as the catalog knows: an earlier snapshot
+        whose freeze was never confirmed thawed (its process died or hangs), or someone else."""
+        try:
+            intents = await self.catalog.open_intents(vm)
+        except FreezeframeError:
+            intents = []
+        if not intents:
+            return (
+                "the guest is already frozen by someone else (guest-fsfreeze-status); not "
+                "touching it — thaw it with guest-fsfreeze-thaw if that freeze is stale"
+            )
+        i = intents[0]
+        who = "a process that is gone" if holder_is_dead(i.owner, i.opened_at) else "running"
+        return (
+            f"the guest is still frozen by snapshot {i.snapshot_id} (freeze intent {i.id}, "
+            f"{i.owner}: {who}); not touching it — run `freezeframe recover {vm}` first"
+        )
 
     def _plan(self, run: _Run, disks: list[DiskInfo], driver: HypervisorDriver) -> Plan:
         cfg, req = run.cfg, run.req
