@@ -8,6 +8,7 @@ overlays) with a fake guest agent on a real socket.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sqlite3
 import subprocess
@@ -146,6 +147,9 @@ async def test_cli_exits_12_when_the_thaw_is_unconfirmed(rig: Rig, tmp_path: Pat
     assert proc.returncode == 12, err.decode()
     assert "NOT confirmed" in err.decode()
     assert "freezeframe recover" in err.decode()
+    shown = await _ff(tmp_path, "snapshot", "list", "--json")
+    out, _ = await asyncio.wait_for(shown.communicate(), 60)
+    assert [r["thaw_unconfirmed"] for r in json.loads(out)] == [True]
 
 
 async def test_cancel_while_waiting_for_the_lock_leaves_no_lock(rig: Rig, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from freezeframe.errors import FreezeframeError
-from freezeframe.models import VmConfig
+from freezeframe.models import SnapshotRecord, VmConfig
 
 __all__ = [
     "EXIT_PIPE",
@@ -86,9 +86,13 @@ err_console: Console = _Console(stderr=True)
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, enums, datetimes, paths, tuples -> plain JSON values."""
+    """Dataclasses, enums, datetimes, paths, tuples -> plain JSON values. A snapshot record
+    also gets ``thaw_unconfirmed`` (the guest may still be frozen: run recover)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        doc = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, SnapshotRecord):
+            doc["thaw_unconfirmed"] = obj.thaw_unconfirmed
+        return doc
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, datetime):
