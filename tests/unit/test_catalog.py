@@ -28,6 +28,7 @@ from freezeframe.errors import (
     AlreadyExistsError,
     BusyError,
     CatalogError,
+    DependencyError,
     NotFoundError,
     UsageError,
 )
@@ -245,6 +246,18 @@ async def test_foreign_errors_become_catalog_errors(tmp_path: Path) -> None:
     assert isinstance(err.value.__cause__, sa.exc.SQLAlchemyError)
     with pytest.raises(UsageError, match="not a database URL"):
         await Catalog.open("no such url")
+
+
+async def test_a_missing_database_driver_names_its_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The URL selects psycopg (PostgreSQL), made unimportable here: exit 3, like any missing
+    # package, naming the Debian package.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(DependencyError) as err:
+        await Catalog.open("postgresql+psycopg://ff@localhost/ff")
+    assert err.value.package == "python3-psycopg"
+    assert err.value.exit_code == 3
 
 
 async def test_in_memory_database_works() -> None:

@@ -46,6 +46,7 @@ from freezeframe.errors import (
     AlreadyExistsError,
     BusyError,
     CatalogError,
+    DependencyError,
     FreezeframeError,
     NotFoundError,
     UsageError,
@@ -428,6 +429,7 @@ class Catalog:
 
         Raises:
             UsageError: ``url`` is not a database URL.
+            DependencyError: the URL's database driver (a Python module) is not installed.
             CatalogError: the database cannot be opened or migrated.
         """
         return await asyncio.to_thread(cls._open_sync, url or paths.default_database_url())
@@ -446,7 +448,13 @@ class Catalog:
                 raise CatalogError(f"cannot create the directory of {display}: {exc}") from exc
         try:
             engine = _create_engine(url)
-        except (SQLAlchemyError, ImportError) as exc:
+        except ImportError as exc:  # the URL's database driver (psycopg, pymysql, ...)
+            module = (exc.name or "the database driver").split(".")[0]
+            raise DependencyError(
+                f"cannot open catalog {display}: Python module {module!r} is not installed",
+                package=f"python3-{module}",
+            ) from exc
+        except SQLAlchemyError as exc:
             raise CatalogError(f"cannot open catalog {display}: {_describe(exc)}") from exc
         catalog = cls(engine, display)
         try:
@@ -534,7 +542,7 @@ class Catalog:
                     if not replace:
                         raise AlreadyExistsError(
                             f"VM {cfg.name!r} is already registered",
-                            hint="pass replace (--replace) to overwrite it",
+                            hint="add --replace to overwrite it (replace=True from Python)",
                         )
                     s.delete(old)
                     s.flush()
