@@ -1,11 +1,14 @@
 """``doctor`` against a real QEMU (BIOS only: real QMP, real agent chardev) and a fake guest
-agent: a snapshot in progress, the wording of a failing ``--quiesce required`` and a guest-agent
-socket path that is wrong on the host side.
+agent: a snapshot in progress, the wording of a failing ``--quiesce required``, a guest-agent
+socket path that is wrong on the host side, an open intent while QEMU is hung or gone and a VM
+writing to an image at the cut of one of its snapshots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -267,3 +270,74 @@ async def test_doctor_holds_the_vm_lock_while_it_talks_to_the_vm(rig: Rig) -> No
     assert await rig.catalog.vm_lock_holder("t") is None  # released
     rec = await Snapshotter(rig.catalog).snapshot("t")
     assert rec.level is ConsistencyLevel.FILESYSTEM
+
+
+@pytest.mark.parametrize("how", ["hung", "killed"])
+async def test_an_open_intent_is_reported_when_qemu_does_not_answer(rig: Rig, how: str) -> None:
+    dead = f"{socket.gethostname()}:4194305:dead"
+    await rig.catalog.open_intent("t", "snap-killed", rig.agent.path, dead)
+    pid = rig.vm.proc.pid
+    try:
+        if how == "hung":
+            os.kill(pid, signal.SIGSTOP)  # accepts on its socket (backlog), never greets
+        else:
+            rig.vm.proc.kill()
+            await rig.vm.proc.wait()
+        rep = await doctor(rig.catalog, "t")
+    finally:
+        if how == "hung":
+            os.kill(pid, signal.SIGCONT)
+    assert _check(rep, "hypervisor").status is CheckStatus.FAIL
+    intents = _check(rep, "freeze intents")
+    assert intents.status is CheckStatus.FAIL
+    assert "1 open (snapshot snap-killed)" in intents.detail
+    assert intents.fix == "run `freezeframe recover t`"
+
+
+async def _commit_to_base(vm: Vm, device: str) -> None:
+    """Merge ``device``'s overlays down into its base image and pivot onto it: the VM writes
+    to its original image again, as after a restart by hand on it."""
+    top = (await vm.tops())[device]
+    await vm.query("block-commit", {"job-id": "back", "device": str(top["node-name"])})
+    deadline = time.monotonic() + 20
+    while True:
+        jobs = await vm.query("query-block-jobs")
+        assert isinstance(jobs, list)
+        if any(j["device"] == "back" and j["ready"] for j in jobs):
+            break
+        assert time.monotonic() < deadline, jobs
+        await asyncio.sleep(0.05)
+    await vm.query("block-job-complete", {"device": "back"})
+    while (await vm.query("query-block-jobs")) != []:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_a_vm_writing_to_an_image_at_the_cut_is_warned_about(rig: Rig) -> None:
+    rec = await Snapshotter(rig.catalog).snapshot("t")
+    [cut] = [d for d in rec.disks if d.device == "disk0"]
+    assert cut.overlay is not None
+    rep = await doctor(rig.catalog, "t")  # the cut image is in the backing chain: as expected
+    assert not any(c.name.endswith(" image") for c in rep.checks), rep.checks
+    assert rep.ok, rep.checks
+
+    await _commit_to_base(rig.vm, "disk0")
+    assert (await rig.vm.tops())["disk0"]["file"] == cut.image
+    rep = await doctor(rig.catalog, "t")
+    [warn] = [c for c in rep.checks if c.name.endswith(" image")]
+    assert warn.name == "disk disk0 image"
+    assert warn.status is CheckStatus.WARN
+    assert warn.detail.startswith(f"{cut.image} is the image at the cut of snapshot {rec.id} ")
+    assert warn.fix == (
+        f"restart the VM on the newest overlay {cut.overlay} (the image it wrote to last), or "
+        f"take a new snapshot and treat {rec.id} as changed"
+    )
+    assert rep.ok  # a warning: a new snapshot is still possible
+
+
+async def test_the_no_agent_fix_replaces_the_registered_vm(rig: Rig) -> None:
+    await rig.reconfigure(agent=False, qga_path=None)
+    rep = await doctor(rig.catalog, "t")
+    agent = _check(rep, "agent")
+    assert agent.status is CheckStatus.FAIL
+    assert "`freezeframe vm add t --replace --agent --qga PATH`" in agent.fix

@@ -14,6 +14,11 @@ registered path is another one (FAIL when no agent answers there, else a warning
 another VM's agent). A guest that is frozen (``guest-fsfreeze-status``, asked before anything
 else) is one FAIL naming the open freeze intent, if any, and ``freezeframe recover``; nothing
 is derived from ``guest-info`` then (qemu-ga reports most commands disabled while frozen).
+
+Open freeze intents come from the catalog before the hypervisor is asked, so they are reported
+even when QEMU is gone or hung. A disk whose active image (``DiskInfo.file``) is the image at
+the cut of a done snapshot of the VM (the VM restarted by hand on an older image) is a warning:
+that snapshot is being written to.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import contextlib
 import enum
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from freezeframe._aio import shielded
@@ -34,9 +39,12 @@ from freezeframe.errors import BusyError, HypervisorError
 from freezeframe.hypervisor.base import HypervisorDriver
 from freezeframe.models import (
     ConsistencyLevel,
+    DiskInfo,
     FreezeIntent,
     FsFreezeState,
     QuiescePolicy,
+    SnapshotRecord,
+    SnapshotStatus,
     VmConfig,
 )
 
@@ -160,6 +168,20 @@ async def _probe(
     add: Callable[..., None],
 ) -> DoctorReport:
     """The checks that talk to the VM (hypervisor, agent), made while holding its lock."""
+    # From the catalog first: an open intent is reported even when QEMU is gone or hung.
+    intents = await catalog.open_intents(cfg.name)
+    done = [r for r in await catalog.list_snapshots(cfg.name) if r.status is SnapshotStatus.DONE]
+
+    def add_intents() -> None:
+        add(
+            "freeze intents",
+            not intents,
+            "none open"
+            if not intents
+            else f"{len(intents)} open (snapshot {intents[0].snapshot_id}): guest may be frozen",
+            f"run `freezeframe recover {cfg.name}`",
+        )
+
     driver = open_driver(cfg)
     try:
         await driver.connect()
@@ -170,6 +192,7 @@ async def _probe(
             f"{driver.name}: {exc.message}",
             exc.hint or "is the VM running? check its QMP socket path (`freezeframe vm list`)",
         )
+        add_intents()
         return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
     try:
         add("hypervisor", True, f"{driver.name} reachable")
@@ -177,6 +200,7 @@ async def _probe(
             disks = await driver.disks()
         except HypervisorError as exc:
             add("disks", False, f"cannot list the VM's disks: {exc.message}", exc.hint or "")
+            add_intents()
             return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
         if not disks:
             add("disks", False, "no writable disk", "attach a disk to snapshot")
@@ -189,7 +213,21 @@ async def _probe(
                 + ("part of one atomic cut" if problem is None else problem),
                 f"leave it out with --exclude-disk {d.device}",
             )
-        intents = await catalog.open_intents(cfg.name)
+            reused = _cut_image_reuse(d, done)
+            if reused is not None:
+                ids, overlay = reused
+                snaps = ", ".join(ids)
+                add(
+                    f"disk {d.device} image",
+                    None,
+                    f"{d.file} is the image at the cut of snapshot {snaps} (read-only from "
+                    "then on), yet the VM writes to it now (restarted on it by hand?): that "
+                    "snapshot is being changed",
+                    "restart the VM on the newest overlay"
+                    + (f" {overlay}" if overlay else "")
+                    + " (the image it wrote to last), or take a new snapshot and treat "
+                    f"{snaps} as changed",
+                )
         probe = await Snapshotter(catalog).probe_agent(cfg, driver)
         channel = await _agent_chardev(driver) if cfg.agent else None
     finally:
@@ -200,14 +238,7 @@ async def _probe(
     # guest-info.
     frozen = probe.state is FsFreezeState.FROZEN
     if not frozen:
-        add(
-            "freeze intents",
-            not intents,
-            "none open"
-            if not intents
-            else f"{len(intents)} open (snapshot {intents[0].snapshot_id}): guest may be frozen",
-            f"run `freezeframe recover {cfg.name}`",
-        )
+        add_intents()
     agent_problem = probe.problem
     if not cfg.agent:
         add(
@@ -215,7 +246,8 @@ async def _probe(
             False,
             "the VM is configured without a guest agent",
             "set hw_qemu_guest_agent=yes on the image and install qemu-guest-agent in the guest "
-            "(`freezeframe vm add NAME --agent --qga PATH`)",
+            f"(`freezeframe vm add {cfg.name} --replace --agent --qga PATH`, keeping its "
+            "other options)",
         )
     elif probe.path is None:
         add(
@@ -394,6 +426,34 @@ def _elsewhere(path: str, channel: str | None) -> str | None:
     return channel
 
 
+def _cut_image_reuse(
+    disk: DiskInfo, done: Sequence[SnapshotRecord]
+) -> tuple[list[str], str | None] | None:
+    """When ``disk``'s active image is the image at the cut of snapshots in ``done`` (oldest
+    first): their ids and the overlay of the newest snapshot of that disk (the image the VM
+    wrote to last). None when it is none's (images in its backing chain are expected)."""
+    top = _path_key(disk.file)
+    hits = [(r, sd) for r in done for sd in r.disks if _path_key(sd.image) == top]
+    if not hits:
+        return None
+    device = hits[-1][1].device  # the disk's name when it was cut
+    overlay = next(
+        (
+            sd.overlay
+            for r in reversed(done)
+            for sd in r.disks
+            if sd.device == device and sd.overlay
+        ),
+        None,
+    )
+    return list(dict.fromkeys(r.id for r, _ in hits)), overlay
+
+
+def _path_key(path: str) -> str:
+    """``path`` resolved (symlinks, ``..``) when it is a local path; else as it is (rbd:...)."""
+    return os.path.realpath(path) if path.startswith("/") else path
+
+
 def _frozen_detail(intents: list[FreezeIntent]) -> str:
     detail = "the guest is frozen (guest-fsfreeze-status)"
     if not intents:
@@ -423,9 +483,9 @@ def _socket_fix(cfg: VmConfig, path: str, channel: str | None) -> str:
         )
     return (
         f"is the VM running? pass the host path of the VM's agent socket with `freezeframe vm "
-        f"add {cfg.name} --qga PATH`: the path of QEMU's `-chardev socket,path=PATH,"
-        "server=on,wait=off,id=qga0` behind `-device virtserialport,chardev=qga0,"
-        "name=org.qemu.guest_agent.0`"
+        f"add {cfg.name} --replace --qga PATH` (keep its other options): the path of QEMU's "
+        "`-chardev socket,path=PATH,server=on,wait=off,id=qga0` behind `-device "
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`"
     )
 
 
