@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -584,3 +585,78 @@ async def test_a_failed_down_leaves_the_workload_running(
     first = int(await _guest_sh(vm, "cat /run/ffwork/seq"))
     await asyncio.sleep(1.5)
     assert int(await _guest_sh(vm, "cat /run/ffwork/seq")) > first  # still writing
+
+
+async def test_a_stopped_vm_restarts_with_its_agent_setting(lab_vm: LabVmFactory) -> None:
+    """A VM built --no-agent restarts without qemu-ga (and is registered agent=no) when
+    `lab up` is given no agent choice; a differing choice is refused like a --disks one."""
+    name = "mute"
+    vm = await lab_vm(name, disks=("ext4",), agent=False)
+    assert vm.qga_path is None
+    await lab_down(name)
+    up = await asyncio.to_thread(_cli, "up", name, "--json")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["qga_path"] is None
+    assert not any("qga" in a for a in (paths.lab_dir() / name / "qemu.argv").read_text().split())
+    async with await Catalog.open() as cat:
+        assert not (await cat.get_vm(name)).agent
+    # lab status says honestly which images it shows: those the disks booted from.
+    status = await asyncio.to_thread(_cli, "status", name)
+    assert "the images each disk booted from" in status.stdout, status.stdout
+    await lab_down(name)
+    refused = await asyncio.to_thread(_cli, "up", name, "--agent", "--json")
+    assert refused.returncode == 5, refused.stderr
+    doc = json.loads(refused.stdout)
+    assert doc["error"] == "LabError"
+    assert "exists (stopped) without a guest agent, not with one" in doc["message"]
+    assert "omit --agent" in doc["hint"]
+    assert f"lab down {name} --purge" in doc["hint"]
+    assert not lab_status(name).running
+    with pytest.raises(LabError, match="without a guest agent, not with one"):
+        await lab_up(name, agent=True)
+    assert lab_status(name).qga_path is None
+
+
+async def test_down_refuses_while_a_freeze_intent_is_open(lab_vm: LabVmFactory) -> None:
+    """A snapshot killed while the guest was frozen leaves an open freeze intent (and a dead
+    lock owner): lab down refuses (exit 12) and names `freezeframe recover`, which thaws the
+    guest; --force goes on and --purge closes the intents."""
+    name = "frozen"
+    vm = await lab_vm(name, disks=("ext4",))
+    assert vm.qga_path is not None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = f"{socket.gethostname()}:{dead.pid}:deadbeef"
+    async with await Catalog.open() as cat:
+        await cat.add_vm(vm.vm_config(), replace=True)
+        async with GuestAgent(str(vm.qga_path), timeout=30.0) as ga:
+            await cat.open_intent(name, "ff-killed1", str(vm.qga_path), owner)
+            assert await ga.fsfreeze_freeze() >= 1
+        try:
+            for args in ((), ("--purge",)):
+                refused = await asyncio.to_thread(_cli, "down", name, *args, "--json")
+                assert refused.returncode == 12, (refused.stdout, refused.stderr)
+                doc = json.loads(refused.stdout)
+                assert doc["error"] == "RecoverError"
+                assert "ff-killed1" in doc["message"]
+                assert "frozen" in doc["message"]
+                assert doc["hint"].startswith(f"freezeframe recover {name} first")
+                assert lab_status(name).running
+                assert len(await cat.open_intents(name)) == 1
+            rec = await asyncio.to_thread(_ff, "recover", name)
+            assert rec.returncode == 0, (rec.stdout, rec.stderr)
+            assert await cat.open_intents(name) == []
+            async with GuestAgent(str(vm.qga_path), timeout=30.0) as ga:
+                assert (await ga.fsfreeze_status()).value == "thawed"
+        finally:
+            with contextlib.suppress(Exception):
+                async with GuestAgent(str(vm.qga_path), timeout=10.0) as ga:
+                    await ga.fsfreeze_thaw()
+        # Another intent left open: --force stops the VM anyway and --purge closes it.
+        await cat.open_intent(name, "ff-killed2", str(vm.qga_path), owner)
+        forced = await asyncio.to_thread(_cli, "down", name, "--force", "--purge")
+        assert forced.returncode == 0, forced.stderr
+        assert "ff-killed2" in forced.stderr
+        assert "(--force)" in forced.stderr
+        assert await cat.open_intents(name) == []
+    assert not _qemu.qemu_alive(vm.pid, vm.qmp_path)

@@ -15,7 +15,13 @@ from rich.markup import escape
 from freezeframe import paths
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.cli._common import console, die, emit_json, err_console, run
-from freezeframe.errors import AlreadyExistsError, BusyError, FreezeframeError, NotFoundError
+from freezeframe.errors import (
+    AlreadyExistsError,
+    BusyError,
+    FreezeframeError,
+    NotFoundError,
+    RecoverError,
+)
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
 from freezeframe.models import VmConfig
@@ -38,10 +44,17 @@ def _print_vm(vm: LabVm) -> None:
     console.print(f"  agent    {vm.qga_path or '(none)'}", markup=False, highlight=False)
     console.print(f"  console  {vm.console_log}", markup=False, highlight=False)
     for d in vm.disks:
-        # The image the disk runs on (the top of its chain), then its base if that differs.
+        # The image the disk booted from (the top of its chain then), its base if that differs.
         base = f" (base {d.base_image.name})" if d.base_image != d.file else ""
         console.print(
             f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}{base}",
+            markup=False,
+            highlight=False,
+        )
+    if vm.running and vm.disks:
+        console.print(
+            "  (the images each disk booted from: a snapshot since then moved it to a newer "
+            "overlay, which `freezeframe snapshot show` names)",
             markup=False,
             highlight=False,
         )
@@ -68,7 +81,12 @@ def up(
     disk_size: str | None = typer.Option(
         None, "--disk-size", help="Size of each new data disk, 64M..64G (default 256M)."
     ),
-    no_agent: bool = typer.Option(False, "--no-agent", help="Do not start qemu-ga."),
+    agent: bool | None = typer.Option(
+        None,
+        "--agent/--no-agent",
+        help="Start qemu-ga in the guest or not (new VM: default --agent; a stopped VM "
+        "restarts as it was built).",
+    ),
     accel: str = typer.Option("auto", "--accel", help="auto, kvm or tcg."),
     timeout: float = typer.Option(
         60.0, "--timeout", help="Seconds for the guest to be ready (more than 0, at most 3600)."
@@ -108,7 +126,7 @@ def up(
             name,
             disks=fstypes,
             disk_size=disk_size,
-            agent=not no_agent,
+            agent=agent,
             accel=accel,
             timeout=timeout,
             adopt=not registered,  # running and registered: AlreadyExistsError as before
@@ -144,14 +162,18 @@ def down(
         "its snapshot records.",
     ),
     force: bool = typer.Option(
-        False, "--force", help="Go on even while a snapshot of the VM is in progress."
+        False,
+        "--force",
+        help="Go on even while a snapshot of the VM is in progress or its guest may be frozen "
+        "(an open freeze intent).",
     ),
     as_json: bool = _JSON,
 ) -> None:
     """Stop a lab VM: flush the guest (sync through the agent), then QMP quit (SIGTERM/SIGKILL
     if need be); its disks stay for the next lab up. --purge deletes its files, its
     registration and its snapshot records (their images lived in the deleted directory).
-    Refused (exit 9) while a snapshot of the VM is in progress, unless --force."""
+    Refused (exit 9) while a snapshot of the VM is in progress, and (exit 12) while a freeze
+    intent of it is open (run `freezeframe recover NAME` first), unless --force."""
 
     async def go() -> tuple[bool, int]:
         async with await Catalog.open() as cat:
@@ -171,6 +193,7 @@ def down(
                     f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False
                 )
             try:
+                await _refuse_if_maybe_frozen(cat, name, force=force)
                 try:
                     await lab_down(name, purge=purge)
                 except NotFoundError:
@@ -198,6 +221,33 @@ def down(
         what = "stopped" if stopped else "was not there; its catalog entries were forgotten"
         err_console.print(f"lab VM {name} {what}{gone if stopped else f' ({removed} record(s))'}",
                           markup=False)  # fmt: skip
+
+
+async def _refuse_if_maybe_frozen(cat: Catalog, name: str, *, force: bool) -> None:
+    """Raise RecoverError if the lab VM ``name`` runs and the catalog holds an open freeze
+    intent of it (a snapshot died while its guest was frozen: stopping it now would skip the
+    flush and leave the intent open); with ``force`` only warn."""
+    intents = await cat.open_intents(name)
+    if not intents:
+        return
+    try:
+        running = lab_status(name).running
+    except FreezeframeError:  # no such lab VM, unreadable record: lab_down decides
+        return
+    if not running:
+        return  # a stopped guest is not frozen; --purge closes its intents
+    which = ", ".join(f"intent {i.id} of snapshot {i.snapshot_id}" for i in intents)
+    what = f"open freeze intent(s) ({which}): its guest may still be frozen"
+    if force:
+        err_console.print(
+            f"warning: lab VM {name}: {what}; stopping it anyway (--force)", markup=False
+        )
+        return
+    raise RecoverError(
+        f"lab VM {name}: not stopped: {what}",
+        hint=f"freezeframe recover {name} first (or add --force: the guest is then stopped "
+        "without a flush)",
+    )
 
 
 async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:

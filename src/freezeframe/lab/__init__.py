@@ -3,7 +3,7 @@ writer workload on qcow2 data disks, booted under QEMU for tests, benchmarks and
 
 Public API (the CLI ``freezeframe lab`` is a thin layer over it):
 
-- ``await lab_up(name, *, disks=("ext4", "xfs"), disk_size="256M", agent=True,
+- ``await lab_up(name, *, disks=("ext4", "xfs"), disk_size="256M", agent=None,
   accel="auto", timeout=60.0, adopt=False) -> LabVm``
 - ``await lab_down(name, *, purge=False) -> None``
 - ``lab_list() -> list[LabVm]``, ``lab_status(name) -> LabVm``

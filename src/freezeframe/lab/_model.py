@@ -52,9 +52,10 @@ class LabDisk:
 
     ``device`` is the QEMU device id (``disk0``; its serial is ``ffdisk0``), ``node`` the
     qcow2 format node name (its file node is ``<node>-file``), ``file`` the qcow2 image the
-    disk runs on (the top of its chain: ``diskN.qcow2`` at first, a snapshot's overlay
-    ``diskN.ff-<id>.qcow2`` later), ``base`` the image at the bottom of that chain (None: the
-    same as ``file``), ``mountpoint`` where the guest mounts it.
+    disk booted from (the top of its chain at ``lab_up``: ``diskN.qcow2`` at first, a
+    snapshot's overlay ``diskN.ff-<id>.qcow2`` later; a snapshot of the running VM moves the
+    disk to a newer overlay without changing this), ``base`` the image at the bottom of that
+    chain (None: the same as ``file``), ``mountpoint`` where the guest mounts it.
     """
 
     device: str

@@ -270,6 +270,27 @@ async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> l
     return out
 
 
+def _purge_hint(name: str) -> str:
+    return f"freezeframe lab down {name} --purge, then lab up again"
+
+
+def _agent_flag(agent: bool | None) -> str:
+    return "--no-agent" if agent is False else "--agent"
+
+
+def _check_agent(old: LabVm, agent: bool | None, hint: str) -> None:
+    """Raise LabError if ``agent`` (None: no choice) differs from how ``old`` was built."""
+    have = old.qga_path is not None
+    if agent is None or agent == have:
+        return
+    state = "running" if old.running else "exists (stopped)"
+    raise LabError(
+        f"lab VM {old.name} {state} {'with' if have else 'without'} a guest agent, "
+        f"not {'with' if agent else 'without'} one",
+        hint=hint,
+    )
+
+
 async def _restart_disks(
     old: LabVm, fstypes: tuple[str, ...] | None, size: int | None
 ) -> tuple[list[LabDisk], list[LabDisk]]:
@@ -277,7 +298,7 @@ async def _restart_disks(
     must boot from. Raises LabError if ``fstypes``/``size`` do not match them or the top of a
     chain cannot be told (see :func:`_chain.boot_tops`)."""
     name = old.name
-    purge = f"freezeframe lab down {name} --purge, then lab up again"
+    purge = _purge_hint(name)
     have = tuple(d.fstype for d in old.disks)
     if fstypes is not None and fstypes != have:
         raise LabError(
@@ -305,7 +326,7 @@ async def lab_up(
     *,
     disks: tuple[str, ...] | list[str] | None = None,
     disk_size: str | int | None = None,
-    agent: bool = True,
+    agent: bool | None = None,
     accel: str = "auto",
     timeout: float = 60.0,
     adopt: bool = False,
@@ -317,21 +338,23 @@ async def lab_up(
     without, AlreadyExistsError.
 
     A new VM gets fresh data disks (``disks``: their filesystems, default ext4 + xfs;
-    ``disk_size`` each, default 256M). A stopped VM of that name restarts on its own disks,
-    each booted from the top of its image chain (the overlay its last snapshot switched it to),
-    so nothing written before ``lab_down`` is lost and no snapshot's image changes; ``disks``
-    and ``disk_size``, if given, must match it.
+    ``disk_size`` each, default 256M; ``agent``: start qemu-ga in the guest, default yes). A
+    stopped VM of that name restarts as it was built: on its own disks, each booted from the
+    top of its image chain (the overlay its last snapshot switched it to), so nothing written
+    before ``lab_down`` is lost and no snapshot's image changes, and with its guest agent or
+    without, as recorded; ``disks``, ``disk_size`` and ``agent``, if given, must match it.
 
     Ready means ``guest-ping`` answers (without an agent: READY on the console) within
     ``timeout`` seconds of QEMU's start (building the kernel and initramfs the first time
     comes on top). Raises UsageError (bad name, filesystem, size, accelerator),
     AlreadyExistsError (the name is running, without ``adopt``), LabError (``accel="kvm"``
     and KVM is not usable here; a QEMU of the name runs without a record; an adopted VM does
-    not become ready or has other disks), DependencyError (a host package is missing),
-    ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build failed; the guest did
-    not become ready: the message carries the console's last lines; a stopped VM's disks do
-    not match ``disks``/``disk_size`` or the top of a disk's chain cannot be told for sure:
-    the message names the candidate images). On any failure no QEMU
+    not become ready or has other disks or another agent setting), DependencyError (a host
+    package is missing), ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build
+    failed; the guest did not become ready: the message carries the console's last lines; a
+    stopped VM's disks or agent setting do not match ``disks``/``disk_size``/``agent`` or the
+    top of a disk's chain cannot be told for sure: the message names the candidate images).
+    On any failure no QEMU
     of this VM is left running; its directory (with the console log) stays for inspection and
     is reused by the next ``lab_up``.
     """
@@ -363,6 +386,9 @@ async def lab_up(
                     f"not {','.join(asked) or '(none)'}",
                     hint=f"omit --disks, or freezeframe lab down {name} first",
                 )
+            _check_agent(
+                old, agent, f"omit {_agent_flag(agent)}, or freezeframe lab down {name} first"
+            )
             await _wait_ready(old, time.monotonic() + timeout)
             log.info("lab %s: already running (pid %d) and ready", name, old.pid)
             return old
@@ -377,11 +403,18 @@ async def lab_up(
         chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
         log.info("lab %s: accelerator %s", name, chosen)
         if old is not None:
+            _check_agent(
+                old,
+                agent,
+                f"omit {_agent_flag(agent)} to restart it as it is, or {_purge_hint(name)}",
+            )
+            agent = old.qga_path is not None
             lab_disks, boot_disks = await _restart_disks(old, asked, asked_size)
             _remove_runtime_files(vmdir)
         else:
             lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size)
             boot_disks = lab_disks
+        agent = True if agent is None else agent
         fstypes = tuple(d.fstype for d in lab_disks)
         console_log = vmdir / "console.log"
         console_log.unlink(missing_ok=True)  # no READY of an earlier boot
