@@ -182,3 +182,26 @@ def test_purge_never_touches_a_vm_that_is_not_a_lab_vm(ff, tmp_path: Path) -> No
         r = ff("lab", "down", "web1", "--purge", "--json")
         assert r.returncode == 2, r.stdout
         assert asyncio.run(left()) == (n, n)
+
+
+def test_recover_exits_9_when_it_skips_a_live_process_intent(ff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import socket
+
+    from freezeframe.catalog import Catalog
+    from freezeframe.models import VmConfig
+
+    url = f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}"
+    alive = f"{socket.gethostname()}:{os.getpid()}:test"  # this very process
+
+    async def seed() -> None:
+        async with await Catalog.open(url) as cat:
+            await cat.add_vm(VmConfig(name="web1", qmp_path="/run/web1.qmp"))
+            await cat.open_intent("web1", "s1", "/run/web1.qga", alive)
+
+    asyncio.run(seed())
+    r = ff("recover", "--json")
+    assert r.returncode == 9, r.stderr
+    (out,) = json.loads(r.stdout)
+    assert out["skipped"] is True
+    assert "live process" in out["detail"]

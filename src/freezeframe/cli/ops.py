@@ -11,7 +11,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.cli._common import console, die, emit_json, hint_for_vm, run, to_jsonable
 from freezeframe.cli._render import print_doctor
 from freezeframe.engine import DoctorReport, RecoverOutcome, doctor, recover
-from freezeframe.errors import RecoverError
+from freezeframe.errors import BusyError, FreezeframeError, RecoverError
 from freezeframe.models import QuiescePolicy
 
 
@@ -43,7 +43,9 @@ def recover_cmd(
     force: bool = typer.Option(False, "--force", help="Also intents of live processes."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Thaw every guest left with an open freeze intent (e.g. after a killed snapshot)."""
+    """Thaw every guest left with an open freeze intent (e.g. after a killed snapshot) and
+    settle what dead snapshot processes left. Exit 12 if a guest could not be confirmed thawed,
+    9 if intents of live processes were skipped (their guest may be frozen right now)."""
 
     async def go() -> list[RecoverOutcome]:
         async with await Catalog.open() as cat:
@@ -57,11 +59,20 @@ def recover_cmd(
         console.print("no open freeze intents: no guest is left frozen by freezeframe")
     for o in [] if as_json else out:
         _print(o)
+    skipped = [o for o in out if o.skipped]
+    err: FreezeframeError | None = None
     if failed:
         err = RecoverError(
             f"{len(failed)} guest(s) could not be confirmed thawed",
             hint="is the VM running and its agent up? retry `freezeframe recover`",
         )
+    elif skipped:  # a live process holds those guests frozen (or is about to): not ours
+        err = BusyError(
+            f"{len(skipped)} freeze intent(s) skipped: a live process owns them, and their "
+            "guest may be frozen right now",
+            hint="that process thaws them itself; if it hangs, `freezeframe recover VM --force`",
+        )
+    if err is not None:
         if not as_json:
             die(err)
         raise SystemExit(err.exit_code)
