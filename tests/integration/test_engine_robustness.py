@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -416,3 +418,21 @@ async def test_a_guest_left_frozen_by_a_dead_snapshot_is_named(rig: Rig) -> None
     assert "gone" in msg
     assert "freezeframe recover t" in msg
     assert "guest-fsfreeze-thaw" not in rig.agent.commands
+
+
+async def test_recover_leaves_a_record_for_later_while_qemu_is_hung(rig: Rig) -> None:
+    files = rig.files()
+    sid, _ = await _left_running(rig, cut=False)
+    pid = rig.vm.proc.pid
+    os.kill(pid, signal.SIGSTOP)  # QEMU hung: it cannot tell whether the disks switched
+    try:
+        (out,) = await recover(rig.catalog, timeout=1.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "run `freezeframe recover` again" in out.detail
+    assert (await rig.catalog.get_snapshot(sid)).status is SnapshotStatus.RUNNING
+    assert rig.files() != files  # nothing deleted on a guess
+    (out,) = await recover(rig.catalog)  # QEMU answers again: settled now
+    assert "removed" in out.detail
+    assert rig.files() == files
+    assert (await rig.catalog.get_snapshot(sid)).status is SnapshotStatus.FAILED

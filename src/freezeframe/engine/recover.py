@@ -220,7 +220,10 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
             continue
         if rec.status is not SnapshotStatus.RUNNING:
             continue
-        note, disks = await _settle_disks(catalog, rec, timeout)
+        note, disks, settled = await _settle_disks(catalog, rec, timeout)
+        if not settled:  # asked again by the next recover, once the hypervisor answers
+            out[rec.id] = f"{note}; left as it is: run `freezeframe recover` again later"
+            continue
         ev = Timeline().mark("recovered", note)
         failed = replace(
             rec,
@@ -239,10 +242,12 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
 
 async def _settle_disks(
     catalog: Catalog, rec: SnapshotRecord, timeout: float
-) -> tuple[str, tuple[SnapshotDisk, ...]]:
-    """Keep (and record) overlays the VM was switched to; delete those it never used."""
+) -> tuple[str, tuple[SnapshotDisk, ...], bool]:
+    """Keep (and record) overlays the VM was switched to; delete those it never used. The
+    last value is False when that cannot be told now (the hypervisor does not answer, or
+    answers something no cut leaves): the record is then left for a later recover."""
     if not rec.disks:
-        return await _discard_unrecorded(catalog, rec, timeout), ()
+        return await _discard_unrecorded(catalog, rec, timeout), (), True
     files = ", ".join(str(d.overlay) for d in rec.disks)
     try:
         driver = open_driver(await catalog.get_vm(rec.vm))
@@ -253,12 +258,12 @@ async def _settle_disks(
                 await driver.abort(prepared)
     except (FreezeframeError, TimeoutError) as exc:
         msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
-        return f"its overlays are kept, the hypervisor cannot be asked ({msg}): {files}", rec.disks
+        return f"the hypervisor cannot be asked about its overlays ({msg})", rec.disks, False
     if state == "switched":
-        return "the disks had been switched: the overlays are kept and recorded", rec.disks
+        return "the disks had been switched: the overlays are kept and recorded", rec.disks, True
     if state == "not-switched":
-        return f"the overlays it had prepared were removed: {files}", ()
-    return f"the cut's state is unknown: the overlays are kept and recorded: {files}", rec.disks
+        return f"the overlays it had prepared were removed: {files}", (), True
+    return "the cut's state cannot be told (see the log)", rec.disks, False
 
 
 async def _discard_unrecorded(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
