@@ -119,3 +119,15 @@ async def test_unreachable_agent_of_a_running_vm_keeps_the_intent(
         assert len(await cat.open_intents()) == 1
     finally:
         listener.close()
+
+
+async def test_forced_recover_blocked_by_a_live_owner_says_to_stop_it(
+    tmp_path: Path, cat: Catalog
+) -> None:
+    # A hung snapshot process still holds the agent's only connection: --force cannot get in.
+    live = f"{socket.gethostname()}:{os.getpid()}:hung"
+    await cat.open_intent("web", "s1", str(tmp_path / "busy-qga.sock"), live)
+    (out,) = await recover(cat, force=True, timeout=0.5)
+    assert out.failed
+    assert "still alive" in out.detail
+    assert "stop that process" in out.detail

@@ -187,7 +187,7 @@ def down(
                     raise BusyError(
                         f"lab VM {name}: not stopped: {exc.message}",
                         hint="wait for the snapshot to finish, or add --force (the snapshot "
-                        "then fails, or its record points at deleted images with --purge)",
+                        "may then fail; with --purge its record would point at deleted images)",
                     ) from exc
                 err_console.print(
                     f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False
@@ -245,8 +245,8 @@ async def _refuse_if_maybe_frozen(cat: Catalog, name: str, *, force: bool) -> No
         return
     raise RecoverError(
         f"lab VM {name}: not stopped: {what}",
-        hint=f"freezeframe recover {name} first (or add --force: the guest is then stopped "
-        "without a flush)",
+        hint=f"freezeframe recover {name} first (or add --force: it is stopped anyway; a frozen "
+        "guest cannot flush what it has not written back)",
     )
 
 

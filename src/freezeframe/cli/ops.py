@@ -70,7 +70,8 @@ def recover_cmd(
         err = BusyError(
             f"{len(skipped)} freeze intent(s) skipped: a live process owns them, and their "
             "guest may be frozen right now",
-            hint="that process thaws them itself; if it hangs, `freezeframe recover VM --force`",
+            hint="that process thaws them itself; if it hangs, stop it (it holds the agent's "
+            "only connection), then run `freezeframe recover` again",
         )
     if err is not None:
         if not as_json:
@@ -80,7 +81,8 @@ def recover_cmd(
 
 def _print(o: RecoverOutcome) -> None:
     state = (
-        "[green]thawed[/]" if o.thawed else "[yellow]skipped[/]" if o.skipped
+        "[green]closed[/]" if o.vm_not_running else "[green]thawed[/]" if o.thawed
+        else "[yellow]skipped[/]" if o.skipped
         else "[red]FAILED[/]" if o.failed else "[green]settled[/]"
     )  # fmt: skip
     what = f"intent {o.intent_id}" if o.intent_id is not None else "record left unsettled"

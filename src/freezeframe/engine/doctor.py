@@ -117,8 +117,8 @@ async def doctor(
                     None,
                     f"{len(intents)} open (snapshot {intents[0].snapshot_id}): the guest is "
                     "frozen by that snapshot right now",
-                    "nothing to do while it runs; if its process hangs, `freezeframe recover "
-                    f"{cfg.name} --force` thaws the guest",
+                    "nothing to do while it runs; if its process hangs, stop that process (it "
+                    f"holds the agent's only connection), then `freezeframe recover {cfg.name}`",
                 )
             return _report(
                 cfg.name,

@@ -62,6 +62,8 @@ class RecoverOutcome:
     thawed: bool
     skipped: bool = False
     detail: str = ""
+    #: The VM is not running: nothing to thaw, the intent was closed (``thawed`` is True).
+    vm_not_running: bool = False
 
     @property
     def failed(self) -> bool:
@@ -171,11 +173,21 @@ async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -
             tl.mark("vm_not_running", f"by freezeframe recover: {detail}; intent closed")
             await _note(catalog, intent.snapshot_id, tl)
             return RecoverOutcome(
-                intent.id, intent.vm, intent.snapshot_id, thawed=True, detail=detail
+                intent.id,
+                intent.vm,
+                intent.snapshot_id,
+                thawed=True,
+                detail=detail,
+                vm_not_running=True,
             )
-        return RecoverOutcome(
-            intent.id, intent.vm, intent.snapshot_id, thawed=False, detail=f"agent: {msg}"
-        )
+        detail = f"agent: {msg}"
+        if not holder_is_dead(intent.owner, intent.opened_at):
+            # --force on a live (hung) owner: it may still hold the agent's only connection.
+            detail += (
+                f"; its owner {intent.owner} is still alive and may hold the agent's socket "
+                "(one client at a time): stop that process, then run recover again"
+            )
+        return RecoverOutcome(intent.id, intent.vm, intent.snapshot_id, thawed=False, detail=detail)
     if after is not FsFreezeState.THAWED:
         return RecoverOutcome(
             intent.id, intent.vm, intent.snapshot_id, thawed=False, detail="still frozen"
