@@ -436,3 +436,14 @@ async def test_recover_leaves_a_record_for_later_while_qemu_is_hung(rig: Rig) ->
     assert "removed" in out.detail
     assert rig.files() == files
     assert (await rig.catalog.get_snapshot(sid)).status is SnapshotStatus.FAILED
+
+
+async def test_a_stopped_qemu_is_named_as_such(rig: Rig) -> None:
+    pid = rig.vm.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(HypervisorUnavailableError, match=f"QEMU \\(pid {pid}\\).*is stopped"):
+            async with QmpDriver.from_config(rig.cfg):
+                pass
+    finally:
+        os.kill(pid, signal.SIGCONT)

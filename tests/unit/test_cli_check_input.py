@@ -32,6 +32,7 @@ def error_of(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
         (("--verify", "--check", ""), "empty --check"),
         (("--verify", "--check", "/etc/passwd"), "not an executable file"),
         (("--check", "true"), "--check needs --verify"),
+        (("--verify", "--check-timeout", "5"), "--check-timeout needs --check"),
     ],
 )
 def test_create_refuses_bad_checks_before_the_snapshot(ff, args, message) -> None:  # type: ignore[no-untyped-def]

@@ -59,7 +59,20 @@ def _root(
         # The catalog reads it from the environment (paths.default_database_url).
         os.environ["FREEZEFRAME_DATABASE_URL"] = database_url
     level = logging.DEBUG if verbose or os.environ.get("FREEZEFRAME_DEBUG") else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if level == logging.DEBUG:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    else:  # an operator reads these: "warning: ...", like the CLI's own messages
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PlainFormatter("%(levelname)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler])
+
+
+class _PlainFormatter(logging.Formatter):
+    """``warning: message`` (level in lower case), without time or logger name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
 
 
 #: Options of the root command that take a value (the next argument is not the command).

@@ -112,6 +112,8 @@ def create(
         # bad --check input is refused before anything is frozen or cut
         if check and not verify:
             raise UsageError("--check needs --verify (the checks run on the verified images)")
+        if check_timeout != DEFAULT_CHECK_TIMEOUT and not check:
+            raise UsageError("--check-timeout needs --check (it bounds each user check)")
         parse_user_checks(check)
         async with await Catalog.open() as cat:
             try:
@@ -234,6 +236,8 @@ def verify_cmd(
     """
 
     async def go() -> Verification:
+        if check_timeout != DEFAULT_CHECK_TIMEOUT and not check:
+            raise UsageError("--check-timeout needs --check (it bounds each user check)")
         async with await Catalog.open() as cat:
             return await verify_snapshot(
                 cat, snapshot_id, checks=check, check_timeout=check_timeout

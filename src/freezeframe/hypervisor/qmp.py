@@ -38,6 +38,7 @@ import os
 import re
 import socket
 import stat
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,6 +220,25 @@ def _overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> 
     return directory / f"{stem}.ff-{snapshot_id}.qcow2"
 
 
+def _stopped_listener(path: str) -> int | None:
+    """The PID of the process listening on unix socket ``path`` if it is stopped (state T:
+    SIGSTOP, or t: a debugger), else None. SO_PEERCRED names the listener even when it does
+    not accept (the kernel queues the connection)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(path)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    state = proc_stat[proc_stat.rindex(")") + 2 :].split(maxsplit=1)[0]
+    return pid if pid > 0 and state in ("T", "t") else None
+
+
 def _socket_dead(path: str) -> bool:
     """True when nothing can ever answer on unix socket ``path``: missing or refused."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -387,6 +407,13 @@ class QmpDriver(HypervisorDriver):
         try:
             await asyncio.wait_for(client.connect(self.qmp_path), self.greeting_timeout)
         except TimeoutError as exc:
+            stopped = await asyncio.to_thread(_stopped_listener, self.qmp_path)
+            if stopped is not None:
+                raise HypervisorUnavailableError(
+                    f"{self._label}: QEMU (pid {stopped}) behind {self.qmp_path} is stopped "
+                    "(SIGSTOP or a debugger): it cannot answer",
+                    hint=f"resume it (kill -CONT {stopped}) and retry",
+                ) from exc
             raise HypervisorUnavailableError(
                 f"{self._label}: {self.qmp_path} answered but sent no QMP greeting within "
                 f"{self.greeting_timeout:g} s: is it QEMU's QMP socket "
