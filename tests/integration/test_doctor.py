@@ -21,7 +21,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, doctor
 from freezeframe.engine.doctor import Check, CheckStatus, DoctorReport
 from freezeframe.errors import BusyError
-from freezeframe.models import ConsistencyLevel, QuiescePolicy, VmConfig
+from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus, VmConfig
 from tests.fakes.bios_vm import Vm, bios_vm
 from tests.fakes.fake_agent import FakeAgent, FakeFs
 
@@ -341,3 +341,16 @@ async def test_the_no_agent_fix_replaces_the_registered_vm(rig: Rig) -> None:
     agent = _check(rep, "agent")
     assert agent.status is CheckStatus.FAIL
     assert "`freezeframe vm add t --replace --agent --qga PATH`" in agent.fix
+
+
+async def test_a_failed_attempt_whose_cut_happened_counts_too(rig: Rig) -> None:
+    # Interrupted after its cut: failed, but its images at the cut are kept and verifiable.
+    rec = await Snapshotter(rig.catalog).snapshot("t")
+    await rig.catalog.finish_snapshot(
+        replace(rec, status=SnapshotStatus.FAILED, error="interrupted; thawed (confirmed)")
+    )
+    [cut] = [d for d in rec.disks if d.device == "disk0"]
+    await _commit_to_base(rig.vm, "disk0")
+    rep = await doctor(rig.catalog, "t")
+    [warn] = [c for c in rep.checks if c.name.endswith(" image")]
+    assert warn.detail.startswith(f"{cut.image} is the image at the cut of snapshot {rec.id} ")

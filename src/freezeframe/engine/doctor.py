@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesystem_to_disk
+from freezeframe.engine.recover import cut_outcome_unknown
 from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
 from freezeframe.errors import BusyError, HypervisorError
 from freezeframe.hypervisor.base import HypervisorDriver
@@ -170,7 +171,15 @@ async def _probe(
     """The checks that talk to the VM (hypervisor, agent), made while holding its lock."""
     # From the catalog first: an open intent is reported even when QEMU is gone or hung.
     intents = await catalog.open_intents(cfg.name)
-    done = [r for r in await catalog.list_snapshots(cfg.name) if r.status is SnapshotStatus.DONE]
+    # Done snapshots, and failed attempts whose cut happened (their images at the cut are kept
+    # and verifiable); not an attempt whose cut's outcome is unknown: the disks may well still
+    # write to its "image at the cut", legitimately.
+    done = [
+        r
+        for r in await catalog.list_snapshots(cfg.name)
+        if r.status is SnapshotStatus.DONE
+        or (r.status is SnapshotStatus.FAILED and r.disks and not cut_outcome_unknown(r))
+    ]
 
     def add_intents() -> None:
         add(

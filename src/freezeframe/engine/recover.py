@@ -46,7 +46,7 @@ from freezeframe.models import (
 )
 from freezeframe.storage import sweep_stale_workspaces
 
-__all__ = ["RecoverOutcome", "recover"]
+__all__ = ["RecoverOutcome", "cut_outcome_unknown", "recover"]
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
     snapshot of it is running) and settle their prepared overlays. Returns id -> what was done."""
     out: dict[str, str] = {}
     for rec in await catalog.list_snapshots(vm):
-        if _cut_unknown(rec):
+        if cut_outcome_unknown(rec):
             out[rec.id] = await _settle_unknown_cut(catalog, rec, timeout)
             continue
         if rec.status is not SnapshotStatus.RUNNING:
@@ -306,7 +306,7 @@ def _existing(files: list[str]) -> list[str]:
     return [f for f in files if os.path.exists(f)]
 
 
-def _cut_unknown(rec: SnapshotRecord) -> bool:
+def cut_outcome_unknown(rec: SnapshotRecord) -> bool:
     """A failed record whose cut's outcome could not be told (QEMU hung or gone at the time)
     and has not been settled since: its overlays were kept, in case the disks use them."""
     names = [e.name for e in rec.timeline]
@@ -322,7 +322,7 @@ def _cut_unknown(rec: SnapshotRecord) -> bool:
 
 
 def _unsettled(rec: SnapshotRecord) -> bool:
-    return rec.status is SnapshotStatus.RUNNING or _cut_unknown(rec)
+    return rec.status is SnapshotStatus.RUNNING or cut_outcome_unknown(rec)
 
 
 async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
