@@ -261,16 +261,9 @@ async def _settle_disks(
     if not rec.disks:
         return await _discard_unrecorded(catalog, rec, timeout), (), True
     files = ", ".join(str(d.overlay) for d in rec.disks)
-    try:
-        driver = open_driver(await catalog.get_vm(rec.vm))
-        prepared = driver.prepared_from_record(rec.id, rec.disks)
-        async with asyncio.timeout(timeout * 3), driver:
-            state = await driver.cut_state(prepared)
-            if state == "not-switched":
-                await driver.abort(prepared)
-    except (FreezeframeError, TimeoutError) as exc:
-        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
-        return f"the hypervisor cannot be asked about its overlays ({msg})", rec.disks, False
+    state = await _ask_and_abort(catalog, rec, timeout)
+    if state not in ("switched", "not-switched", "unknown"):
+        return f"the hypervisor cannot be asked about its overlays ({state})", rec.disks, False
     if state == "switched":
         return "the disks had been switched: the overlays are kept and recorded", rec.disks, True
     if state == "not-switched":
@@ -325,19 +318,28 @@ def _unsettled(rec: SnapshotRecord) -> bool:
     return rec.status is SnapshotStatus.RUNNING or cut_outcome_unknown(rec)
 
 
-async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
-    """Ask again, now that QEMU may answer: a cut that happened keeps its overlays (recorded);
-    one that did not is removed, and the record no longer lists disks."""
+async def _ask_and_abort(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
+    """Ask the VM's driver whether ``rec``'s recorded cut is in effect and remove its overlays
+    when it is not. Returns the cut state ("switched", "not-switched", "unknown"), or why the
+    driver could not be asked."""
     try:
         driver = open_driver(await catalog.get_vm(rec.vm))
         prepared = driver.prepared_from_record(rec.id, rec.disks)
         async with asyncio.timeout(timeout * 3), driver:
-            state = await driver.cut_state(prepared)
+            state: str = await driver.cut_state(prepared)
             if state == "not-switched":
                 await driver.abort(prepared)
+            return state
     except (FreezeframeError, TimeoutError) as exc:
-        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
-        return f"the cut's outcome is still unknown ({msg}): its overlays stay"
+        return exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+
+
+async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
+    """Ask again, now that QEMU may answer: a cut that happened keeps its overlays (recorded);
+    one that did not is removed, and the record no longer lists disks."""
+    state = await _ask_and_abort(catalog, rec, timeout)
+    if state not in ("switched", "not-switched", "unknown"):
+        return f"the cut's outcome is still unknown ({state}): its overlays stay"
     if state == "unknown":
         return "the cut's outcome is still unknown: its overlays stay"
     if state == "switched":
