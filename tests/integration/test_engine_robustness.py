@@ -447,3 +447,19 @@ async def test_a_stopped_qemu_is_named_as_such(rig: Rig) -> None:
                 pass
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+async def test_ctrl_c_says_which_attempt_and_what_it_left(rig: Rig, tmp_path: Path) -> None:
+    proc = await _ff(
+        tmp_path, "snapshot", "create", "t", "--hold-frozen", "20", "--freeze-timeout", "30"
+    )
+    await rig.agent.wait_for("guest-fsfreeze-freeze", timeout=60)
+    await asyncio.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130
+    (rec,) = await rig.catalog.list_snapshots("t")
+    text = err.decode()
+    assert f"snapshot {rec.id} of t: failed: interrupted" in text
+    assert "thawed (confirmed)" in text
+    assert not rig.agent.frozen

@@ -9,7 +9,9 @@ snapshot of this VM is in progress). With ``--verify`` the verdict's code (:func
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 import typer
 from rich.markup import escape
@@ -116,10 +118,15 @@ def create(
             raise UsageError("--check-timeout needs --check (it bounds each user check)")
         parse_user_checks(check)
         async with await Catalog.open() as cat:
+            started = datetime.now(UTC)
             try:
                 rec = await Snapshotter(cat).snapshot(
                     vm, req, progress=None if as_json else progress
                 )
+            except asyncio.CancelledError:  # Ctrl-C / SIGTERM: say what it left, then exit
+                with contextlib.suppress(FreezeframeError, asyncio.CancelledError):
+                    await _report_interrupted(cat, vm, started)
+                raise
             except FreezeframeError as exc:
                 with contextlib.suppress(NotFoundError):
                     exc.hint = hint_for_vm(await cat.get_vm(vm), exc.hint)
@@ -153,6 +160,18 @@ def create(
         raise SystemExit(max(EXIT_WEAKER, verdict_exit(rec.verification) if verify else 0))
     if verify and (code := verdict_exit(rec.verification)):
         raise SystemExit(code)
+
+
+async def _report_interrupted(cat: Catalog, vm: str, started: datetime) -> None:
+    """After an interrupted ``create``: the attempt's id and what it says (thawed or not,
+    disks switched or not), from its record, on stderr."""
+    mine = [r for r in await cat.list_snapshots(vm) if r.created_at >= started]
+    for rec in mine[-1:]:
+        err_console.print(
+            f"snapshot {rec.id} of {vm}: {rec.status.value}: {rec.error or rec.level_reason}"
+            + (f"; its disks switched ({len(rec.disks)} recorded)" if rec.disks else ""),
+            markup=False,
+        )
 
 
 @app.command("list")
