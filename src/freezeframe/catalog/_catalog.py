@@ -220,19 +220,20 @@ def _snapshot_row(rec: SnapshotRecord) -> SnapshotRow:
             )
             for i, f in enumerate(rec.filesystems)
         ],
-        timeline=[
-            TimelineEventRow(
-                ordinal=i,
-                name=e.name,
-                t=_aware(e.t, f"timeline event {e.name!r}"),
-                mono_ns=e.mono_ns,
-                detail=e.detail,
-            )
-            for i, e in enumerate(rec.timeline)
-        ],
+        timeline=[_timeline_row(i, e) for i, e in enumerate(rec.timeline)],
         verification=(
             None if rec.verification is None else _verification_row(rec.id, rec.verification)
         ),
+    )
+
+
+def _timeline_row(ordinal: int, e: TimelineEvent) -> TimelineEventRow:
+    return TimelineEventRow(
+        ordinal=ordinal,
+        name=e.name,
+        t=_aware(e.t, f"timeline event {e.name!r}"),
+        mono_ns=e.mono_ns,
+        detail=e.detail,
     )
 
 
@@ -666,16 +667,9 @@ class Catalog:
             )
             start = -1 if last is None else int(last)
             for i, e in enumerate(events, start + 1):
-                s.add(
-                    TimelineEventRow(
-                        snapshot_id=snapshot_id,
-                        ordinal=i,
-                        name=e.name,
-                        t=_aware(e.t, f"timeline event {e.name!r}"),
-                        mono_ns=e.mono_ns,
-                        detail=e.detail,
-                    )
-                )
+                row = _timeline_row(i, e)
+                row.snapshot_id = snapshot_id
+                s.add(row)
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
         """The snapshot ``snapshot_id``, or the only one whose id starts with it.
