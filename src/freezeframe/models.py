@@ -126,12 +126,18 @@ class VmConfig:
 
     ``agent`` mirrors ``hw_qemu_guest_agent``: when False, no agent is contacted at all.
     ``agent_log_path`` is a path *inside the guest* of qemu-ga's log file, read as evidence.
+
+    The driver's address: ``qmp_path``/``qga_path`` (driver ``qmp``: QEMU's QMP socket and the
+    agent's socket) or ``connect_uri``/``domain`` (driver ``libvirt``: the connection URI and
+    the domain's UUID, which survives renames and restarts).
     """
 
     name: str
     driver: str = "qmp"
     qmp_path: str | None = None
     qga_path: str | None = None
+    connect_uri: str | None = None
+    domain: str | None = None
     agent: bool = True
     quiesce: QuiescePolicy = QuiescePolicy.PREFERRED
     freeze_timeout: float = 10.0
@@ -199,6 +205,9 @@ class GuestDisk:
     bus_type: str  # virtio, scsi, ide, ...
     pci: PciAddress | None
     serial: str | None = None
+    #: The hypervisor's name of the disk (libvirt's ``virDomainGetFSInfo`` gives the target,
+    #: e.g. ``vda``, and nothing else), matched against :attr:`DiskInfo.device`.
+    target: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,12 +353,16 @@ class SnapshotRecord:
 
 @dataclass(frozen=True, slots=True)
 class FreezeIntent:
-    """Write-ahead record: a freeze may be in effect in ``vm`` until ``closed_at`` is set."""
+    """Write-ahead record: a freeze may be in effect in ``vm`` until ``closed_at`` is set.
+
+    ``agent_address`` says how to reach the agent that froze it, in the driver's own terms (a
+    socket path for ``qmp``, ``libvirt:UUID@URI`` for ``libvirt``; see
+    :func:`freezeframe.hypervisor.open_agent`)."""
 
     id: int
     vm: str
     snapshot_id: str
-    qga_path: str
+    agent_address: str
     opened_at: datetime
     owner: str  # host:pid of the process that froze
     closed_at: datetime | None = None

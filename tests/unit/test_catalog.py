@@ -164,7 +164,7 @@ async def test_open_default_url_creates_state_dir_in_wal_mode(
         assert await catalog.list_vms() == []
     with sqlite3.connect(home / "catalog.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
     with pytest.raises(CatalogError, match="closed"):
         await catalog.list_vms()
     await catalog.close()  # idempotent
@@ -471,7 +471,7 @@ async def test_freeze_intents(cat: Catalog) -> None:
     b = await cat.open_intent("db", "s2", "/run/db.qga", "h:2:b")
     c = await cat.open_intent("web", "s3", "/run/web.qga", "h:3:c")
     assert len({a.id, b.id, c.id}) == 3
-    assert (a.vm, a.snapshot_id, a.qga_path, a.owner, a.closed_at, a.closed_by) == (
+    assert (a.vm, a.snapshot_id, a.agent_address, a.owner, a.closed_at, a.closed_by) == (
         "web",
         "s1",
         "/run/web.qga",

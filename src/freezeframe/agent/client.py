@@ -38,6 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Self, TypeVar
 
+from freezeframe.agent.base import Agent
 from freezeframe.agent.protocol import (
     Connector,
     Pipelined,
@@ -86,7 +87,7 @@ _EXEC_POLL_MAX: Final = 0.2
 _FILE_CHUNK_MAX: Final = 1 << 20
 
 
-class GuestAgent:
+class GuestAgent(Agent):
     """A client for one guest agent socket. Use as ``async with GuestAgent(path) as ga``.
 
     ``timeout`` is the default for every call (each method takes a ``timeout`` override that
@@ -119,6 +120,7 @@ class GuestAgent:
         if max_line < 64 or max_reply < max_line:
             raise ValueError("need 64 <= max_line <= max_reply")
         self.path = str(path)
+        self.address = self.path
         self.timeout = timeout
         self.max_line = max_line
         self.max_reply = max_reply

@@ -12,8 +12,8 @@ Database
     (:func:`freezeframe.paths.default_database_url`). The schema is portable (strings for
     enums, JSON for whole lists, aware UTC timestamps), so PostgreSQL works the same way.
     :meth:`Catalog.open` runs ``alembic upgrade head`` with the migrations shipped in
-    ``catalog/migrations`` (revision ``0001`` creates every table); production code never
-    calls ``create_all``.
+    ``catalog/migrations`` (revision ``0001`` creates every table, ``0002`` adds the libvirt
+    address); production code never calls ``create_all``.
 
 Tables
     ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;

@@ -117,6 +117,8 @@ def _vm_row(cfg: VmConfig) -> VmRow:
         driver=cfg.driver,
         qmp_path=cfg.qmp_path,
         qga_path=cfg.qga_path,
+        connect_uri=cfg.connect_uri,
+        domain=cfg.domain,
         agent=cfg.agent,
         quiesce=QuiescePolicy(cfg.quiesce).value,
         freeze_timeout=cfg.freeze_timeout,
@@ -132,6 +134,8 @@ def _vm(row: VmRow) -> VmConfig:
         driver=row.driver,
         qmp_path=row.qmp_path,
         qga_path=row.qga_path,
+        connect_uri=row.connect_uri,
+        domain=row.domain,
         agent=row.agent,
         quiesce=_enum(QuiescePolicy, row.quiesce, "quiesce policy"),
         freeze_timeout=row.freeze_timeout,
@@ -285,7 +289,7 @@ def _intent(row: FreezeIntentRow) -> FreezeIntent:
         id=row.id,
         vm=row.vm,
         snapshot_id=row.snapshot_id,
-        qga_path=row.qga_path,
+        agent_address=row.qga_path,
         opened_at=row.opened_at,
         owner=row.owner,
         closed_at=row.closed_at,
@@ -778,16 +782,19 @@ class Catalog:
     # -------------------------------------------------------------- freeze intents
 
     async def open_intent(
-        self, vm: str, snapshot_id: str, qga_path: str, owner: str
+        self, vm: str, snapshot_id: str, agent_address: str, owner: str
     ) -> FreezeIntent:
-        """Write-ahead: a freeze of ``vm`` may be in effect from now on. Committed on return."""
-        return await self._run(self._open_intent, vm, snapshot_id, qga_path, owner)
+        """Write-ahead: a freeze of ``vm`` may be in effect from now on. Committed on return.
+        ``agent_address`` is the driver's address of the agent (FreezeIntent.agent_address)."""
+        return await self._run(self._open_intent, vm, snapshot_id, agent_address, owner)
 
-    def _open_intent(self, vm: str, snapshot_id: str, qga_path: str, owner: str) -> FreezeIntent:
+    def _open_intent(
+        self, vm: str, snapshot_id: str, agent_address: str, owner: str
+    ) -> FreezeIntent:
         row = FreezeIntentRow(
             vm=vm,
             snapshot_id=snapshot_id,
-            qga_path=qga_path,
+            qga_path=agent_address,
             opened_at=_now(),
             owner=owner,
             closed_at=None,

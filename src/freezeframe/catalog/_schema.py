@@ -83,6 +83,8 @@ class VmRow(Base):
     driver: Mapped[str] = mapped_column(sa.String(64))
     qmp_path: Mapped[str | None] = mapped_column(sa.Text)
     qga_path: Mapped[str | None] = mapped_column(sa.Text)
+    connect_uri: Mapped[str | None] = mapped_column(sa.Text)  # libvirt (revision 0002)
+    domain: Mapped[str | None] = mapped_column(sa.Text)  # libvirt domain UUID (revision 0002)
     agent: Mapped[bool] = mapped_column(sa.Boolean)
     quiesce: Mapped[str] = mapped_column(_ENUM)
     freeze_timeout: Mapped[float] = mapped_column(sa.Double)
@@ -198,6 +200,7 @@ class FreezeIntentRow(Base):
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
     vm: Mapped[str] = mapped_column(_NAME, index=True)
     snapshot_id: Mapped[str] = mapped_column(_NAME)
+    #: FreezeIntent.agent_address (the column keeps its first name: a socket path then).
     qga_path: Mapped[str] = mapped_column(sa.Text)
     opened_at: Mapped[datetime] = mapped_column(UtcDateTime)
     owner: Mapped[str] = mapped_column(_NAME)

@@ -277,7 +277,7 @@ async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:
         with contextlib.suppress(NotFoundError):
             await cat.delete_snapshot(rec.id)
     for intent in await cat.open_intents(name):
-        if _inside([intent.qga_path], labdir):
+        if _inside([intent.agent_address], labdir):
             await cat.close_intent(intent.id, "lab down --purge")
     return len(records)
 

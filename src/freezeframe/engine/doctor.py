@@ -237,6 +237,8 @@ async def _probe(
                     + " (the image it wrote to last), or take a new snapshot and treat "
                     f"{snaps} as changed",
                 )
+        for found in await driver.checks():
+            add(found.name, found.ok, found.detail, found.fix)
         probe = await Snapshotter(catalog).probe_agent(cfg, driver)
         channel = await _agent_chardev(driver) if cfg.agent else None
     finally:
@@ -258,7 +260,7 @@ async def _probe(
             f"(`freezeframe vm add {cfg.name} --replace --agent --qga PATH`, keeping its "
             "other options)",
         )
-    elif probe.path is None:
+    elif probe.address is None:
         add(
             "agent channel",
             False,
@@ -267,17 +269,20 @@ async def _probe(
             "org.qemu.guest_agent.0) and restart the VM",
         )
     else:
-        host_problem = None if probe.info is not None else await _socket_problem(probe.path)
-        qemu_path = _elsewhere(probe.path, channel)  # QEMU's agent socket, when not probe.path
-        replace_fix = _socket_fix(cfg, probe.path, qemu_path)
+        socket = probe.address.startswith("/")  # QMP: a unix socket path we connect to
+        host_problem = (
+            None if probe.info is not None or not socket else await _socket_problem(probe.address)
+        )
+        qemu_path = _elsewhere(probe.address, channel)  # QEMU's agent socket, when elsewhere
+        replace_fix = _socket_fix(cfg, probe.address, qemu_path)
         if host_problem is not None:
             # Nothing reached the guest: the host-side path is wrong, not the guest's package.
-            agent_problem = f"the guest-agent socket {probe.path} {host_problem}"
-            add("agent channel", False, agent_problem, _socket_fix(cfg, probe.path, channel))
+            agent_problem = f"the guest-agent socket {probe.address} {host_problem}"
+            add("agent channel", False, agent_problem, _socket_fix(cfg, probe.address, channel))
         elif qemu_path is not None and probe.info is None:
             # Something listens at the registered path, but it is not this VM's agent port.
             agent_problem = (
-                f"no guest agent answers at {probe.path} (registered with --qga), and QEMU's "
+                f"no guest agent answers at {probe.address} (registered with --qga), and QEMU's "
                 f"agent port org.qemu.guest_agent.0 is at {qemu_path}"
             )
             add("agent channel", False, agent_problem, replace_fix)
@@ -285,18 +290,19 @@ async def _probe(
             add(
                 "agent channel",
                 None,
-                f"the VM is registered with --qga {probe.path}, but QEMU's agent port "
+                f"the VM is registered with --qga {probe.address}, but QEMU's agent port "
                 f"org.qemu.guest_agent.0 is at {qemu_path}: the agent answering at "
-                f"{probe.path} may be another VM's (its freeze would not quiesce this one), "
+                f"{probe.address} may be another VM's (its freeze would not quiesce this one), "
                 "unless it reaches the same port another way (a proxy, QEMU in another mount "
                 "namespace)",
                 replace_fix,
             )
-        else:
+        elif socket:
             add(
                 "agent channel",
                 True,
-                f"virtio-serial port org.qemu.guest_agent.0 at {probe.path} (accepts connections)",
+                f"virtio-serial port org.qemu.guest_agent.0 at {probe.address} "
+                "(accepts connections)",
             )
         host_side = host_problem is not None or (qemu_path is not None and probe.info is None)
         if probe.info is None:

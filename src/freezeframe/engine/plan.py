@@ -103,11 +103,16 @@ class Plan:
 
 
 def _disk_of(gd: GuestDisk, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
-    """The VM disk one guest disk is: by serial, else by PCI address when only one VM disk
-    has it (disks behind one SCSI controller share the controller's address)."""
+    """The VM disk one guest disk is: by serial, else by the hypervisor's target name (what
+    libvirt reports), else by PCI address when only one VM disk has it (disks behind one SCSI
+    controller share the controller's address)."""
     if gd.serial:
         for disk in disks:
             if disk.serial and disk.serial == gd.serial:
+                return disk
+    if gd.target:
+        for disk in disks:
+            if disk.device == gd.target:
                 return disk
     if gd.pci is not None:
         same = [d for d in disks if d.pci is not None and d.pci == gd.pci]
@@ -122,8 +127,8 @@ def map_filesystem_to_disks(
     """Every VM disk a guest filesystem lives on, each once, in the guest's order.
 
     A filesystem on LVM or md lists several guest disks; each is matched by serial first, then
-    by PCI address when only one VM disk has it. Guest disks that match no VM disk (ambiguous
-    or not the VM's) are left out. Raises nothing.
+    by target name, then by PCI address when only one VM disk has it. Guest disks that match
+    no VM disk (ambiguous or not the VM's) are left out. Raises nothing.
     """
     found: list[DiskInfo] = []
     for gd in fs.disks:

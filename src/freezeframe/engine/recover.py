@@ -26,7 +26,6 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from freezeframe._aio import shielded
-from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.engine.timeline import Timeline
@@ -37,6 +36,7 @@ from freezeframe.errors import (
     FreezeframeError,
     NotFoundError,
 )
+from freezeframe.hypervisor import open_agent
 from freezeframe.models import (
     FreezeIntent,
     FsFreezeState,
@@ -159,7 +159,7 @@ async def _recover_vm(
 async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -> RecoverOutcome:
     tl = Timeline()
     try:
-        async with GuestAgent(intent.qga_path, timeout=timeout) as agent:
+        async with open_agent(intent.agent_address, timeout=timeout) as agent:
             async with asyncio.timeout(timeout * 3):
                 before = await agent.fsfreeze_status()
                 n = await agent.fsfreeze_thaw()

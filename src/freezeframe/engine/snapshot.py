@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from freezeframe._aio import shielded
-from freezeframe.agent import GuestAgent
+from freezeframe.agent import Agent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
@@ -65,7 +65,9 @@ from freezeframe.models import (
 )
 
 __all__ = [
+    "AgentFactory",
     "AgentProbe",
+    "DriverFactory",
     "Hook",
     "SnapshotRequest",
     "Snapshotter",
@@ -79,6 +81,11 @@ log = logging.getLogger(__name__)
 FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
 
 ProgressFn = Callable[[TimelineEvent], None]
+#: Builds an unconnected driver for a VM (default: :func:`open_driver`, by the VM's driver name).
+DriverFactory = Callable[[VmConfig], HypervisorDriver]
+#: Builds an unconnected agent client for an agent address, given the VM's connected driver and
+#: the default call timeout (default: the driver's own :meth:`HypervisorDriver.agent_at`).
+AgentFactory = Callable[[HypervisorDriver, str, float], Agent]
 #: Called with the VM's name and its connected driver; runs outside the freeze window.
 Hook = Callable[[str, HypervisorDriver], Awaitable[None]]
 
@@ -112,9 +119,10 @@ class SnapshotRequest:
 
 @dataclass(frozen=True, slots=True)
 class AgentProbe:
-    """What the engine learned from the agent before deciding anything."""
+    """What the engine learned from the agent before deciding anything. ``address`` is the
+    agent's address in the driver's terms (a socket path for QMP)."""
 
-    path: str | None
+    address: str | None
     problem: str | None = None
     info: AgentInfo | None = None
     filesystems: list[GuestFilesystem] | None = None
@@ -136,7 +144,7 @@ class _Run:
     plan: Plan | None = None
     prepared: PreparedCut | None = None
     probe: AgentProbe | None = None
-    agent: GuestAgent | None = None
+    agent: Agent | None = None
     frozen_count: int | None = None
     freeze_problem: str | None = None
     freeze_sent: bool = False
@@ -345,7 +353,7 @@ class Snapshotter:
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
             run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
-            run.probe = AgentProbe(path=None, problem="quiesce off")
+            run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
                 run.agent, run.probe = await self._connect_agent(cfg, driver)
             try:
@@ -361,7 +369,9 @@ class Snapshotter:
                 tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
                 try:
                     await self._checkpoint(run)
-                    quiesce = plan.quiesce and run.agent is not None and run.probe.path is not None
+                    quiesce = (
+                        plan.quiesce and run.agent is not None and run.probe.address is not None
+                    )
                     if quiesce:
                         problem = await self._preflush(run)
                         if problem is not None:
@@ -410,10 +420,10 @@ class Snapshotter:
 
     async def _connect_agent(
         self, cfg: VmConfig, driver: HypervisorDriver
-    ) -> tuple[GuestAgent | None, AgentProbe]:
+    ) -> tuple[Agent | None, AgentProbe]:
         if not cfg.agent:
             return None, AgentProbe(
-                path=None,
+                address=None,
                 problem="the VM is configured without a guest agent "
                 "(set hw_qemu_guest_agent=yes on the image / `freezeframe vm add --agent`)",
             )
@@ -422,16 +432,16 @@ class Snapshotter:
             channel = await driver.agent_channel()
             if channel is None:
                 return None, AgentProbe(
-                    path=None,
+                    address=None,
                     problem="the VM has no guest-agent channel (no virtio-serial port "
                     "org.qemu.guest_agent.0; set hw_qemu_guest_agent=yes on the image)",
                 )
-        path = cfg.qga_path or (channel if channel and channel.startswith("/") else None)
-        if path is None:
+        address = driver.agent_address(cfg, channel)
+        if address is None:
             return None, AgentProbe(
-                path=None, problem="no guest-agent socket path is known (vm add --qga PATH)"
+                address=None, problem="no guest-agent socket path is known (vm add --qga PATH)"
             )
-        agent = GuestAgent(path, timeout=self.thaw_timeout)
+        agent = driver.agent_at(address, timeout=self.thaw_timeout)
         keep = False
         try:
             await agent.connect(timeout=self.ping_timeout)
@@ -445,12 +455,12 @@ class Snapshotter:
             fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
             if state is FsFreezeState.FROZEN:
                 return None, AgentProbe(
-                    path=path, info=info, state=state, problem=await self._frozen_by(cfg.name)
+                    address=address, info=info, state=state, problem=await self._frozen_by(cfg.name)
                 )
             missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
             if missing:
                 return None, AgentProbe(
-                    path=path,
+                    address=address,
                     info=info,
                     state=state,
                     problem="the guest agent has the freeze commands disabled or unsupported: "
@@ -458,11 +468,11 @@ class Snapshotter:
                 )
             keep = True
             return agent, AgentProbe(
-                path=path, info=info, filesystems=fs, state=state, ping_ms=ping_ms
+                address=address, info=info, filesystems=fs, state=state, ping_ms=ping_ms
             )
         except AgentError as exc:
             return None, AgentProbe(
-                path=path,
+                address=address,
                 problem=f"the guest agent does not answer ({exc.message}); "
                 "install and start qemu-guest-agent in the guest",
             )
@@ -549,8 +559,8 @@ class Snapshotter:
         assert plan is not None
         assert agent is not None
         assert run.probe is not None
-        qga_path = run.probe.path
-        assert qga_path is not None
+        address = run.probe.address
+        assert address is not None
         hooked = False
         intent: FreezeIntent | None = None
         cut_exc: BaseException | None = None
@@ -560,7 +570,7 @@ class Snapshotter:
                 await self.before_freeze(cfg.name, driver)
                 tl.mark("before_freeze_hook")
             try:
-                intent = await self.catalog.open_intent(cfg.name, run.sid, qga_path, run.owner)
+                intent = await self.catalog.open_intent(cfg.name, run.sid, address, run.owner)
             except asyncio.CancelledError:  # stored just before? nothing is frozen: close it
                 await shielded(self._close_own_intents(run))
                 raise
@@ -595,7 +605,7 @@ class Snapshotter:
                 hint="check the guest agent with `freezeframe doctor VM`",
             )
 
-    async def _freeze(self, run: _Run, agent: GuestAgent, plan: Plan) -> None:
+    async def _freeze(self, run: _Run, agent: Agent, plan: Plan) -> None:
         tl = run.tl
         try:
             if plan.freeze_list is None:
@@ -723,7 +733,7 @@ class Snapshotter:
         raise _Failed(f"the cut failed, nothing was switched: {msg}")
 
     async def _thaw_and_close(
-        self, run: _Run, agent: GuestAgent, intent: FreezeIntent, *, urgent: bool
+        self, run: _Run, agent: Agent, intent: FreezeIntent, *, urgent: bool
     ) -> None:
         budget = 1.5 if urgent else self.thaw_timeout
         if run.freeze_refused:
@@ -746,12 +756,12 @@ class Snapshotter:
         except FreezeframeError as exc:
             log.warning("could not close the intents of snapshot %s: %s", run.sid, exc)
 
-    async def _thaw(self, agent: GuestAgent, tl: Timeline, budget: float, *, urgent: bool) -> bool:
+    async def _thaw(self, agent: Agent, tl: Timeline, budget: float, *, urgent: bool) -> bool:
         """Send the thaw and confirm it with guest-fsfreeze-status, within ``budget`` seconds.
 
         ``urgent`` (the freeze never answered): the thaw is written right behind a re-sync
         without waiting for it, so it sits in the agent's queue behind the late freeze even if
-        nobody reads the answer (see GuestAgent.fsfreeze_thaw_urgent).
+        nobody reads the answer (see Agent.fsfreeze_thaw_urgent).
         """
         tl.mark("thaw_sent", "pipelined behind the pending freeze" if urgent else "")
         try:
@@ -774,7 +784,7 @@ class Snapshotter:
         tl.mark("thaw_confirmed" if confirmed else "still_frozen", f"status {state.value}")
         return confirmed
 
-    async def _nothing_frozen(self, run: _Run, agent: GuestAgent, budget: float) -> bool:
+    async def _nothing_frozen(self, run: _Run, agent: Agent, budget: float) -> bool:
         """After a refused freeze: no thaw is sent; the intent closes, and a guest found frozen
         (by someone else) is named, not touched."""
         try:
@@ -796,7 +806,7 @@ class Snapshotter:
             run.tl.mark("after_thaw_hook_failed", exc.message)
             run.notes.append(f"after-thaw hook failed: {exc.message}")
 
-    def _unconfirmed(self, run: _Run, agent: GuestAgent, intent: FreezeIntent) -> None:
+    def _unconfirmed(self, run: _Run, agent: Agent, intent: FreezeIntent) -> None:
         run.thaw_note = (
             "thaw not confirmed: the guest may still be frozen or freeze late; the freeze "
             f"intent {intent.id} stays open"
@@ -811,7 +821,7 @@ class Snapshotter:
             run.thaw_note += " — run `freezeframe recover`"
         run.tl.mark("thaw_unconfirmed", run.thaw_note)
 
-    async def _followup(self, run: _Run, agent: GuestAgent, intent: FreezeIntent) -> bool:
+    async def _followup(self, run: _Run, agent: Agent, intent: FreezeIntent) -> bool:
         """Keep thawing until confirmed (a freeze that reaches the guest late is undone), then
         note it on the record and release the VM's lock, which it holds until then."""
         loop = asyncio.get_running_loop()
@@ -833,7 +843,7 @@ class Snapshotter:
     async def _note_on_record(self, sid: str, name: str, detail: str) -> None:
         await self.catalog.append_timeline(sid, [Timeline().mark(name, detail)])
 
-    async def _evidence(self, agent: GuestAgent, path: str, tl: Timeline) -> tuple[str, ...]:
+    async def _evidence(self, agent: Agent, path: str, tl: Timeline) -> tuple[str, ...]:
         """The agent's log lines from the freeze window (qemu-ga --logfile --verbose)."""
         try:
             data = await agent.file_read(path, max_bytes=1 << 20, tail=True)

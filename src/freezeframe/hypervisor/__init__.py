@@ -9,17 +9,26 @@ from __future__ import annotations
 
 from freezeframe.hypervisor.base import (
     DriverCapabilities,
+    DriverCheck,
     HypervisorDriver,
     PreparedCut,
     PreparedDisk,
 )
-from freezeframe.hypervisor.registry import available_drivers, load_driver
+from freezeframe.hypervisor.registry import (
+    available_drivers,
+    driver_for_address,
+    load_driver,
+    open_agent,
+)
 
 __all__ = [
     "DriverCapabilities",
+    "DriverCheck",
     "HypervisorDriver",
     "PreparedCut",
     "PreparedDisk",
     "available_drivers",
+    "driver_for_address",
     "load_driver",
+    "open_agent",
 ]

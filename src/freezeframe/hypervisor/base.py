@@ -5,6 +5,11 @@ a running VM's disks, prepare everything for a cut *before* the guest is frozen,
 at one point in time (:meth:`HypervisorDriver.cut`), and undo a preparation. It never talks to
 the guest agent and never decides when to freeze: only :mod:`freezeframe.engine` sequences
 freeze -> cut -> thaw.
+
+The driver supplies the guest agent (:meth:`HypervisorDriver.agent_address`,
+:meth:`HypervisorDriver.agent_at`): QMP a client on the agent's unix socket, libvirt one that
+goes through libvirtd. The agent's *address* is a string in the driver's terms, stored in freeze
+intents so that ``freezeframe recover`` reaches the same agent again.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
+from freezeframe.agent.base import Agent
 from freezeframe.errors import UsageError
 from freezeframe.models import DiskInfo, SnapshotDisk, VmConfig
 
 __all__ = [
     "CutState",
     "DriverCapabilities",
+    "DriverCheck",
     "HypervisorDriver",
     "PreparedCut",
     "PreparedDisk",
@@ -37,6 +44,17 @@ class DriverCapabilities:
     prepare_outside_freeze: bool  # overlays/targets can be created before the freeze
     agent_channel_check: bool  # can tell whether the VM has a guest-agent channel
     pause_resume: bool = False  # can stop/cont the vCPUs (tests, diagnostics)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverCheck:
+    """A driver-specific finding for ``freezeframe doctor``: ``ok`` True (pass), False (fail)
+    or None (warning), with a fix when there is one."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +181,31 @@ class HypervisorDriver(abc.ABC):
         image when None), for the planner and doctor to report before freezing; None when
         nothing is known to stand in the way. Never raises, does no I/O with the VM."""
         return None
+
+    # ------------------------------------------------------------------ the agent
+
+    def agent_address(self, cfg: VmConfig, channel: str | None) -> str | None:
+        """The address of ``cfg``'s guest agent, given the channel :meth:`agent_channel`
+        reported (None when the driver cannot check channels, or found none); None when no
+        address is known. No I/O, never raises. The default: the registered socket path, else
+        the channel when it is a socket path."""
+        if cfg.qga_path:
+            return cfg.qga_path
+        return channel if channel and channel.startswith("/") else None
+
+    @classmethod
+    def agent_at(cls, address: str, *, timeout: float) -> Agent:
+        """An unconnected agent client for ``address`` (from :meth:`agent_address` or a freeze
+        intent); usable without connecting the driver (``recover`` after a crash). The
+        default: a :class:`~freezeframe.agent.GuestAgent` on the unix socket ``address``."""
+        from freezeframe.agent.client import GuestAgent
+
+        return GuestAgent(address, timeout=timeout)
+
+    async def checks(self) -> list[DriverCheck]:
+        """Driver-specific findings for ``doctor`` (called while connected). Never raises;
+        the default has none."""
+        return []
 
     async def pause(self) -> None:
         """Stop the vCPUs (QMP ``stop``). Optional capability."""

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 from freezeframe.errors import DependencyError, UsageError
 
 if TYPE_CHECKING:
+    from freezeframe.agent.base import Agent
     from freezeframe.hypervisor.base import HypervisorDriver
 
-__all__ = ["available_drivers", "load_driver"]
+__all__ = ["available_drivers", "driver_for_address", "load_driver", "open_agent"]
 
 GROUP = "freezeframe.drivers"
 
@@ -43,3 +44,19 @@ def load_driver(name: str) -> type[HypervisorDriver]:
             f"driver {name!r} needs the Python module {missing!r}", package=pkg
         ) from exc
     return cls  # type: ignore[no-any-return]
+
+
+def driver_for_address(address: str) -> str:
+    """The driver whose agent address ``address`` is: ``NAME:...`` for a registered driver
+    NAME (``libvirt:UUID@URI``), else ``qmp`` (a socket path, as intents always held)."""
+    scheme, sep, _ = address.partition(":")
+    if sep and not address.startswith("/") and scheme in available_drivers():
+        return scheme
+    return "qmp"
+
+
+def open_agent(address: str, *, timeout: float) -> Agent:
+    """An unconnected agent client for an agent address stored in a freeze intent, built by
+    the driver that made the address. Raises UsageError / DependencyError as
+    :func:`load_driver`."""
+    return load_driver(driver_for_address(address)).agent_at(address, timeout=timeout)
