@@ -175,7 +175,9 @@ class Snapshotter:
 
     ``before_freeze`` runs after everything is prepared, right before the freeze is sent (for
     application quiescing, or to pause the vCPUs in a test); ``after_thaw`` runs after every
-    thaw attempt once ``before_freeze`` ran, even on failures. A ``before_freeze`` that raises
+    thaw attempt once ``before_freeze`` ran, even on failures. ``driver_factory`` and
+    ``agent_factory`` replace how drivers and agents are built (tests run the engine on
+    :mod:`freezeframe.testing`'s fakes this way). A ``before_freeze`` that raises
     FreezeframeError fails the snapshot like any step; an ``after_thaw`` error is noted on the
     record.
     """
@@ -191,6 +193,8 @@ class Snapshotter:
         followup_for: float = 300.0,
         before_freeze: Hook | None = None,
         after_thaw: Hook | None = None,
+        driver_factory: DriverFactory | None = None,
+        agent_factory: AgentFactory | None = None,
     ) -> None:
         self.catalog = catalog
         self.thaw_timeout = thaw_timeout
@@ -200,6 +204,8 @@ class Snapshotter:
         self.followup_for = followup_for
         self.before_freeze = before_freeze
         self.after_thaw = after_thaw
+        self.driver_factory: DriverFactory = driver_factory or open_driver
+        self.agent_factory: AgentFactory = agent_factory or _driver_agent
         self._followups: set[asyncio.Task[bool]] = set()
 
     # ------------------------------------------------------------------ public
@@ -347,7 +353,7 @@ class Snapshotter:
 
     async def _take(self, run: _Run) -> SnapshotRecord:
         cfg, tl = run.cfg, run.tl
-        driver = open_driver(cfg)
+        driver = self.driver_factory(cfg)
         async with driver:
             disks = await driver.disks()
             if not disks:
@@ -441,7 +447,7 @@ class Snapshotter:
             return None, AgentProbe(
                 address=None, problem="no guest-agent socket path is known (vm add --qga PATH)"
             )
-        agent = driver.agent_at(address, timeout=self.thaw_timeout)
+        agent = self.agent_factory(driver, address, self.thaw_timeout)
         keep = False
         try:
             await agent.connect(timeout=self.ping_timeout)
@@ -902,6 +908,10 @@ class Snapshotter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _driver_agent(driver: HypervisorDriver, address: str, timeout: float) -> Agent:
+    return driver.agent_at(address, timeout=timeout)
 
 
 def _snapshot_disks(prepared: PreparedCut | None) -> tuple[SnapshotDisk, ...]:
