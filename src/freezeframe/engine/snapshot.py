@@ -355,6 +355,8 @@ class Snapshotter:
         cfg, tl = run.cfg, run.tl
         driver = self.driver_factory(cfg)
         async with driver:
+            await self._apply_driver_policy(run, driver)
+            cfg = run.cfg
             disks = await driver.disks()
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
@@ -405,6 +407,31 @@ class Snapshotter:
         return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
+
+    async def _apply_driver_policy(self, run: _Run, driver: HypervisorDriver) -> None:
+        """A policy kept with the VM by its hypervisor (libvirt: ``<freezeframe:policy>`` in
+        the domain's metadata) wins over the registration; the request wins over both."""
+        pol = await driver.policy()
+        if pol is None:
+            return
+        said = []
+        if pol.agent is not None and pol.agent != run.cfg.agent:
+            run.cfg = replace(run.cfg, agent=pol.agent)
+            said.append(f"agent {'yes' if pol.agent else 'no'}")
+        if pol.quiesce is not None and run.req.quiesce is None:
+            run.policy = pol.quiesce
+            run.record = replace(run.record, policy=pol.quiesce)
+            said.append(f"quiesce {pol.quiesce.value}")
+        if pol.freeze_timeout is not None and run.req.freeze_timeout is None:
+            if not 0 < pol.freeze_timeout <= MAX_FREEZE_TIMEOUT:
+                raise UsageError(
+                    f"the VM's metadata sets a freeze timeout of {pol.freeze_timeout:g} s, "
+                    f"outside (0, {MAX_FREEZE_TIMEOUT:g}]"
+                )
+            run.freeze_timeout = pol.freeze_timeout
+            said.append(f"freeze deadline {pol.freeze_timeout:g}s")
+        if said:
+            run.tl.mark("policy", f"from the {driver.name} VM's own metadata: " + ", ".join(said))
 
     async def _checkpoint(self, run: _Run) -> None:
         """Store the running record with its prepared disks, parent and timeline so far: if the
@@ -601,6 +628,8 @@ class Snapshotter:
             if hooked and self.after_thaw is not None:
                 await shielded(self._after_thaw(run, driver))
         assert intent is not None
+        if not run.thaw_confirmed and not run.freeze_refused:
+            await shielded(self._thaw_late(run, agent, intent))
         if not run.thaw_confirmed:
             self._unconfirmed(run, agent, intent)
         await self._settle_cut(run, driver, cut_exc)
@@ -739,9 +768,16 @@ class Snapshotter:
         raise _Failed(f"the cut failed, nothing was switched: {msg}")
 
     async def _thaw_and_close(
-        self, run: _Run, agent: Agent, intent: FreezeIntent, *, urgent: bool
+        self,
+        run: _Run,
+        agent: Agent,
+        intent: FreezeIntent,
+        *,
+        urgent: bool,
+        budget: float | None = None,
     ) -> None:
-        budget = 1.5 if urgent else self.thaw_timeout
+        if budget is None:
+            budget = 1.5 if urgent else self.thaw_timeout
         if run.freeze_refused:
             # Nothing of ours is frozen: a thaw now could only undo someone else's freeze.
             run.thaw_confirmed = await self._nothing_frozen(run, agent, budget)
@@ -752,6 +788,20 @@ class Snapshotter:
                 await self.catalog.close_intent(intent.id, "engine")
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+
+    async def _thaw_late(self, run: _Run, agent: Agent, intent: FreezeIntent) -> None:
+        """The thaw was not confirmed (the guest or its agent hung): keep thawing and asking
+        for ``thaw_timeout`` seconds more before giving up, so a guest that comes back within
+        that time (a paused VM resumed, a slow freeze that finally finished) is thawed by us,
+        not left frozen until someone else talks to its agent."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.thaw_timeout
+        while not run.thaw_confirmed and (left := end - loop.time()) > 0.1:
+            await self._thaw_and_close(run, agent, intent, urgent=False, budget=min(left, 2.0))
+            if not run.thaw_confirmed:
+                await asyncio.sleep(min(0.25, max(0.0, end - loop.time())))
+        if run.thaw_confirmed:
+            run.tl.mark("thaw_late", "the thaw was confirmed on a later try")
 
     async def _close_own_intents(self, run: _Run) -> None:
         """Close the intents of this snapshot that are open although no freeze was sent."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from freezeframe.hypervisor.base import (
     DriverCapabilities,
     DriverCheck,
+    DriverPolicy,
     HypervisorDriver,
     PreparedCut,
     PreparedDisk,
@@ -24,6 +25,7 @@ from freezeframe.hypervisor.registry import (
 __all__ = [
     "DriverCapabilities",
     "DriverCheck",
+    "DriverPolicy",
     "HypervisorDriver",
     "PreparedCut",
     "PreparedDisk",

@@ -21,12 +21,13 @@ from typing import Literal, Self
 
 from freezeframe.agent.base import Agent
 from freezeframe.errors import UsageError
-from freezeframe.models import DiskInfo, SnapshotDisk, VmConfig
+from freezeframe.models import DiskInfo, QuiescePolicy, SnapshotDisk, VmConfig
 
 __all__ = [
     "CutState",
     "DriverCapabilities",
     "DriverCheck",
+    "DriverPolicy",
     "HypervisorDriver",
     "PreparedCut",
     "PreparedDisk",
@@ -55,6 +56,16 @@ class DriverCheck:
     ok: bool | None
     detail: str
     fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DriverPolicy:
+    """A policy the hypervisor keeps with the VM itself (libvirt: ``<freezeframe:policy>`` in
+    the domain's ``<metadata>``); None fields fall back to freezeframe's registration."""
+
+    agent: bool | None = None
+    quiesce: QuiescePolicy | None = None
+    freeze_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +212,11 @@ class HypervisorDriver(abc.ABC):
         from freezeframe.agent.client import GuestAgent
 
         return GuestAgent(address, timeout=timeout)
+
+    async def policy(self) -> DriverPolicy | None:
+        """The policy kept with the VM by the hypervisor, if any (called while connected).
+        Never raises; the default has none."""
+        return None
 
     async def checks(self) -> list[DriverCheck]:
         """Driver-specific findings for ``doctor`` (called while connected). Never raises;

@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import socket
-import stat
 import struct
 import time
 from collections.abc import Sequence
@@ -63,6 +62,9 @@ from freezeframe.errors import (
     HypervisorUnavailableError,
     UsageError,
 )
+from freezeframe.hypervisor._files import local_cut_problem
+from freezeframe.hypervisor._files import overlay_path as _overlay_path
+from freezeframe.hypervisor._files import remove_file as _remove_file
 from freezeframe.hypervisor.base import (
     CutState,
     DriverCapabilities,
@@ -79,7 +81,6 @@ log = logging.getLogger(__name__)
 
 _SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: < 32 chars, id_wellformed
-_OVERLAY_SUFFIX = re.compile(r"\.ff-[A-Za-z0-9_-]+$")
 _UNIX_CHARDEV = re.compile(r"^(?:disconnected:)?unix:([^,]+)")
 _START_HINT = "start QEMU with -qmp unix:PATH,server=on,wait=off and pass that PATH"
 #: How long :meth:`QmpDriver.connect` waits for QEMU's greeting. QEMU sends it as soon as it
@@ -208,18 +209,6 @@ def _collect_pci(buses: list[object], into: dict[str, PciAddress]) -> None:
                     _collect_pci([{"devices": sub}], into)
 
 
-def _overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> Path:
-    local = os.path.isabs(disk.file)
-    if overlay_dir is None and not local:
-        raise CutError(
-            f"disk {disk.device}: image {disk.file!r} is not a local absolute path",
-            hint="pass an overlay directory",
-        )
-    stem = _OVERLAY_SUFFIX.sub("", Path(disk.file).stem) if local else disk.device
-    directory = Path(overlay_dir) if overlay_dir is not None else Path(disk.file).parent
-    return directory / f"{stem}.ff-{snapshot_id}.qcow2"
-
-
 def _stopped_listener(path: str) -> int | None:
     """The PID of the process listening on unix socket ``path`` if it is stopped (state T:
     SIGSTOP, or t: a debugger), else None. SO_PEERCRED names the listener even when it does
@@ -258,13 +247,6 @@ def _exists(path: str | Path) -> bool:
     return os.path.exists(path)
 
 
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _backing_of(inserted: dict[str, object]) -> object:
     """The file name of the image right below a ``query-block`` ``inserted`` node's top."""
     image = _dict(inserted.get("image"), "inserted.image")
@@ -291,16 +273,6 @@ def _scan_blocks(blocks: list[object]) -> tuple[dict[str, dict[str, object]], se
                 files.add(name)
             image = image.get("backing-image")
     return tops, files
-
-
-def _remove_file(path: str | Path, label: str) -> None:
-    """Delete ``path`` if it exists; only logs when it cannot."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("%s: cannot remove %s: %s", label, path, exc)
 
 
 def _is_image(file: str | None, path: Path) -> bool:
@@ -678,26 +650,7 @@ class QmpDriver(HypervisorDriver):
         filesystem only: an image that is not a local file (rbd, nbd, iscsi, ``json:{...}``)
         or is a block device needs ``overlay_dir``; the target directory must exist and be
         writable. Never raises."""
-        if overlay_dir is None:
-            if not os.path.isabs(disk.file):
-                return (
-                    f"disk {disk.device}: image {disk.file!r} is not a local file "
-                    f"(network or protocol image, format {disk.format}): an overlay cannot go "
-                    "next to it; use overlay_dir"
-                )
-            if _is_block_device(disk.file):
-                return (
-                    f"disk {disk.device}: image {disk.file} is a block device: an overlay "
-                    "cannot go next to it; use overlay_dir"
-                )
-            directory = os.path.dirname(disk.file)
-        else:
-            directory = overlay_dir
-        if not os.path.isdir(directory):
-            return f"disk {disk.device}: overlay directory {directory} does not exist on this host"
-        if not os.access(directory, os.W_OK | os.X_OK):
-            return f"disk {disk.device}: overlay directory {directory} is not writable"
-        return None
+        return local_cut_problem(disk, overlay_dir)
 
     async def _undo(self, nodes: list[str], files: list[Path]) -> None:
         """Roll back a failed prepare: ``nodes`` were never attached (the last one may not
