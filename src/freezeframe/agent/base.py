@@ -69,6 +69,12 @@ class Agent(abc.ABC):
     async def fsfreeze_status(self, timeout: float | None = None) -> FsFreezeState:
         """``guest-fsfreeze-status``. Allowed while frozen."""
 
+    async def ready_for_freeze(self, deadline: float) -> None:
+        """Called right before a freeze with its deadline (seconds), outside the freeze
+        window: set up whatever bounds the freeze (libvirt: the domain's agent response
+        timeout). Never raises; the default does nothing."""
+        return None
+
     @abc.abstractmethod
     async def fsfreeze_freeze(self, timeout: float | None = None) -> int:
         """Freeze every freezable filesystem; returns how many froze. On AgentTimeoutError,

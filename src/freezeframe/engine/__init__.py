@@ -5,7 +5,8 @@ Public entry points (all async, usable from the CLI and from a long-running serv
 - :class:`Snapshotter` / :class:`SnapshotRequest` -- take a snapshot (:mod:`.snapshot`);
 - :func:`recover` -- thaw guests left with an open freeze intent (:mod:`.recover`);
 - :func:`doctor` -- the preflight as a checklist (:mod:`.doctor`);
-- :func:`verify_snapshot` -- offline proof of a snapshot (:mod:`.verify`).
+- :func:`verify_snapshot` -- offline proof of a snapshot (:mod:`.verify`);
+- :func:`libvirt_vm` / :func:`import_libvirt` -- register libvirt domains (:mod:`.vms`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from freezeframe.engine.plan import Plan, make_plan
 from freezeframe.engine.recover import RecoverOutcome, recover
 from freezeframe.engine.snapshot import SnapshotRequest, Snapshotter, open_driver
 from freezeframe.engine.verify import verify_snapshot
+from freezeframe.engine.vms import ImportAction, ImportResult, import_libvirt, libvirt_vm
 
 __all__ = [
     "Check",
     "CheckStatus",
     "DoctorReport",
+    "ImportAction",
+    "ImportResult",
     "Plan",
     "RecoverOutcome",
     "SnapshotRequest",
     "Snapshotter",
     "doctor",
+    "import_libvirt",
+    "libvirt_vm",
     "make_plan",
     "open_driver",
     "recover",

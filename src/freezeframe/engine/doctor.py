@@ -273,7 +273,8 @@ async def _probe(
         host_problem = (
             None if probe.info is not None or not socket else await _socket_problem(probe.address)
         )
-        qemu_path = _elsewhere(probe.address, channel)  # QEMU's agent socket, when elsewhere
+        # QEMU's agent socket, when it is not the registered one (QMP; libvirt owns its own)
+        qemu_path = _elsewhere(probe.address, channel) if socket else None
         replace_fix = _socket_fix(cfg, probe.address, qemu_path)
         if host_problem is not None:
             # Nothing reached the guest: the host-side path is wrong, not the guest's package.

@@ -607,6 +607,7 @@ class Snapshotter:
             except asyncio.CancelledError:  # stored just before? nothing is frozen: close it
                 await shielded(self._close_own_intents(run))
                 raise
+            await agent.ready_for_freeze(run.freeze_timeout)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + run.freeze_timeout
             with tl.deferred():

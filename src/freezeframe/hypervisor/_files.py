@@ -15,7 +15,14 @@ from pathlib import Path
 from freezeframe.errors import CutError
 from freezeframe.models import DiskInfo
 
-__all__ = ["OVERLAY_SUFFIX", "is_block_device", "local_cut_problem", "overlay_path", "remove_file"]
+__all__ = [
+    "OVERLAY_SUFFIX",
+    "image_stem",
+    "is_block_device",
+    "local_cut_problem",
+    "overlay_path",
+    "remove_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +39,20 @@ def overlay_path(disk: DiskInfo, snapshot_id: str, overlay_dir: str | None) -> P
             f"disk {disk.device}: image {disk.file!r} is not a local absolute path",
             hint="pass an overlay directory",
         )
-    stem = OVERLAY_SUFFIX.sub("", Path(disk.file).stem) if local else disk.device
+    stem = image_stem(Path(disk.file).name) if local else disk.device
     directory = Path(overlay_dir) if overlay_dir is not None else Path(disk.file).parent
     return directory / f"{stem}.ff-{snapshot_id}.qcow2"
+
+
+def image_stem(name: str) -> str:
+    """The part of an image's file name its overlays are named after: an image extension
+    (``.qcow2``, ``.img``, ``.raw``) and an earlier overlay's ``.ff-<id>`` are dropped, any
+    other dot is kept, so Nova's ``disk``, ``disk.eph0`` and ``disk.swap`` stay apart."""
+    for ext in (".qcow2", ".img", ".raw"):
+        if name.endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return OVERLAY_SUFFIX.sub("", name) or name
 
 
 def is_block_device(path: str) -> bool:
@@ -55,7 +73,7 @@ def local_cut_problem(disk: DiskInfo, overlay_dir: str | None) -> str | None:
                 f"(network or protocol image, format {disk.format}): an overlay cannot go "
                 "next to it; use overlay_dir"
             )
-        if is_block_device(disk.file):
+        if is_block_device(disk.file) or disk.file.startswith("/dev/"):
             return (
                 f"disk {disk.device}: image {disk.file} is a block device: an overlay "
                 "cannot go next to it; use overlay_dir"

@@ -443,6 +443,8 @@ class LibvirtDriver(HypervisorDriver):
         self._dom: libvirt.virDomain | None = None
         self.uuid: str | None = None
         self.domain_name: str | None = None
+        #: The <domainsnapshot> of each prepared cut, built outside the freeze.
+        self._cut_xml: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, cfg: VmConfig) -> Self:
@@ -693,7 +695,14 @@ class LibvirtDriver(HypervisorDriver):
                 f"{self._label}: preparing the cut failed: {exc or type(exc).__name__}",
                 hint=hint,
             ) from exc
-        return PreparedCut(snapshot_id, tuple(prepared))
+        cut = PreparedCut(snapshot_id, tuple(prepared))
+        try:
+            self._cut_xml[snapshot_id] = self.snapshot_xml(cut, await self._other_disks(cut))
+        except BaseException:
+            for f in files:
+                remove_file(f, self._label)
+            raise
+        return cut
 
     def cut_problem(self, disk: DiskInfo, overlay_dir: str | None = None) -> str | None:
         """Only local file images (qcow2 or raw) can get an external overlay here; network
@@ -726,10 +735,10 @@ class LibvirtDriver(HypervisorDriver):
         updating the domain's disk sources. Disks not prepared are left out (snapshot='no').
         Raises CutError (nothing switched) or HypervisorError (no answer: ask cut_state)."""
         dom = self._domain()
-        current = await self.disks()
-        mine = {p.disk.device for p in prepared.disks}
-        others = [d.device for d in current if d.device not in mine]
-        xml = self.snapshot_xml(prepared, others)
+        # Built before the freeze (prepare_cut); rebuilt only for a preparation made elsewhere.
+        xml = self._cut_xml.get(prepared.snapshot_id)
+        if xml is None:
+            xml = self.snapshot_xml(prepared, await self._other_disks(prepared))
         try:
             await _thread(lambda: dom.snapshotCreateXML(xml, _CUT_FLAGS))
         except libvirt.libvirtError as exc:
@@ -737,6 +746,12 @@ class LibvirtDriver(HypervisorDriver):
             if type(err) is HypervisorError:
                 raise CutError(err.message) from exc
             raise err from exc
+
+    async def _other_disks(self, prepared: PreparedCut) -> list[str]:
+        """The domain's disks that ``prepared`` leaves out (libvirt must be told: 'no')."""
+        mine = {p.disk.device for p in prepared.disks}
+        disks, _ = parse_domain_xml(await self._xml())
+        return [d.device for d in disks if d.device not in mine]
 
     async def verify_cut(self, prepared: PreparedCut) -> None:
         """Every prepared disk's source in the live XML is its overlay. Raises CutError naming
@@ -860,6 +875,8 @@ class LibvirtAgent(Agent):
         self._conn: libvirt.virConnect | None = None
         self._dom: libvirt.virDomain | None = None
         self._lock = asyncio.Lock()
+        #: The agent response timeout this client set on the domain (None: libvirt's default).
+        self._timeout_set: int | None = None
 
     async def connect(self, timeout: float | None = None) -> None:
         """Open a libvirt connection and find the domain. Raises AgentUnavailableError."""
@@ -889,6 +906,10 @@ class LibvirtAgent(Agent):
             raise AgentUnavailableError(f"libvirt at {self.uri} did not answer in time") from exc
 
     async def close(self) -> None:
+        """Give the domain libvirt's default agent timeout back (if changed), disconnect.
+        Never raises."""
+        if self._timeout_set is not None and self._dom is not None:
+            await shielded(self._set_agent_timeout(None))
         conn, self._conn, self._dom = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -928,17 +949,17 @@ class LibvirtAgent(Agent):
 
     async def _set_agent_timeout(self, seconds: float | None) -> None:
         """Set the domain's agent response timeout (None: libvirt's default). Best effort."""
-        value = (
-            libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT
-            if seconds is None
-            else max(1, math.ceil(seconds))
-        )
+        value = None if seconds is None else max(1, math.ceil(seconds))
+        if value == self._timeout_set:
+            return
+        raw = libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT if value is None else value
         try:
             await self.connect()
             dom = self._dom
             assert dom is not None
             async with asyncio.timeout(2):
-                await _thread(lambda: dom.agentSetResponseTimeout(value, 0))
+                await _thread(lambda: dom.agentSetResponseTimeout(raw, 0))
+            self._timeout_set = value
         except (AgentError, libvirt.libvirtError, TimeoutError) as exc:
             log.debug("libvirt %s: cannot set the agent timeout: %s", self.uuid, exc)
 
@@ -977,9 +998,14 @@ class LibvirtAgent(Agent):
         except ValueError as exc:
             raise AgentProtocolError(f"guest-fsfreeze-status: unknown state {ret!r}") from exc
 
+    async def ready_for_freeze(self, deadline: float) -> None:
+        """Set the domain's agent response timeout to the freeze deadline now, so that the
+        freeze itself costs no extra call and libvirt's agent job ends with the deadline."""
+        await self._set_agent_timeout(deadline)
+
     async def _freeze(self, mountpoints: list[str] | None, timeout: float | None) -> int:
         t = self._t(timeout)
-        await self._set_agent_timeout(t)
+        await self._set_agent_timeout(t)  # a no-op after ready_for_freeze(t)
         return int(
             await self._run("virDomainFSFreeze", lambda dom: dom.fsFreeze(mountpoints, 0), t + 1.0)
         )
@@ -997,14 +1023,12 @@ class LibvirtAgent(Agent):
         return await self._freeze(list(mountpoints), timeout)
 
     async def fsfreeze_thaw(self, timeout: float | None = None) -> int:
-        """``virDomainFSThaw``; the agent timeout is set to ``timeout`` first and back to
-        libvirt's default after."""
+        """``virDomainFSThaw``; the agent timeout is lowered to ``timeout`` first when it is
+        longer (set back to libvirt's default when this client closes, outside the window)."""
         t = self._t(timeout)
-        await self._set_agent_timeout(t)
-        try:
-            return int(await self._run("virDomainFSThaw", lambda dom: dom.fsThaw(None, 0), t))
-        finally:
-            await shielded(self._set_agent_timeout(None))
+        if self._timeout_set is None or self._timeout_set > math.ceil(t):
+            await self._set_agent_timeout(t)  # not after a freeze with a shorter deadline
+        return int(await self._run("virDomainFSThaw", lambda dom: dom.fsThaw(None, 0), t))
 
     async def fsfreeze_thaw_urgent(self, timeout: float | None = None) -> int | None:
         """Thaw after a freeze that did not answer: libvirt has no queue to put a thaw in, so
