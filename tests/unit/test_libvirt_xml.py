@@ -60,7 +60,8 @@ NOVA_XML = """
       <readonly/>
     </disk>
     <channel type='unix'>
-      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-7/org.qemu.guest_agent.0'/>
+      <source mode='bind'
+              path='/var/lib/libvirt/qemu/channel/target/domain-7/org.qemu.guest_agent.0'/>
       <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
     </channel>
   </devices>
