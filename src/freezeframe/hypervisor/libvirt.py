@@ -146,6 +146,14 @@ def parse_agent_address(address: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the edge
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default error handler prints every error to stderr; this driver raises
+    them as freezeframe errors instead, so nothing is printed."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
 def _code(exc: libvirt.libvirtError) -> int:
     code = exc.get_error_code()
     return int(code) if code is not None else -1
