@@ -252,7 +252,7 @@ def test_stopped_lab_vm_hint_says_lab_up(home: Path) -> None:
     "args",
     [
         ("snapshot", "create", "demo", "--quiesce", "bogus", "--json"),
-        ("vm", "add", "x", "--json"),  # --qmp missing
+        ("vm", "add", "x", "--json"),  # neither --qmp nor --libvirt
         ("snapshot", "list", "--json", "--no-such-option"),
     ],
 )
@@ -267,7 +267,7 @@ def test_json_option_errors_are_json(home: Path, args: tuple[str, ...]) -> None:
 
 
 def test_json_error_documents_always_carry_a_hint(home: Path) -> None:
-    doc = json.loads(ff("vm", "add", "x", "--json").stdout)  # a usage error without a hint
+    doc = json.loads(ff("snapshot", "list", "--json", "--bogus").stdout)  # no hint for that
     assert doc == {
         "error": "UsageError",
         "message": doc["message"],
@@ -276,6 +276,9 @@ def test_json_error_documents_always_carry_a_hint(home: Path) -> None:
     }
     doc = json.loads(ff("snapshot", "show", "nope", "--json").stdout)
     assert doc["hint"] == "see `freezeframe snapshot list`"
+    doc = json.loads(ff("vm", "add", "x", "--json").stdout)  # neither --qmp nor --libvirt
+    assert doc["exit_code"] == 2
+    assert doc["hint"] == "one of them, not both"
 
 
 @pytest.mark.parametrize(
