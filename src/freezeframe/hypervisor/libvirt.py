@@ -1031,11 +1031,10 @@ class LibvirtAgent(Agent):
         return await self._freeze(list(mountpoints), timeout)
 
     async def fsfreeze_thaw(self, timeout: float | None = None) -> int:
-        """``virDomainFSThaw``; the agent timeout is lowered to ``timeout`` first when it is
-        longer (set back to libvirt's default when this client closes, outside the window)."""
+        """``virDomainFSThaw``, bounded by ``timeout`` here. Right after a freeze that answered,
+        the agent answers a thaw at once: no extra call to change libvirt's agent timeout is
+        made inside the window (:meth:`fsfreeze_thaw_urgent` does, after a hung freeze)."""
         t = self._t(timeout)
-        if self._timeout_set is None or self._timeout_set > math.ceil(t):
-            await self._set_agent_timeout(t)  # not after a freeze with a shorter deadline
         return int(await self._run("virDomainFSThaw", lambda dom: dom.fsThaw(None, 0), t))
 
     async def fsfreeze_thaw_urgent(self, timeout: float | None = None) -> int | None:
@@ -1048,6 +1047,7 @@ class LibvirtAgent(Agent):
             left = end - time.monotonic()
             if left <= 0.05:
                 return None
+            await self._set_agent_timeout(left)  # libvirt's agent job must end with us
             try:
                 return await self.fsfreeze_thaw(timeout=left)
             except (AgentTimeoutError, AgentUnavailableError, AgentProtocolError) as exc:
