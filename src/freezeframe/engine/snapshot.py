@@ -629,8 +629,6 @@ class Snapshotter:
             if hooked and self.after_thaw is not None:
                 await shielded(self._after_thaw(run, driver))
         assert intent is not None
-        if not run.thaw_confirmed and not run.freeze_refused:
-            await shielded(self._thaw_late(run, agent, intent))
         if not run.thaw_confirmed:
             self._unconfirmed(run, agent, intent)
         await self._settle_cut(run, driver, cut_exc)
@@ -775,10 +773,8 @@ class Snapshotter:
         intent: FreezeIntent,
         *,
         urgent: bool,
-        budget: float | None = None,
     ) -> None:
-        if budget is None:
-            budget = 1.5 if urgent else self.thaw_timeout
+        budget = 1.5 if urgent else self.thaw_timeout
         if run.freeze_refused:
             # Nothing of ours is frozen: a thaw now could only undo someone else's freeze.
             run.thaw_confirmed = await self._nothing_frozen(run, agent, budget)
@@ -789,20 +785,6 @@ class Snapshotter:
                 await self.catalog.close_intent(intent.id, "engine")
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
-
-    async def _thaw_late(self, run: _Run, agent: Agent, intent: FreezeIntent) -> None:
-        """The thaw was not confirmed (the guest or its agent hung): keep thawing and asking
-        for ``thaw_timeout`` seconds more before giving up, so a guest that comes back within
-        that time (a paused VM resumed, a slow freeze that finally finished) is thawed by us,
-        not left frozen until someone else talks to its agent."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.thaw_timeout
-        while not run.thaw_confirmed and (left := end - loop.time()) > 0.1:
-            await self._thaw_and_close(run, agent, intent, urgent=False, budget=min(left, 2.0))
-            if not run.thaw_confirmed:
-                await asyncio.sleep(min(0.25, max(0.0, end - loop.time())))
-        if run.thaw_confirmed:
-            run.tl.mark("thaw_late", "the thaw was confirmed on a later try")
 
     async def _close_own_intents(self, run: _Run) -> None:
         """Close the intents of this snapshot that are open although no freeze was sent."""
