@@ -8,6 +8,7 @@ suite does not run as root (the lab needs loop devices and KVM/TCG QEMU of its o
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 
 from freezeframe.catalog import Catalog
 from tests.contract.rigs import RIG_PARAMS, RIGS, LabPool, Rig
+from tests.integration.conftest import libvirtd  # noqa: F401 (the session fixture)
+from tests.integration.libvirt_helpers import traversable_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = Path("/usr/bin/qemu-system-x86_64")
@@ -35,9 +38,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
-def contract_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private FREEZEFRAME_HOME for the session, the shared persistent lab build cache."""
-    home = tmp_path_factory.mktemp("ffcontract")
+def contract_env() -> Iterator[Path]:
+    """A private FREEZEFRAME_HOME for the session (0755 under /var/tmp: libvirt's QEMU must
+    reach the lab's images), the shared persistent lab build cache."""
+    home = traversable_tmpdir("ffcontract-")
     mp = pytest.MonkeyPatch()
     mp.setenv("FREEZEFRAME_HOME", str(home))
     mp.setenv(
@@ -47,6 +51,7 @@ def contract_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
     finally:
         mp.undo()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,8 @@ def lab_pool() -> Iterator[LabPool]:
 async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
     """The rig of one driver, with a fresh catalog."""
     cls = RIGS[request.param]
+    if cls.driver == "libvirt":
+        request.getfixturevalue("libvirtd")
     pool = request.getfixturevalue("lab_pool") if cls.needs_lab else None
     catalog = await Catalog.open(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
     try:

@@ -30,19 +30,20 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, ClassVar, TypedDict, TypeVar
 
 import pytest
 from qemu.qmp import QMPClient
 
-from freezeframe.agent import GuestAgent
+from freezeframe.agent import Agent, GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.engine.snapshot import Hook
-from freezeframe.hypervisor import HypervisorDriver
+from freezeframe.hypervisor import HypervisorDriver, open_agent
+from freezeframe.hypervisor.libvirt import LibvirtDriver
 from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.models import FsFreezeState
 from freezeframe.testing import AgentFault, FakeHost, FakeVm
+from tests.integration.libvirt_helpers import domblklist, virsh
 
 __all__ = [
     "PAUSE_HOOKS",
@@ -317,7 +318,7 @@ class QmpRig(Rig):
         }
 
     async def image_files(self, vm: RigVm) -> set[str]:
-        return {str(p) for p in Path(self._vm(vm).qmp_path).parent.glob("*.qcow2")}
+        return {str(p) for p in self._vm(vm).console_log.parent.glob("*.qcow2")}
 
     @staticmethod
     def _agent(vm: LabVm) -> GuestAgent | None:
@@ -367,28 +368,139 @@ class QmpRig(Rig):
 
 
 # ---------------------------------------------------------------------------- libvirt
-#
-# >>> The libvirt rig goes here. <<<
-#
-# class LibvirtRig(Rig):
-#     driver = "libvirt"
-#     needs_lab = True
-#     ...boots its VMs through self.pool.get(key, start, stop), ``start`` running
-#     ``freezeframe lab up NAME --libvirt`` (with and without ``--no-agent``), registers them
-#     in self.catalog (``driver="libvirt"``, ``domain=<uuid>``), reads images from the live
-#     domain XML (or QMP through ``virsh qemu-monitor-command``, read-only), freezes and reads
-#     the guest through ``virsh domfsfreeze`` / ``qemu-agent-command``; the hung agent is
-#     PAUSE_HOOKS (driver.pause / driver.resume).
-#
-# then add it to RIGS and one pytest.param("libvirt", marks=[pytest.mark.integration]) to
-# RIG_PARAMS below.
+
+
+def _suspend_during_freeze() -> Hooks:
+    """A hung agent on a libvirt domain: libvirt refuses agent calls on a paused domain, so the
+    domain is suspended (``virsh suspend``) a moment *after* the freeze was sent, and resumed
+    after the thaw attempt (``virsh resume``)."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def suspend_soon(domain: str) -> None:
+        await asyncio.sleep(0.03)
+        await asyncio.to_thread(virsh, "suspend", domain)
+
+    async def before_freeze(_vm: str, driver: HypervisorDriver) -> None:
+        assert isinstance(driver, LibvirtDriver)
+        assert driver.domain_name is not None
+        tasks.append(asyncio.create_task(suspend_soon(driver.domain_name)))
+
+    async def after_thaw(_vm: str, driver: HypervisorDriver) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(driver, LibvirtDriver)
+        assert driver.domain_name is not None
+        await asyncio.to_thread(virsh, "resume", driver.domain_name)
+
+    return Hooks(before_freeze=before_freeze, after_thaw=after_thaw)
+
+
+class LibvirtRig(Rig):
+    """The built-in lab guest as a transient libvirt domain (``lab up --libvirt``) through the
+    ``libvirt`` driver. Images are read from libvirt's live view (``virsh domblklist``), the
+    guest through libvirt's agent calls; the hung agent is :func:`_suspend_during_freeze`."""
+
+    driver = "libvirt"
+    needs_lab = True
+
+    def __init__(self, catalog: Catalog, pool: LabPool | None) -> None:
+        super().__init__(catalog, pool)
+        self._used: dict[str, LabVm] = {}
+
+    async def _lab(self, key: str, *, agent: bool) -> LabVm:
+        assert self.pool is not None
+
+        async def start(name: str) -> LabVm:
+            disks = ("ext4", "xfs") if agent else ("ext4",)
+            return await lab_up(name, disks=disks, agent=agent, driver="libvirt", timeout=240)
+
+        vm = await self.pool.get(f"lv-{key}", start, _lab_purge)
+        self._used[vm.name] = vm
+        return vm
+
+    async def _register(self, vm: LabVm, **changes: Any) -> RigVm:
+        await self.catalog.add_vm(replace(vm.vm_config(), **changes), replace=True)
+        return RigVm(vm.name, handle=vm)
+
+    async def vm_with_agent(self) -> RigVm:
+        return await self._register(await self._lab("agent", agent=True))
+
+    async def vm_without_agent_channel(self) -> RigVm:
+        return await self._register(await self._lab("mute", agent=False), agent=True)
+
+    async def vm_with_hung_agent(self) -> RigVm:
+        vm = await self.vm_with_agent()
+        return RigVm(vm.name, hooks=_suspend_during_freeze(), handle=vm.handle)
+
+    @staticmethod
+    def _vm(vm: RigVm) -> LabVm:
+        assert isinstance(vm.handle, LabVm)
+        return vm.handle
+
+    @staticmethod
+    def _domain(vm: LabVm) -> str:
+        assert vm.domain_name is not None
+        return vm.domain_name
+
+    async def images(self, vm: RigVm) -> dict[str, str]:
+        return await asyncio.to_thread(domblklist, self._domain(self._vm(vm)))
+
+    async def image_files(self, vm: RigVm) -> set[str]:
+        return {str(p) for p in self._vm(vm).console_log.parent.glob("*.qcow2")}
+
+    @staticmethod
+    def _agent(vm: LabVm) -> Agent | None:
+        cfg = vm.vm_config()
+        if not cfg.agent or cfg.domain is None:
+            return None
+        return open_agent(f"libvirt:{cfg.domain}@{cfg.connect_uri}", timeout=5)
+
+    async def is_frozen(self, vm: RigVm) -> bool:
+        agent = self._agent(self._vm(vm))
+        if agent is None:
+            return False
+        async with agent:
+            return await agent.fsfreeze_status() is FsFreezeState.FROZEN
+
+    async def freeze(self, vm: RigVm) -> None:
+        agent = self._agent(self._vm(vm))
+        assert agent is not None
+        async with agent:
+            assert await agent.fsfreeze_freeze() > 0
+
+    async def freeze_requests(self, vm: RigVm) -> int | None:
+        lab = self._vm(vm)
+        agent = self._agent(lab)
+        if agent is None:
+            return 0
+        log_path = lab.vm_config().agent_log_path
+        assert log_path is not None
+        async with agent:
+            text = (await agent.file_read(log_path, tail=True)).decode(errors="replace")
+        return sum(
+            1
+            for line in text.splitlines()
+            if "read data" in line and "guest-fsfreeze-freeze" in line
+        )
+
+    async def stop(self) -> None:
+        """Leave the shared domains running and thawed, whatever the test did."""
+        for vm in self._used.values():
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(virsh, "resume", self._domain(vm), check=False)
+            agent = self._agent(vm)
+            if agent is not None:
+                with contextlib.suppress(Exception):
+                    async with agent:
+                        if await agent.fsfreeze_status() is FsFreezeState.FROZEN:
+                            await agent.fsfreeze_thaw()
+
 
 #: Rig classes by driver name.
-RIGS: dict[str, type[Rig]] = {"fake": FakeRig, "qmp": QmpRig}
+RIGS: dict[str, type[Rig]] = {"fake": FakeRig, "qmp": QmpRig, "libvirt": LibvirtRig}
 
 #: The ``rig`` fixture's parameters: one per driver (real VMs are integration tests).
 RIG_PARAMS = [
     pytest.param("fake", id="fake"),
     pytest.param("qmp", id="qmp", marks=[pytest.mark.integration]),
-    # pytest.param("libvirt", id="libvirt", marks=[pytest.mark.integration]),
+    pytest.param("libvirt", id="libvirt", marks=[pytest.mark.integration, pytest.mark.libvirt]),
 ]
