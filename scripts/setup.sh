@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up freezeframe on a fresh Debian 12 machine (as root): the Debian packages the lab VM,
-# the snapshot engine and the offline checks need, and a virtual environment in .venv created
+# the snapshot engine, the offline checks and the libvirt driver need (libvirtd is started by
+# scripts/libvirtd.sh, not here), and a virtual environment in .venv created
 # from Debian's /usr/bin/python3 with --system-site-packages (so python3-libvirt / python3-rbd
 # import later). Idempotent: a second run only checks.
 set -euo pipefail
@@ -10,6 +11,7 @@ DEB_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra
   busybox-static e2fsprogs xfsprogs dosfstools kmod cpio fuse3 util-linux mount
   python3 python3-venv python3-libvirt
+  libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
 )
 
 missing=()

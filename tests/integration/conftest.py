@@ -1,18 +1,30 @@
 """Fixtures for integration tests on real lab VMs.
 
-- Every test session gets its own ``FREEZEFRAME_HOME`` (a temp directory: lab VMs, catalog)
-  but shares the persistent build cache ``FREEZEFRAME_CACHE=<repo>/.state/cache`` (kept if the
-  variable is already set), so the kernel and initramfs are built once per machine.
-- ``lab_vm``: a factory that boots lab VMs (``await lab_vm(name, disks=..., agent=...)``) and
-  always stops and purges them at teardown, even when the test failed.
+- Every test session gets its own ``FREEZEFRAME_HOME`` (lab VMs, catalog): a directory under
+  /var/tmp, mode 0755, that libvirt's QEMU account can reach (pytest's own temp directories are
+  0700), removed at the end of the session. It shares the persistent build cache
+  ``FREEZEFRAME_CACHE=<repo>/.state/cache`` (kept if the variable is already set), so the kernel
+  and initramfs are built once per machine.
+- ``lab_vm``: a factory that boots lab VMs (``await lab_vm(name, disks=..., agent=...,
+  driver=...)``) and always stops and purges them at teardown, even when the test failed; a
+  libvirt one (``driver="libvirt"``) brings up ``libvirtd`` and has its domain destroyed by
+  name (``virsh destroy ff-lab-NAME``) in any case.
 - ``@pytest.mark.integration`` tests are skipped only when QEMU itself is not installed.
+- ``libvirtd`` (session): libvirtd and virtlogd running for the session, started by
+  ``scripts/libvirtd.sh start`` when they are not; at the end of the session the script stops
+  only what it started for this session (a state file of the session's own). Yields the
+  connection URI; skips when libvirt is not installed here or the session is not root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import os
+import shutil
+import subprocess
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -21,9 +33,15 @@ import pytest
 
 from freezeframe.errors import UsageError
 from freezeframe.lab import LabVm, lab_down, lab_up
+from freezeframe.lab._model import domain_name
+from tests.integration.libvirt_helpers import destroy_domain, traversable_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = Path("/usr/bin/qemu-system-x86_64")
+LIBVIRTD_SCRIPT = REPO / "scripts" / "libvirtd.sh"
+LIBVIRT_PACKAGES = (
+    "libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu python3-libvirt"
+)
 _names = itertools.count()
 
 
@@ -37,9 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
-def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def lab_env() -> Iterator[Path]:
     """A private FREEZEFRAME_HOME for the session, the shared persistent build cache."""
-    home = tmp_path_factory.mktemp("ffhome")
+    home = traversable_tmpdir("ffhome-")
     mp = pytest.MonkeyPatch()
     mp.setenv("FREEZEFRAME_HOME", str(home))
     mp.setenv(
@@ -49,6 +67,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
     finally:
         mp.undo()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class LabVmFactory(Protocol):
@@ -63,13 +82,15 @@ class LabVmFactory(Protocol):
         disk_size: str = "256M",
         accel: str = "auto",
         timeout: float = 60.0,
+        driver: str | None = None,
     ) -> LabVm: ...
 
 
 @pytest.fixture
-async def lab_vm(lab_env: Path) -> AsyncIterator[LabVmFactory]:
+async def lab_vm(lab_env: Path, request: pytest.FixtureRequest) -> AsyncIterator[LabVmFactory]:
     """Boot lab VMs for one test; every VM it started (or tried to) is purged afterwards."""
     started: list[str] = []
+    domains: list[str] = []
 
     async def make(
         name: str | None = None,
@@ -79,8 +100,13 @@ async def lab_vm(lab_env: Path) -> AsyncIterator[LabVmFactory]:
         disk_size: str = "256M",
         accel: str = "auto",
         timeout: float = 60.0,
+        driver: str | None = None,
     ) -> LabVm:
-        vm_name = name or f"vm{os.getpid() % 1000}-{next(_names)}"
+        # libvirt domain names are global to libvirtd: unique across concurrent sessions
+        vm_name = name or f"vm{os.getpid() % 100000}-{next(_names)}"
+        if driver == "libvirt":
+            request.getfixturevalue("libvirtd")
+            domains.append(domain_name(vm_name))
         started.append(vm_name)
         return await lab_up(
             vm_name,
@@ -89,6 +115,7 @@ async def lab_vm(lab_env: Path) -> AsyncIterator[LabVmFactory]:
             disk_size=disk_size,
             accel=accel,
             timeout=timeout,
+            driver=driver,
         )
 
     try:
@@ -98,3 +125,39 @@ async def lab_vm(lab_env: Path) -> AsyncIterator[LabVmFactory]:
             # UsageError: never created (bad input) or already purged by the test
             with contextlib.suppress(UsageError):
                 await lab_down(vm_name, purge=True)
+        for domain in domains:  # even if lab down failed
+            destroy_domain(domain)
+
+
+def _libvirtd_script(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(LIBVIRTD_SCRIPT), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``qemu:///system`` answering for the whole session (see the module's docstring)."""
+    missing = [p for p in ("libvirtd", "virtlogd", "virsh") if shutil.which(p) is None]
+    if missing or importlib.util.find_spec("libvirt") is None:
+        pytest.skip(f"libvirt is not installed here (apt-get install -y {LIBVIRT_PACKAGES})")
+    if os.geteuid() != 0:
+        pytest.skip("libvirt tests run as root (qemu:///system)")
+    env = {
+        **os.environ,
+        "FF_LIBVIRTD_STATE": str(tmp_path_factory.mktemp("libvirtd") / "started.pids"),
+    }
+    started = _libvirtd_script("start", env)
+    if started.returncode != 0:
+        pytest.fail(f"scripts/libvirtd.sh start failed:\n{started.stderr}", pytrace=False)
+    try:
+        yield "qemu:///system"
+    finally:
+        stopped = _libvirtd_script("stop", env)
+        if stopped.returncode != 0:
+            warnings.warn(f"scripts/libvirtd.sh stop failed: {stopped.stderr}", stacklevel=1)

@@ -52,7 +52,7 @@ def assert_nothing_left(name: str, vm: LabVm | None = None) -> None:
     assert processes_mentioning(str(vmdir)) == []
     if vm is not None:
         assert not _qemu.qemu_alive(vm.pid, vm.qmp_path)
-        assert not vm.qmp_path.exists()
+        assert vm.qmp_path is None or not vm.qmp_path.exists()
         assert vm.qga_path is None or not vm.qga_path.exists()
     mounts = Path("/proc/mounts").read_text()
     assert str(vmdir) not in mounts

@@ -94,12 +94,6 @@ def nova_xml(name: str, inst: Path, vol: Path, cdrom: Path, kernel: Path, initrd
 
 
 @pytest.fixture
-def libvirtd() -> str:  # TEMPORARY until the shared session fixture lands
-    subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], check=True, capture_output=True)
-    return LIBVIRT_URI
-
-
-@pytest.fixture
 def nova_domain(libvirtd: str, lab_env: Path) -> Iterator[tuple[str, Path]]:
     """A running Nova-shaped domain: (domain name, instance directory)."""
     import asyncio

@@ -237,7 +237,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 async def test_killed_while_frozen_then_recover(lab_vm: LabVmFactory, catalog: Catalog) -> None:
     vm = await lab_vm(disks=("ext4", "xfs"))
     await register(catalog, vm)
-    vmdir = vm.qmp_path.parent
+    vmdir = vm.console_log.parent
     images = sorted(p.name for p in vmdir.glob("*.qcow2"))
     env = dict(os.environ)
     proc = _cli("snapshot", "create", vm.name, "--hold-frozen", "60", env=env)

@@ -23,7 +23,7 @@ from freezeframe.errors import (
     RecoverError,
 )
 from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
-from freezeframe.lab._model import parse_disks, parse_size, validate_timeout
+from freezeframe.lab._model import libvirt_agent_address, parse_disks, parse_size, validate_timeout
 from freezeframe.models import VmConfig
 
 app = typer.Typer(
@@ -37,11 +37,17 @@ _JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 def _print_vm(vm: LabVm) -> None:
     state = "[green]running[/]" if vm.running else "[red]stopped[/]"
     console.print(
-        f"[bold]{escape(vm.name)}[/] {state} pid {vm.pid} accel {escape(vm.accel)}",
+        f"[bold]{escape(vm.name)}[/] {state} pid {vm.pid} accel {escape(vm.accel)} "
+        f"driver {escape(vm.driver)}",
         highlight=False,
     )
-    console.print(f"  qmp      {vm.qmp_path}", markup=False, highlight=False)
-    console.print(f"  agent    {vm.qga_path or '(none)'}", markup=False, highlight=False)
+    if vm.driver == "libvirt":
+        where = f"  domain   {vm.domain_name} {vm.domain} on {vm.connect_uri}"
+        agent = f"{vm.agent_address} (channel {vm.qga_path})" if vm.qga_path else "(none)"
+    else:
+        where, agent = f"  qmp      {vm.qmp_path}", str(vm.qga_path or "(none)")
+    console.print(where, markup=False, highlight=False)
+    console.print(f"  agent    {agent}", markup=False, highlight=False)
     console.print(f"  console  {vm.console_log}", markup=False, highlight=False)
     for d in vm.disks:
         # The image the disk booted from (the top of its chain then), its base if that differs.
@@ -88,6 +94,13 @@ def up(
         "restarts as it was built).",
     ),
     accel: str = typer.Option("auto", "--accel", help="auto, kvm or tcg."),
+    libvirt: bool | None = typer.Option(
+        None,
+        "--libvirt/--qmp",
+        help="Run it as a transient libvirt domain on qemu:///system (registered with the "
+        "libvirt driver) or as a QEMU of its own (new VM: default --qmp; a stopped VM "
+        "restarts as it was built).",
+    ),
     timeout: float = typer.Option(
         60.0, "--timeout", help="Seconds for the guest to be ready (more than 0, at most 3600)."
     ),
@@ -130,6 +143,7 @@ def up(
             accel=accel,
             timeout=timeout,
             adopt=not registered,  # running and registered: AlreadyExistsError as before
+            driver=None if libvirt is None else ("libvirt" if libvirt else "qmp"),
         )
         # Lab VMs are registered automatically, so `snapshot create NAME` works right away.
         async with await Catalog.open() as cat:
@@ -148,7 +162,9 @@ def up(
         )
         _print_vm(vm)
     else:
-        err_console.print(f"lab VM {vm.name} is up ({vm.accel})", markup=False, highlight=False)
+        err_console.print(
+            f"lab VM {vm.name} is up ({vm.accel}, {vm.driver})", markup=False, highlight=False
+        )
         _print_vm(vm)
 
 
@@ -170,8 +186,9 @@ def down(
     as_json: bool = _JSON,
 ) -> None:
     """Stop a lab VM: flush the guest (sync through the agent), then QMP quit (SIGTERM/SIGKILL
-    if need be); its disks stay for the next lab up. --purge deletes its files, its
-    registration and its snapshot records (their images lived in the deleted directory).
+    if need be; under libvirt, destroy its transient domain); its disks stay for the next lab
+    up. --purge deletes its files, its registration and its snapshot records (their images
+    lived in the deleted directory).
     Refused (exit 9) while a snapshot of the VM is in progress, and (exit 12) while a freeze
     intent of it is open (run `freezeframe recover NAME` first), unless --force."""
 
@@ -276,8 +293,14 @@ async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:
     for rec in records:
         with contextlib.suppress(NotFoundError):
             await cat.delete_snapshot(rec.id)
+    # A libvirt lab VM's agent is not a path in its directory but its domain's address.
+    domain = (
+        libvirt_agent_address(cfg.domain, cfg.connect_uri)
+        if cfg is not None and cfg.driver == "libvirt" and cfg.domain and cfg.connect_uri
+        else None
+    )
     for intent in await cat.open_intents(name):
-        if _inside([intent.agent_address], labdir):
+        if intent.agent_address == domain or _inside([intent.agent_address], labdir):
             await cat.close_intent(intent.id, "lab down --purge")
     return len(records)
 
@@ -300,7 +323,10 @@ def list_(as_json: bool = _JSON) -> None:
     for vm in vms:
         state = "running" if vm.running else "stopped"
         fs = ",".join(d.fstype for d in vm.disks) or "-"
-        console.print(f"{vm.name:<20} {state:<8} pid {vm.pid:<8} {vm.accel:<4} {fs}", markup=False)
+        console.print(
+            f"{vm.name:<20} {state:<8} pid {vm.pid:<8} {vm.accel:<4} {vm.driver:<7} {fs}",
+            markup=False,
+        )
 
 
 @app.command("status")

@@ -4,14 +4,16 @@ writer workload on qcow2 data disks, booted under QEMU for tests, benchmarks and
 Public API (the CLI ``freezeframe lab`` is a thin layer over it):
 
 - ``await lab_up(name, *, disks=("ext4", "xfs"), disk_size="256M", agent=None,
-  accel="auto", timeout=60.0, adopt=False) -> LabVm``
+  accel="auto", timeout=60.0, adopt=False, driver=None) -> LabVm`` (``driver``: ``qmp``, the
+  default, or ``libvirt``: a transient libvirt domain)
 - ``await lab_down(name, *, purge=False) -> None``
 - ``lab_list() -> list[LabVm]``, ``lab_status(name) -> LabVm``
 - :class:`LabVm`, :class:`LabDisk`; the workload helpers are in :mod:`freezeframe.lab.workload`.
 
 Internals: ``_build`` (kernel, modules, initramfs, cache), ``_disks`` (qcow2 data disks),
-``_qemu`` (command line, accelerator probe, stopping by PID), ``_vm`` (lifecycle), the guest
-scripts in ``guest/``.
+``_qemu`` (command line, accelerator probe, stopping by PID), ``_libvirt`` (the transient
+libvirt domain: XML, create / destroy, permissions), ``_vm`` (lifecycle), the guest scripts in
+``guest/``.
 """
 
 from __future__ import annotations

@@ -16,13 +16,18 @@ from freezeframe.models import QuiescePolicy, VmConfig
 
 __all__ = [
     "ACCELS",
+    "DRIVERS",
     "FILESYSTEMS",
+    "LIBVIRT_URI",
     "MAX_DISKS",
     "LabDisk",
     "LabVm",
+    "domain_name",
+    "libvirt_agent_address",
     "parse_disks",
     "parse_size",
     "validate_accel",
+    "validate_driver",
     "validate_fstypes",
     "validate_name",
     "validate_timeout",
@@ -36,6 +41,11 @@ FILESYSTEMS: tuple[str, ...] = ("ext4", "xfs", "vfat")
 ACCELS: tuple[str, ...] = ("auto", "kvm", "tcg")
 #: At most this many data disks (they get PCI slots 0x08 .. 0x17).
 MAX_DISKS = 16
+#: How a lab VM runs: QEMU started by the lab itself (``qmp``, registered with the QMP driver)
+#: or a transient libvirt domain (``libvirt``, registered with the libvirt driver).
+DRIVERS: tuple[str, ...] = ("qmp", "libvirt")
+#: The libvirt connection of libvirt lab VMs.
+LIBVIRT_URI = "qemu:///system"
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _SIZE_RE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -65,6 +75,12 @@ class LabDisk:
     fstype: str
     mountpoint: str
     base: Path | None = None
+
+    @property
+    def serial(self) -> str:
+        """The disk's serial (``ffdiskN``): the guest finds it by this, and so does ``lab
+        down`` in a libvirt domain's XML."""
+        return f"ff{self.device}"
 
     @property
     def base_image(self) -> Path:
@@ -97,31 +113,71 @@ class LabDisk:
         )
 
 
+def domain_name(name: str) -> str:
+    """The libvirt domain name of the lab VM ``name`` (a valid libvirt name for every valid
+    lab name)."""
+    return f"ff-lab-{name}"
+
+
+def libvirt_agent_address(domain: str, connect_uri: str) -> str:
+    """The agent address the libvirt driver gives the domain with UUID ``domain``."""
+    return f"libvirt:{domain}@{connect_uri}"
+
+
 @dataclass(frozen=True, slots=True)
 class LabVm:
     """A lab VM as recorded in its directory; ``running`` is checked against /proc when read.
 
-    ``qga_path`` is None when the VM was started without the guest agent. ``accel`` is the
+    ``driver`` says how it runs: ``qmp`` (QEMU started by the lab; ``qmp_path`` is its QMP
+    socket) or ``libvirt`` (a transient libvirt domain named :func:`domain_name` with UUID
+    ``domain`` on ``connect_uri``; ``qmp_path`` is None: libvirtd owns the monitor). ``pid`` is
+    QEMU's. ``qga_path`` is the guest agent's socket (under libvirt, the channel libvirtd
+    talks to), None when the VM was started without the guest agent. ``accel`` is the
     accelerator QEMU runs with (``kvm`` or ``tcg``).
     """
 
     name: str
     pid: int
     running: bool
-    qmp_path: Path
+    qmp_path: Path | None
     qga_path: Path | None
     console_log: Path
     accel: str
     disks: tuple[LabDisk, ...]
+    driver: str = "qmp"
+    domain: str | None = None
+    connect_uri: str | None = None
+
+    @property
+    def domain_name(self) -> str | None:
+        """The libvirt domain's name (None for a ``qmp`` lab VM)."""
+        return domain_name(self.name) if self.driver == "libvirt" else None
+
+    @property
+    def agent_address(self) -> str | None:
+        """Where :func:`freezeframe.hypervisor.open_agent` reaches its guest agent (None
+        without one): the socket path (``qmp``) or ``libvirt:UUID@URI``."""
+        if self.qga_path is None:
+            return None
+        if self.driver == "libvirt":
+            return libvirt_agent_address(str(self.domain), str(self.connect_uri))
+        return str(self.qga_path)
 
     def vm_config(self) -> VmConfig:
-        """How freezeframe registers this lab VM: its sockets, agent yes/no, the agent's log
-        file as evidence, policy ``preferred``."""
+        """How freezeframe registers this lab VM: its driver's address (sockets, or the libvirt
+        connection and domain UUID), agent yes/no, the agent's log file as evidence, policy
+        ``preferred``."""
+        if self.driver == "libvirt":
+            where: dict[str, Any] = {"connect_uri": self.connect_uri, "domain": self.domain}
+        else:
+            where = {
+                "qmp_path": str(self.qmp_path),
+                "qga_path": str(self.qga_path) if self.qga_path else None,
+            }
         return VmConfig(
             name=self.name,
-            driver="qmp",
-            qmp_path=str(self.qmp_path),
-            qga_path=str(self.qga_path) if self.qga_path else None,
+            driver=self.driver,
+            **where,
             agent=self.qga_path is not None,
             quiesce=QuiescePolicy.PREFERRED,
             agent_log_path=GUEST_AGENT_LOG if self.qga_path else None,
@@ -131,10 +187,14 @@ class LabVm:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "driver": self.driver,
             "pid": self.pid,
             "running": self.running,
-            "qmp_path": str(self.qmp_path),
+            "qmp_path": str(self.qmp_path) if self.qmp_path else None,
             "qga_path": str(self.qga_path) if self.qga_path else None,
+            "domain": self.domain,
+            "domain_name": self.domain_name,
+            "connect_uri": self.connect_uri,
             "console_log": str(self.console_log),
             "accel": self.accel,
             "disks": [d.to_json() for d in self.disks],
@@ -142,16 +202,24 @@ class LabVm:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], *, running: bool) -> LabVm:
-        qga = doc.get("qga_path")
+        qmp, qga = doc.get("qmp_path"), doc.get("qga_path")
+        driver = str(doc.get("driver") or "qmp")
+        if driver not in DRIVERS or (driver == "qmp" and not qmp):
+            raise ValueError(f"driver {driver!r} with QMP socket {qmp!r}")
+        if driver == "libvirt" and not (doc.get("domain") and doc.get("connect_uri")):
+            raise ValueError("a libvirt lab VM without a domain UUID or connection URI")
         return cls(
             name=str(doc["name"]),
             pid=int(doc["pid"]),
             running=running,
-            qmp_path=Path(doc["qmp_path"]),
+            qmp_path=Path(qmp) if qmp else None,
             qga_path=Path(qga) if qga else None,
             console_log=Path(doc["console_log"]),
             accel=str(doc["accel"]),
             disks=tuple(LabDisk.from_json(d) for d in doc["disks"]),
+            driver=driver,
+            domain=str(doc["domain"]) if doc.get("domain") else None,
+            connect_uri=str(doc["connect_uri"]) if doc.get("connect_uri") else None,
         )
 
 
@@ -205,6 +273,13 @@ def validate_timeout(timeout: float) -> float:
             f"timeout {timeout:g}s out of range", hint=f"more than 0 and at most {MAX_TIMEOUT:g}"
         )
     return float(timeout)
+
+
+def validate_driver(driver: str | None) -> str | None:
+    """Return ``driver`` if it is None (not chosen), ``qmp`` or ``libvirt``; else UsageError."""
+    if driver is not None and driver not in DRIVERS:
+        raise UsageError(f"unknown lab driver {driver!r}", hint=f"choose from {', '.join(DRIVERS)}")
+    return driver
 
 
 def validate_accel(accel: str) -> str:

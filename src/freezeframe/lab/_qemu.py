@@ -33,12 +33,16 @@ from freezeframe.lab._model import LabDisk
 from freezeframe.models import GUEST_AGENT_PORT
 
 __all__ = [
+    "DISK_SLOT0",
     "MEMORY_MB",
     "PROBE_FILE",
     "PROBE_TIMEOUT",
+    "SERIAL_SLOT",
     "choose_accel",
+    "is_qemu",
     "kernel_cmdline",
     "kill_now",
+    "proc_argv",
     "qemu_alive",
     "qemu_argv",
     "query_tops",
@@ -54,6 +58,8 @@ PROBE_TIMEOUT = 8.0
 PROBE_MARKER = "FFLAB-PROBE-OK"
 #: PCI slot of data disk 0 on the ``pc`` machine's bus ``pci.0`` (disk N is at 0x08 + N).
 DISK_SLOT0 = 0x08
+#: PCI slot of the virtio-serial controller carrying the guest agent's port.
+SERIAL_SLOT = 0x04
 
 
 def _opt(value: str | Path) -> str:
@@ -121,7 +127,7 @@ def qemu_argv(
     if qga_path is not None:
         argv += [
             "-device",
-            "virtio-serial-pci,id=vser0,bus=pci.0,addr=0x4",
+            f"virtio-serial-pci,id=vser0,bus=pci.0,addr={SERIAL_SLOT:#x}",
             "-chardev",
             f"socket,id=qga0,path={_opt(qga_path)},server=on,wait=off",
             "-device",
@@ -134,7 +140,7 @@ def qemu_argv(
             "-blockdev",
             f"driver={disk.format},node-name={disk.node},file={disk.node}-file",
             "-device",
-            f"virtio-blk-pci,id={disk.device},drive={disk.node},serial=ff{disk.device},"
+            f"virtio-blk-pci,id={disk.device},drive={disk.node},serial={disk.serial},"
             f"bus=pci.0,addr={DISK_SLOT0 + i:#x}",
         ]
     if pidfile is not None:
@@ -142,7 +148,7 @@ def qemu_argv(
     return argv
 
 
-def _proc_argv(pid: int) -> list[str] | None:
+def proc_argv(pid: int) -> list[str] | None:
     """argv of a live (non-zombie) process, or None."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -155,12 +161,18 @@ def _proc_argv(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def qemu_alive(pid: int, qmp_path: Path) -> bool:
-    """True if ``pid`` is a live QEMU whose command line names ``qmp_path``."""
-    if pid <= 0:
+def is_qemu(argv: Sequence[str]) -> bool:
+    """True if ``argv`` (of a live process) is a ``qemu-system-*`` program's."""
+    return bool(argv) and os.path.basename(argv[0]).startswith("qemu-system")
+
+
+def qemu_alive(pid: int, qmp_path: Path | None) -> bool:
+    """True if ``pid`` is a live QEMU whose command line names ``qmp_path`` (None: a VM
+    without a QMP socket of the lab's, never)."""
+    if pid <= 0 or qmp_path is None:
         return False
-    argv = _proc_argv(pid)
-    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+    argv = proc_argv(pid)
+    if not argv or not is_qemu(argv):
         return False
     marker = f"path={_opt(qmp_path)},"
     return any(marker in arg for arg in argv)

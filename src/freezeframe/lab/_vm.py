@@ -5,6 +5,13 @@ A lab VM lives in ``<lab dir>/NAME/``: ``vm.json`` (the :class:`LabVm` record), 
 snapshots put on top of them (``diskN.ff-<id>.qcow2``). Operations on one name are serialised
 by a lock file in ``<lab dir>/.locks/``.
 
+It runs under one of two drivers, chosen at its first ``lab_up`` and kept: ``qmp`` (the lab
+starts QEMU itself, :mod:`freezeframe.lab._qemu`) or ``libvirt`` (a transient libvirt domain,
+:mod:`freezeframe.lab._libvirt`; its directory then also holds ``domain.xml``, ``kernel`` and
+``initrd``). Everything else — disks, chains, readiness, the flush, the recorded tops — is the
+same code for both; the guest agent is reached through
+:func:`freezeframe.hypervisor.open_agent` at the VM's :attr:`LabVm.agent_address`.
+
 ``lab_down`` (without purge) keeps the disks: it first flushes the guest (with an agent:
 the workload is stopped, then ``sync``, bounded by :data:`FLUSH_TIMEOUT`), so nothing the guest
 wrote is lost with its page cache; then it records in ``vm.json`` (key ``tops``) which image is
@@ -20,32 +27,41 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from freezeframe import paths
 from freezeframe._aio import shielded
 from freezeframe._tools import run
-from freezeframe.agent import GuestAgent
 from freezeframe.errors import (
     AgentError,
     AlreadyExistsError,
+    DependencyError,
     FreezeframeError,
     LabError,
     NotFoundError,
 )
-from freezeframe.lab import _build, _chain, _disks, _qemu
+from freezeframe.hypervisor import available_drivers, load_driver, open_agent
+from freezeframe.lab import _build, _chain, _disks, _libvirt, _qemu
+from freezeframe.lab._build import BootArtifacts
 from freezeframe.lab._model import (
+    LIBVIRT_URI,
     LabDisk,
     LabVm,
+    domain_name,
     parse_size,
     validate_accel,
+    validate_driver,
     validate_fstypes,
     validate_name,
     validate_timeout,
 )
 from freezeframe.lab._util import atomic_write, console_tail, file_lock
+from freezeframe.models import ExecResult
 
 __all__ = ["lab_down", "lab_list", "lab_status", "lab_up"]
 
@@ -82,6 +98,29 @@ def _lock(name: str) -> contextlib.AbstractAsyncContextManager[None]:
     return file_lock(paths.lab_dir() / ".locks" / name, timeout=300, what=f"lab VM {name}")
 
 
+def _qmp(vm: LabVm) -> Path:
+    """The QMP socket of a ``qmp`` lab VM (its record always names one)."""
+    if vm.qmp_path is None:
+        raise LabError(f"lab VM {vm.name}: its record names no QMP socket")
+    return vm.qmp_path
+
+
+def _libvirt_ids(vm: LabVm) -> tuple[str, str]:
+    """The domain UUID and connection URI of a ``libvirt`` lab VM."""
+    if vm.domain is None or vm.connect_uri is None:
+        raise LabError(f"lab VM {vm.name}: its record names no libvirt domain")
+    return vm.domain, vm.connect_uri
+
+
+def _liveness(vm: LabVm) -> tuple[int, bool]:
+    """QEMU's PID and whether it runs, from /proc: the recorded QEMU (``qmp``), the QEMU of
+    the domain's UUID (``libvirt``)."""
+    if vm.driver == "libvirt":
+        pid = _libvirt.qemu_pid(_libvirt_ids(vm)[0], hint=vm.pid)
+        return (pid, True) if pid is not None else (vm.pid, False)
+    return vm.pid, _qemu.qemu_alive(vm.pid, _qmp(vm))
+
+
 def _read_record(name: str) -> LabVm | None:
     """The recorded VM (``running`` checked against /proc), or None if there is no record."""
     try:
@@ -91,11 +130,11 @@ def _read_record(name: str) -> LabVm | None:
     except (OSError, ValueError) as exc:
         raise LabError(f"lab VM {name}: unreadable {_RECORD}: {exc}") from exc
     try:
-        pid = int(doc["pid"])
-        running = _qemu.qemu_alive(pid, Path(doc["qmp_path"]))
-        return LabVm.from_json(doc, running=running)
+        vm = LabVm.from_json(doc, running=False)
+        pid, running = _liveness(vm)
     except (KeyError, TypeError, ValueError) as exc:
         raise LabError(f"lab VM {name}: malformed {_RECORD}: {exc}") from exc
+    return dataclasses.replace(vm, pid=pid, running=running)
 
 
 def _read_tops(name: str) -> dict[str, str] | None:
@@ -118,19 +157,40 @@ def _write_record(vm: LabVm, tops: dict[str, str] | None = None) -> None:
 
 
 async def _query_tops(vm: LabVm) -> tuple[dict[str, str] | None, bool]:
-    """Before stopping a running VM: the image on top of each of its disks (None if QEMU
-    cannot tell: the next ``lab_up`` then searches), and whether QMP answered at all."""
+    """Before stopping a running VM: the image on top of each of its disks (None if QEMU or
+    libvirt cannot tell: the next ``lab_up`` then searches), and whether they answered at all.
+    QEMU is asked with ``query-block`` (by each disk's base image), libvirt for the domain's
+    live XML (each disk's ``<source file>``, by its serial)."""
     try:
-        by_base = await _qemu.query_tops(vm.qmp_path)
+        if vm.driver == "libvirt":
+            by_serial = await _libvirt.disk_files(*_libvirt_ids(vm))
+            keys = {d.device: d.serial for d in vm.disks}
+            found = {dev: by_serial[key] for dev, key in keys.items() if key in by_serial}
+            seen: object = by_serial
+        else:
+            by_base = await _qemu.query_tops(_qmp(vm))
+            keys = {d.device: str(d.base_image) for d in vm.disks}
+            found = {dev: by_base[key] for dev, key in keys.items() if key in by_base}
+            seen = by_base
     except LabError as exc:
-        log.warning("lab %s: cannot ask QEMU for its disks' top images: %s", vm.name, exc.message)
+        log.warning("lab %s: cannot ask for its disks' top images: %s", vm.name, exc.message)
         return None, False
-    bases = {d.device: str(d.base_image) for d in vm.disks}
-    found = {dev: by_base[base] for dev, base in bases.items() if base in by_base}
     if len(found) == len(vm.disks):
         return found, True
-    log.warning("lab %s: query-block does not show every disk: %s", vm.name, by_base)
+    log.warning("lab %s: the hypervisor does not show every disk: %s", vm.name, seen)
     return None, True
+
+
+async def _guest_sh(vm: LabVm, script: str) -> ExecResult:
+    """Run ``/bin/sh -c script`` in the guest through its agent, within
+    :data:`FLUSH_TIMEOUT`. Raises FreezeframeError (AgentError, or the driver cannot be
+    loaded) or TimeoutError."""
+    address = vm.agent_address
+    if address is None:
+        raise AgentError(f"lab VM {vm.name} has no guest agent")
+    async with asyncio.timeout(FLUSH_TIMEOUT):
+        async with open_agent(address, timeout=FLUSH_TIMEOUT) as agent:
+            return await agent.exec("/bin/sh", ["-c", script], timeout=FLUSH_TIMEOUT, capture=False)
 
 
 async def _flush_guest(vm: LabVm) -> None:
@@ -143,41 +203,33 @@ async def _flush_guest(vm: LabVm) -> None:
             vm.name,
         )
         return
-    agent = GuestAgent(str(vm.qga_path), timeout=FLUSH_TIMEOUT)
     started = time.monotonic()
     try:
-        async with asyncio.timeout(FLUSH_TIMEOUT):
-            res = await agent.exec(
-                "/bin/sh", ["-c", _FLUSH_SCRIPT], timeout=FLUSH_TIMEOUT, capture=False
-            )
+        res = await _guest_sh(vm, _FLUSH_SCRIPT)
         if res.exitcode != 0:
             log.warning("lab %s: guest flush exited with %s", vm.name, res.exitcode)
         else:
             log.info("lab %s: guest flushed in %.2fs", vm.name, time.monotonic() - started)
-    except (AgentError, TimeoutError) as exc:
-        why = exc.message if isinstance(exc, AgentError) else f"no answer in {FLUSH_TIMEOUT:g}s"
+    except (FreezeframeError, TimeoutError) as exc:
+        why = (
+            exc.message if isinstance(exc, FreezeframeError) else f"no answer in {FLUSH_TIMEOUT:g}s"
+        )
         log.warning(
             "lab %s: could not flush the guest before stopping it (%s); data it has not "
             "written back yet is lost",
             vm.name,
             why,
         )
-    finally:
-        await agent.close()
 
 
 async def _resume_guest(vm: LabVm) -> None:
     """Undo :func:`_flush_guest`'s stop of the workload (SIGCONT); best effort, never raises."""
     if vm.qga_path is None:
         return
-    agent = GuestAgent(str(vm.qga_path), timeout=FLUSH_TIMEOUT)
     try:
-        async with asyncio.timeout(FLUSH_TIMEOUT):
-            await agent.exec("/bin/sh", ["-c", _RESUME_SCRIPT], timeout=FLUSH_TIMEOUT)
-    except (AgentError, TimeoutError) as exc:
+        await _guest_sh(vm, _RESUME_SCRIPT)
+    except (FreezeframeError, TimeoutError) as exc:
         log.warning("lab %s: could not resume the guest's workload: %s", vm.name, exc)
-    finally:
-        await agent.close()
 
 
 def _orphan_pid(vmdir: Path) -> int | None:
@@ -190,19 +242,104 @@ def _orphan_pid(vmdir: Path) -> int | None:
     return pid if _qemu.qemu_alive(pid, vmdir / "qmp.sock") else None
 
 
+async def _find_domain(name: str, *, required: bool) -> _libvirt.Domain | None:
+    """The libvirt domain named after the lab VM ``name``, or None. When libvirt cannot be
+    asked: LabError / DependencyError if ``required``, else None."""
+    try:
+        return await _libvirt.find(name, LIBVIRT_URI)
+    except (DependencyError, LabError) as exc:
+        if required:
+            raise
+        log.debug("lab %s: libvirt not asked for a domain: %s", name, exc)
+        return None
+
+
+def _is_ours(dom: _libvirt.Domain, name: str) -> bool:
+    """Whether ``dom`` is this lab VM's (its metadata names this VM's directory; another
+    FREEZEFRAME_HOME on the same libvirtd may use the same lab name)."""
+    return dom.lab_dir is not None and os.path.realpath(dom.lab_dir) == os.path.realpath(
+        _vm_dir(name)
+    )
+
+
+async def _orphan(
+    name: str, vmdir: Path, *, required: bool
+) -> tuple[str, Callable[[], Awaitable[str]]] | None:
+    """A QEMU of this VM that runs without a record saying so — what it is, and how to stop it
+    — or None: one known from ``qemu.pid``, or the libvirt domain of its name when it is this
+    VM's (libvirt asked as :func:`_find_domain` with ``required``)."""
+    pid = _orphan_pid(vmdir)
+    if pid is not None:
+        return f"a QEMU of it (pid {pid})", lambda: _qemu.stop_qemu(pid, vmdir / "qmp.sock")
+    dom = await _find_domain(name, required=required)
+    if dom is not None and _is_ours(dom, name):
+        what = f"its libvirt domain {domain_name(name)} (UUID {dom.uuid})"
+        return what, lambda: _libvirt.destroy(dom.uuid, LIBVIRT_URI)
+    return None
+
+
+async def _stop_orphan(name: str, vmdir: Path) -> None:
+    """Stop what :func:`_orphan` finds (libvirt asked only where it is at hand)."""
+    found = await _orphan(name, vmdir, required=False)
+    if found is None:
+        return
+    what, stop = found
+    how = await stop()
+    log.info("lab %s: unrecorded %s stopped (%s)", name, what, how)
+    if await _orphan(name, vmdir, required=False) is not None:
+        raise LabError(f"lab VM {name}: {what} could not be stopped")
+
+
+def _require_libvirt_driver() -> None:
+    """Raise unless freezeframe's libvirt driver can be loaded: a libvirt lab VM's agent is
+    reached through it (readiness, ``lab down``'s flush)."""
+    if "libvirt" not in available_drivers():
+        raise LabError(
+            "a lab VM under libvirt with a guest agent needs freezeframe's libvirt driver "
+            "(entry point 'libvirt' of the freezeframe.drivers group), which is not installed",
+            hint="install freezeframe with its libvirt driver, or use --no-agent",
+        )
+    load_driver("libvirt")
+
+
+async def _libvirt_preflight(name: str, vmdir: Path, *, agent: bool) -> None:
+    """Before anything is built or booted under libvirt: libvirt's QEMU account can traverse
+    the way to the VM's directory, the libvirt driver loads (with an agent), libvirtd answers
+    and no domain has the VM's domain name. Raises LabError / DependencyError."""
+    _libvirt.check_traversable(vmdir)
+    if agent:
+        _require_libvirt_driver()
+    dom = await _find_domain(name, required=True)
+    if dom is None:
+        return
+    if _is_ours(dom, name):
+        raise LabError(
+            f"lab VM {name}: its libvirt domain {domain_name(name)} (UUID {dom.uuid}) still exists",
+            hint=f"freezeframe lab down {name}",
+        )
+    whose = f"the lab VM in {dom.lab_dir}" if dom.lab_dir else "not a freezeframe lab VM"
+    raise LabError(
+        f"lab VM {name}: a libvirt domain {domain_name(name)} (UUID {dom.uuid}) exists and "
+        f"is not this VM's ({whose})",
+        hint=f"use another name, or stop that domain (virsh -c {LIBVIRT_URI} destroy "
+        f"{domain_name(name)})",
+    )
+
+
 def _remove_runtime_files(vmdir: Path) -> None:
     for leftover in ("qmp.sock", "qga.sock", "qemu.pid"):
         (vmdir / leftover).unlink(missing_ok=True)
 
 
 async def _wait_ready(vm: LabVm, deadline: float) -> None:
-    """Wait until the guest is ready: READY on the console, then (with an agent) guest-ping.
+    """Wait until the guest is ready: READY on the console, then (with an agent) guest-ping
+    through :func:`open_agent` (under libvirt: through libvirtd).
 
     Raises LabError if QEMU exits, the guest init reports an error, or the deadline passes.
     """
 
     def check_alive() -> None:
-        if not _qemu.qemu_alive(vm.pid, vm.qmp_path):
+        if not _liveness(vm)[1]:
             raise LabError(f"lab VM {vm.name}: QEMU exited during boot")
 
     def console() -> str:
@@ -220,9 +357,9 @@ async def _wait_ready(vm: LabVm, deadline: float) -> None:
     if ERROR_MARKER in text:
         lines = [ln for ln in text.splitlines() if ERROR_MARKER in ln]
         raise LabError(f"lab VM {vm.name}: the guest init failed: {'; '.join(lines)}")
-    if vm.qga_path is None:
+    if vm.agent_address is None:
         return
-    agent = GuestAgent(str(vm.qga_path), timeout=2.0)
+    agent = open_agent(vm.agent_address, timeout=2.0)
     try:
         while True:
             check_alive()
@@ -230,6 +367,7 @@ async def _wait_ready(vm: LabVm, deadline: float) -> None:
             if left <= 0:
                 raise LabError(f"lab VM {vm.name}: the guest agent did not answer guest-ping")
             try:
+                await agent.connect(timeout=min(2.0, left))
                 await agent.ping(timeout=min(2.0, left))
                 return
             except AgentError as exc:
@@ -274,29 +412,31 @@ def _purge_hint(name: str) -> str:
     return f"freezeframe lab down {name} --purge, then lab up again"
 
 
-def _agent_flag(agent: bool | None) -> str:
-    return "--no-agent" if agent is False else "--agent"
-
-
-def _check_agent(old: LabVm, agent: bool | None, hint: str) -> None:
-    """Raise LabError if ``agent`` (None: no choice) differs from how ``old`` was built."""
-    have = old.qga_path is not None
-    if agent is None or agent == have:
-        return
+def _check_as_built(
+    old: LabVm, *, agent: bool | None, driver: str | None, hint: Callable[[str], str]
+) -> None:
+    """Raise LabError if ``agent`` or ``driver`` (None: no choice) differs from how ``old``
+    was built; ``hint(flag)`` says what to do about the option ``flag``."""
     state = "running" if old.running else "exists (stopped)"
-    raise LabError(
-        f"lab VM {old.name} {state} {'with' if have else 'without'} a guest agent, "
-        f"not {'with' if agent else 'without'} one",
-        hint=hint,
-    )
+    have = old.qga_path is not None
+    if agent is not None and agent != have:
+        raise LabError(
+            f"lab VM {old.name} {state} {'with' if have else 'without'} a guest agent, "
+            f"not {'with' if agent else 'without'} one",
+            hint=hint("--no-agent" if agent is False else "--agent"),
+        )
+    if driver is not None and driver != old.driver:
+        raise LabError(
+            f"lab VM {old.name} {state} under {old.driver}, not {driver}", hint=hint(f"--{driver}")
+        )
 
 
 async def _restart_disks(
     old: LabVm, fstypes: tuple[str, ...] | None, size: int | None
-) -> tuple[list[LabDisk], list[LabDisk]]:
-    """The disks of a stopped VM (as recorded) and the same disks pointing at the image each
-    must boot from. Raises LabError if ``fstypes``/``size`` do not match them or the top of a
-    chain cannot be told (see :func:`_chain.boot_tops`)."""
+) -> list[LabDisk]:
+    """The disks of a stopped VM, each pointing at the image it must boot from (``file``; its
+    ``base`` is kept). Raises LabError if ``fstypes``/``size`` do not match them or the top of
+    a chain cannot be told (see :func:`_chain.boot_tops`)."""
     name = old.name
     purge = _purge_hint(name)
     have = tuple(d.fstype for d in old.disks)
@@ -317,8 +457,89 @@ async def _restart_disks(
                     hint=f"omit --disk-size to restart it as it is, or {purge}",
                 )
     log.info("lab %s: restarting on its disks", name)
-    boot = [dataclasses.replace(d, file=tops[d.device], base=d.base_image) for d in old.disks]
-    return boot, boot
+    return [dataclasses.replace(d, file=tops[d.device], base=d.base_image) for d in old.disks]
+
+
+async def _start_qemu(vm: LabVm, artifacts: BootArtifacts, cmdline: str) -> LabVm:
+    """Start QEMU daemonized for ``vm``; return it with QEMU's PID."""
+    vmdir = _vm_dir(vm.name)
+    pidfile = vmdir / "qemu.pid"
+    argv = _qemu.qemu_argv(
+        name=vm.name,
+        artifacts=artifacts,
+        accel=vm.accel,
+        cmdline=cmdline,
+        console_log=vm.console_log,
+        qmp_path=_qmp(vm),
+        qga_path=vm.qga_path,
+        disks=vm.disks,
+        pidfile=pidfile,
+    )
+    (vmdir / "qemu.argv").write_text("\n".join(argv) + "\n")
+    await run(*argv, timeout=60, what="qemu-system-x86_64")
+    vm = dataclasses.replace(vm, pid=int(pidfile.read_text().strip()))
+    _write_record(vm)
+    return vm
+
+
+async def _start_libvirt(
+    vm: LabVm, artifacts: BootArtifacts, cmdline: str, timeout: float
+) -> LabVm:
+    """Create ``vm``'s transient domain (its directory made 0755 and checked traversable for
+    libvirt's QEMU account first); return it with QEMU's PID. The record is written before
+    the domain is created: a ``lab_up`` killed meanwhile leaves a domain ``lab_up`` adopts and
+    ``lab_down`` stops."""
+    vmdir = _vm_dir(vm.name)
+    uuid, uri = _libvirt_ids(vm)
+    os.chmod(vmdir, 0o755)  # noqa: S103 - libvirt's QEMU account must traverse it
+    _libvirt.check_traversable(vmdir)
+    kernel, initrd = _libvirt.boot_files(artifacts, vmdir)
+    xml = _libvirt.domain_xml(
+        name=vm.name,
+        uuid=uuid,
+        vmdir=vmdir,
+        accel=vm.accel,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        console_log=vm.console_log,
+        qga_path=vm.qga_path,
+        disks=vm.disks,
+    )
+    atomic_write(vmdir / "domain.xml", xml.encode())
+    _write_record(vm)
+    started = time.monotonic()
+    await _libvirt.create(xml, uri, timeout)
+    vm = dataclasses.replace(vm, pid=_liveness(vm)[0])
+    log.info("lab %s: domain %s created in %.2fs", vm.name, uuid, time.monotonic() - started)
+    _write_record(vm)
+    return vm
+
+
+def _kill_now(vm: LabVm) -> None:
+    """Stop ``vm``'s QEMU at once, synchronously (failure and cancellation paths); never
+    raises. A ``qmp`` VM not started yet is found from ``qemu.pid``."""
+    if vm.driver == "libvirt":
+        _libvirt.destroy_now(*_libvirt_ids(vm))
+        return
+    pid = vm.pid
+    if not pid:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((_vm_dir(vm.name) / "qemu.pid").read_text().strip())
+    if pid:
+        _qemu.kill_now(pid, _qmp(vm))
+
+
+async def _stop(vm: LabVm, *, qmp: bool) -> str:
+    """Stop ``vm``'s QEMU: QMP ``quit`` (not if ``qmp`` is False), then signals; under
+    libvirt ``destroy``. Returns how it ended; never raises."""
+    if vm.driver == "libvirt":
+        try:
+            return await _libvirt.destroy(*_libvirt_ids(vm))
+        except (DependencyError, LabError) as exc:
+            log.warning("lab %s: %s", vm.name, exc.message)
+            return f"not stopped: {exc.message}"
+    return await _qemu.stop_qemu(vm.pid, _qmp(vm), qmp=qmp)
 
 
 async def lab_up(
@@ -330,6 +551,7 @@ async def lab_up(
     accel: str = "auto",
     timeout: float = 60.0,
     adopt: bool = False,
+    driver: str | None = None,
 ) -> LabVm:
     """Build (cached) and boot the lab VM ``name``; return it once it is ready.
 
@@ -338,30 +560,38 @@ async def lab_up(
     without, AlreadyExistsError.
 
     A new VM gets fresh data disks (``disks``: their filesystems, default ext4 + xfs;
-    ``disk_size`` each, default 256M; ``agent``: start qemu-ga in the guest, default yes). A
-    stopped VM of that name restarts as it was built: on its own disks, each booted from the
-    top of its image chain (the overlay its last snapshot switched it to), so nothing written
-    before ``lab_down`` is lost and no snapshot's image changes, and with its guest agent or
-    without, as recorded; ``disks``, ``disk_size`` and ``agent``, if given, must match it.
+    ``disk_size`` each, default 256M; ``agent``: start qemu-ga in the guest, default yes) and
+    runs under ``driver``: ``qmp`` (default: QEMU started by the lab) or ``libvirt`` (a
+    transient libvirt domain on ``qemu:///system``; its directory is made 0755 and every
+    directory above it must be traversable by libvirt's QEMU account). A stopped VM of that
+    name restarts as it was built: on its own disks, each booted from the top of its image
+    chain (the overlay its last snapshot switched it to), so nothing written before
+    ``lab_down`` is lost and no snapshot's image changes, with its guest agent or without and
+    under its driver, as recorded; ``disks``, ``disk_size``, ``agent`` and ``driver``, if
+    given, must match it.
 
     Ready means ``guest-ping`` answers (without an agent: READY on the console) within
     ``timeout`` seconds of QEMU's start (building the kernel and initramfs the first time
-    comes on top). Raises UsageError (bad name, filesystem, size, accelerator),
-    AlreadyExistsError (the name is running, without ``adopt``), LabError (``accel="kvm"``
-    and KVM is not usable here; a QEMU of the name runs without a record; an adopted VM does
-    not become ready or has other disks or another agent setting), DependencyError (a host
-    package is missing), ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build
-    failed; the guest did not become ready: the message carries the console's last lines; a
-    stopped VM's disks or agent setting do not match ``disks``/``disk_size``/``agent`` or the
-    top of a disk's chain cannot be told for sure: the message names the candidate images).
-    On any failure no QEMU
-    of this VM is left running; its directory (with the console log) stays for inspection and
-    is reused by the next ``lab_up``.
+    comes on top; under libvirt, creating the domain counts in). Raises UsageError (bad name,
+    filesystem, size, accelerator, driver), AlreadyExistsError (the name is running, without
+    ``adopt``), LabError (``accel="kvm"`` and KVM is not usable here; a QEMU or libvirt domain
+    of the name runs without a record; a libvirt domain of that name belongs to something
+    else; a directory on the way to a libvirt VM's is not traversable by libvirt's QEMU
+    account; libvirtd does not answer; an adopted VM does not become ready or has other disks,
+    another agent setting or another driver), DependencyError (a host package or the libvirt
+    binding is missing), ToolError (mkfs / qemu-img / QEMU start failed) or LabError (build
+    failed; libvirt refused the domain; the guest did not become ready: the message carries
+    the console's last lines; a stopped VM's disks, agent setting or driver do not match
+    ``disks``/``disk_size``/``agent``/``driver`` or the top of a disk's chain cannot be told
+    for sure: the message names the candidate images). On any failure no QEMU of this VM is
+    left running; its directory (with the console log) stays for inspection and is reused by
+    the next ``lab_up``.
     """
     validate_name(name)
     asked = validate_fstypes(tuple(disks)) if disks is not None else None
     asked_size = parse_size(disk_size) if disk_size is not None else None
     validate_accel(accel)
+    validate_driver(driver)
     timeout = validate_timeout(timeout)
     _build.check_dependencies(asked if asked is not None else _DEFAULT_DISKS)
     vmdir = _vm_dir(name)
@@ -386,98 +616,98 @@ async def lab_up(
                     f"not {','.join(asked) or '(none)'}",
                     hint=f"omit --disks, or freezeframe lab down {name} first",
                 )
-            _check_agent(
-                old, agent, f"omit {_agent_flag(agent)}, or freezeframe lab down {name} first"
+            _check_as_built(
+                old,
+                agent=agent,
+                driver=driver,
+                hint=lambda flag: f"omit {flag}, or freezeframe lab down {name} first",
             )
             await _wait_ready(old, time.monotonic() + timeout)
             log.info("lab %s: already running (pid %d) and ready", name, old.pid)
             return old
-        orphan = _orphan_pid(vmdir) if old is None else None
-        if orphan is not None:
-            raise LabError(
-                f"lab VM {name}: a QEMU of it (pid {orphan}) runs without a record "
-                "(an interrupted lab up?)",
-                hint=f"freezeframe lab down {name} stops it",
+        if old is None:
+            orphan = await _orphan(name, vmdir, required=driver == "libvirt")
+            if orphan is not None:
+                raise LabError(
+                    f"lab VM {name}: {orphan[0]} runs without a record (an interrupted lab up?)",
+                    hint=f"freezeframe lab down {name} stops it",
+                )
+        else:
+            _check_as_built(
+                old,
+                agent=agent,
+                driver=driver,
+                hint=lambda flag: f"omit {flag} to restart it as it is, or {_purge_hint(name)}",
             )
+            agent, driver = old.qga_path is not None, old.driver
+        agent = True if agent is None else agent
+        driver = driver or "qmp"
+        if driver == "libvirt":
+            await _libvirt_preflight(name, vmdir, agent=agent)
         artifacts = await _build.ensure_artifacts()
         chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
-        log.info("lab %s: accelerator %s", name, chosen)
+        log.info("lab %s: accelerator %s, driver %s", name, chosen, driver)
         if old is not None:
-            _check_agent(
-                old,
-                agent,
-                f"omit {_agent_flag(agent)} to restart it as it is, or {_purge_hint(name)}",
-            )
-            agent = old.qga_path is not None
-            lab_disks, boot_disks = await _restart_disks(old, asked, asked_size)
+            lab_disks = await _restart_disks(old, asked, asked_size)
             _remove_runtime_files(vmdir)
         else:
             lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size)
-            boot_disks = lab_disks
-        agent = True if agent is None else agent
-        fstypes = tuple(d.fstype for d in lab_disks)
         console_log = vmdir / "console.log"
         console_log.unlink(missing_ok=True)  # no READY of an earlier boot
-        pidfile = vmdir / "qemu.pid"
-        argv = _qemu.qemu_argv(
+        libvirt = driver == "libvirt"
+        vm = LabVm(
             name=name,
-            artifacts=artifacts,
-            accel=chosen,
-            cmdline=_qemu.kernel_cmdline(fstypes, agent=agent),
-            console_log=console_log,
-            qmp_path=qmp_path,
+            pid=0,
+            running=True,
+            qmp_path=None if libvirt else qmp_path,
             qga_path=qga_path if agent else None,
-            disks=boot_disks,
-            pidfile=pidfile,
+            console_log=console_log,
+            accel=chosen,
+            disks=tuple(lab_disks),
+            driver=driver,
+            domain=((old.domain if old is not None else None) or str(uuid.uuid4()))
+            if libvirt
+            else None,
+            connect_uri=LIBVIRT_URI if libvirt else None,
         )
-        (vmdir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        cmdline = _qemu.kernel_cmdline(tuple(d.fstype for d in lab_disks), agent=agent)
         started = time.monotonic()
-        pid = 0
         try:
-            await run(*argv, timeout=60, what="qemu-system-x86_64")
-            pid = int(pidfile.read_text().strip())
-            vm = LabVm(
-                name=name,
-                pid=pid,
-                running=True,
-                qmp_path=qmp_path,
-                qga_path=qga_path if agent else None,
-                console_log=console_log,
-                accel=chosen,
-                disks=tuple(lab_disks),
-            )
-            _write_record(vm)
+            if libvirt:
+                vm = await _start_libvirt(vm, artifacts, cmdline, timeout)
+            else:
+                vm = await _start_qemu(vm, artifacts, cmdline)
             await _wait_ready(vm, started + timeout)
         except BaseException as exc:
-            if not pid:
-                with contextlib.suppress(OSError, ValueError):
-                    pid = int(pidfile.read_text().strip())
-            if pid:
-                _qemu.kill_now(pid, qmp_path)
+            _kill_now(vm)
             _remove_runtime_files(vmdir)
             if isinstance(exc, LabError | OSError | ValueError):
                 raise LabError(
                     f"{exc} (after {time.monotonic() - started:.1f}s, timeout {timeout:g}s); "
-                    f"console {console_log}, last lines:\n{console_tail(console_log)}"
+                    f"console {console_log}, last lines:\n{console_tail(console_log)}",
+                    hint=exc.hint if isinstance(exc, LabError) else None,
                 ) from exc
             raise
         log.info(
-            "lab %s: ready in %.2fs (pid %d, %s)", name, time.monotonic() - started, pid, chosen
-        )
+            "lab %s: ready in %.2fs (pid %d, %s, %s)",
+            name, time.monotonic() - started, vm.pid, chosen, driver,
+        )  # fmt: skip
         return vm
 
 
 async def lab_down(name: str, *, purge: bool = False) -> None:
-    """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL) and remove its sockets;
-    with ``purge`` delete its directory (disks, overlays, console log) too. Without ``purge``
-    the guest is flushed first (workload stopped, ``sync`` through the agent, at most
+    """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL; under libvirt
+    ``destroy``, after which the transient domain is gone) and remove its sockets; with
+    ``purge`` delete its directory (disks, overlays, console log) too. Without ``purge`` the
+    guest is flushed first (workload stopped, ``sync`` through the agent, at most
     :data:`FLUSH_TIMEOUT` s; a failure is logged as a warning) and the image on top of each
-    disk is recorded for the next ``lab_up``. A QEMU of the name that runs without a record
-    (its ``lab_up`` was killed) is stopped too.
+    disk is recorded for the next ``lab_up``. A QEMU or libvirt domain of the name that runs
+    without a record (its ``lab_up`` was killed) is stopped too.
 
-    The PID is checked to still be this VM's QEMU before any signal. Stopping a VM that is
-    not running is not an error. Raises UsageError for a bad name, NotFoundError if there is
-    no such lab VM, LabError if its record is unreadable or QEMU cannot be stopped.
+    The PID is checked to still be this VM's QEMU before any signal, a libvirt domain to be
+    this VM's (by its metadata). Stopping a VM that is not running is not an error. Raises
+    UsageError for a bad name, NotFoundError if there is no such lab VM, LabError if its record
+    is unreadable or QEMU cannot be stopped.
     """
     validate_name(name)
     vmdir = _vm_dir(name)
@@ -490,32 +720,28 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
             if not purge:
                 raise
             vm = None
-        if vm is None:
-            orphan = _orphan_pid(vmdir)
-            if orphan is not None:
-                how = await _qemu.stop_qemu(orphan, vmdir / "qmp.sock")
-                log.info("lab %s: unrecorded QEMU %d stopped (%s)", name, orphan, how)
-                if _qemu.qemu_alive(orphan, vmdir / "qmp.sock"):
-                    raise LabError(f"lab VM {name}: QEMU {orphan} could not be stopped")
-        elif vm.running:
+        if vm is None or not vm.running:
+            await _stop_orphan(name, vmdir)
+        if vm is not None and vm.running:
             tops: dict[str, str] | None = None
-            qmp_ok = True
+            answered = True
+            how = "not stopped"
             try:
                 if not purge:
                     await _flush_guest(vm)  # stops the workload: resumed if QEMU stays up
-                    tops, qmp_ok = await _query_tops(vm)
-                how = await _qemu.stop_qemu(vm.pid, vm.qmp_path, qmp=qmp_ok)
+                    tops, answered = await _query_tops(vm)
+                how = await _stop(vm, qmp=answered)
                 log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
             finally:  # also on Ctrl-C: a VM left running keeps its workload running
-                alive = _qemu.qemu_alive(vm.pid, vm.qmp_path)
+                alive = _liveness(vm)[1]
                 if alive and not purge:
                     await shielded(_resume_guest(vm))
             if not purge:
                 _write_record(dataclasses.replace(vm, running=alive), tops)
                 log.info("lab %s: recorded tops %s", name, tops)
             if alive:
-                raise LabError(f"lab VM {name}: QEMU {vm.pid} could not be stopped")
-        elif not purge:  # stopped already (e.g. killed): the record says so, tops kept
+                raise LabError(f"lab VM {name}: QEMU {vm.pid} could not be stopped ({how})")
+        elif vm is not None and not purge:  # stopped already (e.g. killed): tops kept
             _write_record(vm, _read_tops(name))
         _remove_runtime_files(vmdir)
         if purge:
