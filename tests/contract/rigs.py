@@ -258,13 +258,16 @@ async def _lab_purge(name: str) -> None:
     await lab_down(name, purge=True)
 
 
-class QmpRig(Rig):
-    """The built-in lab VM (real kernel, real qemu-ga) through the ``qmp`` driver. One VM with
-    an agent and one without per module; the hung agent is the agent VM paused during the
-    freeze (:data:`PAUSE_HOOKS`)."""
+class LabRig(Rig):
+    """The built-in lab guest (real kernel, real qemu-ga) through a real driver: one VM with an
+    agent (ext4 + xfs) and one without per module, shared through the module's :class:`LabPool`.
+    Subclasses say how the lab runs it (``lab_driver``), how to reach its agent from outside the
+    driver under test (:meth:`_agent`), which disk writes to which image (:meth:`images`), how
+    to hang its agent (:meth:`_hung_hooks`) and how to resume it (:meth:`_resume_vm`)."""
 
-    driver = "qmp"
     needs_lab = True
+    #: ``lab_up(driver=...)``.
+    lab_driver: ClassVar[str]
 
     def __init__(self, catalog: Catalog, pool: LabPool | None) -> None:
         super().__init__(catalog, pool)
@@ -274,9 +277,10 @@ class QmpRig(Rig):
         assert self.pool is not None
 
         async def start(name: str) -> LabVm:
-            return await lab_up(name, disks=("ext4", "xfs") if agent else ("ext4",), agent=agent)
+            disks = ("ext4", "xfs") if agent else ("ext4",)
+            return await lab_up(name, disks=disks, agent=agent, driver=self.lab_driver, timeout=240)
 
-        vm = await self.pool.get(key, start, _lab_purge)
+        vm = await self.pool.get(f"{self.lab_driver}-{key}", start, _lab_purge)
         self._used[vm.name] = vm
         return vm
 
@@ -292,37 +296,27 @@ class QmpRig(Rig):
 
     async def vm_with_hung_agent(self) -> RigVm:
         vm = await self.vm_with_agent()
-        return RigVm(vm.name, hooks=PAUSE_HOOKS, handle=vm.handle)
+        return RigVm(vm.name, hooks=self._hung_hooks(), handle=vm.handle)
+
+    @abc.abstractmethod
+    def _hung_hooks(self) -> Hooks:
+        """The Snapshotter hooks that hang the agent during the freeze and free it after."""
+
+    @abc.abstractmethod
+    def _agent(self, vm: LabVm) -> Agent | None:
+        """A client of ``vm``'s agent (None without one), not through the driver under test."""
+
+    @abc.abstractmethod
+    async def _resume_vm(self, vm: LabVm) -> None:
+        """Let a paused ``vm`` run again (nothing when it runs)."""
 
     @staticmethod
     def _vm(vm: RigVm) -> LabVm:
         assert isinstance(vm.handle, LabVm)
         return vm.handle
 
-    @staticmethod
-    async def _qmp(vm: LabVm, command: str) -> object:
-        client = QMPClient("contract")
-        await asyncio.wait_for(client.connect(str(vm.qmp_path)), 10)
-        try:
-            return await asyncio.wait_for(client.execute(command), 10)
-        finally:
-            await client.disconnect()
-
-    async def images(self, vm: RigVm) -> dict[str, str]:
-        blocks = await self._qmp(self._vm(vm), "query-block")
-        assert isinstance(blocks, list)
-        return {
-            str(b["qdev"]).split("/")[3]: str(b["inserted"]["file"])
-            for b in blocks
-            if "inserted" in b and str(b.get("qdev", "")).startswith("/machine/peripheral/")
-        }
-
     async def image_files(self, vm: RigVm) -> set[str]:
         return {str(p) for p in self._vm(vm).console_log.parent.glob("*.qcow2")}
-
-    @staticmethod
-    def _agent(vm: LabVm) -> GuestAgent | None:
-        return GuestAgent(str(vm.qga_path), timeout=5) if vm.qga_path is not None else None
 
     async def is_frozen(self, vm: RigVm) -> bool:
         agent = self._agent(self._vm(vm))
@@ -356,15 +350,51 @@ class QmpRig(Rig):
         """Leave the shared VMs running and thawed, whatever the test did."""
         for vm in self._used.values():
             with contextlib.suppress(Exception):
-                status = await self._qmp(vm, "query-status")
-                if isinstance(status, dict) and status.get("status") == "paused":
-                    await self._qmp(vm, "cont")
+                await self._resume_vm(vm)
             agent = self._agent(vm)
             if agent is not None:
                 with contextlib.suppress(Exception):
                     async with agent:
                         if await agent.fsfreeze_status() is FsFreezeState.FROZEN:
                             await agent.fsfreeze_thaw()
+
+
+class QmpRig(LabRig):
+    """The lab VM as QEMU started by the lab, through the ``qmp`` driver; the hung agent is the
+    VM paused during the freeze (:data:`PAUSE_HOOKS`)."""
+
+    driver = "qmp"
+    lab_driver = "qmp"
+
+    def _hung_hooks(self) -> Hooks:
+        return PAUSE_HOOKS
+
+    @staticmethod
+    async def _qmp(vm: LabVm, command: str) -> object:
+        assert vm.qmp_path is not None
+        client = QMPClient("contract")
+        await asyncio.wait_for(client.connect(str(vm.qmp_path)), 10)
+        try:
+            return await asyncio.wait_for(client.execute(command), 10)
+        finally:
+            await client.disconnect()
+
+    async def images(self, vm: RigVm) -> dict[str, str]:
+        blocks = await self._qmp(self._vm(vm), "query-block")
+        assert isinstance(blocks, list)
+        return {
+            str(b["qdev"]).split("/")[3]: str(b["inserted"]["file"])
+            for b in blocks
+            if "inserted" in b and str(b.get("qdev", "")).startswith("/machine/peripheral/")
+        }
+
+    def _agent(self, vm: LabVm) -> Agent | None:
+        return GuestAgent(str(vm.qga_path), timeout=5) if vm.qga_path is not None else None
+
+    async def _resume_vm(self, vm: LabVm) -> None:
+        status = await self._qmp(vm, "query-status")
+        if isinstance(status, dict) and status.get("status") == "paused":
+            await self._qmp(vm, "cont")
 
 
 # ---------------------------------------------------------------------------- libvirt
@@ -394,47 +424,16 @@ def _suspend_during_freeze() -> Hooks:
     return Hooks(before_freeze=before_freeze, after_thaw=after_thaw)
 
 
-class LibvirtRig(Rig):
-    """The built-in lab guest as a transient libvirt domain (``lab up --libvirt``) through the
+class LibvirtRig(LabRig):
+    """The lab guest as a transient libvirt domain (``lab up --libvirt``) through the
     ``libvirt`` driver. Images are read from libvirt's live view (``virsh domblklist``), the
     guest through libvirt's agent calls; the hung agent is :func:`_suspend_during_freeze`."""
 
     driver = "libvirt"
-    needs_lab = True
+    lab_driver = "libvirt"
 
-    def __init__(self, catalog: Catalog, pool: LabPool | None) -> None:
-        super().__init__(catalog, pool)
-        self._used: dict[str, LabVm] = {}
-
-    async def _lab(self, key: str, *, agent: bool) -> LabVm:
-        assert self.pool is not None
-
-        async def start(name: str) -> LabVm:
-            disks = ("ext4", "xfs") if agent else ("ext4",)
-            return await lab_up(name, disks=disks, agent=agent, driver="libvirt", timeout=240)
-
-        vm = await self.pool.get(f"lv-{key}", start, _lab_purge)
-        self._used[vm.name] = vm
-        return vm
-
-    async def _register(self, vm: LabVm, **changes: Any) -> RigVm:
-        await self.catalog.add_vm(replace(vm.vm_config(), **changes), replace=True)
-        return RigVm(vm.name, handle=vm)
-
-    async def vm_with_agent(self) -> RigVm:
-        return await self._register(await self._lab("agent", agent=True))
-
-    async def vm_without_agent_channel(self) -> RigVm:
-        return await self._register(await self._lab("mute", agent=False), agent=True)
-
-    async def vm_with_hung_agent(self) -> RigVm:
-        vm = await self.vm_with_agent()
-        return RigVm(vm.name, hooks=_suspend_during_freeze(), handle=vm.handle)
-
-    @staticmethod
-    def _vm(vm: RigVm) -> LabVm:
-        assert isinstance(vm.handle, LabVm)
-        return vm.handle
+    def _hung_hooks(self) -> Hooks:
+        return _suspend_during_freeze()
 
     @staticmethod
     def _domain(vm: LabVm) -> str:
@@ -444,55 +443,14 @@ class LibvirtRig(Rig):
     async def images(self, vm: RigVm) -> dict[str, str]:
         return await asyncio.to_thread(domblklist, self._domain(self._vm(vm)))
 
-    async def image_files(self, vm: RigVm) -> set[str]:
-        return {str(p) for p in self._vm(vm).console_log.parent.glob("*.qcow2")}
-
-    @staticmethod
-    def _agent(vm: LabVm) -> Agent | None:
+    def _agent(self, vm: LabVm) -> Agent | None:
         cfg = vm.vm_config()
         if not cfg.agent or cfg.domain is None:
             return None
         return open_agent(f"libvirt:{cfg.domain}@{cfg.connect_uri}", timeout=5)
 
-    async def is_frozen(self, vm: RigVm) -> bool:
-        agent = self._agent(self._vm(vm))
-        if agent is None:
-            return False
-        async with agent:
-            return await agent.fsfreeze_status() is FsFreezeState.FROZEN
-
-    async def freeze(self, vm: RigVm) -> None:
-        agent = self._agent(self._vm(vm))
-        assert agent is not None
-        async with agent:
-            assert await agent.fsfreeze_freeze() > 0
-
-    async def freeze_requests(self, vm: RigVm) -> int | None:
-        lab = self._vm(vm)
-        agent = self._agent(lab)
-        if agent is None:
-            return 0
-        log_path = lab.vm_config().agent_log_path
-        assert log_path is not None
-        async with agent:
-            text = (await agent.file_read(log_path, tail=True)).decode(errors="replace")
-        return sum(
-            1
-            for line in text.splitlines()
-            if "read data" in line and "guest-fsfreeze-freeze" in line
-        )
-
-    async def stop(self) -> None:
-        """Leave the shared domains running and thawed, whatever the test did."""
-        for vm in self._used.values():
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(virsh, "resume", self._domain(vm), check=False)
-            agent = self._agent(vm)
-            if agent is not None:
-                with contextlib.suppress(Exception):
-                    async with agent:
-                        if await agent.fsfreeze_status() is FsFreezeState.FROZEN:
-                            await agent.fsfreeze_thaw()
+    async def _resume_vm(self, vm: LabVm) -> None:
+        await asyncio.to_thread(virsh, "resume", self._domain(vm), check=False)
 
 
 #: Rig classes by driver name.
