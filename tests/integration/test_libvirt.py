@@ -145,6 +145,24 @@ async def test_no_agent_under_each_policy(lab_vm: LabVmFactory, catalog: Catalog
     assert off.parent_id == pref.id
     assert domblklist(domain)["vda"] == off.disks[0].overlay
 
+    # The domain's own policy (<ff:policy> in its <metadata>) wins over the registration
+    # (preferred for a lab VM): with quiesce required there, the call without --quiesce fails.
+    virsh(
+        "metadata", domain, "--live", "--uri", "https://freezeframe.dev/xmlns/policy/1",
+        "--key", "ff", "--set", '<policy quiesce="required" freeze-timeout="4"/>',
+    )  # fmt: skip
+    before = domblklist(domain)
+    with pytest.raises(SnapshotFailedError) as ei:
+        await snap.snapshot(vm.name)
+    failed = await catalog.get_snapshot(ei.value.snapshot_id)
+    assert failed.policy is QuiescePolicy.REQUIRED
+    assert "policy" in [e.name for e in failed.timeline]
+    assert domblklist(domain) == before
+    # The call's own --quiesce still wins over both.
+    assert (await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.OFF))).level is (
+        ConsistencyLevel.CRASH
+    )
+
 
 async def test_hung_agent_returns_within_deadline_and_ends_thawed(
     lab_vm: LabVmFactory, catalog: Catalog

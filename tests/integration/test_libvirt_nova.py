@@ -140,10 +140,23 @@ def nova_domain(libvirtd: str, lab_env: Path) -> Iterator[tuple[str, Path]]:
 def test_nova_shaped_domain(nova_domain: tuple[str, Path]) -> None:
     name, inst = nova_domain
     vm = f"nova-{name}"
+    # `vm import` registers every running domain under its own name, agent from its channel.
+    imported = json.loads(ff("--json", "vm", "import", "--libvirt").stdout)
+    mine = next(r for r in imported if r["domain"] == name)
+    assert mine["action"] == "added"
+    assert mine["vm"]["agent"] is True
+    assert mine["vm"]["driver"] == "libvirt"
+    again = json.loads(ff("--json", "vm", "import", "--libvirt").stdout)
+    assert next(r for r in again if r["domain"] == name)["action"] == "exists"
+    # `vm add --libvirt` by name (with the agent's log as evidence), resolved to the UUID.
     ff("vm", "add", vm, "--libvirt", name, "--agent-log", "/var/log/qemu-ga.log")
     listed = json.loads(ff("--json", "vm", "list").stdout)
     mine = next(v for v in listed if v["name"] == vm)
     assert mine["driver"] == "libvirt"
+    assert mine["domain"] == inst.name  # the domain's UUID
+    bad = ff("--json", "vm", "add", "nope", "--libvirt", "no-such-domain", check=False)
+    assert bad.returncode == 7, bad.stdout
+    assert json.loads(bad.stdout)["error"] == "HypervisorUnavailableError"
     # The guest needs a few seconds to boot and start its agent: doctor until it answers.
     import time
 
@@ -154,6 +167,10 @@ def test_nova_shaped_domain(nova_domain: tuple[str, Path]) -> None:
             break
         time.sleep(2)
     assert doc["predicted_level"] == "filesystem", doc
+    names = {c["name"]: c["status"] for c in doc["checks"]}
+    assert names["libvirt"] == "pass"
+    assert names["agent channel"] == "pass"
+    assert names["libvirt taint"] == "warn"  # says which calls taint custom-ga-command
     res = ff("--json", "snapshot", "create", vm, "--quiesce", "required", "--verify", check=False)
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)

@@ -80,12 +80,16 @@ async def import_libvirt(
     catalog: Catalog, uri: str, *, replace: bool = False
 ) -> list[ImportResult]:
     """Register every running domain of ``uri`` under its own name. A domain already
-    registered (by name) is left alone unless ``replace`` (a lab VM never is). Raises as
+    registered under another name (by its UUID: a lab VM's domain) is left alone, and one
+    registered under its own name too unless ``replace`` (a lab VM never is). Raises as
     :func:`libvirt_vm`; per-domain outcomes are in the results."""
     load_driver("libvirt")
     from freezeframe.hypervisor import libvirt as lv
 
-    known = {v.name: v for v in await catalog.list_vms()}
+    vms = await catalog.list_vms()
+    known = {v.name: v for v in vms}
+    #: Domains registered already, under any name (a lab VM's domain is ff-lab-NAME).
+    by_uuid = {v.domain: v for v in vms if v.driver == "libvirt" and v.domain}
     out: list[ImportResult] = []
     for d in await lv.list_domains(uri):
         if not d.running:
@@ -93,6 +97,11 @@ async def import_libvirt(
             continue
         if not VM_NAME_RE.fullmatch(d.name):
             out.append(ImportResult(d.name, d.uuid, ImportAction.BAD_NAME, detail=d.name))
+            continue
+        same = by_uuid.get(d.uuid)
+        if same is not None and same.name != d.name:
+            detail = f"registered as {same.name}" + (" (lab VM)" if same.lab else "")
+            out.append(ImportResult(d.name, d.uuid, ImportAction.EXISTS, same, detail))
             continue
         old = known.get(d.name)
         if old is not None and (not replace or old.lab):
