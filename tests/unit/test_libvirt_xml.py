@@ -140,3 +140,48 @@ def test_snapshot_xml_switches_prepared_disks_and_leaves_others() -> None:
     assert src is not None
     assert src.get("file") == "/i/disk.ff-abc.qcow2"
     assert disks["vdb"].get("snapshot") == "no"
+
+
+def _lv_error(code: int, message: str) -> Exception:
+    import libvirt
+
+    exc: Exception = libvirt.libvirtError(message)
+    # What libvirt-python reads get_error_code()/get_error_message() from.
+    exc.err = (code, 0, message, 2, None, None, None, 0, 0)  # type: ignore[attr-defined]
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code_name", "message", "want"),
+    [
+        ("VIR_ERR_ARGUMENT_UNSUPPORTED", "QEMU guest agent is not configured", "Unavailable"),
+        ("VIR_ERR_AGENT_UNRESPONSIVE", "QEMU guest agent is not connected", "Unavailable"),
+        ("VIR_ERR_AGENT_UNRESPONSIVE", "Guest agent not available for now", "Timeout"),
+        ("VIR_ERR_OPERATION_TIMEOUT", "timed out", "Timeout"),
+        ("VIR_ERR_OPERATION_INVALID", "domain is not running", "Unavailable"),
+        ("VIR_ERR_AGENT_UNSYNCED", "unsynced", "Protocol"),
+        (
+            "VIR_ERR_INTERNAL_ERROR",
+            "unable to execute QEMU agent command 'guest-fsfreeze-freeze': failed",
+            "Command",
+        ),
+    ],
+)
+def test_libvirt_agent_errors_become_agent_errors(code_name: str, message: str, want: str) -> None:
+    import libvirt
+
+    from freezeframe import errors
+
+    err = libvirt_mod._agent_error(_lv_error(getattr(libvirt, code_name), message), "x")
+    assert type(err) is getattr(errors, f"Agent{want}Error")
+
+
+def test_libvirt_driver_errors_become_hypervisor_errors() -> None:
+    import libvirt
+
+    from freezeframe.errors import HypervisorError, HypervisorUnavailableError
+
+    gone = libvirt_mod._hypervisor_error(_lv_error(libvirt.VIR_ERR_NO_DOMAIN, "no domain"), "x")
+    assert type(gone) is HypervisorUnavailableError
+    other = libvirt_mod._hypervisor_error(_lv_error(libvirt.VIR_ERR_INTERNAL_ERROR, "boom"), "x")
+    assert type(other) is HypervisorError
