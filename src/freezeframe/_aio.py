@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-__all__ = ["shielded"]
+__all__ = ["shielded", "within"]
 
 T = TypeVar("T")
 
@@ -32,3 +32,19 @@ async def shielded(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+async def within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``await aw`` bounded by ``timeout`` seconds (None: unbounded).
+
+    Use it instead of :func:`asyncio.wait_for`: in Python 3.11 ``wait_for`` returns the inner
+    result when its caller is cancelled in the same loop iteration as the inner awaitable
+    completes, so the cancellation (Ctrl-C, SIGTERM) is lost. :func:`asyncio.timeout` keeps it.
+
+    Raises:
+        TimeoutError: ``aw`` did not finish in time (it is cancelled).
+        asyncio.CancelledError: the caller was cancelled.
+        Exception: whatever ``aw`` raises.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw

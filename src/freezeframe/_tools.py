@@ -14,6 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 
+from freezeframe._aio import within
 from freezeframe.errors import DependencyError, ToolError
 
 __all__ = ["PACKAGE_OF", "ToolResult", "require", "run"]
@@ -110,7 +111,7 @@ async def run(
     except (OSError, ValueError) as exc:  # EACCES, ENOEXEC, missing cwd, NUL in an argument
         raise ToolError(f"{what or argv[0]}: cannot start {exe}: {exc}", argv=tuple(full)) from exc
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        out, err = await within(proc.communicate(input), timeout)
     except TimeoutError as exc:
         proc.kill()
         await proc.wait()

@@ -171,7 +171,15 @@ def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False)
                 loop.remove_signal_handler(sig)
 
     try:
-        return asyncio.run(main())
+        result = asyncio.run(main())
+        if received:
+            # The signal came while the work finished (a library swallowed the cancellation,
+            # or it came after the last await): its promise still holds, 130 / 143.
+            sig = received[0]
+            word = "terminated" if sig == signal.SIGTERM else "interrupted"
+            err_console.print(f"[red]{word}[/] (the work had finished: its result is stored)")
+            raise SystemExit(128 + sig)
+        return result
     except asyncio.CancelledError:
         sig = received[0] if received else signal.SIGINT
         err_console.print("[red]terminated[/]" if sig == signal.SIGTERM else "[red]interrupted[/]")

@@ -53,7 +53,7 @@ from qemu.qmp import (
 )
 from qemu.qmp.protocol import StateError
 
-from freezeframe._aio import shielded
+from freezeframe._aio import shielded, within
 from freezeframe._tools import require, run
 from freezeframe.errors import (
     CutError,
@@ -377,7 +377,7 @@ class QmpDriver(HypervisorDriver):
             )
         client = _new_client(self.vm_name)
         try:
-            await asyncio.wait_for(client.connect(self.qmp_path), self.greeting_timeout)
+            await within(client.connect(self.qmp_path), self.greeting_timeout)
         except TimeoutError as exc:
             stopped = await asyncio.to_thread(_stopped_listener, self.qmp_path)
             if stopped is not None:
@@ -418,7 +418,7 @@ class QmpDriver(HypervisorDriver):
         if client is None:
             return
         try:
-            await asyncio.wait_for(client.disconnect(), self.timeout)
+            await within(client.disconnect(), self.timeout)
         except Exception as exc:  # close() never raises: the connection is gone either way
             log.debug("%s: disconnect: %r", self._label, exc)
 
@@ -434,7 +434,7 @@ class QmpDriver(HypervisorDriver):
         if client.runstate != Runstate.RUNNING:  # QEMU hung up since the last command
             raise self._lost(command)
         try:
-            return await asyncio.wait_for(client.execute(command, arguments), self.timeout)
+            return await within(client.execute(command, arguments), self.timeout)
         except ExecuteError as exc:
             raise QmpCommandError(
                 f"{self._label}: QMP {command} failed: {exc}",

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from freezeframe._aio import within
 from freezeframe.errors import DependencyError, LabError
 from freezeframe.lab import _qemu
 from freezeframe.lab._build import BootArtifacts
@@ -334,7 +335,7 @@ async def _call_async(
     """:func:`_call` in a thread, bounded by ``timeout`` (the thread itself cannot be
     stopped: libvirt finishes the call in the background)."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(_call, what, uri, fn), timeout)
+        return await within(asyncio.to_thread(_call, what, uri, fn), timeout)
     except TimeoutError as exc:
         raise LabError(f"{what}: libvirtd did not answer within {timeout:g}s") from exc
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
+from freezeframe._aio import within
 from freezeframe._tools import require, run
 from freezeframe.errors import LabError, ToolError
 from freezeframe.lab._build import BootArtifacts
@@ -225,7 +226,7 @@ async def _qmp(qmp_path: Path, timeout: float) -> AsyncIterator[QMPClient]:
     client.logger = _QuietLog(client.logger, {})  # type: ignore[assignment]
     try:
         try:
-            await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
+            await within(client.connect(str(qmp_path)), timeout)
         except TimeoutError as exc:
             raise LabError(
                 f"QEMU's QMP socket {qmp_path} did not greet within {timeout:g}s: another QMP "
@@ -236,12 +237,12 @@ async def _qmp(qmp_path: Path, timeout: float) -> AsyncIterator[QMPClient]:
         yield client
     finally:
         with contextlib.suppress(*_QMP_ERRORS):
-            await asyncio.wait_for(client.disconnect(), timeout)
+            await within(client.disconnect(), timeout)
 
 
 async def _qmp_execute(client: QMPClient, command: str, timeout: float) -> object:
     try:
-        return await asyncio.wait_for(client.execute(command), timeout)
+        return await within(client.execute(command), timeout)
     except TimeoutError as exc:
         raise LabError(f"QMP {command}: no reply within {timeout:g}s") from exc
     except _QMP_ERRORS as exc:

@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from freezeframe._aio import within
 from freezeframe._tools import require, run
 from freezeframe.catalog._owner import holder_is_dead, make_owner
 from freezeframe.errors import FreezeframeError, ToolError, VerifyError
@@ -650,7 +651,7 @@ class _Export:
                     raise self._start_error(f"not ready after {_QSD_START_TIMEOUT:g}s")
                 if _exists(self.socket):
                     try:
-                        await asyncio.wait_for(client.connect(self.socket), 5.0)
+                        await within(client.connect(self.socket), 5.0)
                         break
                     except (QMPError, OSError, TimeoutError):
                         pass
@@ -684,7 +685,7 @@ class _Export:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), _QSD_STOP_TIMEOUT)
+                await within(proc.wait(), _QSD_STOP_TIMEOUT)
             except TimeoutError:
                 log.warning("qemu-storage-daemon pid %d ignored SIGTERM; killing it", proc.pid)
                 with contextlib.suppress(ProcessLookupError):
