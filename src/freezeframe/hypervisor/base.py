@@ -223,6 +223,12 @@ class HypervisorDriver(abc.ABC):
         the default has none."""
         return []
 
+    async def run_state(self) -> str | None:
+        """The VM's run state as the hypervisor says it (``running``, ``paused``,
+        ``io-error``, ...), asked when the agent does not answer, to name the real reason;
+        None when it cannot be told. Never raises. The default cannot tell."""
+        return None
+
     async def pause(self) -> None:
         """Stop the vCPUs (QMP ``stop``). Optional capability."""
         raise NotImplementedError

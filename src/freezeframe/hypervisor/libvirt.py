@@ -838,6 +838,27 @@ class LibvirtDriver(HypervisorDriver):
             out.append(PreparedDisk(info, d.overlay, d.device, d.image))
         return PreparedCut(snapshot_id, tuple(out))
 
+    async def run_state(self) -> str | None:
+        """``virDomainGetState``: ``running``, ``paused`` (``io-error`` when libvirt paused it
+        on an I/O error), ``shutoff``, ...; None when libvirt cannot be asked. Never raises."""
+        dom = self._dom
+        if dom is None:
+            return None
+        try:
+            state, reason = await self._call("domain state", lambda: list(dom.state())[:2])
+        except HypervisorError:
+            return None
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return "io-error" if reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR else "paused"
+        names = {
+            libvirt.VIR_DOMAIN_RUNNING: "running",
+            libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+            libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+            libvirt.VIR_DOMAIN_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+        }
+        return names.get(state, "unknown")
+
     async def pause(self) -> None:
         """``virDomainSuspend``. Raises HypervisorError."""
         dom = self._domain()

@@ -885,6 +885,16 @@ class QmpDriver(HypervisorDriver):
 
     # ----------------------------------------------------------------- vCPUs
 
+    async def run_state(self) -> str | None:
+        """QMP ``query-status``'s ``status`` (``running``, ``paused``, ``io-error``, ...), or
+        None when QEMU cannot be asked. Never raises."""
+        try:
+            status = await self._execute("query-status")
+        except HypervisorError:
+            return None
+        value = status.get("status") if isinstance(status, dict) else None
+        return value if isinstance(value, str) else None
+
     async def pause(self) -> None:
         """Stop the vCPUs (QMP ``stop``). Raises HypervisorError."""
         await self._execute("stop")

@@ -513,6 +513,13 @@ class FakeDriver(HypervisorDriver):
 
     # ------------------------------------------------------------------ vCPUs
 
+    async def run_state(self) -> str | None:
+        """``paused`` while :meth:`pause` holds the fake vCPUs, else ``running``."""
+        vm = self._vm
+        if vm is None:
+            return None
+        return "paused" if vm.paused else "running"
+
     async def pause(self) -> None:
         """Pause the vCPUs: the guest agent stops running commands (they queue up)."""
         vm = self._need()
