@@ -209,13 +209,18 @@ def test_migrations_downgrade_and_upgrade_again(tmp_path: Path) -> None:
 async def test_open_waits_for_a_writer_holding_the_file_while_switching_to_wal(
     db_path: Path,
 ) -> None:
-    # Another process writing the new file (rollback journal still, as while it switches to
-    # WAL itself) blocks our switch; SQLite says "locked" at once, without its busy handler.
-    # Opening must wait for it, not fail (this failed CI once, as a race of two processes).
+    # Another process writing the catalog while it is in rollback-journal mode (as while it
+    # switches to WAL itself) blocks our switch; SQLite says "locked" at once, without its busy
+    # handler. Opening must wait for it, not fail (this failed CI once, as a race of two
+    # processes; a new catalog is now made whole before it appears, so a catalog taken out of
+    # WAL mode by hand stands in for it here).
+    await (await Catalog.open(_url(db_path))).close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
     reader = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     try:
-        reader.execute("CREATE TABLE early (x INTEGER)")
         reader.execute("BEGIN IMMEDIATE")  # holds the RESERVED lock
+        reader.execute("CREATE TABLE early (x INTEGER)")
         loop = asyncio.get_running_loop()
         loop.call_later(0.4, reader.execute, "COMMIT")
         started = loop.time()
@@ -246,6 +251,68 @@ async def test_foreign_errors_become_catalog_errors(tmp_path: Path) -> None:
     assert isinstance(err.value.__cause__, sa.exc.SQLAlchemyError)
     with pytest.raises(UsageError, match="not a database URL"):
         await Catalog.open("no such url")
+
+
+def _assert_refused(err: pytest.ExceptionInfo[CatalogError], path: Path, what: str) -> None:
+    assert type(err.value) is CatalogError
+    assert err.value.exit_code == 8
+    assert str(path) in err.value.message
+    assert what in err.value.message
+    assert err.value.hint is not None
+    assert "backup" in err.value.hint
+    assert "move it away" in err.value.hint
+
+
+async def test_an_empty_catalog_file_is_refused_not_reinitialised(db_path: Path) -> None:
+    # Issue 12 item 5: a 0-byte catalog was silently made a new, empty one (every record and
+    # freeze intent forgotten). Refused, naming the file, and nothing is written to it.
+    db_path.touch()
+    with pytest.raises(CatalogError) as err:
+        await Catalog.open(_url(db_path))
+    _assert_refused(err, db_path, "is empty (0 bytes)")
+    assert db_path.stat().st_size == 0
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+
+
+async def test_a_file_that_is_not_a_catalog_is_refused_untouched(tmp_path: Path) -> None:
+    text = tmp_path / "text.sqlite"
+    text.write_text("an operator's notes, not a database\n" * 50)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+    conn.close()
+    partial = tmp_path / "partial.sqlite"
+    await (await Catalog.open(_url(partial))).close()
+    with sqlite3.connect(partial) as conn:
+        conn.execute("DROP TABLE freeze_intents")
+    conn.close()
+    cases = [
+        (text, "cannot be read as SQLite"),
+        (foreign, "without freezeframe's tables"),
+        (partial, "lacks the tables freeze_intents"),
+    ]
+    for path, what in cases:
+        before = path.read_bytes()
+        with pytest.raises(CatalogError) as err:
+            await Catalog.open(_url(path))
+        _assert_refused(err, path, what)
+        assert path.read_bytes() == before
+    assert not (tmp_path / "text.sqlite-wal").exists()
+    with sqlite3.connect(foreign) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
+    conn.close()
+
+
+async def test_a_missing_catalog_is_created_whole_without_leftovers(db_path: Path) -> None:
+    async with await Catalog.open(_url(db_path)) as catalog:
+        await catalog.add_vm(VmConfig(name="kept"))
+    async with await Catalog.open(_url(db_path)) as catalog:  # opened again, not re-created
+        assert [v.name for v in await catalog.list_vms()] == ["kept"]
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
 
 
 async def test_a_missing_database_driver_names_its_package(
@@ -652,6 +719,8 @@ def test_processes_racing_for_a_lock_exactly_one_wins(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT owner FROM vm_locks").fetchall() == [(winners[0],)]
         assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+    # Each created the catalog under a name of its own; one was linked into place, none is left.
+    assert not [p.name for p in db_path.parent.iterdir() if ".new-" in p.name]
 
 
 def test_concurrent_writers_do_not_hit_database_is_locked(db_path: Path) -> None:

@@ -205,3 +205,22 @@ def test_recover_exits_9_when_it_skips_a_live_process_intent(ff, tmp_path: Path)
     (out,) = json.loads(r.stdout)
     assert out["skipped"] is True
     assert "live process" in out["detail"]
+
+
+def test_an_emptied_catalog_file_is_an_error_naming_it_not_a_new_catalog(  # type: ignore[no-untyped-def]
+    ff, tmp_path: Path
+) -> None:
+    # Issue 12 item 5: `snapshot list` said "no snapshots" and `recover` "no open freeze
+    # intents" on a 0-byte catalog, re-initialising it. Exit 8 naming the file, left as it is.
+    db = tmp_path / "home" / "catalog.sqlite"
+    db.parent.mkdir(parents=True)
+    db.touch()
+    for args in (("snapshot", "list"), ("recover",)):
+        r = ff(*args, "--json")
+        assert r.returncode == 8, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["error"] == "CatalogError"
+        assert str(db) in doc["message"]
+        assert "empty" in doc["message"]
+        assert "backup" in doc["hint"]
+    assert db.stat().st_size == 0

@@ -41,7 +41,13 @@ Several processes (and hosts sharing a server database)
     with ``BEGIN IMMEDIATE``: it queues for the single write lock up front instead of upgrading
     a read snapshot that another writer may have made stale, which is what otherwise fails at
     once with "database is locked". Migrations run in such a transaction too, so processes
-    opening a fresh file at the same time migrate it exactly once.
+    opening a catalog at the same time migrate it exactly once.
+
+    A missing SQLite file is created whole: migrated under a temporary name in its directory,
+    then hard-linked into place only if the path is still free (one of racing processes wins,
+    the others open its file). So a file at the catalog's path is never half made, and one that
+    is empty, not SQLite, or SQLite without the catalog's tables is refused at once
+    (:class:`~freezeframe.errors.CatalogError` naming it), never re-initialised.
 
     One snapshot per VM at a time: :meth:`Catalog.acquire_vm_lock` INSERTs the VM's row; the
     database's uniqueness makes exactly one of racing processes win. A loser reads the holder

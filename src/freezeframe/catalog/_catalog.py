@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
+import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +29,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy.engine import URL, CursorResult, Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from freezeframe import paths
 from freezeframe._aio import shielded
@@ -83,6 +86,9 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _VM_HINT = "see `freezeframe vm list`"
 _SNAPSHOT_HINT = "see `freezeframe snapshot list`"
 _LOCK_STEAL_ATTEMPTS = 5
+#: Tables every freezeframe catalog has had since revision 0001: a SQLite file without them is
+#: not a catalog (an emptied or foreign file), and is refused rather than initialised.
+_CATALOG_TABLES = frozenset({"alembic_version", "vms", "snapshots", "freeze_intents", "vm_locks"})
 
 
 def _now() -> datetime:
@@ -381,6 +387,122 @@ def _create_engine(url: URL) -> Engine:
     return engine
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The file a SQLite URL opens, resolved as the driver resolves it; None when the URL is
+    not a SQLite file (another backend, in memory, a ``uri=true`` SQLite URI)."""
+    if url.get_backend_name() != "sqlite" or _is_memory(url) or not url.database:
+        return None
+    if "uri" in url.query:
+        return None
+    return Path(os.path.abspath(url.database))
+
+
+def _bad_catalog(path: Path, what: str) -> CatalogError:
+    return CatalogError(
+        f"catalog {path} {what}: it is not a freezeframe catalog; refused, nothing was written "
+        "to it",
+        hint=f"restore {path} from a backup, or move it away (mv {path} {path}.bad) to start "
+        "afresh with an empty catalog",
+    )
+
+
+def _check_catalog_file(url: URL, path: Path) -> None:
+    """Refuse an existing ``path`` that is not a freezeframe catalog — empty, not SQLite, or
+    SQLite without the catalog's tables — without writing anything to it.
+
+    Only a missing file is ever created (:func:`_create_catalog_file`, which puts a whole catalog
+    in place atomically), so a file another process is creating right now is never seen half
+    made, and anything else at the path is a damaged or foreign file: initialising it would
+    silently forget every record and freeze intent.
+
+    Raises:
+        CatalogError: the file is refused (the message names it, the hint says what to do).
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad_catalog(path, "is not a regular file")
+    if st.st_size == 0:
+        raise _bad_catalog(path, "is empty (0 bytes)")
+
+    def connect() -> sqlite3.Connection:
+        # mode=rw: never create the file (it may have been removed since the stat).
+        return sqlite3.connect(
+            f"{path.as_uri()}?mode=rw",
+            uri=True,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+
+    engine = sa.create_engine(url, poolclass=NullPool, creator=connect)
+    try:
+        with engine.connect() as conn:
+            tables = set(
+                conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .scalars()
+                .all()
+            )
+    except SQLAlchemyError as exc:
+        code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            raise _bad_catalog(path, f"cannot be read as SQLite ({_describe(exc)})") from exc
+        # Not the file's content (permissions, locked, I/O): not a reason to move it away.
+        raise CatalogError(f"cannot open catalog {path}: {_describe(exc)}") from exc
+    finally:
+        engine.dispose()
+    missing = sorted(_CATALOG_TABLES - tables)
+    if len(missing) == len(_CATALOG_TABLES):
+        raise _bad_catalog(path, "is a SQLite database without freezeframe's tables")
+    if missing:
+        raise _bad_catalog(path, f"lacks the tables {', '.join(missing)}")
+
+
+def _create_catalog_file(url: URL, path: Path) -> None:
+    """Create a new catalog at ``path`` if nothing is there, atomically.
+
+    It is built and migrated under a temporary name in the same directory, closed (WAL
+    checkpointed), then hard-linked into place, which fails if a file appeared meanwhile: of
+    processes creating it at the same time one wins and the others use its file. So the path
+    never holds a half-made catalog, and :func:`_check_catalog_file` can refuse at once what is
+    not a whole one. (On a filesystem without hard links it is renamed into place, if the path
+    is still free.)
+
+    Raises:
+        CatalogError: the catalog cannot be created.
+    """
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    side = [tmp.with_name(tmp.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+    try:
+        engine = _create_engine(url.set(database=str(tmp)))
+        try:
+            _migrate(engine.execution_options(**{_WRITE: True}))
+        finally:
+            engine.dispose()
+        if side[0].exists() and side[0].stat().st_size > 0:  # never expected: not checkpointed
+            raise CatalogError(f"cannot create catalog {path}: {side[0]} was not checkpointed")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            log.debug("catalog %s was created by another process meanwhile", path)
+        except OSError:
+            if not os.path.lexists(path):  # no hard links here (vfat, some FUSE)
+                os.replace(tmp, path)
+    except (SQLAlchemyError, sqlite3.Error) as exc:
+        raise CatalogError(f"cannot create catalog {path}: {_describe(exc)}") from exc
+    except OSError as exc:
+        raise CatalogError(f"cannot create catalog {path}: {exc}") from exc
+    finally:
+        for leftover in (tmp, *side):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s: %s", leftover, exc)
+
+
 def _alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
@@ -431,11 +553,15 @@ class Catalog:
         """Open the catalog at ``url`` (default :func:`freezeframe.paths.default_database_url`).
 
         Creates the directory of a SQLite file and migrates the schema to the newest revision.
+        A missing SQLite file is created (atomically, see :func:`_create_catalog_file`); an
+        existing one that is empty, not SQLite, or SQLite without the catalog's tables is
+        refused, never re-initialised: that would forget every record and freeze intent.
 
         Raises:
             UsageError: ``url`` is not a database URL.
             DependencyError: the URL's database driver (a Python module) is not installed.
-            CatalogError: the database cannot be opened or migrated.
+            CatalogError: the database cannot be opened or migrated, or an existing SQLite file
+                is not a freezeframe catalog (the message names it, the hint says what to do).
         """
         return await asyncio.to_thread(cls._open_sync, url or paths.default_database_url())
 
@@ -446,11 +572,15 @@ class Catalog:
         except ArgumentError as exc:
             raise UsageError(f"not a database URL: {url_text!r}") from exc
         display = url.render_as_string(hide_password=True)
-        if url.get_backend_name() == "sqlite" and not _is_memory(url) and url.database:
+        file = _sqlite_file(url)
+        if file is not None:
             try:
-                paths.ensure_dir(Path(url.database).expanduser().resolve().parent)
+                paths.ensure_dir(file.parent)
             except OSError as exc:
                 raise CatalogError(f"cannot create the directory of {display}: {exc}") from exc
+            if not os.path.lexists(file):  # only a missing catalog is created
+                _create_catalog_file(url, file)
+            _check_catalog_file(url, file)
         try:
             engine = _create_engine(url)
         except ImportError as exc:  # the URL's database driver (psycopg, pymysql, ...)
