@@ -29,7 +29,9 @@ Each class carries a stable process exit code for the CLI (``exit_code``).
      +-- CatalogError                      exit 8   the database
      |    +-- BusyError                    exit 9   another snapshot of this VM is in progress
      +-- SnapshotFailedError               exit 10  a snapshot was attempted and failed (recorded)
+     |    +-- BrokenChainError             exit 10  ... refused: a disk's image chain lost a file
      |    +-- ThawUnconfirmedError         exit 12  ... and its guest may still be frozen
+     |    +-- SnapshotUnrecordedError      exit 13  cut (the disks DID switch) but not recorded
      +-- VerifyError                       exit 11  an offline check could not be run
      +-- RecoverError                      exit 12  a guest could not be confirmed thawed
 
@@ -46,6 +48,7 @@ __all__ = [
     "AgentTimeoutError",
     "AgentUnavailableError",
     "AlreadyExistsError",
+    "BrokenChainError",
     "BusyError",
     "CatalogError",
     "CutError",
@@ -57,6 +60,7 @@ __all__ = [
     "NotFoundError",
     "RecoverError",
     "SnapshotFailedError",
+    "SnapshotUnrecordedError",
     "ThawUnconfirmedError",
     "ToolError",
     "UsageError",
@@ -199,11 +203,55 @@ class SnapshotFailedError(FreezeframeError):
         self.snapshot_id = snapshot_id
 
 
+class BrokenChainError(SnapshotFailedError):
+    """A snapshot refused before anything was prepared or frozen: a file of a disk's image
+    chain (its active image or one below) is missing on this host, deleted while QEMU keeps it
+    open. Not the caller's bad input: the VM's storage is damaged, and what only the unlinked
+    file holds is lost when QEMU exits. ``missing`` maps each such disk to its missing files
+    (top first). The refused attempt is recorded as failed, with the reason."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        snapshot_id: str,
+        missing: dict[str, tuple[str, ...]],
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, snapshot_id=snapshot_id, hint=hint)
+        self.missing = missing
+
+
 class ThawUnconfirmedError(SnapshotFailedError):
     """A failed snapshot whose thaw could not be confirmed: the guest may still be frozen (its
     freeze intent stays open for ``freezeframe recover``). Same exit code as RecoverError."""
 
     exit_code = 12
+
+
+class SnapshotUnrecordedError(SnapshotFailedError):
+    """The cut happened — every disk now writes to its new overlay (``overlays``) and the guest
+    was thawed (confirmed) — but the catalog could not store the finished record (its
+    filesystem full, say): the record stays ``running``, the overlays must not be deleted, and
+    ``freezeframe recover VM`` records them once the catalog can be written again.
+    ``intent_open`` tells whether the freeze intent could not be closed either (the guest is
+    thawed all the same). When the thaw was not confirmed, ThawUnconfirmedError (exit 12)
+    is raised instead, saying the same about the disks."""
+
+    exit_code = 13
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        snapshot_id: str,
+        overlays: tuple[str, ...],
+        intent_open: bool,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, snapshot_id=snapshot_id, hint=hint)
+        self.overlays = overlays
+        self.intent_open = intent_open
 
 
 class VerifyError(FreezeframeError):

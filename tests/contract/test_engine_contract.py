@@ -160,3 +160,19 @@ async def test_doctor_predicts_the_level_a_snapshot_reaches(rig: Rig) -> None:
     assert any(c.status is CheckStatus.FAIL for c in required.checks)
     preferred = await doctor(rig.catalog, mute.name, quiesce=QuiescePolicy.PREFERRED)
     assert preferred.predicted_level is ConsistencyLevel.CRASH
+
+
+async def test_a_paused_vm_is_named_paused_not_a_missing_agent(rig: Rig) -> None:
+    vm = await rig.vm_with_agent()
+    cfg = await rig.catalog.get_vm(vm.name)
+    snap = Snapshotter(rig.catalog, ping_timeout=1.0, thaw_timeout=1.0)
+    async with open_driver(cfg) as driver:
+        await driver.pause()
+        try:
+            probe = await snap.probe_agent(cfg, driver)
+        finally:
+            await driver.resume()
+    assert probe.info is None
+    assert probe.vm_state == "paused"  # not "install qemu-guest-agent"
+    rec = await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.PREFERRED))
+    assert rec.level is ConsistencyLevel.FILESYSTEM  # running again: the agent answers

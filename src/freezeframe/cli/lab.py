@@ -180,8 +180,14 @@ def down(
     force: bool = typer.Option(
         False,
         "--force",
-        help="Go on even while a snapshot of the VM is in progress or its guest may be frozen "
-        "(an open freeze intent).",
+        help="Go on even while a snapshot of the VM is in progress, its guest may be frozen "
+        "(an open freeze intent), or QEMU holds a deleted disk image open (lost on stop).",
+    ),
+    save: bool = typer.Option(
+        False,
+        "--save",
+        help="Copy disk images that were deleted while QEMU holds them open back to their "
+        "paths (from /proc/PID/fd, vCPUs paused) before stopping it.",
     ),
     as_json: bool = _JSON,
 ) -> None:
@@ -190,7 +196,9 @@ def down(
     up. --purge deletes its files, its registration and its snapshot records (their images
     lived in the deleted directory).
     Refused (exit 9) while a snapshot of the VM is in progress, and (exit 12) while a freeze
-    intent of it is open (run `freezeframe recover NAME` first), unless --force."""
+    intent of it is open (run `freezeframe recover NAME` first), and (exit 5) while QEMU holds
+    open a disk image that was deleted (copy it back from /proc/PID/fd/N first, or --save),
+    unless --force."""
 
     async def go() -> tuple[bool, int]:
         async with await Catalog.open() as cat:
@@ -212,7 +220,7 @@ def down(
             try:
                 await _refuse_if_maybe_frozen(cat, name, force=force)
                 try:
-                    await lab_down(name, purge=purge)
+                    await lab_down(name, purge=purge, force=force, save=save)
                 except NotFoundError:
                     # No lab VM of that name (its directory is gone), but the catalog may still
                     # hold its registration and records: --purge forgets those too.

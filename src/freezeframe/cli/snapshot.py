@@ -3,7 +3,8 @@
 Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, crash with
 ``--quiesce off``); 20 done but weaker than asked (``preferred`` fell back to crash); the error
 codes of :mod:`freezeframe.errors` otherwise (10 = attempted and failed, recorded; 9 = another
-snapshot of this VM is in progress). With ``--verify`` the verdict's code (:func:`verdict_exit`:
+snapshot of this VM is in progress; 13 = cut, the disks switched, but the catalog could not
+record it: ``freezeframe recover VM``). With ``--verify`` the verdict's code (:func:`verdict_exit`:
 21 check-failed, 22 corrupt) wins over 20.
 """
 

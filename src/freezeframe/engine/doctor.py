@@ -18,7 +18,10 @@ is derived from ``guest-info`` then (qemu-ga reports most commands disabled whil
 Open freeze intents come from the catalog before the hypervisor is asked, so they are reported
 even when QEMU is gone or hung. A disk whose active image (``DiskInfo.file``) is the image at
 the cut of a done snapshot of the VM (the VM restarted by hand on an older image) is a warning:
-that snapshot is being written to.
+that snapshot is being written to. A disk whose image chain (``DiskInfo.file`` and
+``backing``) holds a local file missing on this host (deleted while QEMU keeps it open) is a
+FAIL naming the open copy to save it from, and the predicted level is ``none``: ``snapshot
+create`` refuses such a VM (BrokenChainError).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
+from freezeframe.engine.chain import broken_chain_hint, missing_chain_files, open_copies
 from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesystem_to_disk
 from freezeframe.engine.recover import cut_outcome_unknown
 from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
@@ -237,6 +241,17 @@ async def _probe(
                     + " (the image it wrote to last), or take a new snapshot and treat "
                     f"{snaps} as changed",
                 )
+        broken = missing_chain_files(disks)
+        copies = open_copies([f for files in broken.values() for f in files]) if broken else {}
+        for dev, files in broken.items():
+            add(
+                f"disk {dev} chain",
+                False,
+                f"{', '.join(files)} {'is' if len(files) == 1 else 'are'} missing on this host, "
+                "yet QEMU runs on it: deleted while open, what only it holds is lost when QEMU "
+                "exits, and a snapshot would back onto it (refused)",
+                broken_chain_hint({f: copies[f] for f in files if f in copies}),
+            )
         for found in await driver.checks():
             add(found.name, found.ok, found.detail, found.fix)
         probe = await Snapshotter(catalog).probe_agent(cfg, driver)
@@ -308,11 +323,14 @@ async def _probe(
         host_side = host_problem is not None or (qemu_path is not None and probe.info is None)
         if probe.info is None:
             if not host_side:  # else said above: the host-side path, not the guest's agent
+                stopped = probe.vm_state not in (None, "running")
                 add(
                     "agent",
                     False,
                     probe.problem or "the agent does not answer",
-                    "install and start qemu-guest-agent in the guest "
+                    "resume the VM (QMP `cont`, `virsh resume`): a paused guest cannot answer"
+                    if stopped
+                    else "install and start qemu-guest-agent in the guest "
                     "(apt-get install qemu-guest-agent; systemctl enable --now "
                     "qemu-guest-agent); or another client holds the socket (one at a time)",
                 )
@@ -366,6 +384,15 @@ async def _probe(
         exclude_mounts=cfg.exclude_mounts,
         agent_problem=agent_problem,
     )
+    if broken:  # a snapshot is refused whatever the policy (BrokenChainError)
+        return _report(
+            cfg.name,
+            policy,
+            checks,
+            ConsistencyLevel.NONE,
+            f"a snapshot of {cfg.name} would be refused now: a disk's image chain has a "
+            "missing file (see the FAIL above)",
+        )
     if frozen:  # one FAIL says it all; a snapshot would not freeze (or fail under required)
         level = ConsistencyLevel.NONE if policy is QuiescePolicy.REQUIRED else plan.predicted_level
         return _report(

@@ -17,6 +17,8 @@ Guarantees:
   are removed; the failed attempt is recorded with its reason.
 - ``preferred``: the cut is still atomic; the record says ``crash`` and why.
 - One snapshot at a time per VM (the catalog's VM lock).
+- A disk whose image chain holds a file missing on this host (deleted while QEMU keeps it
+  open) is refused before anything is prepared or frozen (:class:`BrokenChainError`).
 """
 
 from __future__ import annotations
@@ -33,16 +35,25 @@ from datetime import UTC, datetime, timedelta
 from freezeframe._aio import shielded
 from freezeframe.agent import Agent
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
+from freezeframe.engine.chain import (
+    broken_chain_hint,
+    describe_missing,
+    missing_chain_files,
+    open_copies,
+)
 from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
     AgentTimeoutError,
+    BrokenChainError,
+    CatalogError,
     CutError,
     FreezeframeError,
     HypervisorError,
     SnapshotFailedError,
+    SnapshotUnrecordedError,
     ThawUnconfirmedError,
     UsageError,
 )
@@ -128,6 +139,8 @@ class AgentProbe:
     filesystems: list[GuestFilesystem] | None = None
     state: FsFreezeState | None = None
     ping_ms: float | None = None
+    #: The VM's run state when the agent did not answer (``paused``, ``io-error``, ...).
+    vm_state: str | None = None
 
 
 @dataclass(slots=True)
@@ -154,6 +167,8 @@ class _Run:
     cut_done: bool = False
     cut_unknown: bool = False
     cut_interrupted: bool = False  # cancelled while the cut's transaction ran
+    intent_id: int | None = None  # the freeze intent, once the thaw was attempted
+    intent_closed: bool = False
     notes: list[str] = field(default_factory=list)
     followup: asyncio.Task[bool] | None = None
     stored: asyncio.Event = field(default_factory=asyncio.Event)
@@ -244,6 +259,7 @@ class Snapshotter:
             await shielded(self.catalog.release_vm_lock(vm, owner))
             raise
         run: _Run | None = None
+        failing: BaseException | None = None
         try:
             record = SnapshotRecord(
                 id=new_snapshot_id(),
@@ -255,10 +271,29 @@ class Snapshotter:
             )
             run = _Run(cfg, req, policy, freeze_timeout, owner, Timeline(progress), record)
             return await self._snapshot_locked(run)
+        except BaseException as exc:
+            failing = exc
+            raise
         finally:
             # A follow-up still talking to the agent keeps the lock and releases it itself.
             if run is None or run.followup is None or run.followup.done():
-                await shielded(self.catalog.release_vm_lock(vm, owner))
+                await shielded(self._release_lock(vm, owner, failing))
+
+    async def _release_lock(self, vm: str, owner: str, failing: BaseException | None) -> None:
+        """Release the VM's lock. When a snapshot error is on its way out, a release that fails
+        too (the catalog is full or locked) does not replace it: it is logged and named in it
+        (a dead process's lock is taken over by the next snapshot or ``recover`` of the VM)."""
+        try:
+            await self.catalog.release_vm_lock(vm, owner)
+        except FreezeframeError as exc:
+            if failing is None:
+                raise
+            log.error("could not release the lock of VM %s: %s", vm, exc.message)
+            if isinstance(failing, FreezeframeError):
+                failing.message += (
+                    f"; the lock of VM {vm} could not be released ({exc.message}): it is taken "
+                    "over once this process is gone"
+                )
 
     async def wait_followups(self, timeout: float | None = None) -> bool:
         """Wait for background thaw follow-ups; True if every one confirmed a thaw."""
@@ -289,10 +324,22 @@ class Snapshotter:
         tl.mark("started", f"policy {run.policy.value}, freeze deadline {run.freeze_timeout:g}s")
         try:
             record = await self._take(run)
-            await self.catalog.finish_snapshot(record)
-            return record
+            try:
+                await self.catalog.finish_snapshot(record)
+            except CatalogError as exc:
+                if not run.cut_done:
+                    raise
+                # The disks switched: not "failed, nothing switched" (see _unrecorded).
+                unrecorded = self._unrecorded(run, record, exc)
+            else:
+                return record
         except asyncio.CancelledError:
             await shielded(self._store_failure(run, "interrupted; " + self._thaw_summary(run)))
+            raise
+        except BrokenChainError as exc:
+            # Refused before anything was prepared or frozen: recorded as failed, as it is.
+            tl.mark("failed", exc.message, notify=False)
+            await shielded(self._store_failure(run, exc.message))
             raise
         except UsageError:
             # Bad input found once the VM was asked (an exclusion naming nothing): not an
@@ -322,6 +369,64 @@ class Snapshotter:
             raise
         finally:
             run.stored.set()
+        raise unrecorded
+
+    def _unrecorded(
+        self, run: _Run, record: SnapshotRecord, exc: CatalogError
+    ) -> SnapshotFailedError:
+        """The error for a cut that happened but whose finished record the catalog refused (its
+        filesystem full, say). Nothing more is written — the catalog just failed — so the stored
+        record stays ``running`` with the overlays the checkpoint recorded before the freeze,
+        and ``freezeframe recover`` (which settles running records under the VM's lock) keeps
+        and records them. Exit 13 (SnapshotUnrecordedError), or 12 (ThawUnconfirmedError) when
+        the guest may still be frozen too."""
+        vm = run.cfg.name
+        overlays = tuple(d.overlay for d in record.disks if d.overlay)
+        if run.intent_id is None:
+            intent = "no freeze intent was opened (the guest was not frozen)"
+            intent_open = False
+        elif run.intent_closed:
+            intent = (
+                f"the guest was thawed (confirmed) and its freeze intent {run.intent_id} is closed"
+            )
+            intent_open = False
+        elif run.thaw_confirmed:
+            intent = (
+                f"the guest was thawed (confirmed) but its freeze intent {run.intent_id} stays "
+                "open (the catalog failed)"
+            )
+            intent_open = True
+        else:
+            intent = (
+                f"the thaw was NOT confirmed: the guest may still be frozen; its freeze intent "
+                f"{run.intent_id} stays open"
+            )
+            intent_open = True
+        message = (
+            f"snapshot {run.sid} of {vm} was cut but could not be recorded: {exc.message}. "
+            f"The disks DID switch: the VM now writes to {', '.join(overlays)} (do not delete "
+            f"them); the record stays 'running'; {intent}"
+        )
+        log.error("%s", message)
+        err: SnapshotFailedError
+        if run.freeze_sent and not run.thaw_confirmed:
+            err = ThawUnconfirmedError(
+                message,
+                snapshot_id=run.sid,
+                hint=f"run `freezeframe recover {vm}` now: it thaws the guest and, once the "
+                "catalog can be written again, records the switched disks",
+            )
+        else:
+            err = SnapshotUnrecordedError(
+                message,
+                snapshot_id=run.sid,
+                overlays=overlays,
+                intent_open=intent_open,
+                hint="make the catalog writable again (free space on its filesystem), then "
+                f"run `freezeframe recover {vm}`: it records the switched disks",
+            )
+        err.__cause__ = exc
+        return err
 
     async def _store_failure(
         self, run: _Run, error: str, filesystems: tuple[SnapshotFilesystem, ...] = ()
@@ -360,6 +465,7 @@ class Snapshotter:
             disks = await driver.disks()
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
+            self._refuse_broken_chain(run, disks)
             run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
             run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
@@ -407,6 +513,26 @@ class Snapshotter:
         return self._finish(run, evidence)
 
     # ------------------------------------------------------------------ steps
+
+    @staticmethod
+    def _refuse_broken_chain(run: _Run, disks: list[DiskInfo]) -> None:
+        """Raise BrokenChainError when a file of the chain of a disk to snapshot (not one
+        excluded with ``--exclude-disk``) is missing on this host: the overlay would back onto
+        an unlinked file, and the image at the cut would be lost when QEMU exits."""
+        excluded = set(run.req.exclude_disks)
+        chosen = [d for d in disks if d.device not in excluded and d.node not in excluded]
+        missing = missing_chain_files(chosen)
+        if not missing:
+            return
+        copies = open_copies([f for files in missing.values() for f in files])
+        raise BrokenChainError(
+            f"snapshot {run.sid} of {run.cfg.name} refused, nothing prepared or frozen: "
+            f"{describe_missing(missing)} on this host (the image chain QEMU runs on is "
+            "broken: a snapshot now would back onto a deleted file)",
+            snapshot_id=run.sid,
+            missing=missing,
+            hint=broken_chain_hint(copies),
+        )
 
     async def _apply_driver_policy(self, run: _Run, driver: HypervisorDriver) -> None:
         """A policy kept with the VM by its hypervisor (libvirt: ``<freezeframe:policy>`` in
@@ -504,8 +630,20 @@ class Snapshotter:
                 address=address, info=info, filesystems=fs, state=state, ping_ms=ping_ms
             )
         except AgentError as exc:
+            run_state = await driver.run_state()
+            if run_state is not None and run_state != "running":
+                # Not the guest's package: the vCPUs do not run, nothing in the guest answers.
+                why = " (QEMU paused it on an I/O error: is the host's storage full?)"
+                return None, AgentProbe(
+                    address=address,
+                    vm_state=run_state,
+                    problem=f"the VM is not running (status {run_state})"
+                    + (why if run_state == "io-error" else "")
+                    + f": its guest agent cannot answer ({exc.message})",
+                )
             return None, AgentProbe(
                 address=address,
+                vm_state=run_state,
                 problem=f"the guest agent does not answer ({exc.message}); "
                 "install and start qemu-guest-agent in the guest",
             )
@@ -775,6 +913,7 @@ class Snapshotter:
         urgent: bool,
     ) -> None:
         budget = 1.5 if urgent else self.thaw_timeout
+        run.intent_id = intent.id
         if run.freeze_refused:
             # Nothing of ours is frozen: a thaw now could only undo someone else's freeze.
             run.thaw_confirmed = await self._nothing_frozen(run, agent, budget)
@@ -783,6 +922,7 @@ class Snapshotter:
         if run.thaw_confirmed:
             try:
                 await self.catalog.close_intent(intent.id, "engine")
+                run.intent_closed = True
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
 
@@ -991,6 +1131,8 @@ def _hint_for(problems: tuple[str, ...]) -> str | None:
     text = " ".join(problems)
     if "without a guest agent" in text or "no guest-agent channel" in text:
         return "set hw_qemu_guest_agent=yes on the image, or use --quiesce preferred"
+    if "the VM is not running (status" in text:
+        return "resume the VM (QMP `cont`, `virsh resume`) and retry (`freezeframe doctor VM`)"
     if "does not answer" in text:
         return "install and start qemu-guest-agent in the guest (`freezeframe doctor VM`)"
     if "cannot be frozen" in text:

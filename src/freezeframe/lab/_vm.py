@@ -695,7 +695,9 @@ async def lab_up(
         return vm
 
 
-async def lab_down(name: str, *, purge: bool = False) -> None:
+async def lab_down(
+    name: str, *, purge: bool = False, force: bool = False, save: bool = False
+) -> None:
     """Stop the lab VM ``name`` (QMP quit, then SIGTERM, then SIGKILL; under libvirt
     ``destroy``, after which the transient domain is gone) and remove its sockets; with
     ``purge`` delete its directory (disks, overlays, console log) too. Without ``purge`` the
@@ -707,7 +709,12 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
     The PID is checked to still be this VM's QEMU before any signal, a libvirt domain to be
     this VM's (by its metadata). Stopping a VM that is not running is not an error. Raises
     UsageError for a bad name, NotFoundError if there is no such lab VM, LabError if its record
-    is unreadable or QEMU cannot be stopped.
+    is unreadable or QEMU cannot be stopped, and (without ``purge``, unless ``force``: then a
+    warning) before touching anything when QEMU holds a disk image of the VM that was deleted
+    (:func:`_refuse_if_image_unlinked`): it would be lost when QEMU exits. With ``save`` such
+    images are copied back instead, after the flush, from QEMU's open descriptors with the
+    vCPUs paused (:func:`_save_unlinked`), then QEMU is stopped; LabError (QEMU left running,
+    resumed) when that fails.
     """
     validate_name(name)
     vmdir = _vm_dir(name)
@@ -726,10 +733,15 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
             tops: dict[str, str] | None = None
             answered = True
             how = "not stopped"
+            unlinked: dict[str, str] = {}
+            if not purge:
+                unlinked = _refuse_if_image_unlinked(vm, vmdir, force=force, save=save)
             try:
                 if not purge:
                     await _flush_guest(vm)  # stops the workload: resumed if QEMU stays up
                     tops, answered = await _query_tops(vm)
+                if unlinked:
+                    await _save_unlinked(vm, unlinked)
                 how = await _stop(vm, qmp=answered)
                 log.info("lab %s: QEMU %d stopped (%s)", name, vm.pid, how)
             finally:  # also on Ctrl-C: a VM left running keeps its workload running
@@ -748,6 +760,82 @@ async def lab_down(name: str, *, purge: bool = False) -> None:
             shutil.rmtree(vmdir, ignore_errors=True)
             if vmdir.exists():
                 raise LabError(f"lab VM {name}: could not delete {vmdir}")
+
+
+def _refuse_if_image_unlinked(vm: LabVm, vmdir: Path, *, force: bool, save: bool) -> dict[str, str]:
+    """Raise LabError (with ``force``: log a warning) when the running QEMU of ``vm`` holds
+    open a disk image that was deleted and is missing (a file in ``vmdir`` or a
+    ``.qcow2``/``.img``/``.raw`` image, its link in /proc/PID/fd reading ``PATH (deleted)``, and
+    nothing at PATH): it lives only in that open file, and is gone once QEMU exits. The message
+    names each one and how to copy it back (once copied back, only a warning is logged).
+    Returns what to save (path -> ``/proc/PID/fd/N``) with ``save``; else nothing."""
+    from freezeframe.engine.chain import deleted_open_files
+
+    pid = _liveness(vm)[0]
+    if pid <= 0:
+        return {}
+    held = {
+        path: fd
+        for path, fd in deleted_open_files(pid).items()
+        if Path(path).parent == vmdir or path.endswith((".qcow2", ".img", ".raw"))
+    }
+    images = {path: fd for path, fd in held.items() if not os.path.exists(path)}
+    for path in sorted(held.keys() - images.keys()):
+        log.warning(
+            "lab %s: QEMU %d still writes to a deleted %s; a file of that name exists again "
+            "(copied back?): what QEMU wrote since that copy is not in it",
+            vm.name, pid, path,
+        )  # fmt: skip
+    if not images:
+        return {}
+    what = (
+        f"QEMU {pid} holds deleted disk image(s) open: "
+        + ", ".join(f"{path} ({fd})" for path, fd in sorted(images.items()))
+        + ": they live only in QEMU's open file(s) and are lost when it exits"
+    )
+    if save:
+        log.warning("lab %s: %s; saving them (--save)", vm.name, what)
+        return images
+    if force:
+        log.warning("lab %s: %s; stopping it anyway (--force)", vm.name, what)
+        return {}
+    saves = "; ".join(f"cp --sparse=always {fd} {path}" for path, fd in sorted(images.items()))
+    raise LabError(
+        f"lab VM {vm.name}: not stopped: {what}",
+        hint=f"add --save: lab down then copies them back after the guest's flush, with its "
+        f"vCPUs paused; or copy them yourself while QEMU runs ({saves}; the active image: "
+        "pause the guest first), then lab down again; or add --force to lose them",
+    )
+
+
+async def _save_unlinked(vm: LabVm, images: dict[str, str]) -> None:
+    """Copy each deleted image back to its path (``path -> /proc/PID/fd/N``) from QEMU's open
+    descriptor, with the vCPUs paused (QMP ``stop`` / libvirt suspend: QEMU drains and flushes
+    its block layer first, so the copy of an image it writes to is whole); QEMU stays paused
+    for the stop that follows. Each copy goes to a temporary name and is renamed into place.
+    Raises LabError (the vCPUs resumed, temporary files removed) when anything fails."""
+    driver = load_driver(vm.driver).from_config(vm.vm_config())
+    try:
+        async with driver:
+            await driver.pause()
+            try:
+                for path, fd in sorted(images.items()):
+                    tmp = f"{path}.ff-save"
+                    try:
+                        await run("cp", "--sparse=always", fd, tmp, timeout=3600, what=f"copy {fd}")
+                        os.replace(tmp, path)
+                    finally:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(tmp)
+                    log.warning("lab %s: saved %s (from %s)", vm.name, path, fd)
+            except BaseException:
+                await shielded(driver.resume())
+                raise
+    except (FreezeframeError, OSError) as exc:
+        raise LabError(
+            f"lab VM {vm.name}: not stopped: could not save its deleted disk image(s): {exc}",
+            hint="copy them back by hand (see `lab down` without --save), or add --force",
+        ) from exc
 
 
 def lab_status(name: str) -> LabVm:
