@@ -1,14 +1,19 @@
-"""Fixtures of the unit tests."""
+"""Fixtures of the unit tests: ``ff`` (the CLI as a process), ``host`` (a
+:class:`freezeframe.testing.FakeHost` installed for the test) and ``catalog`` (a fresh SQLite
+catalog of the test's own)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from freezeframe.catalog import Catalog
+from freezeframe.testing import FakeHost
 
 #: The CLI, run as a separate process (exit codes and output as an operator sees them).
 FF = [sys.executable, "-m", "freezeframe.cli.main"]
@@ -27,3 +32,20 @@ def ff(tmp_path: Path) -> Ff:
         )
 
     return run
+
+
+@pytest.fixture
+def host() -> Iterator[FakeHost]:
+    """The fake hypervisor world of this test (its VMs are found by the ``fake`` driver)."""
+    with FakeHost() as h:
+        yield h
+
+
+@pytest.fixture
+async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
+    """A fresh catalog of this test's own."""
+    cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+    try:
+        yield cat
+    finally:
+        await cat.close()

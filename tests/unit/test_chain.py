@@ -4,7 +4,6 @@ anything is prepared or frozen; create refuses (BrokenChainError, exit 10), doct
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -75,21 +74,6 @@ def test_an_unlinked_file_still_open_is_found_in_proc(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ engine, on the fakes
-
-
-@pytest.fixture
-def host() -> Iterator[FakeHost]:
-    with FakeHost() as h:
-        yield h
-
-
-@pytest.fixture
-async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def _vm_on_files(host: FakeHost, catalog: Catalog, tmp_path: Path) -> tuple[FakeVm, Path]:

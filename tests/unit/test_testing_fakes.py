@@ -5,9 +5,7 @@ the shared scenarios on them)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from tests.contract.rigs import PAUSE_HOOKS, dead_owner
@@ -47,21 +45,6 @@ from freezeframe.testing import (
 
 REQUIRED = SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
 PREFERRED = SnapshotRequest(quiesce=QuiescePolicy.PREFERRED)
-
-
-@pytest.fixture
-def host() -> Iterator[FakeHost]:
-    with FakeHost() as h:
-        yield h
-
-
-@pytest.fixture
-async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def _vm(host: FakeHost, catalog: Catalog, vm: FakeVm) -> FakeGuest:

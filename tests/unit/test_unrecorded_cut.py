@@ -6,8 +6,6 @@ fakes of :mod:`freezeframe.testing` with a catalog whose final write fails."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,21 +23,6 @@ from freezeframe.testing import AgentFault, FakeHost, FakeVm
 
 REQUIRED = SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
 FULL = "catalog sqlite:///cat.sqlite: OperationalError: database or disk is full"
-
-
-@pytest.fixture
-def host() -> Iterator[FakeHost]:
-    with FakeHost() as h:
-        yield h
-
-
-@pytest.fixture
-async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def _vm(host: FakeHost, catalog: Catalog, name: str) -> FakeVm:
