@@ -188,9 +188,17 @@ class CatalogError(FreezeframeError):
 
 
 class BusyError(CatalogError):
-    """Another snapshot of the same VM is in progress (the VM's lock is held)."""
+    """The VM's lock is held: another snapshot of it (or a doctor check, a recover, a lab down)
+    is in progress. ``holder_purpose`` says which (``snapshot``, ``doctor``, ``recover``,
+    ``lab-down``; None when unknown)."""
 
     exit_code = 9
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, holder_purpose: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.holder_purpose = holder_purpose
 
 
 class SnapshotFailedError(FreezeframeError):

@@ -174,5 +174,6 @@ async def test_a_paused_vm_is_named_paused_not_a_missing_agent(rig: Rig) -> None
             await driver.resume()
     assert probe.info is None
     assert probe.vm_state == "paused"  # not "install qemu-guest-agent"
+    assert probe.code == "vm-not-running"
     rec = await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.PREFERRED))
     assert rec.level is ConsistencyLevel.FILESYSTEM  # running again: the agent answers

@@ -164,7 +164,7 @@ async def test_open_default_url_creates_state_dir_in_wal_mode(
         assert await catalog.list_vms() == []
     with sqlite3.connect(home / "catalog.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
     with pytest.raises(CatalogError, match="closed"):
         await catalog.list_vms()
     await catalog.close()  # idempotent
@@ -735,3 +735,19 @@ def test_concurrent_writers_do_not_hit_database_is_locked(db_path: Path) -> None
     assert _rows(db_path, "snapshot_disks") == 2 * 2 * count
     assert _rows(db_path, "verifications") == 2 * count
     assert _rows(db_path, "vm_locks") == 0
+
+
+async def test_a_busy_lock_names_what_holds_it(tmp_path: Path) -> None:
+    # Issue 12 item 6: a create refused because doctor held the lock said "snapshot in progress".
+    async with await Catalog.open(f"sqlite:///{tmp_path / 'c.sqlite'}") as cat:
+        await cat.add_vm(VmConfig(name="web1"))
+        await cat.acquire_vm_lock("web1", make_owner(), purpose="doctor")
+        with pytest.raises(BusyError) as ei:
+            await cat.acquire_vm_lock("web1", "otherhost:1:abcd")
+        assert ei.value.holder_purpose == "doctor"
+        assert ei.value.exit_code == 9
+        await cat.release_vm_lock("web1", make_owner())
+        await cat.acquire_vm_lock("web1", make_owner())  # a snapshot's (the default)
+        with pytest.raises(BusyError) as ei:
+            await cat.acquire_vm_lock("web1", "otherhost:1:abcd")
+        assert ei.value.holder_purpose == "snapshot"

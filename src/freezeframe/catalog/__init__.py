@@ -13,7 +13,7 @@ Database
     enums, JSON for whole lists, aware UTC timestamps), so PostgreSQL works the same way.
     :meth:`Catalog.open` runs ``alembic upgrade head`` with the migrations shipped in
     ``catalog/migrations`` (revision ``0001`` creates every table, ``0002`` adds the libvirt
-    address); production code never calls ``create_all``.
+    address, ``0003`` what a VM lock is held for); production code never calls ``create_all``.
 
 Tables
     ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;
@@ -59,6 +59,15 @@ Several processes (and hosts sharing a server database)
 """
 
 from freezeframe.catalog._catalog import BUSY_TIMEOUT_MS, MIN_PREFIX, Catalog
+from freezeframe.catalog._full import FILESYSTEM_FULL, CatalogFullError
 from freezeframe.catalog._owner import holder_is_dead, make_owner
 
-__all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog", "holder_is_dead", "make_owner"]
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "FILESYSTEM_FULL",
+    "MIN_PREFIX",
+    "Catalog",
+    "CatalogFullError",
+    "holder_is_dead",
+    "make_owner",
+]

@@ -33,6 +33,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from freezeframe import paths
 from freezeframe._aio import shielded
+from freezeframe.catalog._full import filesystem_full_error
 from freezeframe.catalog._owner import holder_is_dead
 from freezeframe.catalog._schema import (
     FreezeIntentRow,
@@ -449,7 +450,10 @@ def _check_catalog_file(url: URL, path: Path) -> None:
         if isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
             raise _bad_catalog(path, f"cannot be read as SQLite ({_describe(exc)})") from exc
         # Not the file's content (permissions, locked, I/O): not a reason to move it away.
-        raise CatalogError(f"cannot open catalog {path}: {_describe(exc)}") from exc
+        what = f"cannot open catalog {path}"
+        raise filesystem_full_error(what, exc, path) or CatalogError(
+            f"{what}: {_describe(exc)}"
+        ) from exc
     finally:
         engine.dispose()
     missing = sorted(_CATALOG_TABLES - tables)
@@ -490,9 +494,13 @@ def _create_catalog_file(url: URL, path: Path) -> None:
             if not os.path.lexists(path):  # no hard links here (vfat, some FUSE)
                 os.replace(tmp, path)
     except (SQLAlchemyError, sqlite3.Error) as exc:
-        raise CatalogError(f"cannot create catalog {path}: {_describe(exc)}") from exc
+        what = f"cannot create catalog {path}"
+        raise filesystem_full_error(what, exc, path) or CatalogError(
+            f"{what}: {_describe(exc)}"
+        ) from exc
     except OSError as exc:
-        raise CatalogError(f"cannot create catalog {path}: {exc}") from exc
+        what = f"cannot create catalog {path}"
+        raise filesystem_full_error(what, exc, path) or CatalogError(f"{what}: {exc}") from exc
     finally:
         for leftover in (tmp, *side):
             try:
@@ -526,6 +534,15 @@ def _describe(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- the catalog
+
+
+#: How a lock's purpose reads in a refusal ("a snapshot of VM x in progress by ...").
+_LOCK_WORDS = {
+    "snapshot": "a snapshot",
+    "doctor": "a doctor check",
+    "recover": "a recover",
+    "lab-down": "a lab down",
+}
 
 
 class Catalog:
@@ -602,7 +619,10 @@ class Catalog:
             ) from exc
         except (SQLAlchemyError, sqlite3.Error) as exc:
             engine.dispose()
-            raise CatalogError(f"cannot open catalog {display}: {_describe(exc)}") from exc
+            what = f"cannot open catalog {display}"
+            raise filesystem_full_error(what, exc, file) or CatalogError(
+                f"{what}: {_describe(exc)}"
+            ) from exc
         log.debug("catalog %s open", display)
         return catalog
 
@@ -647,7 +667,11 @@ class Catalog:
             except FreezeframeError:
                 raise
             except (SQLAlchemyError, sqlite3.Error) as exc:
-                raise CatalogError(f"catalog {self._display}: {_describe(exc)}") from exc
+                what = f"catalog {self._display}"
+                file = _sqlite_file(self._engine.url)
+                raise filesystem_full_error(what, exc, file) or CatalogError(
+                    f"{what}: {_describe(exc)}"
+                ) from exc
 
     def _reader(self) -> Session:
         return Session(self._engine, expire_on_commit=False)
@@ -969,7 +993,7 @@ class Catalog:
 
     # -------------------------------------------------------------- VM locks
 
-    async def acquire_vm_lock(self, vm: str, owner: str) -> None:
+    async def acquire_vm_lock(self, vm: str, owner: str, *, purpose: str = "snapshot") -> None:
         """Take the lock of ``vm`` for ``owner`` (see :func:`make_owner`). Not re-entrant.
 
         A lock held by a process of this host that is gone is taken over (logged).
@@ -977,13 +1001,13 @@ class Catalog:
         Raises:
             BusyError: the lock is held by a live (or unjudgeable) owner; the message names it.
         """
-        await self._run(self._acquire_vm_lock, vm, owner)
+        await self._run(self._acquire_vm_lock, vm, owner, purpose)
 
-    def _acquire_vm_lock(self, vm: str, owner: str) -> None:
+    def _acquire_vm_lock(self, vm: str, owner: str, purpose: str) -> None:
         for _ in range(_LOCK_STEAL_ATTEMPTS):
             try:
                 with self._writer() as s, s.begin():
-                    s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now()))
+                    s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now(), purpose=purpose))
                 return
             except IntegrityError:
                 pass
@@ -992,12 +1016,14 @@ class Catalog:
                 if holder is None:
                     continue  # released in between: try again
                 held_by, since = holder.owner, holder.acquired_at
+                held_for = holder.purpose or "snapshot"
             if not holder_is_dead(held_by, since):
                 raise BusyError(
-                    f"snapshot of VM {vm} in progress by {held_by} "
-                    f"since {since.isoformat(timespec='seconds')}",
+                    f"{_LOCK_WORDS.get(held_for, held_for)} of VM {vm} in progress by "
+                    f"{held_by} since {since.isoformat(timespec='seconds')}",
                     hint="wait for it to finish; a lock of a dead process on this host "
                     "is taken over automatically",
+                    holder_purpose=held_for,
                 )
             with self._writer() as s, s.begin():
                 # Conditional on the old owner: of several racing stealers only one deletes.

@@ -215,3 +215,5 @@ class VmLockRow(Base):
     vm: Mapped[str] = mapped_column(_NAME, primary_key=True)
     owner: Mapped[str] = mapped_column(_NAME)
     acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    #: What the lock is held for (revision 0003); None: a snapshot (older freezeframe).
+    purpose: Mapped[str | None] = mapped_column(sa.String(32))

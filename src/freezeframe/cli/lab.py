@@ -205,14 +205,15 @@ def down(
             owner = make_owner()
             locked = False
             try:
-                await cat.acquire_vm_lock(name, owner)
+                await cat.acquire_vm_lock(name, owner, purpose="lab-down")
                 locked = True
             except BusyError as exc:
                 if not force:
                     raise BusyError(
                         f"lab VM {name}: not stopped: {exc.message}",
-                        hint="wait for the snapshot to finish, or add --force (the snapshot "
-                        "may then fail; with --purge its record would point at deleted images)",
+                        hint="wait for it to finish, or add --force (a snapshot may then "
+                        "fail; with --purge its record would point at deleted images)",
+                        holder_purpose=exc.holder_purpose,
                     ) from exc
                 err_console.print(
                     f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False

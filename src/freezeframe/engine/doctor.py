@@ -143,7 +143,7 @@ async def doctor(
     # while doctor talks to them would fail or fall back; it is refused (busy) instead.
     owner = make_owner()
     try:
-        await catalog.acquire_vm_lock(cfg.name, owner)
+        await catalog.acquire_vm_lock(cfg.name, owner, purpose="doctor")
     except BusyError as exc:
         add(
             "snapshot lock",
@@ -323,14 +323,21 @@ async def _probe(
         host_side = host_problem is not None or (qemu_path is not None and probe.info is None)
         if probe.info is None:
             if not host_side:  # else said above: the host-side path, not the guest's agent
-                stopped = probe.vm_state not in (None, "running")
+                if probe.code == "vm-not-running":
+                    fix = "resume the VM (QMP `cont`, `virsh resume`): a paused guest cannot answer"
+                elif probe.code == "agent-protocol":
+                    fix = (
+                        "check what serves the agent channel (it is no working qemu-ga): "
+                        "restart qemu-guest-agent in the guest"
+                    )
+                else:
+                    fix = ""
                 add(
                     "agent",
                     False,
                     probe.problem or "the agent does not answer",
-                    "resume the VM (QMP `cont`, `virsh resume`): a paused guest cannot answer"
-                    if stopped
-                    else "install and start qemu-guest-agent in the guest "
+                    fix
+                    or "install and start qemu-guest-agent in the guest "
                     "(apt-get install qemu-guest-agent; systemctl enable --now "
                     "qemu-guest-agent); or another client holds the socket (one at a time)",
                 )

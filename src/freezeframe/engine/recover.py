@@ -128,7 +128,7 @@ async def _recover_vm(
     owner = make_owner()
     locked = False
     try:
-        await catalog.acquire_vm_lock(vm, owner)
+        await catalog.acquire_vm_lock(vm, owner, purpose="recover")
         locked = True
     except BusyError as exc:
         if not force:  # a live snapshot: its running record is not stale either

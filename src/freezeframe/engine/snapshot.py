@@ -46,6 +46,7 @@ from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
+    AgentProtocolError,
     AgentTimeoutError,
     BrokenChainError,
     CatalogError,
@@ -141,6 +142,11 @@ class AgentProbe:
     ping_ms: float | None = None
     #: The VM's run state when the agent did not answer (``paused``, ``io-error``, ...).
     vm_state: str | None = None
+    #: Why there is no usable agent, as a stable code (None when there is one):
+    #: ``agent-off`` (configured without), ``no-channel``, ``no-address``, ``guest-frozen``,
+    #: ``freeze-commands-disabled``, ``vm-not-running``, ``agent-protocol`` (what answers
+    #: breaks the protocol), ``agent-unreachable`` (nothing answers).
+    code: str | None = None
 
 
 @dataclass(slots=True)
@@ -583,6 +589,7 @@ class Snapshotter:
         if not cfg.agent:
             return None, AgentProbe(
                 address=None,
+                code="agent-off",
                 problem="the VM is configured without a guest agent "
                 "(set hw_qemu_guest_agent=yes on the image / `freezeframe vm add --agent`)",
             )
@@ -592,13 +599,16 @@ class Snapshotter:
             if channel is None:
                 return None, AgentProbe(
                     address=None,
+                    code="no-channel",
                     problem="the VM has no guest-agent channel (no virtio-serial port "
                     "org.qemu.guest_agent.0; set hw_qemu_guest_agent=yes on the image)",
                 )
         address = driver.agent_address(cfg, channel)
         if address is None:
             return None, AgentProbe(
-                address=None, problem="no guest-agent socket path is known (vm add --qga PATH)"
+                address=None,
+                code="no-address",
+                problem="no guest-agent socket path is known (vm add --qga PATH)",
             )
         agent = self.agent_factory(driver, address, self.thaw_timeout)
         keep = False
@@ -614,7 +624,11 @@ class Snapshotter:
             fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
             if state is FsFreezeState.FROZEN:
                 return None, AgentProbe(
-                    address=address, info=info, state=state, problem=await self._frozen_by(cfg.name)
+                    address=address,
+                    info=info,
+                    state=state,
+                    code="guest-frozen",
+                    problem=await self._frozen_by(cfg.name),
                 )
             missing = [c for c in FREEZE_COMMANDS if not info.enabled(c)]
             if missing:
@@ -622,6 +636,7 @@ class Snapshotter:
                     address=address,
                     info=info,
                     state=state,
+                    code="freeze-commands-disabled",
                     problem="the guest agent has the freeze commands disabled or unsupported: "
                     + ", ".join(missing),
                 )
@@ -637,13 +652,24 @@ class Snapshotter:
                 return None, AgentProbe(
                     address=address,
                     vm_state=run_state,
+                    code="vm-not-running",
                     problem=f"the VM is not running (status {run_state})"
                     + (why if run_state == "io-error" else "")
                     + f": its guest agent cannot answer ({exc.message})",
                 )
+            if isinstance(exc, AgentProtocolError):
+                # Something answers, but not as qemu-ga does: not a missing package.
+                return None, AgentProbe(
+                    address=address,
+                    vm_state=run_state,
+                    code="agent-protocol",
+                    problem=f"what answers on the guest-agent channel breaks the protocol "
+                    f"({exc.message}): it is no working qemu-ga",
+                )
             return None, AgentProbe(
                 address=address,
                 vm_state=run_state,
+                code="agent-unreachable",
                 problem=f"the guest agent does not answer ({exc.message}); "
                 "install and start qemu-guest-agent in the guest",
             )
@@ -1131,6 +1157,11 @@ def _hint_for(problems: tuple[str, ...]) -> str | None:
     text = " ".join(problems)
     if "without a guest agent" in text or "no guest-agent channel" in text:
         return "set hw_qemu_guest_agent=yes on the image, or use --quiesce preferred"
+    if "breaks the protocol" in text:
+        return (
+            "check what serves the guest-agent channel: qemu-ga answers guest-sync-delimited "
+            "(`freezeframe doctor VM`); restart qemu-guest-agent in the guest"
+        )
     if "the VM is not running (status" in text:
         return "resume the VM (QMP `cont`, `virsh resume`) and retry (`freezeframe doctor VM`)"
     if "does not answer" in text:
