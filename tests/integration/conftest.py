@@ -18,12 +18,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import itertools
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Protocol
 
 import pytest
 
+from freezeframe.catalog import Catalog
 from freezeframe.errors import UsageError
 from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.lab._model import domain_name
@@ -161,3 +166,27 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stopped = _libvirtd_script("stop", env)
         if stopped.returncode != 0:
             warnings.warn(f"scripts/libvirtd.sh stop failed: {stopped.stderr}", stacklevel=1)
+
+
+async def kill_create_while_frozen(catalog: Catalog, vm: str, *extra: str) -> None:
+    """Run ``freezeframe snapshot create VM --hold-frozen 60 EXTRA...`` as a process and
+    SIGKILL it two seconds after its freeze intent appears (progress inside the freeze window
+    is only printed after the thaw, so the write-ahead intent is what tells it is frozen)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freezeframe.cli.main", "snapshot", "create", vm,
+         "--hold-frozen", "60", *extra],
+        env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not await catalog.open_intents(vm):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

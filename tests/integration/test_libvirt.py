@@ -11,9 +11,6 @@ thaws it.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +33,7 @@ from freezeframe.models import (
     VerifyVerdict,
 )
 from freezeframe.storage import mounted, open_image
-from tests.integration.conftest import LabVmFactory
+from tests.integration.conftest import LabVmFactory, kill_create_while_frozen
 from tests.integration.libvirt_helpers import domain_log, domblklist, virsh
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
@@ -208,25 +205,7 @@ async def test_recover_thaws_after_a_killed_create(lab_vm: LabVmFactory, catalog
     domain = vm.domain_name
     assert domain is not None
     before = domblklist(domain)
-    proc = subprocess.Popen(
-        [*FF, "snapshot", "create", vm.name, "--hold-frozen", "60", "--freeze-timeout", "120"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not await catalog.open_intents(vm.name):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2.0)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    await kill_create_while_frozen(catalog, vm.name, "--freeze-timeout", "120")
     assert await guest_state(vm) is FsFreezeState.FROZEN  # the killed process left it frozen
     (intent,) = await catalog.open_intents(vm.name)
     assert intent.agent_address == address(vm)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from freezeframe.models import (
     VerifyVerdict,
 )
 from freezeframe.storage import mounted, open_image
-from tests.integration.conftest import LabVmFactory
+from tests.integration.conftest import LabVmFactory, kill_create_while_frozen
 
 pytestmark = pytest.mark.integration
 FF = [sys.executable, "-m", "freezeframe.cli.main"]
@@ -239,23 +238,7 @@ async def test_killed_while_frozen_then_recover(lab_vm: LabVmFactory, catalog: C
     await register(catalog, vm)
     vmdir = vm.console_log.parent
     images = sorted(p.name for p in vmdir.glob("*.qcow2"))
-    env = dict(os.environ)
-    proc = _cli("snapshot", "create", vm.name, "--hold-frozen", "60", env=env)
-    try:
-        # Progress inside the freeze window is only printed after the thaw, so watch the
-        # write-ahead freeze intent instead; the freeze itself takes ~0.1 s.
-        deadline = time.monotonic() + 60
-        while not await catalog.open_intents(vm.name):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2.0)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    await kill_create_while_frozen(catalog, vm.name)
     assert await guest_state(vm) is FsFreezeState.FROZEN  # the killed process left it frozen
     (intent,) = await catalog.open_intents(vm.name)
 
