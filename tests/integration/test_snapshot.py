@@ -283,3 +283,34 @@ async def test_concurrent_snapshot_is_refused(lab_vm: LabVmFactory, catalog: Cat
             first.wait()
     assert first.returncode == 0, err
     assert '"level": "filesystem"' in out
+
+
+async def test_an_unknown_cut_below_a_newer_one_is_settled_as_switched(
+    lab_vm: LabVmFactory, catalog: Catalog
+) -> None:
+    # Issue 12 item 4: a cut whose outcome was unknown (QEMU killed at the cut) of a VM that was
+    # restarted on its overlays and snapshotted again has its overlays *below* the tops: every
+    # recover said "still unknown". Settled from the chains the VM runs on now.
+    from dataclasses import replace
+
+    from freezeframe.engine.recover import cut_outcome_unknown
+    from freezeframe.engine.timeline import Timeline
+
+    vm = await lab_vm(disks=("ext4",))
+    await register(catalog, vm)
+    snap = Snapshotter(catalog)
+    first = await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.OFF))
+    await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.OFF))
+    unknown = replace(
+        first,
+        status=SnapshotStatus.FAILED,
+        error="the cut's outcome is unknown (QEMU killed)",
+        timeline=(*first.timeline, Timeline().mark("cut_state", "unknown")),
+    )
+    await catalog.finish_snapshot(unknown)
+    assert cut_outcome_unknown(await catalog.get_snapshot(first.id))
+    await recover(catalog, vm.name)
+    settled = await catalog.get_snapshot(first.id)
+    assert not cut_outcome_unknown(settled)
+    assert settled.disks == first.disks  # switched: its overlays kept and recorded
+    assert all(Path(d.overlay).exists() for d in settled.disks if d.overlay)

@@ -36,7 +36,7 @@ from freezeframe.errors import (
     FreezeframeError,
     NotFoundError,
 )
-from freezeframe.hypervisor import open_agent
+from freezeframe.hypervisor import HypervisorDriver, PreparedCut, open_agent
 from freezeframe.models import (
     FreezeIntent,
     FsFreezeState,
@@ -327,11 +327,28 @@ async def _ask_and_abort(catalog: Catalog, rec: SnapshotRecord, timeout: float) 
         prepared = driver.prepared_from_record(rec.id, rec.disks)
         async with asyncio.timeout(timeout * 3), driver:
             state: str = await driver.cut_state(prepared)
+            if state == "unknown":
+                state = await _state_from_chains(driver, prepared)
             if state == "not-switched":
                 await driver.abort(prepared)
             return state
     except (FreezeframeError, TimeoutError) as exc:
         return exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+
+
+async def _state_from_chains(driver: HypervisorDriver, prepared: PreparedCut) -> str:
+    """What the VM's disks use now, for a cut whose state the driver calls unknown (a VM
+    restarted on the overlays and snapshotted again has them *below* its tops, a state no
+    transaction leaves): ``switched`` when every overlay of the cut is in a disk's chain,
+    ``not-switched`` when none is, else ``unknown``. Raises HypervisorError."""
+    disks = await driver.disks()
+    in_use = {d.file for d in disks} | {f for d in disks for f in d.backing}
+    used = [p.overlay_file in in_use for p in prepared.disks]
+    if used and all(used):
+        return "switched"
+    if not any(used):
+        return "not-switched"
+    return "unknown"
 
 
 async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: float) -> str:
