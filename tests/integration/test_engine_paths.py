@@ -150,10 +150,12 @@ async def test_silent_freeze_required_fails_within_deadline_nothing_switched(rig
     rig.agent.behave("guest-fsfreeze-freeze", silent=True)  # freezes, never answers
     t0 = time.monotonic()
     with pytest.raises(SnapshotFailedError) as ei:
-        await Snapshotter(rig.catalog).snapshot(
+        await Snapshotter(rig.catalog, thaw_timeout=1.0).snapshot(
             "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED, freeze_timeout=1.0)
         )
-    assert time.monotonic() - t0 < 1.0 + 2.0
+    # The deadline, the urgent thaw's 1.5 s, then thaw_timeout of late thaws (the CLI keeps
+    # the connection that long: a guest coming back meanwhile is thawed, issue 12 item 1).
+    assert time.monotonic() - t0 < 1.0 + 1.5 + 1.0 + 1.0
     assert "deadline" in ei.value.message
     assert await rig.images() == before_images
     assert rig.files() == before_files  # prepared overlays removed
@@ -179,10 +181,12 @@ async def test_hung_agent_leaves_intent_open_until_recover(rig: Rig) -> None:
     rig.agent.behave("guest-fsfreeze-freeze", hang=True)  # stops reading: thaw cannot get in
     t0 = time.monotonic()
     with pytest.raises(SnapshotFailedError) as ei:
-        await Snapshotter(rig.catalog).snapshot(
+        await Snapshotter(rig.catalog, thaw_timeout=1.0).snapshot(
             "t", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED, freeze_timeout=1.0)
         )
-    assert time.monotonic() - t0 < 1.0 + 2.0
+    # The deadline, the urgent thaw's 1.5 s, then thaw_timeout of late thaws (the CLI keeps
+    # the connection that long: a guest coming back meanwhile is thawed, issue 12 item 1).
+    assert time.monotonic() - t0 < 1.0 + 1.5 + 1.0 + 1.0
     assert "recover" in ei.value.message
     # The guest may still be frozen: its own error and exit code, not a plain failure.
     assert isinstance(ei.value, ThawUnconfirmedError)

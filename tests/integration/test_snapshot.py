@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -314,3 +315,41 @@ async def test_an_unknown_cut_below_a_newer_one_is_settled_as_switched(
     assert not cut_outcome_unknown(settled)
     assert settled.disks == first.disks  # switched: its overlays kept and recorded
     assert all(Path(d.overlay).exists() for d in settled.disks if d.overlay)
+
+
+async def test_qemu_stopped_during_the_freeze_ends_thawed_before_the_call_returns(
+    lab_vm: LabVmFactory, catalog: Catalog
+) -> None:
+    # Issue 12 item 1: QEMU stopped (SIGSTOP) right after the freeze was sent and continued a
+    # few seconds later. The CLI's engine (no background follow-up) used to write a thaw behind
+    # the freeze, exit 12 and hang up: qemu-ga then blocked on the freeze's reply and the guest
+    # stayed frozen until some other client connected. Now it keeps the connection and keeps
+    # thawing for thaw_timeout: the guest is thawed, confirmed, before the call returns.
+    vm = await lab_vm(disks=("ext4", "xfs"))
+    await register(catalog, vm)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def stop_then_continue() -> None:
+        await asyncio.sleep(0.02)
+        os.kill(vm.pid, signal.SIGSTOP)
+        await asyncio.sleep(4.0)
+        os.kill(vm.pid, signal.SIGCONT)
+
+    async def before_freeze(_vm: str, _driver: HypervisorDriver) -> None:
+        tasks.append(asyncio.create_task(stop_then_continue()))
+
+    snap = Snapshotter(catalog, thaw_timeout=6.0, before_freeze=before_freeze)
+    try:
+        with pytest.raises(SnapshotFailedError) as ei:
+            await snap.snapshot(
+                vm.name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED, freeze_timeout=2.0)
+            )
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        os.kill(vm.pid, signal.SIGCONT)
+    assert ei.value.exit_code == 10  # not 12: the thaw was confirmed before returning
+    assert await catalog.open_intents(vm.name) == []
+    rec = await catalog.get_snapshot(ei.value.snapshot_id)
+    assert "thaw_late" in [e.name for e in rec.timeline]
+    assert await guest_state(vm) is FsFreezeState.THAWED
+    await keeps_writing(vm)

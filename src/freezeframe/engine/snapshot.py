@@ -793,6 +793,8 @@ class Snapshotter:
             if hooked and self.after_thaw is not None:
                 await shielded(self._after_thaw(run, driver))
         assert intent is not None
+        if not run.thaw_confirmed and not run.freeze_refused and not self.followup:
+            await shielded(self._thaw_late(run, agent, intent))
         if not run.thaw_confirmed:
             self._unconfirmed(run, agent, intent)
         await self._settle_cut(run, driver, cut_exc)
@@ -946,6 +948,26 @@ class Snapshotter:
         else:
             run.thaw_confirmed = await self._thaw(agent, run.tl, budget, urgent=urgent)
         if run.thaw_confirmed:
+            try:
+                await self.catalog.close_intent(intent.id, "engine")
+                run.intent_closed = True
+            except FreezeframeError as exc:  # the guest is thawed; recover closes it later
+                run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+
+    async def _thaw_late(self, run: _Run, agent: Agent, intent: FreezeIntent) -> None:
+        """The thaw was not confirmed (the guest, its agent or QEMU hung) and no background
+        follow-up will keep thawing (the CLI): keep the connection and keep thawing and asking
+        for ``thaw_timeout`` seconds more before giving up. Closing the connection now could
+        leave a guest that comes back frozen: qemu-ga blocks on the reply to a late freeze
+        that nobody reads, and never gets to the thaw queued behind it."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.thaw_timeout
+        while not run.thaw_confirmed and (left := end - loop.time()) > 0.1:
+            run.thaw_confirmed = await self._thaw(agent, run.tl, min(left, 2.0), urgent=False)
+            if not run.thaw_confirmed:
+                await asyncio.sleep(min(0.25, max(0.0, end - loop.time())))
+        if run.thaw_confirmed:
+            run.tl.mark("thaw_late", "the thaw was confirmed on a later try")
             try:
                 await self.catalog.close_intent(intent.id, "engine")
                 run.intent_closed = True
