@@ -10,7 +10,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, open_driver
 from freezeframe.errors import AgentProtocolError, SnapshotFailedError
 from freezeframe.hypervisor import HypervisorDriver
-from freezeframe.models import QuiescePolicy
+from freezeframe.models import QuiescePolicy, VmConfig
 from freezeframe.testing import FakeHost, FakeVm
 
 
@@ -43,3 +43,29 @@ async def test_codes_for_each_reason(host: FakeHost, catalog: Catalog) -> None:
     with pytest.raises(SnapshotFailedError) as ei:
         await garbled.snapshot("ok", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
     assert ei.value.hint is not None
+
+
+async def test_a_vm_paused_on_an_io_error_is_not_cut(host: FakeHost, catalog: Catalog) -> None:
+    # Issue 12 item 6: with QEMU paused on ENOSPC (io-error), create still cut onto the full
+    # filesystem under preferred. Refused before anything is prepared, under every policy.
+    vm = host.add(FakeVm.simple("full"))
+    await catalog.add_vm(vm.config())
+
+    def io_error_driver(cfg: VmConfig) -> HypervisorDriver:
+        driver = open_driver(cfg)
+
+        async def run_state() -> str | None:
+            return "io-error"
+
+        driver.run_state = run_state  # type: ignore[method-assign]
+        return driver
+
+    snap = Snapshotter(catalog, driver_factory=io_error_driver)
+    before = list(vm.ops)
+    for policy in QuiescePolicy:
+        with pytest.raises(SnapshotFailedError) as ei:
+            await snap.snapshot("full", SnapshotRequest(quiesce=policy))
+        assert ei.value.exit_code == 10
+    assert "prepare" not in vm.ops[len(before) :]
+    assert vm.guest is not None
+    assert vm.guest.sent("guest-fsfreeze-freeze") == 0

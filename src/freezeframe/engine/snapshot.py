@@ -472,6 +472,15 @@ class Snapshotter:
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
             self._refuse_broken_chain(run, disks)
+            if await driver.run_state() == "io-error":
+                # QEMU paused the VM because writing to its images failed (a full host
+                # filesystem, typically): overlays and a cut would land on the same storage.
+                raise _Failed(
+                    f"VM {cfg.name} is paused on an I/O error (status io-error): its storage "
+                    "is full or failing; nothing was prepared or frozen",
+                    hint="free space on the filesystem of its images (or fix the storage), "
+                    "resume the VM (QMP `cont`, `virsh resume`), then retry",
+                )
             run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
             run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
