@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ConnectError
 
 from freezeframe._tools import run
 from freezeframe.errors import (
@@ -33,7 +34,12 @@ from freezeframe.errors import (
 from freezeframe.hypervisor import load_driver
 from freezeframe.hypervisor import qmp as qmp_module
 from freezeframe.hypervisor.base import PreparedCut
-from freezeframe.hypervisor.qmp import QmpCommandError, QmpDriver, overlay_node_name
+from freezeframe.hypervisor.qmp import (
+    QemuStoppedError,
+    QmpCommandError,
+    QmpDriver,
+    overlay_node_name,
+)
 from freezeframe.models import DiskInfo, VmConfig
 from tests.fakes.bios_vm import Vm, bios_vm, chain, pci, qemu_img
 from tests.fakes.fake_qmp import Delay, Error, FakeQmpServer, Hang, Hangup, Reply, Return
@@ -264,6 +270,38 @@ async def test_second_client_is_told_one_client_at_a_time(driver: QmpDriver, vm:
     assert "one client at a time" in (info.value.hint or "")
     await second.close()
     assert len(await driver.disks()) == 2  # the first connection is unaffected
+
+
+@integration
+async def test_every_connect_to_a_stopped_qemu_names_it_stopped(vm: Vm) -> None:
+    """The first connects queue unanswered (no greeting), then QEMU's listen backlog is full
+    and connect itself fails (EAGAIN/EINVAL): each one still names the stopped process."""
+    pid = vm.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    causes: list[BaseException | None] = []
+    try:
+        for _ in range(5):
+            drv = QmpDriver(vm.qmp, vm_name="t", timeout=5, greeting_timeout=0.5)
+            with pytest.raises(QemuStoppedError) as info:
+                await drv.connect()
+            await drv.close()
+            err = info.value
+            assert (err.pid, err.state, err.exit_code) == (pid, "T", 7)
+            assert isinstance(err, HypervisorUnavailableError)
+            assert err.message == (
+                f"VM 't': QEMU (pid {pid}) behind {vm.qmp} is stopped (SIGSTOP): it cannot answer"
+            )
+            assert err.hint == f"continue it (kill -CONT {pid}) and retry"
+            causes.append(err.__cause__)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        vm.proc.kill()  # the fixture waits for it; the queued connects die with it
+    # Both ways a connect to a stopped QEMU fails were met: no greeting, and a full backlog.
+    assert isinstance(causes[0], TimeoutError)
+    roots = [c.exc if isinstance(c, ConnectError) else c for c in causes[1:]]
+    assert any(isinstance(r, OSError) and r.errno in (errno.EAGAIN, errno.EINVAL) for r in roots), (
+        roots
+    )
 
 
 @integration

@@ -74,7 +74,13 @@ from freezeframe.hypervisor.base import (
 )
 from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, SnapshotDisk, VmConfig
 
-__all__ = ["GUEST_AGENT_PORT", "QmpCommandError", "QmpDriver", "overlay_node_name"]
+__all__ = [
+    "GUEST_AGENT_PORT",
+    "QemuStoppedError",
+    "QmpCommandError",
+    "QmpDriver",
+    "overlay_node_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,17 @@ class QmpCommandError(HypervisorError):
         super().__init__(message, hint=hint)
         self.command = command
         self.qmp_class = qmp_class
+
+
+class QemuStoppedError(HypervisorUnavailableError):
+    """The QEMU process behind the QMP socket is stopped (SIGSTOP, or held by a debugger): it
+    runs no code, so it can neither greet nor answer. ``pid`` is that process, ``state`` its
+    state letter in ``/proc/PID/stat`` (``T`` or ``t``). The hint says how to continue it."""
+
+    def __init__(self, message: str, *, pid: int, state: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint or f"continue it (kill -CONT {pid}) and retry")
+        self.pid = pid
+        self.state = state
 
 
 def overlay_node_name(snapshot_id: str, device: str) -> str:
@@ -209,23 +226,99 @@ def _collect_pci(buses: list[object], into: dict[str, PciAddress]) -> None:
                     _collect_pci([{"devices": sub}], into)
 
 
-def _stopped_listener(path: str) -> int | None:
-    """The PID of the process listening on unix socket ``path`` if it is stopped (state T:
-    SIGSTOP, or t: a debugger), else None. SO_PEERCRED names the listener even when it does
-    not accept (the kernel queues the connection)."""
+#: ``/proc/net/unix`` flag of a listening socket (``__SO_ACCEPTCON``).
+_ACCEPTCON = 0x10000
+#: Process states (``/proc/PID/stat``) in which a process runs no code at all.
+_STOPPED_STATES = {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger (tracing stop)"}
+
+
+def _listening_inodes(path: str) -> set[int]:
+    """The socket inodes of the unix sockets listening on ``path`` (``/proc/net/unix``, this
+    network namespace). A socket bound under a relative name is matched by that name only."""
+    names = {path, os.path.abspath(path), os.path.realpath(path)}
+    inodes: set[int] = set()
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return inodes
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces)
+        fields = line.split(maxsplit=7)
+        if len(fields) == 8 and fields[7] in names and int(fields[3], 16) & _ACCEPTCON:
+            inodes.add(int(fields[6]))
+    return inodes
+
+
+def _socket_holders(inodes: set[int]) -> list[int]:
+    """The PIDs of the processes that hold one of the socket ``inodes`` open (``/proc/*/fd``;
+    processes whose descriptors this user may not read are skipped)."""
+    links = {f"socket:[{inode}]" for inode in inodes}
+    pids: list[int] = []
+    if not links:
+        return pids
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+            if any(os.readlink(f"/proc/{entry.name}/fd/{fd}") in links for fd in fds):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return sorted(pids)
+
+
+def _peer_pid(path: str) -> int | None:
+    """The PID of the listener on ``path`` by SO_PEERCRED: the kernel names it even when it
+    does not accept, as long as its listen backlog still has room (else connect fails)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(1.0)
     try:
         sock.connect(path)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", creds)[0]
-        proc_stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     finally:
         sock.close()
-    state = proc_stat[proc_stat.rindex(")") + 2 :].split(maxsplit=1)[0]
-    return pid if pid > 0 and state in ("T", "t") else None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid if pid > 0 else None
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` ...), None when it is gone."""
+    try:
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return proc_stat[proc_stat.rindex(")") + 2 :].split(maxsplit=1)[0]
+
+
+def _stopped_listener(path: str) -> tuple[int, str] | None:
+    """``(pid, state letter)`` of the process listening on unix socket ``path`` when it is
+    stopped (state ``T``: SIGSTOP; ``t``: a debugger), else None. Never raises.
+
+    Works whatever a connect to it returned. Found first from ``/proc`` (the listening socket's
+    inode in ``/proc/net/unix``, the process holding it in ``/proc/*/fd``), which needs no
+    connection: a stopped QEMU accepts nothing, so its listen backlog fills after a couple of
+    connects and every later connect fails (EAGAIN, or EINVAL from asyncio), with no peer to ask.
+    Only when ``/proc`` names no holder (another user's process, a relative bind name): a
+    connect and SO_PEERCRED. With several holders (an inherited descriptor) all must be
+    stopped, since any of them could accept.
+    """
+    try:
+        pids = _socket_holders(_listening_inodes(path))
+        if not pids:
+            peer = _peer_pid(path)
+            pids = [peer] if peer is not None else []
+        states = [(pid, _process_state(pid)) for pid in pids]
+    except (OSError, ValueError):  # /proc unreadable, or a line of it not as documented
+        return None
+    stopped = [
+        (pid, state) for pid, state in states if state is not None and state in _STOPPED_STATES
+    ]
+    if not stopped or len(stopped) != len(states):
+        return None
+    return stopped[0]
 
 
 def _socket_dead(path: str) -> bool:
@@ -364,7 +457,10 @@ class QmpDriver(HypervisorDriver):
 
         Raises HypervisorUnavailableError (with a hint) when the socket is missing, refuses
         the connection, does not greet within ``greeting_timeout`` (another client holds it, or
-        it is not a QMP monitor) or does not speak QMP. The driver stays disconnected on failure.
+        it is not a QMP monitor) or does not speak QMP; QemuStoppedError (one of those) when
+        the process listening on the socket is stopped, whatever the connect got (no greeting,
+        or EAGAIN/EINVAL once the stopped QEMU's listen backlog is full). The driver stays
+        disconnected on failure.
         """
         if self._client is not None:
             if self._client.runstate == Runstate.RUNNING:
@@ -378,21 +474,31 @@ class QmpDriver(HypervisorDriver):
         client = _new_client(self.vm_name)
         try:
             await within(client.connect(self.qmp_path), self.greeting_timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, QMPError, OSError) as exc:
+            # A stopped QEMU first lets connects queue (no greeting: a timeout), then, its
+            # listen backlog full, refuses them with EAGAIN/EINVAL: ask who listens, every time.
             stopped = await asyncio.to_thread(_stopped_listener, self.qmp_path)
             if stopped is not None:
-                raise HypervisorUnavailableError(
-                    f"{self._label}: QEMU (pid {stopped}) behind {self.qmp_path} is stopped "
-                    "(SIGSTOP or a debugger): it cannot answer",
-                    hint=f"resume it (kill -CONT {stopped}) and retry",
+                raise QemuStoppedError(
+                    f"{self._label}: QEMU (pid {stopped[0]}) behind {self.qmp_path} is "
+                    f"{_STOPPED_STATES[stopped[1]]}: it cannot answer",
+                    pid=stopped[0],
+                    state=stopped[1],
                 ) from exc
-            raise HypervisorUnavailableError(
+            raise self._connect_failed(exc) from exc
+        self._client = client
+        log.debug("%s: connected", self._label)
+
+    def _connect_failed(self, exc: BaseException) -> HypervisorUnavailableError:
+        """The error for a failed connect to a socket whose listener is not stopped."""
+        if isinstance(exc, TimeoutError):
+            return HypervisorUnavailableError(
                 f"{self._label}: {self.qmp_path} answered but sent no QMP greeting within "
                 f"{self.greeting_timeout:g} s: is it QEMU's QMP socket "
                 f"(-qmp unix:{self.qmp_path},server=on)?",
                 hint=_ONE_CLIENT_HINT,
-            ) from exc
-        except ConnectError as exc:
+            )
+        if isinstance(exc, ConnectError):
             root = exc.exc
             if isinstance(root, ConnectionRefusedError):
                 msg, hint = "connection refused", f"stale socket? is the VM running? {_START_HINT}"
@@ -402,15 +508,12 @@ class QmpDriver(HypervisorDriver):
                 msg, hint = "the server hung up during the QMP handshake", _ONE_CLIENT_HINT
             else:
                 msg, hint = f"not a QMP server ({root})", _START_HINT
-            raise HypervisorUnavailableError(
+            return HypervisorUnavailableError(
                 f"{self._label}: cannot connect to {self.qmp_path}: {msg}", hint=hint
-            ) from exc
-        except (QMPError, OSError) as exc:
-            raise HypervisorUnavailableError(
-                f"{self._label}: cannot connect to {self.qmp_path}: {exc}", hint=_START_HINT
-            ) from exc
-        self._client = client
-        log.debug("%s: connected", self._label)
+            )
+        return HypervisorUnavailableError(
+            f"{self._label}: cannot connect to {self.qmp_path}: {exc}", hint=_START_HINT
+        )
 
     async def close(self) -> None:
         """Disconnect; never raises (a broken connection is only logged)."""
