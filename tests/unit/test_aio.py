@@ -76,3 +76,24 @@ def test_cli_exits_143_when_a_sigterm_was_swallowed_below_it() -> None:
     with pytest.raises(SystemExit) as ei:
         run(work)
     assert ei.value.code == 143
+
+
+def test_with_json_a_signal_is_one_json_error_document(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import os
+    import signal
+
+    from freezeframe.cli._common import run
+
+    async def work() -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(5)
+        return "not signalled"
+
+    with pytest.raises(SystemExit) as ei:
+        run(work, as_json=True)
+    assert ei.value.code == 143
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["error"] == "Terminated"
+    assert doc["exit_code"] == 143
+    assert doc["hint"]

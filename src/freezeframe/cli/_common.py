@@ -145,6 +145,24 @@ def hint_for_vm(cfg: VmConfig, hint: str | None) -> str | None:
     return hint
 
 
+def _stopped_by(sig: signal.Signals, detail: str, as_json: bool) -> NoReturn:
+    """Exit 128 + ``sig`` (130 Ctrl-C, 143 SIGTERM), saying so on stderr and, with --json, as
+    the one JSON error document on stdout."""
+    word = "terminated" if sig == signal.SIGTERM else "interrupted"
+    err_console.print(f"[red]{word}[/] ({detail})")
+    if as_json:
+        emit_json(
+            {
+                "error": "Terminated" if sig == signal.SIGTERM else "Interrupted",
+                "message": f"{word} by {sig.name} ({detail})",
+                "exit_code": 128 + sig,
+                "hint": "every snapshot attempt is recorded with what it left: "
+                "`freezeframe snapshot list`; a guest left frozen: `freezeframe recover`",
+            }
+        )
+    raise SystemExit(128 + sig)
+
+
 def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False) -> T:
     """Run one coroutine of the async core; turn FreezeframeError into its exit code, SIGINT
     into 130 and SIGTERM into 143 (after the core's cleanup ran)."""
@@ -175,15 +193,11 @@ def run(factory: Callable[[], Coroutine[Any, Any, T]], *, as_json: bool = False)
         if received:
             # The signal came while the work finished (a library swallowed the cancellation,
             # or it came after the last await): its promise still holds, 130 / 143.
-            sig = received[0]
-            word = "terminated" if sig == signal.SIGTERM else "interrupted"
-            err_console.print(f"[red]{word}[/] (the work had finished: its result is stored)")
-            raise SystemExit(128 + sig)
+            _stopped_by(received[0], "the work had finished: its result is stored", as_json)
         return result
     except asyncio.CancelledError:
         sig = received[0] if received else signal.SIGINT
-        err_console.print("[red]terminated[/]" if sig == signal.SIGTERM else "[red]interrupted[/]")
-        raise SystemExit(128 + sig) from None
+        _stopped_by(sig, "the work was cut short: what it left is said above", as_json)
     except FreezeframeError as exc:
         die(exc, as_json=as_json)
     except KeyboardInterrupt:
