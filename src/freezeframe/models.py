@@ -340,6 +340,17 @@ class SnapshotRecord:
     verification: Verification | None = None
 
     @property
+    def intent_left_open(self) -> bool:
+        """True while this snapshot's freeze intent is open although its thaw was confirmed:
+        the catalog could not close it (locked, full; timeline ``intent_left_open``) and
+        ``freezeframe recover`` has not closed it since (``thaw_confirmed`` after it)."""
+        names = [e.name for e in self.timeline]
+        if "intent_left_open" not in names:
+            return False
+        last = len(names) - 1 - names[::-1].index("intent_left_open")
+        return "thaw_confirmed" not in names[last + 1 :]
+
+    @property
     def thaw_unconfirmed(self) -> bool:
         """True while the guest may still be frozen by this snapshot: the engine could not
         confirm its thaw (timeline ``thaw_unconfirmed``) and nobody confirmed one since

@@ -92,6 +92,7 @@ def to_jsonable(obj: Any) -> Any:
         doc = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, SnapshotRecord):
             doc["thaw_unconfirmed"] = obj.thaw_unconfirmed
+            doc["intent_left_open"] = obj.intent_left_open
         return doc
     if isinstance(obj, enum.Enum):
         return obj.value

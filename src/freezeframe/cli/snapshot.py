@@ -29,7 +29,13 @@ from freezeframe.cli._common import (
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
 from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT, parse_user_checks
-from freezeframe.errors import FreezeframeError, NotFoundError, RecoverError, UsageError
+from freezeframe.errors import (
+    FreezeframeError,
+    NotFoundError,
+    RecoverError,
+    SnapshotUnrecordedError,
+    UsageError,
+)
 from freezeframe.models import (
     ConsistencyLevel,
     QuiescePolicy,
@@ -152,6 +158,13 @@ def create(
                 "Run `freezeframe recover` now."
             )
         raise SystemExit(RecoverError.exit_code)
+    if rec.intent_left_open:  # done and thawed, but the catalog still says "maybe frozen"
+        if not as_json:
+            err_console.print(
+                "[red]the freeze intent could not be closed[/] (the catalog failed; the guest "
+                f"IS thawed, confirmed). Run `freezeframe recover {rec.vm}` to close it."
+            )
+        raise SystemExit(SnapshotUnrecordedError.exit_code)
     asked = expected_level(rec.policy)
     if rec.level.rank < asked.rank:
         if not as_json:

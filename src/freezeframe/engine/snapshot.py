@@ -962,6 +962,7 @@ class Snapshotter:
                 run.intent_closed = True
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+                run.tl.mark("intent_left_open", f"freeze intent {intent.id}: {exc.message}")
 
     async def _thaw_late(self, run: _Run, agent: Agent, intent: FreezeIntent) -> None:
         """The thaw was not confirmed (the guest, its agent or QEMU hung) and no background
@@ -982,6 +983,7 @@ class Snapshotter:
                 run.intent_closed = True
             except FreezeframeError as exc:  # the guest is thawed; recover closes it later
                 run.notes.append(f"freeze intent {intent.id} left open: {exc.message}")
+                run.tl.mark("intent_left_open", f"freeze intent {intent.id}: {exc.message}")
 
     async def _close_own_intents(self, run: _Run) -> None:
         """Close the intents of this snapshot that are open although no freeze was sent."""
