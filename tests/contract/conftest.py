@@ -8,7 +8,6 @@ suite does not run as root (the lab needs loop devices and KVM/TCG QEMU of its o
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from freezeframe.catalog import Catalog
 from tests.contract.rigs import RIG_PARAMS, RIGS, LabPool, Rig
 from tests.integration.conftest import libvirtd  # noqa: F401 (the session fixture)
-from tests.integration.libvirt_helpers import traversable_tmpdir
+from tests.integration.libvirt_helpers import private_home
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = Path("/usr/bin/qemu-system-x86_64")
@@ -41,17 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def contract_env() -> Iterator[Path]:
     """A private FREEZEFRAME_HOME for the session (0755 under /var/tmp: libvirt's QEMU must
     reach the lab's images), the shared persistent lab build cache."""
-    home = traversable_tmpdir("ffcontract-")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FREEZEFRAME_HOME", str(home))
-    mp.setenv(
-        "FREEZEFRAME_CACHE", os.environ.get("FREEZEFRAME_CACHE") or str(REPO / ".state/cache")
-    )
-    try:
+    with private_home("ffcontract-", REPO / ".state/cache") as home:
         yield home
-    finally:
-        mp.undo()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

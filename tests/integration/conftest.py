@@ -39,7 +39,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.errors import UsageError
 from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.lab._model import domain_name
-from tests.integration.libvirt_helpers import destroy_domain, traversable_tmpdir
+from tests.integration.libvirt_helpers import destroy_domain, private_home
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = Path("/usr/bin/qemu-system-x86_64")
@@ -62,17 +62,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session", autouse=True)
 def lab_env() -> Iterator[Path]:
     """A private FREEZEFRAME_HOME for the session, the shared persistent build cache."""
-    home = traversable_tmpdir("ffhome-")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FREEZEFRAME_HOME", str(home))
-    mp.setenv(
-        "FREEZEFRAME_CACHE", os.environ.get("FREEZEFRAME_CACHE") or str(REPO / ".state/cache")
-    )
-    try:
+    with private_home("ffhome-", REPO / ".state/cache") as home:
         yield home
+
+
+@pytest.fixture
+async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
+    """The session's catalog (in its private FREEZEFRAME_HOME), open for one test."""
+    cat = await Catalog.open()
+    try:
+        yield cat
     finally:
-        mp.undo()
-        shutil.rmtree(home, ignore_errors=True)
+        await cat.close()
 
 
 class LabVmFactory(Protocol):

@@ -4,9 +4,15 @@ domain (``virsh domblklist``, its log), destroy it, and make directories libvirt
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 LIBVIRT_URI = "qemu:///system"
 
@@ -48,3 +54,18 @@ def traversable_tmpdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     path.chmod(0o755)
     return path
+
+
+@contextlib.contextmanager
+def private_home(prefix: str, cache: Path) -> Iterator[Path]:
+    """A private FREEZEFRAME_HOME (a :func:`traversable_tmpdir`) for a test session, sharing
+    the persistent lab build cache ``cache`` (unless FREEZEFRAME_CACHE is set); removed after."""
+    home = traversable_tmpdir(prefix)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FREEZEFRAME_HOME", str(home))
+    mp.setenv("FREEZEFRAME_CACHE", os.environ.get("FREEZEFRAME_CACHE") or str(cache))
+    try:
+        yield home
+    finally:
+        mp.undo()
+        shutil.rmtree(home, ignore_errors=True)

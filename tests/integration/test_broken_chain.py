@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -32,15 +30,6 @@ from tests.integration.conftest import LabVmFactory
 pytestmark = pytest.mark.integration
 FF = [sys.executable, "-m", "freezeframe.cli.main"]
 REQUIRED = SnapshotRequest(quiesce=QuiescePolicy.REQUIRED)
-
-
-@pytest.fixture
-async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open()
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 def ff(*args: str) -> subprocess.CompletedProcess[str]:

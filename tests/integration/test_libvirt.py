@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,6 @@ from tests.integration.libvirt_helpers import domain_log, domblklist, virsh
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
 FF = [sys.executable, "-m", "freezeframe.cli.main"]
-
-
-@pytest.fixture
-async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open()
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def libvirt_vm(

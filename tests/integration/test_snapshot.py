@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ from tests.integration.conftest import LabVmFactory, kill_create_while_frozen
 
 pytestmark = pytest.mark.integration
 FF = [sys.executable, "-m", "freezeframe.cli.main"]
-
-
-@pytest.fixture
-async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
-    cat = await Catalog.open()
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def register(cat: Catalog, vm: LabVm) -> None:
