@@ -12,6 +12,14 @@ DEB_PACKAGES=(
   busybox-static e2fsprogs xfsprogs dosfstools kmod cpio fuse3 util-linux mount
   python3 python3-venv python3-libvirt
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
+  # the throw-away lab Ceph (`freezeframe lab ceph`) and the rbd backend (librbd/librados;
+  # QEMU's rbd driver is in qemu-block-extra)
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd python3-rados
+  # the dashboard's browser test (Playwright drives Debian's /usr/bin/chromium)
+  chromium fonts-dejavu-core
+  # the catalog on PostgreSQL: the driver, and the server the tests start (tests/conftest.py,
+  # scripts/postgres.sh); initdb/pg_ctl run from /usr/lib/postgresql/15/bin, no cluster is used
+  python3-psycopg postgresql
 )
 
 missing=()
@@ -40,7 +48,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.freezeframe-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,browser]'
   touch "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/freezeframe --version 2>/dev/null || echo freezeframe))"

@@ -7,33 +7,50 @@ them, with ``raise X(...) from exc``; the original stays reachable as ``.__cause
 it helps a caller decide, as data on the error (``AgentCommandError.qga_class``,
 ``ToolError.returncode``/``stderr``).
 
-Each class carries a stable process exit code for the CLI (``exit_code``).
+Each class carries a stable process exit code for the CLI (``exit_code``) and a stable
+machine-readable ``code`` (the class default below, narrowed per instance with ``code=``, e.g.
+``vm-not-found`` for a NotFoundError about a VM); faces and tests decide by the code, never by
+the message. What to do about an error is data too: ``hint`` is a neutral sentence (no command
+syntax of any face) and ``remedy`` (:class:`Remedy`) names the operation that helps, which each
+face renders in its own words (the CLI as ``freezeframe recover web1``, the API as its endpoint).
 
 .. code-block:: text
 
-    FreezeframeError                       exit 1   anything freezeframe reports
-     +-- UsageError                        exit 2   bad input: unknown VM, bad option value, ...
-     |    +-- NotFoundError                exit 2   unknown VM, snapshot id, lab VM
-     |    +-- AlreadyExistsError           exit 2   name already registered / running
-     +-- DependencyError                   exit 3   a host package or Python module is missing
-     +-- ToolError                         exit 4   an external program (qemu-img, mkfs, ...) failed
-     +-- LabError                          exit 5   the lab VM could not be built / booted / stopped
-     +-- AgentError                        exit 6   the QEMU guest agent (QGA)
-     |    +-- AgentUnavailableError        exit 6   no channel configured / socket missing / refused
-     |    +-- AgentTimeoutError            exit 6   no (complete) reply in time
-     |    +-- AgentProtocolError           exit 6   bad framing, oversize, invalid JSON, wrong shape
-     |    +-- AgentCommandError            exit 6   the agent answered with an error object
-     +-- HypervisorError                   exit 7   QMP / libvirt driver
-     |    +-- HypervisorUnavailableError   exit 7   cannot connect to the VM's control socket
-     |    +-- CutError                     exit 7   preparing or switching the overlays failed
-     +-- CatalogError                      exit 8   the database
-     |    +-- BusyError                    exit 9   another snapshot of this VM is in progress
-     +-- SnapshotFailedError               exit 10  a snapshot was attempted and failed (recorded)
-     |    +-- BrokenChainError             exit 10  ... refused: a disk's image chain lost a file
-     |    +-- ThawUnconfirmedError         exit 12  ... and its guest may still be frozen
-     |    +-- SnapshotUnrecordedError      exit 13  cut (the disks DID switch) but not recorded
-     +-- VerifyError                       exit 11  an offline check could not be run
-     +-- RecoverError                      exit 12  a guest could not be confirmed thawed
+    class                                  exit  code (class default)   what
+    FreezeframeError                       1     error                  anything freezeframe reports
+     +-- UsageError                        2     invalid-argument       bad input: option value, ...
+     |    +-- NotFoundError                2     not-found              vm-, snapshot-not-found
+     |    +-- AlreadyExistsError           2     already-exists         vm-exists, ...
+     +-- DependencyError                   3     dependency-missing     a host package / module
+     +-- ToolError                         4     tool-failed            qemu-img, mkfs, ... failed
+     +-- LabError                          5     lab-error              lab VM build / boot / stop
+     +-- AgentError                        6     agent-error            the QEMU guest agent (QGA)
+     |    +-- AgentUnavailableError        6     agent-unreachable      no channel / nobody answers
+     |    +-- AgentTimeoutError            6     agent-timeout          no (complete) reply in time
+     |    +-- AgentProtocolError           6     agent-protocol-error   bad framing, JSON, shape
+     |    +-- AgentCommandError            6     agent-command-failed   the agent answered an error
+     +-- HypervisorError                   7     hypervisor-error       QMP / libvirt driver
+     |    +-- HypervisorUnavailableError   7     hypervisor-unreachable control socket unreachable
+     |    +-- CutError                     7     cut-failed             overlays not switched
+     +-- CatalogError                      8     catalog-error          the database
+     |    +-- CatalogFullError (catalog)   8     catalog-full           its filesystem is full
+     |    +-- BusyError                    9     vm-busy                the VM's lock is held
+     +-- SnapshotFailedError               10    snapshot-failed        attempted, failed, recorded
+     |    +-- BrokenChainError             10    broken-chain           a chain lost a file
+     |    +-- ThawUnconfirmedError         12    thaw-unconfirmed       guest may still be frozen
+     |    +-- SnapshotUnrecordedError      13    snapshot-unrecorded    cut, not recorded
+     +-- VerifyError                       11    verify-failed          offline check could not run
+     +-- RecoverError                      12    recover-failed         thaw not confirmed
+                                                 intent-open: refused, a freeze intent is open
+     +-- StorageError                      14    rbd-failed             a storage backend (Ceph RBD)
+                                                 ceph-config, ceph-unreachable, ceph-timeout,
+                                                 ceph-permission-denied, rbd-pool-/image-/
+                                                 snapshot-not-found, rbd-image-/snapshot-exists,
+                                                 rbd-busy (freezeframe.storage.rbd.CODES)
+
+A snapshot refused or failed by the freeze (policy ``required``) carries a narrower code:
+``agent-unreachable`` (no agent), ``fs-not-freezable`` (a filesystem cannot be frozen),
+``freeze-failed`` (the freeze itself failed or timed out).
 
 Exit code 20 is not an error: ``snapshot create`` succeeded but reached a weaker consistency
 level than asked (see ``freezeframe.cli``).
@@ -41,7 +58,12 @@ level than asked (see ``freezeframe.cli``).
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 __all__ = [
+    "Action",
     "AgentCommandError",
     "AgentError",
     "AgentProtocolError",
@@ -59,8 +81,10 @@ __all__ = [
     "LabError",
     "NotFoundError",
     "RecoverError",
+    "Remedy",
     "SnapshotFailedError",
     "SnapshotUnrecordedError",
+    "StorageError",
     "ThawUnconfirmedError",
     "ToolError",
     "UsageError",
@@ -68,16 +92,62 @@ __all__ = [
 ]
 
 
+class Action(enum.StrEnum):
+    """An operation that helps with an error (or a doctor finding); each face names it in its
+    own terms. Parameters travel in :attr:`Remedy.vm` / :attr:`Remedy.params`."""
+
+    RECOVER = "recover"  # thaw guests left frozen, settle dead attempts (vm: only that one)
+    DOCTOR = "doctor"  # check a VM (vm)
+    LIST_VMS = "list-vms"  # see the registered VMs
+    LIST_SNAPSHOTS = "list-snapshots"  # see the snapshot records (vm: of that VM)
+    SHOW_SNAPSHOT = "show-snapshot"  # one record (params: id)
+    VERIFY = "verify"  # verify a snapshot offline (params: id)
+    LIST_IMAGES = "list-images"  # the image chain of each disk of a VM (vm)
+    ADD_VM = "add-vm"  # (re-)register a VM (vm; params: the options to change, e.g. qga)
+    REMOVE_VM = "remove-vm"  # forget a VM's registration (vm)
+    IMPORT_LIBVIRT = "import-libvirt"  # register libvirt domains
+    LAB_UP = "lab-up"  # start a lab VM (vm)
+    LAB_DOWN = "lab-down"  # stop a lab VM (vm; params: purge=yes to delete it)
+    FORCE = "force"  # repeat the refused operation with force (it goes ahead anyway)
+
+
+@dataclass(frozen=True, slots=True)
+class Remedy:
+    """What to run about an error: ``action`` on ``vm`` with ``params`` (option name -> value,
+    ``"yes"`` for a flag). Rendered by each face (the CLI: ``freezeframe recover web1``)."""
+
+    action: Action
+    vm: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
 class FreezeframeError(Exception):
-    """Root of every error freezeframe raises on purpose."""
+    """Root of every error freezeframe raises on purpose.
+
+    ``code`` is the stable machine-readable code (class default, or the ``code`` keyword);
+    ``hint`` a neutral sentence on what to do; ``remedy`` the operation that helps, if any.
+    """
 
     exit_code: int = 1
+    #: The stable machine-readable code of this class (instances may narrow it).
+    default_code: str = "error"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
-        #: One line telling the operator what to do about it, when we know.
+        #: One line telling the operator what to do about it, when we know (no face syntax).
         self.hint = hint
+        #: Stable machine-readable code: what faces and tests decide by.
+        self.code: str = code or self.default_code
+        #: The operation that helps, rendered by each face.
+        self.remedy = remedy
 
     def __str__(self) -> str:
         return self.message
@@ -86,15 +156,21 @@ class FreezeframeError(Exception):
 class UsageError(FreezeframeError):
     """Bad input from the caller: an option value, a name, a combination."""
 
+    default_code = "invalid-argument"
+
     exit_code = 2
 
 
 class NotFoundError(UsageError):
     """A named thing (VM, snapshot, lab VM) does not exist."""
 
+    default_code = "not-found"
+
 
 class AlreadyExistsError(UsageError):
     """A name is already taken (registered VM, running lab VM)."""
+
+    default_code = "already-exists"
 
 
 class DependencyError(FreezeframeError):
@@ -103,15 +179,32 @@ class DependencyError(FreezeframeError):
     ``package`` names what to install (a Debian package or a pip extra).
     """
 
+    default_code = "dependency-missing"
+
     exit_code = 3
 
-    def __init__(self, message: str, *, package: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint or f"install it: apt-get install -y {package}")
+    def __init__(
+        self,
+        message: str,
+        *,
+        package: str,
+        hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            hint=hint or f"install it: apt-get install -y {package}",
+            code=code,
+            remedy=remedy,
+        )
         self.package = package
 
 
 class ToolError(FreezeframeError):
     """An external program failed; keeps its command line, return code and stderr."""
+
+    default_code = "tool-failed"
 
     exit_code = 4
 
@@ -123,8 +216,10 @@ class ToolError(FreezeframeError):
         returncode: int | None = None,
         stderr: str = "",
         hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
     ) -> None:
-        super().__init__(message, hint=hint)
+        super().__init__(message, hint=hint, code=code, remedy=remedy)
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
@@ -133,11 +228,15 @@ class ToolError(FreezeframeError):
 class LabError(FreezeframeError):
     """The lab VM could not be built, booted or stopped."""
 
+    default_code = "lab-error"
+
     exit_code = 5
 
 
 class AgentError(FreezeframeError):
     """Anything about the QEMU guest agent."""
+
+    default_code = "agent-error"
 
     exit_code = 6
 
@@ -145,13 +244,19 @@ class AgentError(FreezeframeError):
 class AgentUnavailableError(AgentError):
     """The VM has no agent channel, or nobody answers on it."""
 
+    default_code = "agent-unreachable"
+
 
 class AgentTimeoutError(AgentError):
     """The agent did not answer (completely) in time. The connection was re-synced or closed."""
 
+    default_code = "agent-timeout"
+
 
 class AgentProtocolError(AgentError):
     """The agent sent something that is not a valid reply (framing, size, JSON, shape)."""
+
+    default_code = "agent-protocol-error"
 
 
 class AgentCommandError(AgentError):
@@ -161,8 +266,12 @@ class AgentCommandError(AgentError):
     ``CommandNotFound``), ``command`` the command that was executed.
     """
 
-    def __init__(self, message: str, *, command: str, qga_class: str) -> None:
-        super().__init__(message)
+    default_code = "agent-command-failed"
+
+    def __init__(
+        self, message: str, *, command: str, qga_class: str, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
         self.command = command
         self.qga_class = qga_class
 
@@ -170,19 +279,27 @@ class AgentCommandError(AgentError):
 class HypervisorError(FreezeframeError):
     """Anything about the hypervisor driver (QMP, libvirt)."""
 
+    default_code = "hypervisor-error"
+
     exit_code = 7
 
 
 class HypervisorUnavailableError(HypervisorError):
     """The VM's control socket cannot be reached."""
 
+    default_code = "hypervisor-unreachable"
+
 
 class CutError(HypervisorError):
     """Preparing the overlays or switching to them failed; nothing was switched."""
 
+    default_code = "cut-failed"
+
 
 class CatalogError(FreezeframeError):
     """The catalog database failed or holds something unexpected."""
+
+    default_code = "catalog-error"
 
     exit_code = 8
 
@@ -192,22 +309,40 @@ class BusyError(CatalogError):
     is in progress. ``holder_purpose`` says which (``snapshot``, ``doctor``, ``recover``,
     ``lab-down``; None when unknown)."""
 
+    default_code = "vm-busy"
+
     exit_code = 9
 
     def __init__(
-        self, message: str, *, hint: str | None = None, holder_purpose: str | None = None
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        holder_purpose: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
     ) -> None:
-        super().__init__(message, hint=hint)
+        super().__init__(message, hint=hint, code=code, remedy=remedy)
         self.holder_purpose = holder_purpose
 
 
 class SnapshotFailedError(FreezeframeError):
     """A snapshot was attempted and failed; the failed attempt is recorded under ``snapshot_id``."""
 
+    default_code = "snapshot-failed"
+
     exit_code = 10
 
-    def __init__(self, message: str, *, snapshot_id: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
+    def __init__(
+        self,
+        message: str,
+        *,
+        snapshot_id: str,
+        hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, code=code, remedy=remedy)
         self.snapshot_id = snapshot_id
 
 
@@ -218,6 +353,8 @@ class BrokenChainError(SnapshotFailedError):
     file holds is lost when QEMU exits. ``missing`` maps each such disk to its missing files
     (top first). The refused attempt is recorded as failed, with the reason."""
 
+    default_code = "broken-chain"
+
     def __init__(
         self,
         message: str,
@@ -225,14 +362,18 @@ class BrokenChainError(SnapshotFailedError):
         snapshot_id: str,
         missing: dict[str, tuple[str, ...]],
         hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
     ) -> None:
-        super().__init__(message, snapshot_id=snapshot_id, hint=hint)
+        super().__init__(message, snapshot_id=snapshot_id, hint=hint, code=code, remedy=remedy)
         self.missing = missing
 
 
 class ThawUnconfirmedError(SnapshotFailedError):
     """A failed snapshot whose thaw could not be confirmed: the guest may still be frozen (its
     freeze intent stays open for ``freezeframe recover``). Same exit code as RecoverError."""
+
+    default_code = "thaw-unconfirmed"
 
     exit_code = 12
 
@@ -246,6 +387,8 @@ class SnapshotUnrecordedError(SnapshotFailedError):
     thawed all the same). When the thaw was not confirmed, ThawUnconfirmedError (exit 12)
     is raised instead, saying the same about the disks."""
 
+    default_code = "snapshot-unrecorded"
+
     exit_code = 13
 
     def __init__(
@@ -256,8 +399,10 @@ class SnapshotUnrecordedError(SnapshotFailedError):
         overlays: tuple[str, ...],
         intent_open: bool,
         hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
     ) -> None:
-        super().__init__(message, snapshot_id=snapshot_id, hint=hint)
+        super().__init__(message, snapshot_id=snapshot_id, hint=hint, code=code, remedy=remedy)
         self.overlays = overlays
         self.intent_open = intent_open
 
@@ -265,10 +410,40 @@ class SnapshotUnrecordedError(SnapshotFailedError):
 class VerifyError(FreezeframeError):
     """An offline check of a snapshot could not be run (image missing, export failed, ...)."""
 
+    default_code = "verify-failed"
+
     exit_code = 11
 
 
 class RecoverError(FreezeframeError):
     """A guest left with an open freeze intent could not be confirmed thawed."""
 
+    default_code = "recover-failed"
+
     exit_code = 12
+
+
+class StorageError(FreezeframeError):
+    """A storage backend (Ceph RBD) failed. ``code`` says how (see the tree above),
+    ``errno`` is the backend's error number when it gave one, ``target`` what it was about
+    (``pool/image``, ``pool/image@snap``, a ceph.conf path). ``left``: what a failed
+    all-or-nothing operation could not undo (e.g. RBD snapshots it could not remove again)."""
+
+    default_code = "rbd-failed"
+
+    exit_code = 14
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        errno: int | None = None,
+        target: str = "",
+        hint: str | None = None,
+        remedy: Remedy | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, code=code, remedy=remedy)
+        self.errno = errno
+        self.target = target
+        self.left: tuple[str, ...] = ()

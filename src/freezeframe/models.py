@@ -14,6 +14,7 @@ from datetime import datetime
 
 __all__ = [
     "GUEST_AGENT_PORT",
+    "NO_MOUNTED_FILESYSTEM",
     "AgentInfo",
     "ConsistencyLevel",
     "DiskInfo",
@@ -23,6 +24,7 @@ __all__ = [
     "FsFreezeState",
     "GuestDisk",
     "GuestFilesystem",
+    "ImageFingerprint",
     "PciAddress",
     "QuiescePolicy",
     "SnapshotDisk",
@@ -105,6 +107,10 @@ class VerifyVerdict(enum.StrEnum):
     CHECK_FAILED = "check-failed"  # the filesystem checks pass, a user (application) check fails
     CORRUPT = "corrupt"
     UNCHECKED = "unchecked"  # no checker for that filesystem type
+    #: An image the snapshot holds at its cut is no longer what was recorded at the cut (its
+    #: size, mtime or inode changed: written to, e.g. by a VM restarted on it): the snapshot
+    #: is lost, whatever its filesystems look like now.
+    CHANGED = "changed-since-cut"
 
     @property
     def badness(self) -> int:
@@ -114,6 +120,7 @@ class VerifyVerdict(enum.StrEnum):
             "needs-recovery": 2,
             "check-failed": 3,
             "corrupt": 4,
+            "changed-since-cut": 5,
         }[self.value]
 
 
@@ -130,6 +137,9 @@ class VmConfig:
     The driver's address: ``qmp_path``/``qga_path`` (driver ``qmp``: QEMU's QMP socket and the
     agent's socket) or ``connect_uri``/``domain`` (driver ``libvirt``: the connection URI and
     the domain's UUID, which survives renames and restarts).
+
+    ``overlay_dir``: where the overlays of this VM's snapshots are created (default: next to the
+    image each one covers).
     """
 
     name: str
@@ -144,6 +154,7 @@ class VmConfig:
     agent_log_path: str | None = None
     exclude_mounts: tuple[str, ...] = ()
     lab: bool = False
+    overlay_dir: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with this configuration (empty when it can be stored). The settings a
@@ -159,9 +170,13 @@ class VmConfig:
                 f"freeze timeout must be in (0, {MAX_FREEZE_TIMEOUT:g}] seconds, "
                 f"got {self.freeze_timeout:g}"
             )
-        for what, path in (("QMP", self.qmp_path), ("guest-agent", self.qga_path)):
+        for what, path in (
+            ("QMP socket", self.qmp_path),
+            ("guest-agent socket", self.qga_path),
+            ("overlay directory", self.overlay_dir),
+        ):
             if path is not None and not path.startswith("/"):
-                out.append(f"the {what} socket path must be absolute, got {path!r}")
+                out.append(f"the {what} path must be absolute, got {path!r}")
         return out
 
 
@@ -268,9 +283,42 @@ class TimelineEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageFingerprint:
+    """What a local image file looked like right after the cut settled: enough to tell that
+    it was written to or replaced since (``snapshot verify`` compares it)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def differences(self, other: ImageFingerprint) -> list[str]:
+        """What differs from ``other`` (``size``, ``mtime``, ``inode``), empty when nothing."""
+        out = []
+        if self.size != other.size:
+            out.append(f"size {self.size} -> {other.size}")
+        if self.mtime_ns != other.mtime_ns:
+            out.append("mtime changed")
+        if self.inode != other.inode:
+            out.append(f"inode {self.inode} -> {other.inode} (the file was replaced)")
+        return out
+
+
+#: Per-disk quiesce note: the guest mounts nothing from this disk; it was cut as raw data
+#: (crash-consistent for that disk) while every mounted filesystem was frozen.
+NO_MOUNTED_FILESYSTEM = "no-mounted-filesystem"
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotDisk:
     """A disk in a snapshot: ``image`` is the file holding the disk *at the cut* (read-only
-    from then on), ``overlay`` the new active image the VM writes to after the cut."""
+    from then on), ``overlay`` the new active image the VM writes to after the cut.
+
+    ``fingerprint``: the image right after the cut (None when it is no local file or was not
+    taken: older records, records settled by ``recover``). ``image_mode``: the file's mode
+    before freezeframe took its write bits away at the cut (None when it did not), to be given
+    back to a merge. ``quiesce_note``: a per-disk code saying why the disk is weaker than the
+    snapshot's level (:data:`NO_MOUNTED_FILESYSTEM`), None when nothing is to be said.
+    """
 
     device: str
     node: str
@@ -279,6 +327,9 @@ class SnapshotDisk:
     overlay: str | None
     backend: str = "qcow2-external"
     virtual_size: int = 0
+    fingerprint: ImageFingerprint | None = None
+    image_mode: int | None = None
+    quiesce_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +381,7 @@ class SnapshotRecord:
     policy: QuiescePolicy
     level: ConsistencyLevel
     level_reason: str = ""
-    error: str = ""
+    error: str | None = None  # why it failed; None for a snapshot that did not fail
     parent_id: str | None = None
     disks: tuple[SnapshotDisk, ...] = ()
     filesystems: tuple[SnapshotFilesystem, ...] = ()
@@ -349,6 +400,16 @@ class SnapshotRecord:
             return False
         last = len(names) - 1 - names[::-1].index("intent_left_open")
         return "thaw_confirmed" not in names[last + 1 :]
+
+    @property
+    def evidence_unavailable(self) -> str | None:
+        """Why the agent's log could not be read as evidence (timeline ``evidence_unavailable``),
+        None when it was read or not asked for: an empty ``evidence`` is then not "the agent
+        logged nothing"."""
+        for e in reversed(self.timeline):
+            if e.name == "evidence_unavailable":
+                return e.detail or "the agent's log could not be read"
+        return None
 
     @property
     def thaw_unconfirmed(self) -> bool:

@@ -18,10 +18,16 @@ from pathlib import Path
 import pytest
 
 from freezeframe.catalog import Catalog
-from freezeframe.engine import SnapshotRequest, Snapshotter, doctor
+from freezeframe.engine import SnapshotRequest, Snapshotter, doctor, verify_snapshot
 from freezeframe.engine.doctor import Check, CheckStatus, DoctorReport
-from freezeframe.errors import BusyError
-from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus, VmConfig
+from freezeframe.errors import Action, BusyError, Remedy, SnapshotFailedError
+from freezeframe.models import (
+    ConsistencyLevel,
+    QuiescePolicy,
+    SnapshotStatus,
+    VerifyVerdict,
+    VmConfig,
+)
 from tests.fakes.bios_vm import Vm, bios_vm
 from tests.fakes.fake_agent import FakeAgent, FakeFs
 
@@ -47,7 +53,9 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async with (
         bios_vm(agent=True) as vm,
-        FakeAgent(vm.dir / "fake-qga.sock", fs=[EXT4, XFS]) as agent,
+        # The fake agent takes the path of QEMU's own agent chardev (QEMU still reports it):
+        # registered elsewhere, a snapshot is refused as another VM's agent (agent-wrong-vm).
+        FakeAgent(vm.dir / "qga.sock", fs=[EXT4, XFS]) as agent,
     ):
         cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
         cfg = VmConfig(name="t", qmp_path=vm.qmp, qga_path=agent.path)
@@ -140,13 +148,15 @@ async def test_a_wrong_host_socket_path_is_not_blamed_on_the_guest(rig: Rig) -> 
     rep = await doctor(rig.catalog, "t", quiesce=QuiescePolicy.REQUIRED)
     channel = _check(rep, "agent channel")
     assert channel.status is CheckStatus.FAIL
-    assert channel.detail == f"the guest-agent socket {missing} does not exist on this host"
-    assert f"--qga {qemu_side}" in channel.fix
+    assert channel.code == "agent-wrong-vm"
+    assert f"{missing} does not exist on this host" in channel.detail
+    assert qemu_side in channel.detail
+    assert channel.remedy is not None
+    assert channel.remedy.params["qga"] == qemu_side
     assert "apt-get" not in _fixes(rep)
     assert not any(c.name == "agent" for c in rep.checks)
-    outcome = _check(rep, "policy outcome")
-    assert missing in outcome.detail
-    assert "install" not in outcome.detail
+    assert rep.predicted_level is ConsistencyLevel.NONE
+    assert "agent-wrong-vm" in rep.verdict
 
     stale = rig.vm.dir / "stale.sock"
     s = socket.socket(socket.AF_UNIX)
@@ -161,11 +171,16 @@ async def test_a_wrong_host_socket_path_is_not_blamed_on_the_guest(rig: Rig) -> 
 
 
 async def test_a_socket_that_accepts_but_no_agent_answers_is_the_guests_problem(
-    rig: Rig,
+    tmp_path: Path,
 ) -> None:
-    qemu_side = f"{rig.vm.dir}/qga.sock"  # QEMU accepts; no qemu-ga runs in a BIOS-only VM
-    await rig.reconfigure(qga_path=qemu_side)
-    rep = await doctor(rig.catalog, "t")
+    async with bios_vm(agent=True) as vm:  # QEMU accepts; no qemu-ga runs in a BIOS-only VM
+        qemu_side = f"{vm.dir}/qga.sock"
+        cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+        try:
+            await cat.add_vm(VmConfig(name="t", qmp_path=vm.qmp, qga_path=qemu_side))
+            rep = await doctor(cat, "t")
+        finally:
+            await cat.close()
     channel = _check(rep, "agent channel")
     assert channel.status is CheckStatus.PASS
     assert qemu_side in channel.detail
@@ -191,7 +206,7 @@ async def test_a_guest_left_frozen_is_one_clear_fail(rig: Rig, policy: QuiescePo
     assert fail.name == "guest state"
     assert fail.detail.startswith("the guest is frozen (guest-fsfreeze-status): freeze intent ")
     assert f"intent {intent.id} of snapshot snap-killed by {dead}" in fail.detail
-    assert fail.fix.startswith("run `freezeframe recover t`")
+    assert fail.remedy == Remedy(Action.RECOVER, "t")
     names = [c.name for c in rep.checks]
     for misleading in ("freeze commands", "pre-flush", "freeze intents", "policy outcome"):
         assert misleading not in names
@@ -216,18 +231,33 @@ async def test_a_guest_left_frozen_is_one_clear_fail(rig: Rig, policy: QuiescePo
     assert not _fails(rep)
 
 
-async def test_a_registered_agent_path_that_is_not_qemus_is_named(rig: Rig) -> None:
+@pytest.mark.parametrize("policy", list(QuiescePolicy))
+async def test_a_registered_agent_path_that_is_not_qemus_is_refused(
+    rig: Rig, policy: QuiescePolicy
+) -> None:
     qemu_side = f"{rig.vm.dir}/qga.sock"  # the VM's real agent chardev, as QEMU reports it
-    fix = f"`freezeframe vm add t --replace --qga {qemu_side}`"
-    # The rig's fake agent answers at another path: it may be another VM's agent.
-    rep = await doctor(rig.catalog, "t")
-    channel = _check(rep, "agent channel")
-    assert channel.status is CheckStatus.WARN
-    assert f"registered with --qga {rig.agent.path}" in channel.detail
-    assert f"QEMU's agent port org.qemu.guest_agent.0 is at {qemu_side}" in channel.detail
-    assert fix in channel.fix
+    # Another guest's agent answers at the registered path: never frozen, refused.
+    async with FakeAgent(rig.vm.dir / "neighbour.sock", fs=[EXT4, XFS]) as other_agent:
+        await rig.reconfigure(qga_path=other_agent.path)
+        rep = await doctor(rig.catalog, "t", quiesce=policy)
+        channel = _check(rep, "agent channel")
+        assert channel.status is CheckStatus.FAIL
+        assert channel.code == "agent-wrong-vm"
+        assert f"--qga {other_agent.path}" in channel.detail
+        assert f"org.qemu.guest_agent.0 at {qemu_side}" in channel.detail
+        assert channel.remedy is not None
+        assert channel.remedy.params["qga"] == qemu_side
+        assert rep.predicted_level is ConsistencyLevel.NONE
+        with pytest.raises(SnapshotFailedError) as ei:
+            await Snapshotter(rig.catalog).snapshot("t", SnapshotRequest(quiesce=policy))
+        assert ei.value.code == "agent-wrong-vm"
+        assert other_agent.path in ei.value.message
+        assert qemu_side in ei.value.message
+        for agent in (other_agent, rig.agent):
+            assert not agent.frozen
+            assert "guest-fsfreeze-freeze" not in agent.commands
 
-    # Some other listening socket that is no agent: the path is the problem, not the guest.
+    # Some other listening socket that is no agent: refused the same way.
     async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
@@ -241,11 +271,7 @@ async def test_a_registered_agent_path_that_is_not_qemus_is_named(rig: Rig) -> N
         await server.wait_closed()
     channel = _check(rep, "agent channel")
     assert channel.status is CheckStatus.FAIL
-    assert channel.detail == (
-        f"no guest agent answers at {other} (registered with --qga), and QEMU's agent port "
-        f"org.qemu.guest_agent.0 is at {qemu_side}"
-    )
-    assert fix in channel.fix
+    assert channel.code == "agent-wrong-vm"
     assert not any(c.name == "agent" for c in rep.checks)
     assert "apt-get" not in _fixes(rep)
 
@@ -253,8 +279,9 @@ async def test_a_registered_agent_path_that_is_not_qemus_is_named(rig: Rig) -> N
     link = rig.vm.dir / "link.sock"
     link.symlink_to(qemu_side)
     await rig.reconfigure(qga_path=str(link))
-    rep = await doctor(rig.catalog, "t")
+    rep = await doctor(rig.catalog, "t", quiesce=policy)
     assert _check(rep, "agent channel").status is CheckStatus.PASS
+    assert rep.ok, rep.checks
 
 
 async def test_doctor_holds_the_vm_lock_while_it_talks_to_the_vm(rig: Rig) -> None:
@@ -291,7 +318,7 @@ async def test_an_open_intent_is_reported_when_qemu_does_not_answer(rig: Rig, ho
     intents = _check(rep, "freeze intents")
     assert intents.status is CheckStatus.FAIL
     assert "1 open (snapshot snap-killed)" in intents.detail
-    assert intents.fix == "run `freezeframe recover t`"
+    assert intents.remedy == Remedy(Action.RECOVER, "t")
 
 
 async def _commit_to_base(vm: Vm, device: str) -> None:
@@ -313,26 +340,43 @@ async def _commit_to_base(vm: Vm, device: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_a_vm_writing_to_an_image_at_the_cut_is_warned_about(rig: Rig) -> None:
+async def test_a_vm_writing_to_an_image_at_the_cut_fails_and_is_refused(rig: Rig) -> None:
     rec = await Snapshotter(rig.catalog).snapshot("t")
     [cut] = [d for d in rec.disks if d.device == "disk0"]
     assert cut.overlay is not None
+    # The image at the cut lost its write bits (mode recorded) and was fingerprinted.
+    assert cut.image_mode is not None
+    assert cut.image_mode & 0o200
+    assert os.stat(cut.image).st_mode & 0o222 == 0
+    assert cut.fingerprint is not None
     rep = await doctor(rig.catalog, "t")  # the cut image is in the backing chain: as expected
     assert not any(c.name.endswith(" image") for c in rep.checks), rep.checks
     assert rep.ok, rep.checks
 
-    await _commit_to_base(rig.vm, "disk0")
+    await _commit_to_base(rig.vm, "disk0")  # root QEMU writes through the missing write bits
     assert (await rig.vm.tops())["disk0"]["file"] == cut.image
     rep = await doctor(rig.catalog, "t")
-    [warn] = [c for c in rep.checks if c.name.endswith(" image")]
-    assert warn.name == "disk disk0 image"
-    assert warn.status is CheckStatus.WARN
-    assert warn.detail.startswith(f"{cut.image} is the image at the cut of snapshot {rec.id} ")
-    assert warn.fix == (
-        f"restart the VM on the newest overlay {cut.overlay} (the image it wrote to last), or "
-        f"take a new snapshot and treat {rec.id} as changed"
-    )
-    assert rep.ok  # a warning: a new snapshot is still possible
+    [fail] = [c for c in rep.checks if c.name.endswith(" image")]
+    assert fail.name == "disk disk0 image"
+    assert fail.status is CheckStatus.FAIL
+    assert fail.code == "image-held-by-snapshot"
+    assert f"writes to {cut.image}, the image at the cut of snapshot {rec.id}" in fail.detail
+    assert f"boot it from {cut.overlay}" in fail.detail
+    assert rep.predicted_level is ConsistencyLevel.NONE
+    assert not rep.ok
+
+    with pytest.raises(SnapshotFailedError) as ei:
+        await Snapshotter(rig.catalog).snapshot("t", SnapshotRequest(quiesce=QuiescePolicy.OFF))
+    assert ei.value.code == "image-held-by-snapshot"
+    assert rec.id in ei.value.message
+
+    with open(cut.image, "ab") as f:  # what a guest's writes do to the file (BIOS VM: none)
+        f.write(b"\0" * 65536)
+    v = await verify_snapshot(rig.catalog, rec.id)
+    assert v.verdict is VerifyVerdict.CHANGED
+    assert [c.device for c in v.checks] == ["disk0"]
+    rep = await doctor(rig.catalog, "t")  # verified changed: nothing is left to protect
+    assert not any(c.code == "image-held-by-snapshot" for c in rep.checks), rep.checks
 
 
 async def test_the_no_agent_fix_replaces_the_registered_vm(rig: Rig) -> None:
@@ -340,7 +384,9 @@ async def test_the_no_agent_fix_replaces_the_registered_vm(rig: Rig) -> None:
     rep = await doctor(rig.catalog, "t")
     agent = _check(rep, "agent")
     assert agent.status is CheckStatus.FAIL
-    assert "`freezeframe vm add t --replace --agent --qga PATH`" in agent.fix
+    assert agent.remedy == Remedy(
+        Action.ADD_VM, "t", {"replace": "yes", "agent": "yes", "qga": "PATH"}
+    )
 
 
 async def test_a_failed_attempt_whose_cut_happened_counts_too(rig: Rig) -> None:
@@ -349,8 +395,9 @@ async def test_a_failed_attempt_whose_cut_happened_counts_too(rig: Rig) -> None:
     await rig.catalog.finish_snapshot(
         replace(rec, status=SnapshotStatus.FAILED, error="interrupted; thawed (confirmed)")
     )
-    [cut] = [d for d in rec.disks if d.device == "disk0"]
+    [_cut] = [d for d in rec.disks if d.device == "disk0"]
     await _commit_to_base(rig.vm, "disk0")
     rep = await doctor(rig.catalog, "t")
-    [warn] = [c for c in rep.checks if c.name.endswith(" image")]
-    assert warn.detail.startswith(f"{cut.image} is the image at the cut of snapshot {rec.id} ")
+    [fail] = [c for c in rep.checks if c.name.endswith(" image")]
+    assert fail.code == "image-held-by-snapshot"
+    assert f"the image at the cut of snapshot {rec.id}" in fail.detail

@@ -96,7 +96,7 @@ async def test_cancel_after_the_switch_keeps_and_records_the_cut(
     assert after != before  # QEMU switched before the answer was awaited
     (rec,) = await rig.catalog.list_snapshots("t")
     assert rec.status is SnapshotStatus.FAILED
-    assert "interrupted" in rec.error
+    assert "interrupted" in (rec.error or "")
     # The overlays the VM writes to now are recorded, not lost, and exist on disk.
     assert {d.device: d.overlay for d in rec.disks} == after
     assert {d.device: d.image for d in rec.disks} == before
@@ -281,7 +281,7 @@ async def test_recover_deletes_overlays_a_dead_process_prepared(rig: Rig) -> Non
     rec = await rig.catalog.get_snapshot(sid)
     assert rec.status is SnapshotStatus.FAILED
     assert rec.disks == ()
-    assert "died" in rec.error
+    assert "died" in (rec.error or "")
 
 
 async def test_recover_finds_overlays_a_dead_process_made_but_never_recorded(rig: Rig) -> None:
@@ -416,7 +416,7 @@ async def test_a_guest_left_frozen_by_a_dead_snapshot_is_named(rig: Rig) -> None
     assert "old-snap" in msg
     assert f"freeze intent {intent.id}" in msg
     assert "gone" in msg
-    assert "freezeframe recover t" in msg
+    assert "recover t first" in msg
     assert "guest-fsfreeze-thaw" not in rig.agent.commands
 
 
@@ -429,7 +429,7 @@ async def test_recover_leaves_a_record_for_later_while_qemu_is_hung(rig: Rig) ->
         (out,) = await recover(rig.catalog, timeout=1.0)
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert "run `freezeframe recover` again" in out.detail
+    assert "recover again later" in out.detail
     assert (await rig.catalog.get_snapshot(sid)).status is SnapshotStatus.RUNNING
     assert rig.files() != files  # nothing deleted on a guess
     (out,) = await recover(rig.catalog)  # QEMU answers again: settled now

@@ -23,7 +23,14 @@ from freezeframe import paths
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter
-from freezeframe.errors import AlreadyExistsError, DependencyError, LabError, UsageError
+from freezeframe.errors import (
+    Action,
+    AlreadyExistsError,
+    DependencyError,
+    LabError,
+    Remedy,
+    UsageError,
+)
 from freezeframe.lab import LabVm, _build, _qemu, cache_dir, lab_down, lab_list, lab_status, lab_up
 from freezeframe.lab.workload import MAXGAP_PATH, SEQ_PATH, last_sequence
 from freezeframe.models import QuiescePolicy
@@ -145,7 +152,7 @@ async def test_running_name_is_taken_and_a_stale_directory_is_reused(
     # A stopped VM restarts on its own disks: other disks are refused, nothing is touched.
     with pytest.raises(LabError, match=r"exists \(stopped\) with disks ext4, not vfat") as refused:
         await lab_up("dup", disks=("vfat",), agent=False)
-    assert "lab down dup --purge" in (refused.value.hint or "")
+    assert refused.value.remedy == Remedy(Action.LAB_DOWN, "dup", {"purge": "yes"})
     with pytest.raises(LabError, match="not 1073741824"):
         await lab_up("dup", disk_size="1G", agent=False)
     reborn = await lab_vm("dup", disks=("ext4",), agent=False)
@@ -465,7 +472,7 @@ async def test_down_refuses_while_a_snapshot_runs(lab_vm: LabVmFactory) -> None:
 
         forced = _cli("down", name, "--force")
         assert forced.returncode == 0, forced.stderr
-        assert "stopping busy anyway (--force)" in forced.stderr
+        assert "stopping busy anyway (forced)" in forced.stderr
         assert not lab_status(name).running
     finally:
         if snap.poll() is None:
@@ -640,7 +647,9 @@ async def test_down_refuses_while_a_freeze_intent_is_open(lab_vm: LabVmFactory) 
                 assert doc["error"] == "RecoverError"
                 assert "ff-killed1" in doc["message"]
                 assert "frozen" in doc["message"]
-                assert doc["hint"].startswith(f"freezeframe recover {name} first")
+                assert doc["code"] == "intent-open"
+                assert doc["remedy"] == {"action": "recover", "vm": name, "params": {}}
+                assert f"`freezeframe recover {name}`" in doc["hint"]
                 assert lab_status(name).running
                 assert len(await cat.open_intents(name)) == 1
             rec = await asyncio.to_thread(_ff, "recover", name)
@@ -657,6 +666,6 @@ async def test_down_refuses_while_a_freeze_intent_is_open(lab_vm: LabVmFactory) 
         forced = await asyncio.to_thread(_cli, "down", name, "--force", "--purge")
         assert forced.returncode == 0, forced.stderr
         assert "ff-killed2" in forced.stderr
-        assert "(--force)" in forced.stderr
+        assert "anyway (forced)" in forced.stderr
         assert await cat.open_intents(name) == []
     assert not _qemu.qemu_alive(vm.pid, vm.qmp_path)

@@ -1,6 +1,6 @@
 """Fixtures of the unit tests: ``ff`` (the CLI as a process), ``host`` (a
-:class:`freezeframe.testing.FakeHost` installed for the test) and ``catalog`` (a fresh SQLite
-catalog of the test's own)."""
+:class:`freezeframe.testing.FakeHost` installed for the test) and ``catalog`` (a fresh catalog
+of the test's own, once on SQLite and once on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import CatalogDb
 
 from freezeframe.catalog import Catalog
 from freezeframe.testing import FakeHost
@@ -42,9 +43,10 @@ def host() -> Iterator[FakeHost]:
 
 
 @pytest.fixture
-async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
-    """A fresh catalog of this test's own."""
-    cat = await Catalog.open(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+async def catalog(catalog_db: CatalogDb) -> AsyncIterator[Catalog]:
+    """A fresh catalog of this test's own, on each backend (ids ``sqlite``, ``postgresql``:
+    see ``catalog_db`` in tests/conftest.py)."""
+    cat = await Catalog.open(catalog_db.url)
     try:
         yield cat
     finally:

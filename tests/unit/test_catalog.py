@@ -1,4 +1,10 @@
-"""Tests of freezeframe.catalog on real SQLite files (and real OS processes for the races)."""
+"""Tests of freezeframe.catalog on real databases (and real OS processes for the races).
+
+Every test taking ``catalog_db`` (or ``cat``) runs twice: on a SQLite file (id ``sqlite``) and
+on a fresh database of the session's throw-away PostgreSQL 15 server (id ``postgresql``; see
+tests/conftest.py). Tests marked ``sqlite_only`` are about the SQLite file itself (WAL, a
+missing, empty or foreign file, ``:memory:``) and have no PostgreSQL counterpart.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,16 +27,19 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from tests.conftest import CatalogDb
 
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.catalog._catalog import _alembic_config
 from freezeframe.catalog._schema import Base
 from freezeframe.errors import (
+    Action,
     AlreadyExistsError,
     BusyError,
     CatalogError,
     DependencyError,
     NotFoundError,
+    Remedy,
     UsageError,
 )
 from freezeframe.models import (
@@ -60,18 +70,12 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def cat(db_path: Path) -> AsyncIterator[Catalog]:
-    catalog = await Catalog.open(_url(db_path))
+async def cat(catalog_db: CatalogDb) -> AsyncIterator[Catalog]:
+    catalog = await Catalog.open(catalog_db.url)
     try:
         yield catalog
     finally:
         await catalog.close()
-
-
-def _rows(db_path: Path, table: str) -> int:
-    with sqlite3.connect(db_path) as conn:
-        (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-    return int(count)
 
 
 def _record(sid: str, *, vm: str = "web", at: datetime = T0, **kw: Any) -> SnapshotRecord:
@@ -153,6 +157,7 @@ def _full_record(sid: str) -> SnapshotRecord:
 # ---------------------------------------------------------------------------- open & migrations
 
 
+@pytest.mark.sqlite_only
 async def test_open_default_url_creates_state_dir_in_wal_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,14 +169,14 @@ async def test_open_default_url_creates_state_dir_in_wal_mode(
         assert await catalog.list_vms() == []
     with sqlite3.connect(home / "catalog.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
     with pytest.raises(CatalogError, match="closed"):
         await catalog.list_vms()
     await catalog.close()  # idempotent
 
 
-async def test_migrated_schema_equals_models(cat: Catalog, db_path: Path) -> None:
-    engine = sa.create_engine(_url(db_path))
+async def test_migrated_schema_equals_models(cat: Catalog, catalog_db: CatalogDb) -> None:
+    engine = sa.create_engine(catalog_db.url)
     try:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -187,8 +192,8 @@ async def test_migrated_schema_equals_models(cat: Catalog, db_path: Path) -> Non
         engine.dispose()
 
 
-def test_migrations_downgrade_and_upgrade_again(tmp_path: Path) -> None:
-    engine = sa.create_engine(_url(tmp_path / "m.sqlite"))
+def test_migrations_downgrade_and_upgrade_again(catalog_db: CatalogDb) -> None:
+    engine = sa.create_engine(catalog_db.url)
     try:
         cfg = _alembic_config()
         for target, step in (("head", command.upgrade), ("base", command.downgrade)):
@@ -206,6 +211,7 @@ def test_migrations_downgrade_and_upgrade_again(tmp_path: Path) -> None:
         engine.dispose()
 
 
+@pytest.mark.sqlite_only
 async def test_open_waits_for_a_writer_holding_the_file_while_switching_to_wal(
     db_path: Path,
 ) -> None:
@@ -233,16 +239,16 @@ async def test_open_waits_for_a_writer_holding_the_file_while_switching_to_wal(
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-async def test_database_from_a_newer_freezeframe_is_refused(db_path: Path) -> None:
-    await (await Catalog.open(_url(db_path))).close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+async def test_database_from_a_newer_freezeframe_is_refused(catalog_db: CatalogDb) -> None:
+    await (await Catalog.open(catalog_db.url)).close()
+    catalog_db.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(CatalogError, match="cannot migrate") as err:
-        await Catalog.open(_url(db_path))
+        await Catalog.open(catalog_db.url)
     assert err.value.hint is not None
     assert "newer" in err.value.hint
 
 
+@pytest.mark.sqlite_only
 async def test_foreign_errors_become_catalog_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"this is not a database at all" * 100)
@@ -263,6 +269,7 @@ def _assert_refused(err: pytest.ExceptionInfo[CatalogError], path: Path, what: s
     assert "move it away" in err.value.hint
 
 
+@pytest.mark.sqlite_only
 async def test_an_empty_catalog_file_is_refused_not_reinitialised(db_path: Path) -> None:
     # Issue 12 item 5: a 0-byte catalog was silently made a new, empty one (every record and
     # freeze intent forgotten). Refused, naming the file, and nothing is written to it.
@@ -274,6 +281,7 @@ async def test_an_empty_catalog_file_is_refused_not_reinitialised(db_path: Path)
     assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
 
 
+@pytest.mark.sqlite_only
 async def test_a_file_that_is_not_a_catalog_is_refused_untouched(tmp_path: Path) -> None:
     text = tmp_path / "text.sqlite"
     text.write_text("an operator's notes, not a database\n" * 50)
@@ -304,6 +312,7 @@ async def test_a_file_that_is_not_a_catalog_is_refused_untouched(tmp_path: Path)
     conn.close()
 
 
+@pytest.mark.sqlite_only
 async def test_a_missing_catalog_is_created_whole_without_leftovers(db_path: Path) -> None:
     async with await Catalog.open(_url(db_path)) as catalog:
         await catalog.add_vm(VmConfig(name="kept"))
@@ -327,6 +336,7 @@ async def test_a_missing_database_driver_names_its_package(
     assert err.value.exit_code == 3
 
 
+@pytest.mark.sqlite_only
 async def test_in_memory_database_works() -> None:
     async with await Catalog.open("sqlite://") as catalog:
         await catalog.add_vm(VmConfig(name="m"))
@@ -365,8 +375,8 @@ async def test_vm_roundtrip_replace_list_remove(cat: Catalog) -> None:
     await cat.remove_vm("db")
     with pytest.raises(NotFoundError) as err:
         await cat.get_vm("db")
-    assert err.value.hint is not None
-    assert "freezeframe vm list" in err.value.hint
+    assert err.value.code == "vm-not-found"
+    assert err.value.remedy == Remedy(Action.LIST_VMS)
     with pytest.raises(NotFoundError):
         await cat.remove_vm("db")
 
@@ -423,7 +433,7 @@ async def test_full_snapshot_record_roundtrip(cat: Catalog) -> None:
     assert await cat.list_snapshots() == [rec]
 
 
-async def test_begin_and_finish_rules(cat: Catalog, db_path: Path) -> None:
+async def test_begin_and_finish_rules(cat: Catalog, catalog_db: CatalogDb) -> None:
     with pytest.raises(CatalogError, match="running"):
         await cat.begin_snapshot(_record("s-done", status=SnapshotStatus.DONE))
     with pytest.raises(CatalogError, match="naive"):
@@ -436,7 +446,7 @@ async def test_begin_and_finish_rules(cat: Catalog, db_path: Path) -> None:
     with pytest.raises(AlreadyExistsError):
         await cat.begin_snapshot(_record("s-1"))
     await cat.finish_snapshot(full)
-    assert _rows(db_path, "snapshot_disks") == 2
+    assert catalog_db.rows("snapshot_disks") == 2
     # finish replaces everything: fewer children, no verification.
     failed = _record(
         "s-1",
@@ -447,8 +457,8 @@ async def test_begin_and_finish_rules(cat: Catalog, db_path: Path) -> None:
     )
     await cat.finish_snapshot(failed)
     assert await cat.get_snapshot("s-1") == failed
-    assert (_rows(db_path, "snapshot_disks"), _rows(db_path, "snapshot_filesystems")) == (1, 0)
-    assert (_rows(db_path, "verifications"), _rows(db_path, "fs_checks")) == (0, 0)
+    assert (catalog_db.rows("snapshot_disks"), catalog_db.rows("snapshot_filesystems")) == (1, 0)
+    assert (catalog_db.rows("verifications"), catalog_db.rows("fs_checks")) == (0, 0)
 
 
 async def test_append_timeline_adds_without_rewriting(cat: Catalog) -> None:
@@ -481,7 +491,7 @@ async def test_get_snapshot_by_prefix(cat: Catalog) -> None:
             await cat.get_snapshot(missing)
 
 
-async def test_list_latest_verification_delete(cat: Catalog, db_path: Path) -> None:
+async def test_list_latest_verification_delete(cat: Catalog, catalog_db: CatalogDb) -> None:
     # Inserted out of order: listing goes by created_at.
     plan = [
         ("s3", "web", 3, SnapshotStatus.RUNNING),
@@ -511,7 +521,7 @@ async def test_list_latest_verification_delete(cat: Catalog, db_path: Path) -> N
     assert (await cat.get_snapshot("s2")).verification == first
     await cat.set_verification("s2", second)
     assert (await cat.get_snapshot("s2")).verification == second
-    assert _rows(db_path, "fs_checks") == 0
+    assert catalog_db.rows("fs_checks") == 0
     with pytest.raises(NotFoundError):
         await cat.set_verification("nope", second)
 
@@ -525,7 +535,7 @@ async def test_list_latest_verification_delete(cat: Catalog, db_path: Path) -> N
     with pytest.raises(NotFoundError):
         await cat.delete_snapshot("s-full")
     for table in ("snapshot_disks", "snapshot_filesystems", "timeline_events", "verifications"):
-        assert _rows(db_path, table) == 0, table
+        assert catalog_db.rows(table) == 0, table
     assert [r.id for r in await cat.list_snapshots()] == ["s1", "s3", "s4", "o1"]
 
 
@@ -622,15 +632,14 @@ async def test_lock_of_dead_process_on_this_host_is_stolen(cat: Catalog, dead_pi
 
 
 async def test_lock_of_reused_pid_is_stolen_but_live_holder_is_not(
-    cat: Catalog, db_path: Path, young_process: subprocess.Popen[bytes]
+    cat: Catalog, catalog_db: CatalogDb, young_process: subprocess.Popen[bytes]
 ) -> None:
     holder = f"{socket.gethostname()}:{young_process.pid}:cafe"
     await cat.acquire_vm_lock("web", holder)
     with pytest.raises(BusyError, match=holder):
         await cat.acquire_vm_lock("web", make_owner())  # live, started before the lock
     # Pretend the lock was taken an hour before that process started: the pid was reused.
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE vm_locks SET acquired_at = '2000-01-01 00:00:00.000000'")
+    catalog_db.execute("UPDATE vm_locks SET acquired_at = '2000-01-01 00:00:00.000000'")
     await cat.acquire_vm_lock("web", make_owner())
     with pytest.raises(BusyError, match=make_owner()):
         await cat.acquire_vm_lock("web", holder)
@@ -639,22 +648,46 @@ async def test_lock_of_reused_pid_is_stolen_but_live_holder_is_not(
 # ---------------------------------------------------------------------------- several processes
 
 
-def _race_for_lock(url: str, ready: Any, done: Any, results: Any) -> None:
-    """Child: open (maybe migrating a fresh file), then race for one VM's lock."""
-    catalog = asyncio.run(Catalog.open(url))
-    owner = make_owner()
-    try:
-        ready.wait(30)
+#: Rounds of the lock race: each is a fresh chance for two racers to both win.
+RACE_ROUNDS = 50
+
+
+def _race_for_lock(url: str, rounds: int, barrier: Any, results: Any) -> None:
+    """Child: open the catalog together with the others (a fresh one: one of them migrates it),
+    then ``rounds`` times: wait for every racer, try the lock snapshot create takes
+    (``acquire_vm_lock``) of VM ``web``, report, wait until every racer has tried, and the
+    winner releases it for the next round."""
+
+    async def main() -> None:
         try:
-            asyncio.run(catalog.acquire_vm_lock("web", owner))
-            results.put(("won", owner, ""))
-        except BusyError as exc:
-            results.put(("busy", owner, str(exc)))
+            await asyncio.to_thread(barrier.wait, 60)  # all open (and migrate) at once
+            catalog = await Catalog.open(url)
         except Exception as exc:
-            results.put(("error", owner, repr(exc)))
-        done.wait(30)  # the winner stays alive until every loser has looked at the lock
-    finally:
-        asyncio.run(catalog.close())
+            results.put((-1, "error", make_owner(), f"open: {exc!r}"))
+            barrier.abort()  # the others stop too (BrokenBarrierError)
+            return
+        owner = make_owner()
+        try:
+            for rnd in range(rounds):
+                await asyncio.to_thread(barrier.wait, 60)
+                try:
+                    await catalog.acquire_vm_lock("web", owner)
+                    verdict, detail = "won", ""
+                except BusyError as exc:
+                    verdict, detail = "busy", f"{exc.code} {exc}"
+                except Exception as exc:
+                    verdict, detail = "error", repr(exc)
+                results.put((rnd, verdict, owner, detail))
+                await asyncio.to_thread(barrier.wait, 60)  # every racer has looked at the lock
+                if verdict == "won":
+                    await catalog.release_vm_lock("web", owner)
+        finally:
+            await catalog.close()
+
+    try:
+        asyncio.run(main())
+    except threading.BrokenBarrierError:
+        results.put((-1, "error", make_owner(), "another racer failed"))
 
 
 def _write_snapshots(url: str, tag: str, count: int, ready: Any, results: Any) -> None:
@@ -687,13 +720,21 @@ def _write_snapshots(url: str, tag: str, count: int, ready: Any, results: Any) -
         results.put((tag, repr(exc)))
 
 
-def _run_children(target: Any, argsets: list[tuple[Any, ...]], results: Any) -> list[Any]:
+def _run_children(
+    target: Any, argsets: list[tuple[Any, ...]], results: Any, expect: int = 0
+) -> list[Any]:
+    """Run ``target(*args)`` in a spawned process per argset; ``expect`` results (default:
+    one per process) from ``results``."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=target, args=args) for args in argsets]
     try:
         for p in procs:
             p.start()
-        out = [results.get(timeout=60) for _ in procs]
+        out = []
+        for _ in range(expect or len(procs)):
+            out.append(results.get(timeout=120))
+            if out[-1][1] == "error":  # no use waiting for the rest
+                return out
         for p in procs:
             p.join(30)
             assert p.exitcode == 0
@@ -705,41 +746,49 @@ def _run_children(target: Any, argsets: list[tuple[Any, ...]], results: Any) -> 
                 p.join()
 
 
-def test_processes_racing_for_a_lock_exactly_one_wins(db_path: Path) -> None:
+def test_processes_racing_for_a_lock_exactly_one_wins(catalog_db: CatalogDb) -> None:
+    # Issue 8: several processes (serve, CLI calls) on one catalog, SQLite or PostgreSQL:
+    # exactly one snapshot of a VM at a time, the others get vm-busy. Four OS processes race
+    # RACE_ROUNDS times for the same VM's lock, released between rounds.
     ctx = multiprocessing.get_context("spawn")
     n = 4
-    ready, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
-    url = _url(db_path)  # a fresh file: the children also race to migrate it
-    out = _run_children(_race_for_lock, [(url, ready, done, results)] * n, results)
-    winners = [owner for verdict, owner, _ in out if verdict == "won"]
-    losers = [msg for verdict, _, msg in out if verdict == "busy"]
-    assert len(winners) == 1, out
-    assert len(losers) == n - 1, out
-    assert all(f"in progress by {winners[0]}" in msg for msg in losers)
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT owner FROM vm_locks").fetchall() == [(winners[0],)]
-        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
-    # Each created the catalog under a name of its own; one was linked into place, none is left.
-    assert not [p.name for p in db_path.parent.iterdir() if ".new-" in p.name]
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    args = [(catalog_db.url, RACE_ROUNDS, barrier, results)] * n
+    out = _run_children(_race_for_lock, args, results, expect=n * RACE_ROUNDS)
+    assert not [o for o in out if o[1] == "error"], out
+    for rnd in range(RACE_ROUNDS):
+        this = [o for o in out if o[0] == rnd]
+        winners = [owner for _, verdict, owner, _ in this if verdict == "won"]
+        losers = [detail for _, verdict, _, detail in this if verdict == "busy"]
+        assert len(winners) == 1, (rnd, this)
+        assert len(losers) == n - 1, (rnd, this)
+        assert all(d.startswith("vm-busy ") for d in losers), losers
+        assert all(f"in progress by {winners[0]}" in d for d in losers), losers
+    assert len({o[2] for o in out}) == n  # four distinct owners took part
+    assert catalog_db.rows("vm_locks") == 0
+    assert catalog_db.execute("SELECT count(*) FROM alembic_version") == [(1,)]
+    if catalog_db.path is not None:
+        # Each created the file under a name of its own; one was linked into place, none left.
+        assert not [p.name for p in catalog_db.path.parent.iterdir() if ".new-" in p.name]
 
 
-def test_concurrent_writers_do_not_hit_database_is_locked(db_path: Path) -> None:
+def test_concurrent_writers_do_not_hit_database_is_locked(catalog_db: CatalogDb) -> None:
     ctx = multiprocessing.get_context("spawn")
     count = 15
     ready, results = ctx.Barrier(2), ctx.Queue()
-    url = _url(db_path)
+    url = catalog_db.url
     args = [(url, tag, count, ready, results) for tag in ("vm-a", "vm-b")]
     out = _run_children(_write_snapshots, args, results)
     assert sorted(out) == [("vm-a", "ok"), ("vm-b", "ok")]
-    assert _rows(db_path, "snapshots") == 2 * count
-    assert _rows(db_path, "snapshot_disks") == 2 * 2 * count
-    assert _rows(db_path, "verifications") == 2 * count
-    assert _rows(db_path, "vm_locks") == 0
+    assert catalog_db.rows("snapshots") == 2 * count
+    assert catalog_db.rows("snapshot_disks") == 2 * 2 * count
+    assert catalog_db.rows("verifications") == 2 * count
+    assert catalog_db.rows("vm_locks") == 0
 
 
-async def test_a_busy_lock_names_what_holds_it(tmp_path: Path) -> None:
+async def test_a_busy_lock_names_what_holds_it(catalog_db: CatalogDb) -> None:
     # Issue 12 item 6: a create refused because doctor held the lock said "snapshot in progress".
-    async with await Catalog.open(f"sqlite:///{tmp_path / 'c.sqlite'}") as cat:
+    async with await Catalog.open(catalog_db.url) as cat:
         await cat.add_vm(VmConfig(name="web1"))
         await cat.acquire_vm_lock("web1", make_owner(), purpose="doctor")
         with pytest.raises(BusyError) as ei:

@@ -23,6 +23,10 @@ from freezeframe.catalog._full import filesystem_full_error
 from freezeframe.errors import CatalogError
 from freezeframe.models import VmConfig
 
+#: About a SQLite file's filesystem filling up: no PostgreSQL counterpart (a server's disk is
+#: the server's business, reported through its own errors).
+pytestmark = pytest.mark.sqlite_only
+
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:

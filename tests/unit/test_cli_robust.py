@@ -187,9 +187,12 @@ def test_vm_add_checks_its_socket_paths(home: Path, tmp_path: Path, unix_socket:
     assert "not a unix socket" in r.stderr
     r = ff("vm", "add", "a", "--qmp", str(unix_socket), "--qga", str(regular))
     assert r.returncode == 2
-    r = ff("vm", "add", "a", "--qmp", str(unix_socket), "--no-agent", "--qga", str(unix_socket))
+    r = ff(
+        "vm", "add", "a", "--qmp", str(unix_socket), "--no-agent", "--qga", str(unix_socket),
+        "--json",
+    )  # fmt: skip
     assert r.returncode == 2
-    assert "--no-agent" in r.stderr
+    assert json.loads(r.stdout)["code"] == "qga-without-agent"
     assert json.loads(ff("vm", "list", "--json").stdout) == []  # nothing registered
 
     r = ff("vm", "add", "later", "--qmp", str(tmp_path / "nonexistent"))
@@ -270,9 +273,11 @@ def test_json_error_documents_always_carry_a_hint(home: Path) -> None:
     doc = json.loads(ff("snapshot", "list", "--json", "--bogus").stdout)  # no hint for that
     assert doc == {
         "error": "UsageError",
+        "code": "invalid-argument",
         "message": doc["message"],
         "exit_code": 2,
         "hint": None,
+        "remedy": None,
     }
     doc = json.loads(ff("snapshot", "show", "nope", "--json").stdout)
     assert doc["hint"] == "see `freezeframe snapshot list`"
@@ -327,7 +332,8 @@ def test_vm_add_replace_refuses_a_lab_vm_unless_forced(home: Path) -> None:
     assert "freezeframe lab down lab1 --purge" in r.stderr
     doc = json.loads(ff("vm", "add", "lab1", "--qmp", "/x", "--replace", "--json").stdout)
     assert doc["exit_code"] == 2
-    assert "lab up lab1" in doc["hint"]
+    assert doc["code"] == "lab-vm"
+    assert doc["remedy"] == {"action": "lab-down", "vm": "lab1", "params": {"purge": "yes"}}
     [kept] = json.loads(ff("vm", "list", "--json").stdout)
     assert (kept["lab"], kept["qga_path"], kept["agent_log_path"]) == (
         True,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from freezeframe.engine.plan import (
+    agent_of_other_disks,
     check_exclusions,
     level_of,
     make_plan,
@@ -135,9 +138,54 @@ def test_quiesce_off_never_freezes() -> None:
     assert plan.predicted_level is ConsistencyLevel.CRASH
 
 
-def test_disk_without_filesystem_is_a_problem() -> None:
+def test_a_disk_the_guest_mounts_nothing_from_is_raw_data_not_a_problem() -> None:
+    # Nova's semantics: freeze what is mounted, snapshot every disk.
     plan = make_plan(policy=QuiescePolicy.REQUIRED, disks=DISKS[:2], guest_fs=[fs(0, "ext4")])
-    assert any("disk1" in p for p in plan.problems)
+    assert plan.problems == ()
+    assert plan.raw_disks == ("disk1",)
+    assert plan.predicted_level is ConsistencyLevel.FILESYSTEM
+    frozen = [SnapshotFilesystem("/mnt/disk0", "ext4", "disk0", frozen=True)]
+    assert level_of(DISKS[:2], frozen, raw=("disk1",)) is ConsistencyLevel.FILESYSTEM
+    assert level_of(DISKS[:2], frozen) is ConsistencyLevel.CRASH  # without the plan's word
+    assert level_of(DISKS[1:2], [], raw=("disk1",)) is ConsistencyLevel.CRASH  # nothing frozen
+
+
+def test_a_disk_without_filesystem_stays_a_problem_when_an_unfrozen_fs_is_unplaced() -> None:
+    # A vfat the agent reports on no known disk might lie on the disk that looks empty.
+    stray = GuestFilesystem("/boot/efi", "vfat", "sdz", disks=())
+    plan = make_plan(
+        policy=QuiescePolicy.REQUIRED, disks=DISKS[:2], guest_fs=[fs(0, "ext4"), stray]
+    )
+    assert plan.raw_disks == ()
+    [problem] = [p for p in plan.problems if "disk1" in p]
+    assert "--exclude-disk disk1" in problem
+    assert plan.predicted_level is ConsistencyLevel.CRASH
+
+
+def test_only_raw_disks_is_nothing_to_freeze_and_names_the_exclusion() -> None:
+    plan = make_plan(policy=QuiescePolicy.REQUIRED, disks=DISKS[:1], guest_fs=[])
+    assert plan.raw_disks == ("disk0",)
+    assert not plan.quiesce
+    [problem] = plan.problems
+    assert "--exclude-disk disk0" in problem
+
+
+def test_an_agent_whose_disks_have_none_of_the_vms_serials_is_another_vms() -> None:
+    ours = [replace(d, serial=f"vm-a-{d.device}") for d in DISKS[:2]]
+
+    def with_serial(serial: str) -> GuestFilesystem:
+        gd = GuestDisk(dev="/dev/vda", bus_type="virtio", pci=None, serial=serial)
+        return GuestFilesystem("/mnt/disk0", "ext4", "vda", disks=(gd,))
+
+    found = agent_of_other_disks([with_serial("vm-b-disk0")], ours)
+    assert found is not None
+    assert "vm-b-disk0" in found
+    assert "vm-a-disk0" in found
+    assert agent_of_other_disks([with_serial("vm-a-disk1")], ours) is None
+    long = [replace(DISKS[0], serial="a-serial-longer-than-twenty")]
+    assert agent_of_other_disks([with_serial("a-serial-longer-than")], long) is None  # cut to 20
+    assert agent_of_other_disks([fs(0, "ext4")], ours) is None  # no serial: cannot tell
+    assert agent_of_other_disks([with_serial("x")], DISKS) is None  # VM disks without serials
 
 
 def test_level_is_the_weakest_over_disks() -> None:

@@ -13,7 +13,9 @@ import pytest
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, recover
 from freezeframe.errors import (
+    Action,
     CatalogError,
+    Remedy,
     SnapshotFailedError,
     SnapshotUnrecordedError,
     ThawUnconfirmedError,
@@ -73,7 +75,7 @@ async def test_a_cut_the_catalog_cannot_record_says_the_disks_switched_and_recov
     assert not err.intent_open
     assert "is closed" in err.message
     assert err.hint is not None
-    assert "freezeframe recover k" in err.hint
+    assert err.remedy == Remedy(Action.RECOVER, "k")
     assert vm.guest is not None
     assert not vm.guest.frozen
     # The lock is free, the intent closed, the record still running with its overlays.
@@ -144,7 +146,7 @@ async def test_an_unconfirmed_thaw_comes_first_and_still_says_the_disks_switched
     assert "may still be frozen" in ei.value.message
     assert all(o in ei.value.message for o in vm.active_images().values())
     assert ei.value.hint is not None
-    assert "freezeframe recover t" in ei.value.hint
+    assert ei.value.remedy == Remedy(Action.RECOVER, "t")
     assert await catalog.vm_lock_holder("t") is None
 
 

@@ -13,7 +13,8 @@ Database
     enums, JSON for whole lists, aware UTC timestamps), so PostgreSQL works the same way.
     :meth:`Catalog.open` runs ``alembic upgrade head`` with the migrations shipped in
     ``catalog/migrations`` (revision ``0001`` creates every table, ``0002`` adds the libvirt
-    address, ``0003`` what a VM lock is held for); production code never calls ``create_all``.
+    address, ``0003`` what a VM lock is held for, ``0004`` a VM's overlay directory, ``0005``
+    what a snapshot holds at its cut); production code never calls ``create_all``.
 
 Tables
     ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;
@@ -42,6 +43,14 @@ Several processes (and hosts sharing a server database)
     a read snapshot that another writer may have made stale, which is what otherwise fails at
     once with "database is locked". Migrations run in such a transaction too, so processes
     opening a catalog at the same time migrate it exactly once.
+
+    PostgreSQL gets the same guarantees: a writing transaction (READ COMMITTED) first takes a
+    transaction-scoped advisory lock of the database (``pg_advisory_xact_lock``), so writers
+    and migrations queue as SQLite's ``BEGIN IMMEDIATE`` writers do and every read-then-write
+    runs alone; a reading transaction is ``REPEATABLE READ, READ ONLY`` (one snapshot for a
+    record and its child rows, as a WAL reader has). Strings longer than their ``VARCHAR(n)``
+    column are refused before the flush on every backend (SQLite would keep them, PostgreSQL
+    refuses the statement). The tests run the catalog on both (``tests/conftest.py``).
 
     A missing SQLite file is created whole: migrated under a temporary name in its directory,
     then hard-linked into place only if the path is still free (one of racing processes wins,

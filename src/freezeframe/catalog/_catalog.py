@@ -47,18 +47,21 @@ from freezeframe.catalog._schema import (
     VmRow,
 )
 from freezeframe.errors import (
+    Action,
     AlreadyExistsError,
     BusyError,
     CatalogError,
     DependencyError,
     FreezeframeError,
     NotFoundError,
+    Remedy,
     UsageError,
 )
 from freezeframe.models import (
     ConsistencyLevel,
     FreezeIntent,
     FsCheck,
+    ImageFingerprint,
     QuiescePolicy,
     SnapshotDisk,
     SnapshotFilesystem,
@@ -83,9 +86,11 @@ BUSY_TIMEOUT_MS = 30_000
 MIN_PREFIX = 4
 #: Execution option marking the engine whose transactions write (``BEGIN IMMEDIATE``).
 _WRITE = "freezeframe_write"
+#: PostgreSQL advisory lock (per database) every writing transaction takes first ("ffca").
+_PG_WRITE_LOCK = 0x66666361
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-_VM_HINT = "see `freezeframe vm list`"
-_SNAPSHOT_HINT = "see `freezeframe snapshot list`"
+_VM_REMEDY = Remedy(Action.LIST_VMS)
+_SNAPSHOT_REMEDY = Remedy(Action.LIST_SNAPSHOTS)
 _LOCK_STEAL_ATTEMPTS = 5
 #: Tables every freezeframe catalog has had since revision 0001: a SQLite file without them is
 #: not a catalog (an emptied or foreign file), and is refused rather than initialised.
@@ -132,6 +137,7 @@ def _vm_row(cfg: VmConfig) -> VmRow:
         agent_log_path=cfg.agent_log_path,
         exclude_mounts=list(cfg.exclude_mounts),
         lab=cfg.lab,
+        overlay_dir=cfg.overlay_dir,
     )
 
 
@@ -149,6 +155,7 @@ def _vm(row: VmRow) -> VmConfig:
         agent_log_path=row.agent_log_path,
         exclude_mounts=_strings(row.exclude_mounts, f"exclude_mounts of VM {row.name}"),
         lab=row.lab,
+        overlay_dir=row.overlay_dir,
     )
 
 
@@ -203,7 +210,7 @@ def _snapshot_row(rec: SnapshotRecord) -> SnapshotRow:
         policy=QuiescePolicy(rec.policy).value,
         level=ConsistencyLevel(rec.level).value,
         level_reason=rec.level_reason,
-        error=rec.error,
+        error=rec.error or "",
         parent_id=rec.parent_id,
         freeze_window_ms=rec.freeze_window_ms,
         evidence=list(rec.evidence),
@@ -217,6 +224,11 @@ def _snapshot_row(rec: SnapshotRecord) -> SnapshotRow:
                 overlay=d.overlay,
                 backend=d.backend,
                 virtual_size=d.virtual_size,
+                fp_size=d.fingerprint.size if d.fingerprint else None,
+                fp_mtime_ns=d.fingerprint.mtime_ns if d.fingerprint else None,
+                fp_inode=d.fingerprint.inode if d.fingerprint else None,
+                image_mode=d.image_mode,
+                quiesce_note=d.quiesce_note,
             )
             for i, d in enumerate(rec.disks)
         ],
@@ -257,7 +269,7 @@ def _snapshot(row: SnapshotRow) -> SnapshotRecord:
         policy=_enum(QuiescePolicy, row.policy, "quiesce policy"),
         level=_enum(ConsistencyLevel, row.level, "consistency level"),
         level_reason=row.level_reason,
-        error=row.error,
+        error=row.error or None,
         parent_id=row.parent_id,
         disks=tuple(
             SnapshotDisk(
@@ -268,6 +280,9 @@ def _snapshot(row: SnapshotRow) -> SnapshotRecord:
                 overlay=d.overlay,
                 backend=d.backend,
                 virtual_size=d.virtual_size,
+                fingerprint=_fingerprint(d),
+                image_mode=d.image_mode,
+                quiesce_note=d.quiesce_note,
             )
             for d in row.disks
         ),
@@ -291,6 +306,12 @@ def _snapshot(row: SnapshotRow) -> SnapshotRecord:
     )
 
 
+def _fingerprint(row: SnapshotDiskRow) -> ImageFingerprint | None:
+    if row.fp_size is None or row.fp_mtime_ns is None or row.fp_inode is None:
+        return None
+    return ImageFingerprint(size=row.fp_size, mtime_ns=row.fp_mtime_ns, inode=row.fp_inode)
+
+
 def _intent(row: FreezeIntentRow) -> FreezeIntent:
     return FreezeIntent(
         id=row.id,
@@ -310,6 +331,31 @@ _LOAD_SNAPSHOT = (
     selectinload(SnapshotRow.timeline),
     selectinload(SnapshotRow.verification).selectinload(VerificationRow.checks),
 )
+
+
+class _WriteSession(Session):
+    """The Session of writing transactions: strings longer than their column are refused
+    before the flush (:func:`_check_lengths`)."""
+
+
+@sa.event.listens_for(_WriteSession, "before_flush")
+def _check_lengths(session: Session, _context: object, _instances: object) -> None:
+    """Refuse a string longer than its ``VARCHAR(n)`` column on every backend alike: SQLite
+    would store it whole, PostgreSQL refuses the statement.
+
+    Raises:
+        CatalogError: names the table, the column and both lengths.
+    """
+    for row in (*session.new, *session.dirty):
+        for attr in sa.inspect(row).mapper.column_attrs:
+            column = attr.columns[0]
+            limit = getattr(column.type, "length", None)
+            value = getattr(row, attr.key, None)
+            if isinstance(limit, int) and isinstance(value, str) and len(value) > limit:
+                raise CatalogError(
+                    f"{column.table.name}.{column.name} is {len(value)} characters long, "
+                    f"the catalog stores at most {limit}: {value[:40]!r}..."
+                )
 
 
 def _rowcount(result: sa.Result[Any]) -> int:
@@ -352,8 +398,35 @@ def _enable_wal(cur: sqlite3.Cursor) -> None:
         log.warning("SQLite refused WAL mode (journal_mode=%s)", row)
 
 
+def _create_postgresql_engine(url: URL) -> Engine:
+    """An engine for a PostgreSQL ``url`` whose transactions behave as SQLite's do here.
+
+    A writing transaction (engine option ``_WRITE``) runs in READ COMMITTED and first takes the
+    transaction-scoped advisory lock :data:`_PG_WRITE_LOCK` of the database: writers queue for
+    it as SQLite writers queue for ``BEGIN IMMEDIATE``, so every read-then-write of the catalog
+    (and ``alembic upgrade`` of processes opening a new database at once) runs alone, and each
+    of its statements sees what the previous writer committed. A reading transaction is
+    REPEATABLE READ, READ ONLY: one consistent snapshot for all its statements (a record and
+    its child rows), as a SQLite WAL reader has; it never waits for writers.
+    """
+    engine = sa.create_engine(url, pool_pre_ping=True)
+
+    def on_begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get(_WRITE):
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+        else:
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+    sa.event.listen(engine, "begin", on_begin)
+    return engine
+
+
 def _create_engine(url: URL) -> Engine:
-    """An engine for ``url``; for SQLite with WAL, a busy timeout and our own BEGINs."""
+    """An engine for ``url``; for SQLite with WAL, a busy timeout and our own BEGINs; for
+    PostgreSQL see :func:`_create_postgresql_engine`."""
+    if url.get_backend_name() == "postgresql":
+        return _create_postgresql_engine(url)
     if url.get_backend_name() != "sqlite":
         return sa.create_engine(url, pool_pre_ping=True)
 
@@ -677,7 +750,7 @@ class Catalog:
         return Session(self._engine, expire_on_commit=False)
 
     def _writer(self) -> Session:
-        return Session(self._write_engine, expire_on_commit=False)
+        return _WriteSession(self._write_engine, expire_on_commit=False)
 
     # -------------------------------------------------------------- VMs
 
@@ -701,7 +774,8 @@ class Catalog:
                     if not replace:
                         raise AlreadyExistsError(
                             f"VM {cfg.name!r} is already registered",
-                            hint="add --replace to overwrite it (replace=True from Python)",
+                            hint="replace it to overwrite the registration",
+                            code="vm-exists",
                         )
                     s.delete(old)
                     s.flush()
@@ -711,7 +785,9 @@ class Catalog:
             with self._reader() as s, s.begin():
                 exists = s.get(VmRow, cfg.name) is not None
             if exists:
-                raise AlreadyExistsError(f"VM {cfg.name!r} is already registered") from exc
+                raise AlreadyExistsError(
+                    f"VM {cfg.name!r} is already registered", code="vm-exists"
+                ) from exc
             raise CatalogError(
                 f"catalog {self._display}: cannot store VM {cfg.name!r}: {_describe(exc)}"
             ) from exc
@@ -728,7 +804,7 @@ class Catalog:
         with self._reader() as s, s.begin():
             row = s.get(VmRow, name)
             if row is None:
-                raise NotFoundError(f"no VM named {name!r}", hint=_VM_HINT)
+                raise NotFoundError(f"no VM named {name!r}", code="vm-not-found", remedy=_VM_REMEDY)
             return _vm(row)
 
     async def list_vms(self) -> list[VmConfig]:
@@ -751,7 +827,7 @@ class Catalog:
         with self._writer() as s, s.begin():
             result = s.execute(sa.delete(VmRow).where(VmRow.name == name))
             if _rowcount(result) == 0:
-                raise NotFoundError(f"no VM named {name!r}", hint=_VM_HINT)
+                raise NotFoundError(f"no VM named {name!r}", code="vm-not-found", remedy=_VM_REMEDY)
 
     # -------------------------------------------------------------- snapshots
 
@@ -777,7 +853,15 @@ class Catalog:
                     raise AlreadyExistsError(f"snapshot {rec.id} already exists")
                 s.add(row)
         except IntegrityError as exc:
-            raise AlreadyExistsError(f"snapshot {rec.id} already exists") from exc
+            # A concurrent begin on a backend whose writers are not serialized; any other
+            # constraint (a NOT NULL, say) is a CatalogError naming it, not "already exists".
+            with self._reader() as s, s.begin():
+                exists = s.get(SnapshotRow, rec.id) is not None
+            if exists:
+                raise AlreadyExistsError(f"snapshot {rec.id} already exists") from exc
+            raise CatalogError(
+                f"catalog {self._display}: cannot store snapshot {rec.id}: {_describe(exc)}"
+            ) from exc
 
     async def finish_snapshot(self, rec: SnapshotRecord) -> None:
         """Replace the stored record ``rec.id`` with ``rec``, entirely.
@@ -798,7 +882,11 @@ class Catalog:
                 sa.select(SnapshotRow).where(SnapshotRow.id == rec.id).options(*_LOAD_SNAPSHOT)
             ).one_or_none()
             if old is None:
-                raise NotFoundError(f"no snapshot {rec.id} to finish", hint=_SNAPSHOT_HINT)
+                raise NotFoundError(
+                    f"no snapshot {rec.id} to finish",
+                    code="snapshot-not-found",
+                    remedy=_SNAPSHOT_REMEDY,
+                )
             s.delete(old)
             s.flush()
             s.add(new)
@@ -817,7 +905,9 @@ class Catalog:
     def _append_timeline(self, snapshot_id: str, events: tuple[TimelineEvent, ...]) -> None:
         with self._writer() as s, s.begin():
             if s.get(SnapshotRow, snapshot_id) is None:
-                raise NotFoundError(f"no snapshot {snapshot_id}", hint=_SNAPSHOT_HINT)
+                raise NotFoundError(
+                    f"no snapshot {snapshot_id}", code="snapshot-not-found", remedy=_SNAPSHOT_REMEDY
+                )
             last = s.scalar(
                 sa.select(sa.func.max(TimelineEventRow.ordinal)).where(
                     TimelineEventRow.snapshot_id == snapshot_id
@@ -850,10 +940,13 @@ class Catalog:
         if row is not None:
             return row
         if not prefix or len(snapshot_id) < MIN_PREFIX:
-            hint = _SNAPSHOT_HINT
-            if prefix:
-                hint = f"give the full id or at least {MIN_PREFIX} characters; {_SNAPSHOT_HINT}"
-            raise NotFoundError(f"no snapshot {snapshot_id!r}", hint=hint)
+            hint = f"give the full id or at least {MIN_PREFIX} characters" if prefix else None
+            raise NotFoundError(
+                f"no snapshot {snapshot_id!r}",
+                hint=hint,
+                code="snapshot-not-found",
+                remedy=_SNAPSHOT_REMEDY,
+            )
         # substr, not LIKE: case-sensitive everywhere and no wildcard escaping.
         ids = list(
             s.scalars(
@@ -864,24 +957,87 @@ class Catalog:
             )
         )
         if not ids:
-            raise NotFoundError(f"no snapshot id starts with {snapshot_id!r}", hint=_SNAPSHOT_HINT)
+            raise NotFoundError(
+                f"no snapshot id starts with {snapshot_id!r}",
+                code="snapshot-not-found",
+                remedy=_SNAPSHOT_REMEDY,
+            )
         if len(ids) > 1:
             shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
             raise UsageError(
                 f"snapshot id prefix {snapshot_id!r} is ambiguous: {shown}",
                 hint="give more characters of the id",
+                code="ambiguous-id",
             )
         return s.scalars(query.where(SnapshotRow.id == ids[0])).one()
 
-    async def list_snapshots(self, vm: str | None = None) -> list[SnapshotRecord]:
-        """All snapshots (of ``vm`` if given), oldest first."""
-        return await self._run(self._list_snapshots, vm)
+    async def list_snapshots(
+        self, vm: str | None = None, *, status: SnapshotStatus | None = None
+    ) -> list[SnapshotRecord]:
+        """All snapshots (of ``vm`` if given; with ``status`` only those), oldest first."""
+        return await self._run(self._list_snapshots, vm, status)
 
-    def _list_snapshots(self, vm: str | None) -> list[SnapshotRecord]:
+    def _list_snapshots(
+        self, vm: str | None, status: SnapshotStatus | None = None
+    ) -> list[SnapshotRecord]:
         query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
         if vm is not None:
             query = query.where(SnapshotRow.vm == vm)
+        if status is not None:
+            query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
         query = query.order_by(SnapshotRow.created_at, SnapshotRow.id)
+        with self._reader() as s, s.begin():
+            return [_snapshot(r) for r in s.scalars(query)]
+
+    async def list_snapshots_page(
+        self,
+        vm: str | None = None,
+        *,
+        limit: int | None = None,
+        after: tuple[datetime, str] | None = None,
+        newest_first: bool = False,
+        status: SnapshotStatus | None = None,
+    ) -> list[SnapshotRecord]:
+        """At most ``limit`` snapshots (of ``vm`` if given; with ``status`` only those) ordered
+        by ``(created_at, id)`` (descending with ``newest_first``), starting after the record
+        keyed ``after`` (keyset paging: a page stays correct while records are added)."""
+        return await self._run(self._list_snapshots_page, vm, limit, after, newest_first, status)
+
+    def _list_snapshots_page(
+        self,
+        vm: str | None,
+        limit: int | None,
+        after: tuple[datetime, str] | None,
+        newest_first: bool,
+        status: SnapshotStatus | None = None,
+    ) -> list[SnapshotRecord]:
+        query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
+        if vm is not None:
+            query = query.where(SnapshotRow.vm == vm)
+        if status is not None:
+            query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
+        if after is not None:
+            at, sid = after
+            if newest_first:
+                query = query.where(
+                    sa.or_(
+                        SnapshotRow.created_at < at,
+                        sa.and_(SnapshotRow.created_at == at, SnapshotRow.id < sid),
+                    )
+                )
+            else:
+                query = query.where(
+                    sa.or_(
+                        SnapshotRow.created_at > at,
+                        sa.and_(SnapshotRow.created_at == at, SnapshotRow.id > sid),
+                    )
+                )
+        if newest_first:
+            query = query.order_by(SnapshotRow.created_at.desc(), SnapshotRow.id.desc())
+        else:
+            query = query.order_by(SnapshotRow.created_at, SnapshotRow.id)
+        if limit is not None:
+            query = query.limit(limit)
         with self._reader() as s, s.begin():
             return [_snapshot(r) for r in s.scalars(query)]
 
@@ -1032,7 +1188,7 @@ class Catalog:
                 )
                 if _rowcount(gone) != 1:
                     continue
-                s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now()))
+                s.add(VmLockRow(vm=vm, owner=owner, acquired_at=_now(), purpose=purpose))
             log.warning("took over the lock of VM %s from dead process %s", vm, held_by)
             return
         raise BusyError(f"the lock of VM {vm} keeps changing hands; try again")

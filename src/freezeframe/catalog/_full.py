@@ -35,6 +35,7 @@ class CatalogFullError(CatalogError):
     """
 
     reason = FILESYSTEM_FULL
+    default_code = "catalog-full"
 
     def __init__(
         self, message: str, *, path: Path, free_bytes: int | None, hint: str | None = None

@@ -91,6 +91,7 @@ class VmRow(Base):
     agent_log_path: Mapped[str | None] = mapped_column(sa.Text)
     exclude_mounts: Mapped[list[str]] = mapped_column(sa.JSON)
     lab: Mapped[bool] = mapped_column(sa.Boolean)
+    overlay_dir: Mapped[str | None] = mapped_column(sa.Text)  # revision 0004
 
 
 class SnapshotRow(Base):
@@ -138,6 +139,13 @@ class SnapshotDiskRow(Base):
     overlay: Mapped[str | None] = mapped_column(sa.Text)
     backend: Mapped[str] = mapped_column(sa.String(64))
     virtual_size: Mapped[int] = mapped_column(sa.BigInteger)
+    # revision 0005: the image at the cut as it was right after the cut (size, mtime, inode),
+    # its mode before freezeframe took its write bits away, a per-disk quiesce note (code)
+    fp_size: Mapped[int | None] = mapped_column(sa.BigInteger)
+    fp_mtime_ns: Mapped[int | None] = mapped_column(sa.BigInteger)
+    fp_inode: Mapped[int | None] = mapped_column(sa.BigInteger)
+    image_mode: Mapped[int | None] = mapped_column(sa.Integer)
+    quiesce_note: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class SnapshotFilesystemRow(Base):

@@ -1,7 +1,9 @@
-"""What every CLI subcommand shares: running the async core, printing, errors -> exit codes.
+"""What every CLI subcommand shares: the service, running it, printing, errors -> exit codes.
 
 Owns the mapping of :class:`~freezeframe.errors.FreezeframeError` to process exit codes and the
-``--json`` convention (a single JSON document on stdout; human text and progress on stderr).
+``--json`` convention (a single JSON document on stdout, :func:`freezeframe.service.to_document`
+with remedies in the CLI's words; human text and progress on stderr). Every decision is the
+service's (:mod:`freezeframe.service`); a handler turns arguments into one call and renders.
 
 Exit codes besides the errors': 130 on SIGINT, 143 on SIGTERM (128 + the signal, as a shell
 reports a process killed by it); 141 (128 + SIGPIPE) when stdout's reader went away
@@ -13,33 +15,33 @@ wrapped. Text from outside (messages, paths, guest and QEMU text) is printed wit
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import datetime
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
 
+from freezeframe.cli._hints import render
 from freezeframe.errors import FreezeframeError
-from freezeframe.models import SnapshotRecord, VmConfig
+from freezeframe.service import Config, Service, error_document, join_hint, to_document
 
 __all__ = [
     "EXIT_PIPE",
     "EXIT_WEAKER",
+    "config",
+    "configure",
     "console",
     "die",
     "emit_json",
     "err_console",
-    "hint_for_vm",
+    "hint",
     "run",
-    "to_jsonable",
+    "serve",
+    "service",
 ]
 
 T = TypeVar("T")
@@ -85,34 +87,46 @@ console: Console = _Console()
 err_console: Console = _Console(stderr=True)
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, enums, datetimes, paths, tuples -> plain JSON values. A snapshot record
-    also gets ``thaw_unconfirmed`` (the guest may still be frozen: run recover)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        doc = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        if isinstance(obj, SnapshotRecord):
-            doc["thaw_unconfirmed"] = obj.thaw_unconfirmed
-            doc["intent_left_open"] = obj.intent_left_open
-        return doc
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, bytes):
-        return obj.decode(errors="replace")
-    return obj
+#: The configuration the root command built (:func:`configure`); one command per process.
+_config: list[Config] = []
+
+
+def configure(cfg: Config) -> None:
+    """Set the service configuration of this process's command (the root command does, from
+    its options and the environment's defaults)."""
+    _config[:] = [cfg]
+
+
+def config() -> Config:
+    """The configuration :func:`configure` set; the defaults (environment) when none was."""
+    return _config[0] if _config else Config.from_env()
+
+
+def service() -> Service:
+    """The service of this command (its catalog is opened on first use)."""
+    return Service(config())
+
+
+def serve(fn: Callable[[Service], Coroutine[Any, Any, T]], *, as_json: bool = False) -> T:
+    """Run ``fn`` on this command's service (closed afterwards), as :func:`run` does."""
+
+    async def go() -> T:
+        async with service() as svc:
+            return await fn(svc)
+
+    return run(go, as_json=as_json)
+
+
+def hint(exc: FreezeframeError) -> str | None:
+    """``exc``'s hint in the CLI's words (its remedy as a command line)."""
+    return join_hint(exc.hint, exc.remedy, render)
 
 
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as one JSON document on stdout (exit 141 when its reader went away)."""
     try:
-        sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+        doc = to_document(obj, render=render)
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_gone()
@@ -121,29 +135,13 @@ def emit_json(obj: Any) -> None:
 def die(exc: FreezeframeError, *, as_json: bool = False) -> NoReturn:
     """Report ``exc`` (stderr, or a JSON error document) and exit with its code."""
     if as_json:
-        doc: dict[str, Any] = {
-            "error": type(exc).__name__,
-            "message": exc.message,
-            "exit_code": exc.exit_code,
-            "hint": exc.hint or None,  # always there (README), null when there is none
-        }
-        snap = getattr(exc, "snapshot_id", None)
-        if snap:
-            doc["snapshot_id"] = snap
-        emit_json(doc)
+        emit_json(error_document(exc, render=render))
     else:
         err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-        if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
+        said = hint(exc)
+        if said:
+            err_console.print(f"[yellow]hint:[/] {escape(said)}", highlight=False)
     raise SystemExit(exc.exit_code)
-
-
-def hint_for_vm(cfg: VmConfig, hint: str | None) -> str | None:
-    """``hint`` in the words of ``cfg``'s kind: a lab VM is started with ``lab up``, not by
-    running QEMU by hand (the QMP driver's "start QEMU with -qmp unix:PATH..." hint)."""
-    if cfg.lab and hint and "start QEMU" in hint:
-        return f"is the lab VM running? start it with `freezeframe lab up {cfg.name}`"
-    return hint
 
 
 def _stopped_by(sig: signal.Signals, detail: str, as_json: bool) -> NoReturn:
@@ -155,10 +153,12 @@ def _stopped_by(sig: signal.Signals, detail: str, as_json: bool) -> NoReturn:
         emit_json(
             {
                 "error": "Terminated" if sig == signal.SIGTERM else "Interrupted",
+                "code": "terminated" if sig == signal.SIGTERM else "interrupted",
                 "message": f"{word} by {sig.name} ({detail})",
                 "exit_code": 128 + sig,
                 "hint": "every snapshot attempt is recorded with what it left: "
                 "`freezeframe snapshot list`; a guest left frozen: `freezeframe recover`",
+                "remedy": None,
             }
         )
     raise SystemExit(128 + sig)

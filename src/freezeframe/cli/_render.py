@@ -6,15 +6,18 @@ escaped or printed with ``markup=False``: a ``[/tmp/x]`` in it is shown as it is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from freezeframe.cli._common import console
-from freezeframe.engine import CheckStatus, DoctorReport
+from freezeframe.cli._hints import render
 from freezeframe.models import SnapshotRecord, SnapshotStatus, Verification
+from freezeframe.service import BootImage, CheckStatus, DoctorReport, join_hint
 
-__all__ = ["print_doctor", "print_record", "print_verification"]
+__all__ = ["print_boot_images", "print_doctor", "print_record", "print_verification"]
 
 _LEVEL_STYLE = {
     "application": "bold green",
@@ -24,7 +27,11 @@ _LEVEL_STYLE = {
 }
 
 
-def print_record(rec: SnapshotRecord) -> None:
+def print_record(rec: SnapshotRecord, live: Sequence[BootImage] | None = None) -> None:
+    """``rec`` as text; with ``live`` (``vm images`` of its VM), each disk also says which
+    image QEMU runs it on now, so a switched-away or restarted disk is not shown as writing
+    to this snapshot's overlay."""
+    now = {b.device: b for b in live or ()}
     style = _LEVEL_STYLE.get(rec.level.value, "")
     status = (
         "[green]done[/]" if rec.status is SnapshotStatus.DONE else f"[red]{rec.status.value}[/]"
@@ -48,7 +55,19 @@ def print_record(rec: SnapshotRecord) -> None:
     for d in rec.disks:
         console.print(f"  disk {d.device} ({d.format}, node {d.node})", markup=False)
         console.print(f"    image at the cut  {d.image}", markup=False, highlight=False)
-        console.print(f"    now writing to    {d.overlay or '-'}", markup=False, highlight=False)
+        console.print(f"    overlay (cut on)  {d.overlay or '-'}", markup=False, highlight=False)
+        b = now.get(d.device)
+        if b is not None and b.running_on is not None:
+            same = d.overlay is not None and b.running_on == d.overlay
+            console.print(
+                f"    QEMU runs on now  {b.running_on}"
+                + (" (this overlay)" if same else " (not this snapshot's overlay)")
+                + (f"; holds snapshot {', '.join(b.held_by)} at its cut" if b.held_by else ""),
+                markup=False,
+                highlight=False,
+            )
+        if d.quiesce_note:
+            console.print(f"    quiesce note      {d.quiesce_note}", markup=False)
     if rec.filesystems:
         t = Table("mount point", "type", "disk", "frozen", "why not", box=None, pad_edge=False)
         for f in rec.filesystems:
@@ -62,6 +81,10 @@ def print_record(rec: SnapshotRecord) -> None:
         for ev in rec.timeline:
             t.add_row(f"{(ev.mono_ns - t0) / 1e6:9.1f}", Text(ev.name), Text(ev.detail))
         console.print(t)
+    if rec.evidence_unavailable:
+        console.print(
+            f"  evidence   unavailable: {rec.evidence_unavailable}", markup=False, highlight=False
+        )
     if rec.evidence:
         console.print("  agent log during the freeze window:")
         for line in rec.evidence:
@@ -93,7 +116,36 @@ def print_doctor(rep: DoctorReport) -> None:
     console.print(f"[bold]doctor {escape(rep.vm)}[/]")
     for c in rep.checks:
         console.print(f"  {marks[c.status]}  {escape(c.name)}: {escape(c.detail)}", highlight=False)
-        if c.fix:
-            console.print(f"        fix: {c.fix}", markup=False, highlight=False, style="dim")
+        fix = join_hint(c.fix, c.remedy, render)
+        if fix:
+            console.print(f"        fix: {fix}", markup=False, highlight=False, style="dim")
     style = _LEVEL_STYLE.get(rep.predicted_level.value, "")
     console.print(f"  => [{style}]{escape(rep.verdict)}[/]")
+
+
+def print_boot_images(vm: str, rows: Sequence[BootImage]) -> None:
+    """``vm images``: per disk, the image to boot from and whether QEMU runs on it now."""
+    if not rows:
+        console.print(f"no disks known for VM {escape(vm)}")
+        return
+    for b in rows:
+        state = (
+            "QEMU runs on it now"
+            if b.on_it
+            else f"QEMU runs on {b.running_on} instead"
+            if b.on_it is False
+            else b.checked
+        )
+        console.print(f"disk {b.device}", markup=False)
+        console.print(f"  boot from  {b.boot_from or '-'}", markup=False, highlight=False)
+        console.print(
+            f"  recorded   {'by snapshot ' + b.snapshot_id if b.snapshot_id else 'no snapshot'}",
+            markup=False,
+        )
+        console.print(f"  now        {state}", markup=False, highlight=False)
+        if b.held_by:
+            console.print(
+                f"  [red]at risk[/]    it writes to the image at the cut of snapshot "
+                f"{escape(', '.join(b.held_by))}",
+                highlight=False,
+            )

@@ -1,30 +1,18 @@
 """``freezeframe lab``: the built-in lab VM (up, down, list, status).
 
-Thin handlers over :mod:`freezeframe.lab`; ``--json`` prints one JSON document on stdout.
+Thin handlers over the service's lab operations (``lab_up``, ``lab_down``, ``lab_list``,
+``lab_status``), which own the rules (registration, the lock / open-intent / purge sequence of
+``lab down``); ``--json`` prints one JSON document on stdout.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any
-
 import typer
 from rich.markup import escape
 
-from freezeframe import paths
-from freezeframe.catalog import Catalog, make_owner
-from freezeframe.cli._common import console, die, emit_json, err_console, run
-from freezeframe.errors import (
-    AlreadyExistsError,
-    BusyError,
-    FreezeframeError,
-    NotFoundError,
-    RecoverError,
-)
-from freezeframe.lab import LabVm, lab_down, lab_list, lab_status, lab_up
-from freezeframe.lab._model import libvirt_agent_address, parse_disks, parse_size, validate_timeout
-from freezeframe.models import VmConfig
+from freezeframe.cli._common import console, emit_json, err_console, serve
+from freezeframe.lab import LabVm
+from freezeframe.service import LabUpRequest
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
@@ -66,13 +54,6 @@ def _print_vm(vm: LabVm) -> None:
         )
 
 
-def _sync(as_json: bool, fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except FreezeframeError as exc:
-        die(exc, as_json=as_json)
-
-
 @app.command("up")
 def up(
     name: str = typer.Argument(
@@ -110,49 +91,19 @@ def up(
 
     A stopped lab VM restarts on its own disks, each from the top of its snapshot chain. A
     lab VM that runs but is not registered (its lab up was killed) is registered as it runs."""
-    fstypes: tuple[str, ...] | None = None
-    try:
-        if disks is not None:
-            fstypes = parse_disks(disks)
-        if disk_size is not None:
-            parse_size(disk_size)
-        validate_timeout(timeout)
-    except FreezeframeError as exc:
-        die(exc, as_json=as_json)
-
-    async def go() -> tuple[LabVm, bool]:
-        registered = False
-        async with await Catalog.open() as cat:
-            with contextlib.suppress(NotFoundError):
-                if not (await cat.get_vm(name)).lab:
-                    raise AlreadyExistsError(
-                        f"a VM named {name!r} is registered and is not a lab VM",
-                        hint="pick another name, or `freezeframe vm remove` it first",
-                    )
-                registered = True
-        running_pid = None
-        if not registered:
-            with contextlib.suppress(NotFoundError):
-                before = lab_status(name)
-                running_pid = before.pid if before.running else None
-        vm = await lab_up(
-            name,
-            disks=fstypes,
-            disk_size=disk_size,
-            agent=agent,
-            accel=accel,
-            timeout=timeout,
-            adopt=not registered,  # running and registered: AlreadyExistsError as before
-            driver=None if libvirt is None else ("libvirt" if libvirt else "qmp"),
-        )
-        # Lab VMs are registered automatically, so `snapshot create NAME` works right away.
-        async with await Catalog.open() as cat:
-            await cat.add_vm(vm.vm_config(), replace=True)
-        return vm, running_pid == vm.pid
-
-    vm, adopted = run(go, as_json=as_json)
+    req = LabUpRequest(
+        name=name,
+        disks=disks,
+        disk_size=disk_size,
+        agent=agent,
+        accel=accel,
+        driver=None if libvirt is None else ("libvirt" if libvirt else "qmp"),
+        timeout=timeout,
+    )
+    result = serve(lambda svc: svc.lab_up(req), as_json=as_json)
+    vm, adopted = result.vm, result.adopted
     if as_json:
-        emit_json(vm.to_json())
+        emit_json(vm)
     elif adopted:
         err_console.print(
             f"lab VM {vm.name} was already running (pid {vm.pid}) but not registered: "
@@ -200,132 +151,32 @@ def down(
     open a disk image that was deleted (copy it back from /proc/PID/fd/N first, or --save),
     unless --force."""
 
-    async def go() -> tuple[bool, int]:
-        async with await Catalog.open() as cat:
-            owner = make_owner()
-            locked = False
-            try:
-                await cat.acquire_vm_lock(name, owner, purpose="lab-down")
-                locked = True
-            except BusyError as exc:
-                if not force:
-                    raise BusyError(
-                        f"lab VM {name}: not stopped: {exc.message}",
-                        hint="wait for it to finish, or add --force (a snapshot may then "
-                        "fail; with --purge its record would point at deleted images)",
-                        holder_purpose=exc.holder_purpose,
-                    ) from exc
-                err_console.print(
-                    f"warning: {exc.message}; stopping {name} anyway (--force)", markup=False
-                )
-            try:
-                await _refuse_if_maybe_frozen(cat, name, force=force)
-                try:
-                    await lab_down(name, purge=purge, force=force, save=save)
-                except NotFoundError:
-                    # No lab VM of that name (its directory is gone), but the catalog may still
-                    # hold its registration and records: --purge forgets those too.
-                    if not purge:
-                        raise
-                    removed = await _forget_lab_vm(cat, name)
-                    if removed is None:
-                        raise
-                    return False, removed
-                if not purge:
-                    return True, 0
-                removed = await _forget_lab_vm(cat, name)
-                return True, removed or 0
-            finally:
-                if locked:
-                    await cat.release_vm_lock(name, owner)
-
-    stopped, removed = run(go, as_json=as_json)
+    res = serve(
+        lambda svc: svc.lab_down(name, purge=purge, force=force, save=save), as_json=as_json
+    )
     if as_json:
-        emit_json({"name": name, "stopped": stopped, "purged": purge, "snapshots_removed": removed})
-    else:
-        gone = f" and purged ({removed} snapshot record(s) removed)" if purge else ""
-        what = "stopped" if stopped else "was not there; its catalog entries were forgotten"
-        err_console.print(f"lab VM {name} {what}{gone if stopped else f' ({removed} record(s))'}",
-                          markup=False)  # fmt: skip
-
-
-async def _refuse_if_maybe_frozen(cat: Catalog, name: str, *, force: bool) -> None:
-    """Raise RecoverError if the lab VM ``name`` runs and the catalog holds an open freeze
-    intent of it (a snapshot died while its guest was frozen: stopping it now would skip the
-    flush and leave the intent open); with ``force`` only warn."""
-    intents = await cat.open_intents(name)
-    if not intents:
-        return
-    try:
-        running = lab_status(name).running
-    except FreezeframeError:  # no such lab VM, unreadable record: lab_down decides
-        return
-    if not running:
-        return  # a stopped guest is not frozen; --purge closes its intents
-    which = ", ".join(f"intent {i.id} of snapshot {i.snapshot_id}" for i in intents)
-    what = f"open freeze intent(s) ({which}): its guest may still be frozen"
-    if force:
-        err_console.print(
-            f"warning: lab VM {name}: {what}; stopping it anyway (--force)", markup=False
+        emit_json(
+            {
+                "name": name,
+                "stopped": res.stopped,
+                "purged": purge,
+                "snapshots_removed": res.snapshots_removed,
+            }
         )
-        return
-    raise RecoverError(
-        f"lab VM {name}: not stopped: {what}",
-        hint=f"freezeframe recover {name} first (or add --force: it is stopped anyway; a frozen "
-        "guest cannot flush what it has not written back)",
-    )
-
-
-async def _forget_lab_vm(cat: Catalog, name: str) -> int | None:
-    """Forget what the catalog holds of the lab VM ``name`` (its directory is gone): its
-    registration if it is a lab VM's, the records whose images all lived in its directory (and,
-    with a lab registration, its records without images), and its intents on a socket in its
-    directory (no guest is left to thaw). Returns how many records went, or None when nothing
-    of a lab VM of that name was found; a VM that is not a lab VM is never touched."""
-    labdir = str(paths.lab_dir() / name)
-    try:
-        cfg: VmConfig | None = await cat.get_vm(name)
-    except NotFoundError:
-        cfg = None
-    if cfg is not None and not cfg.lab:
-        return None
-    records = [
-        r
-        for r in await cat.list_snapshots(name)
-        if (r.disks and _inside([d.image for d in r.disks], labdir))
-        or (not r.disks and cfg is not None)
-    ]
-    if cfg is None and not records:
-        return None
-    if cfg is not None:
-        await cat.remove_vm(name)
-    for rec in records:
-        with contextlib.suppress(NotFoundError):
-            await cat.delete_snapshot(rec.id)
-    # A libvirt lab VM's agent is not a path in its directory but its domain's address.
-    domain = (
-        libvirt_agent_address(cfg.domain, cfg.connect_uri)
-        if cfg is not None and cfg.driver == "libvirt" and cfg.domain and cfg.connect_uri
-        else None
-    )
-    for intent in await cat.open_intents(name):
-        if intent.agent_address == domain or _inside([intent.agent_address], labdir):
-            await cat.close_intent(intent.id, "lab down --purge")
-    return len(records)
-
-
-def _inside(files: list[str], directory: str) -> bool:
-    """Every one of ``files`` lies in ``directory`` (recorded paths are absolute)."""
-    prefix = os.path.abspath(directory) + os.sep
-    return all(os.path.normpath(f).startswith(prefix) for f in files)
+    else:
+        removed = res.snapshots_removed
+        gone = f" and purged ({removed} snapshot record(s) removed)" if purge else ""
+        what = "stopped" if res.stopped else "was not there; its catalog entries were forgotten"
+        tail = gone if res.stopped else f" ({removed} record(s))"
+        err_console.print(f"lab VM {name} {what}{tail}", markup=False)
 
 
 @app.command("list")
 def list_(as_json: bool = _JSON) -> None:
     """List the lab VMs."""
-    vms: list[LabVm] = _sync(as_json, lab_list)
+    vms = serve(lambda svc: svc.lab_list(), as_json=as_json)
     if as_json:
-        emit_json([vm.to_json() for vm in vms])
+        emit_json(vms)
         return
     if not vms:
         err_console.print("no lab VMs")
@@ -341,8 +192,99 @@ def list_(as_json: bool = _JSON) -> None:
 @app.command("status")
 def status(name: str = typer.Argument(...), as_json: bool = _JSON) -> None:
     """Show one lab VM."""
-    vm: LabVm = _sync(as_json, lab_status, name)
+    vm = serve(lambda svc: svc.lab_status(name), as_json=as_json)
     if as_json:
-        emit_json(vm.to_json())
+        emit_json(vm)
     else:
         _print_vm(vm)
+
+
+# --- lab ceph: the throw-away single-node Ceph (the service's ceph_up / ceph_down) ----------
+
+ceph_app = typer.Typer(
+    help="A throw-away single-node Ceph on 127.0.0.1 (one mon, one OSD, pool rbd, auth none) "
+    "for tests, benchmarks and the demo.",
+    no_args_is_help=True,
+)
+app.add_typer(ceph_app, name="ceph")
+
+
+def _print_ceph(lab: object) -> None:
+    from freezeframe.lab import CephLab
+
+    if not isinstance(lab, CephLab):
+        return
+    state = "running" if lab.running else "stopped"
+    lines = [
+        f"lab ceph {state}: paxos {lab.paxos} ({lab.paxos_interval:g} s), mon {lab.mon_addr}",
+        f"  conf     {lab.conf}",
+        f"  pool     {lab.pool}   (client id admin, auth none)",
+        f"  folder   {lab.dir}",
+        *(
+            f"  {d.name:<8} pid {d.pid} {'running' if d.running else 'stopped'}"
+            for d in lab.daemons
+        ),
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+
+
+@ceph_app.command("up")
+def ceph_up_cmd(
+    paxos: str | None = typer.Option(
+        None,
+        "--paxos",
+        help="The monitor's paxos propose interval: fast (10 ms; a new cluster's default) or "
+        "default (Ceph's 1 s: every snapshot costs ~1 s, for benchmarks). A stopped cluster "
+        "keeps its setting unless given.",
+    ),
+    mgr: bool | None = typer.Option(None, "--mgr/--no-mgr", help="Also run a ceph-mgr."),
+    port: int | None = typer.Option(
+        None, "--port", help="The monitor's port on 127.0.0.1 (new cluster; default 3300)."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to a usable pool."),
+    as_json: bool = _JSON,
+) -> None:
+    """Start the lab Ceph (idempotent; a stopped one restarts on its data) and return once a
+    test object write to its pool succeeds; print where its conf and pool are."""
+    lab = serve(
+        lambda svc: svc.ceph_up(paxos=paxos, mgr=mgr, port=port, timeout=timeout),
+        as_json=as_json,
+    )
+    if as_json:
+        emit_json(lab)
+        return
+    how = "was already running" if lab.already_running else f"is up in {lab.started_in:.2f} s"
+    err_console.print(f"lab ceph {how}", markup=False)
+    _print_ceph(lab)
+
+
+@ceph_app.command("down")
+def ceph_down_cmd(
+    purge: bool = typer.Option(
+        False, "--purge", help="Also delete its folder: every image and snapshot in it."
+    ),
+    as_json: bool = _JSON,
+) -> None:
+    """Stop the lab Ceph's daemons by their recorded PIDs (idempotent); its data stays for
+    the next up unless --purge."""
+    res = serve(lambda svc: svc.ceph_down(purge=purge), as_json=as_json)
+    if as_json:
+        emit_json(res)
+        return
+    what = ", ".join(res.stopped) or "nothing was running"
+    err_console.print(
+        f"lab ceph down: stopped {what}" + ("; purged " + str(res.dir) if res.purged else ""),
+        markup=False,
+    )
+
+
+@ceph_app.command("status")
+def ceph_status_cmd(as_json: bool = _JSON) -> None:
+    """Show the lab Ceph: running or not, its conf, pool and daemons (exit 2 when there is
+    none)."""
+    lab = serve(lambda svc: svc.ceph_status(), as_json=as_json)
+    if as_json:
+        emit_json(lab)
+    else:
+        _print_ceph(lab)

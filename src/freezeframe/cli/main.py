@@ -1,7 +1,10 @@
 """The ``freezeframe`` command: one Typer app, one module per subcommand group.
 
-Handlers are thin: they turn arguments into one call on the async core (engine, lab, catalog)
-and print the result; only :func:`main` ever exits the process.
+Handlers are thin: they turn arguments into one call on :mod:`freezeframe.service` and render
+what it returns (text, or one JSON document with ``--json``); only :func:`main` ever exits the
+process. The service's :class:`~freezeframe.service.Config` is built here, from the options,
+with the environment as defaults, and handed to the commands (``_common.configure``);
+nothing writes the environment.
 
 With ``--json`` among the arguments, an option-parsing error (unknown option, bad choice) is the
 same JSON error document on stdout as every other error, exit 2, instead of Click's usage box.
@@ -18,9 +21,10 @@ import sys
 import typer
 
 from freezeframe import __version__
-from freezeframe.cli import lab, ops, snapshot, vm
-from freezeframe.cli._common import die
+from freezeframe.cli import lab, ops, serve, snapshot, vm
+from freezeframe.cli._common import configure, die
 from freezeframe.errors import UsageError
+from freezeframe.service import Config
 
 app = typer.Typer(
     name="freezeframe",
@@ -34,6 +38,7 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(snapshot.app, name="snapshot")
 app.command("doctor")(ops.doctor_cmd)
 app.command("recover")(ops.recover_cmd)
+app.command("serve")(serve.serve_cmd)
 
 
 def _version(value: bool) -> None:
@@ -55,9 +60,9 @@ def _root(
         help="Catalog database (SQLAlchemy URL); default: SQLite in the state directory.",
     ),
 ) -> None:
-    if database_url:
-        # The catalog reads it from the environment (paths.default_database_url).
-        os.environ["FREEZEFRAME_DATABASE_URL"] = database_url
+    # The service's configuration, passed to every command (cli._common.config): explicit
+    # options first, the environment ($FREEZEFRAME_HOME, ...) as defaults only.
+    configure(Config.from_env(database_url=database_url or None))
     level = logging.DEBUG if verbose or os.environ.get("FREEZEFRAME_DEBUG") else logging.WARNING
     if level == logging.DEBUG:
         logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")

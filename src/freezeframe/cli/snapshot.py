@@ -5,51 +5,44 @@ Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, 
 codes of :mod:`freezeframe.errors` otherwise (10 = attempted and failed, recorded; 9 = another
 snapshot of this VM is in progress; 13 = cut, the disks switched, but the catalog could not
 record it: ``freezeframe recover VM``). With ``--verify`` the verdict's code (:func:`verdict_exit`:
-21 check-failed, 22 corrupt) wins over 20.
+21 check-failed, 22 corrupt, 23 changed-since-cut) wins over 20.
+
+Thin handlers over :class:`freezeframe.service.Service`: the service decides the outcome
+(``done``, ``weaker-than-asked``, ``thaw-unconfirmed``, ``intent-left-open``) and runs the
+verify; this module maps the outcome's code and the verdict to exit codes and text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-from freezeframe.catalog import Catalog
-from freezeframe.cli._common import (
-    EXIT_WEAKER,
-    console,
-    emit_json,
-    err_console,
-    hint_for_vm,
-    run,
-)
+from freezeframe.cli._common import EXIT_WEAKER, console, emit_json, err_console, serve
 from freezeframe.cli._render import print_record, print_verification
-from freezeframe.engine import SnapshotRequest, Snapshotter, verify_snapshot
-from freezeframe.engine.verify import DEFAULT_CHECK_TIMEOUT, parse_user_checks
-from freezeframe.errors import (
-    FreezeframeError,
-    NotFoundError,
-    RecoverError,
-    SnapshotUnrecordedError,
-    UsageError,
-)
+from freezeframe.errors import FreezeframeError, SnapshotUnrecordedError, ThawUnconfirmedError
 from freezeframe.models import (
-    ConsistencyLevel,
     QuiescePolicy,
     SnapshotRecord,
+    SnapshotStatus,
     TimelineEvent,
     Verification,
     VerifyVerdict,
 )
+from freezeframe.service import (
+    DEFAULT_CHECK_TIMEOUT,
+    BootImage,
+    CreateSnapshot,
+    Outcome,
+    Service,
+    SnapshotOutcome,
+    to_document,
+)
 
 app = typer.Typer(help="Create, list, show and verify snapshots.", no_args_is_help=True)
-
-
-def expected_level(policy: QuiescePolicy) -> ConsistencyLevel:
-    return ConsistencyLevel.CRASH if policy is QuiescePolicy.OFF else ConsistencyLevel.FILESYSTEM
 
 
 #: ``snapshot verify`` / ``create --verify``: the filesystems pass their own checks, a user
@@ -57,17 +50,21 @@ def expected_level(policy: QuiescePolicy) -> ConsistencyLevel:
 EXIT_CHECK_FAILED = 21
 #: ``snapshot verify`` / ``create --verify``: a filesystem is corrupt (verdict ``corrupt``).
 EXIT_CORRUPT = 22
+#: ``snapshot verify``: an image at the cut changed since the cut (verdict
+#: ``changed-since-cut``: written to, e.g. by a VM restarted on it): the snapshot is lost.
+EXIT_CHANGED = 23
 
 
 def verdict_exit(v: Verification | None) -> int:
     """Exit code for a verification: 0 verified-consistent; 20 (EXIT_WEAKER) unchecked,
-    needs-recovery or no verification; 21 check-failed; 22 corrupt."""
+    needs-recovery or no verification; 21 check-failed; 22 corrupt; 23 changed-since-cut."""
     if v is None:
         return EXIT_WEAKER
     return {
         VerifyVerdict.CONSISTENT: 0,
         VerifyVerdict.CHECK_FAILED: EXIT_CHECK_FAILED,
         VerifyVerdict.CORRUPT: EXIT_CORRUPT,
+        VerifyVerdict.CHANGED: EXIT_CHANGED,
     }.get(v.verdict, EXIT_WEAKER)
 
 
@@ -101,108 +98,89 @@ def create(
         callback=_positive_seconds,
         help="With --check: kill a check (its whole process group) after SECONDS; it fails.",
     ),
+    overlay_dir: Path | None = typer.Option(
+        None, "--overlay-dir", help="Create the overlays here (default: the VM's overlay dir)."
+    ),
     hold_frozen: float = typer.Option(0.0, "--hold-frozen", hidden=True),
     as_json: bool = typer.Option(False, "--json", help="Print the full record as JSON."),
 ) -> None:
     """Snapshot every disk of a running VM at one point in time, quiesced through the agent."""
-    req = SnapshotRequest(
+    sid = Service.new_snapshot_id()  # named up front: an interrupted attempt is reported
+    req = CreateSnapshot(
         quiesce=quiesce,
         freeze_timeout=freeze_timeout,
         exclude_mounts=tuple(exclude_mount),
         exclude_disks=tuple(exclude_disk),
+        verify=verify,
+        checks=tuple(check),
+        check_timeout=check_timeout,
         hold_frozen=hold_frozen,
+        snapshot_id=sid,
+        overlay_dir=str(overlay_dir.absolute()) if overlay_dir is not None else None,
     )
 
     def progress(ev: TimelineEvent) -> None:
         err_console.print(f"[dim]{ev.t:%H:%M:%S.%f}"[:-3] + f"[/] {escape(ev.name)} "
                           f"{escape(ev.detail)}", highlight=False)  # fmt: skip
 
-    async def go() -> SnapshotRecord:
-        # bad --check input is refused before anything is frozen or cut
-        if check and not verify:
-            raise UsageError("--check needs --verify (the checks run on the verified images)")
-        if check_timeout != DEFAULT_CHECK_TIMEOUT and not check:
-            raise UsageError("--check-timeout needs --check (it bounds each user check)")
-        parse_user_checks(check)
-        async with await Catalog.open() as cat:
-            started = datetime.now(UTC)
-            try:
-                rec = await Snapshotter(cat).snapshot(
-                    vm, req, progress=None if as_json else progress
+    async def go(svc: Service) -> SnapshotOutcome:
+        try:
+            return await svc.create_snapshot(vm, req, progress=None if as_json else progress)
+        except asyncio.CancelledError:  # Ctrl-C / SIGTERM: say what it left, then exit
+            with contextlib.suppress(FreezeframeError, asyncio.CancelledError):
+                rec = await svc.get_snapshot(sid)
+                err_console.print(
+                    f"snapshot {rec.id} of {vm}: {rec.status.value}: "
+                    f"{rec.error or rec.level_reason}"
+                    + (f"; its disks switched ({len(rec.disks)} recorded)" if rec.disks else ""),
+                    markup=False,
                 )
-            except asyncio.CancelledError:  # Ctrl-C / SIGTERM: say what it left, then exit
-                with contextlib.suppress(FreezeframeError, asyncio.CancelledError):
-                    await _report_interrupted(cat, vm, started)
-                raise
-            except FreezeframeError as exc:
-                with contextlib.suppress(NotFoundError):
-                    exc.hint = hint_for_vm(await cat.get_vm(vm), exc.hint)
-                raise
-            if verify:
-                try:
-                    await verify_snapshot(cat, rec.id, checks=check, check_timeout=check_timeout)
-                except FreezeframeError as exc:
-                    err_console.print(f"[red]verify failed to run:[/] {escape(exc.message)}")
-                rec = await cat.get_snapshot(rec.id)
-            return rec
+            raise
 
-    rec = run(go, as_json=as_json)
+    out = serve(go, as_json=as_json)
+    rec = out.record
+    if out.verify_problem is not None:
+        err_console.print(f"[red]verify failed to run:[/] {escape(out.verify_problem.message)}")
     if as_json:
         emit_json(rec)
     else:
         print_record(rec)
-    if rec.thaw_unconfirmed:  # the cut is good, but the guest may still be frozen
+    if out.code is Outcome.THAW_UNCONFIRMED:  # the cut is good, but the guest may be frozen
         if not as_json:
             err_console.print(
                 "[red]the thaw was NOT confirmed: the guest may still be frozen.[/] "
                 "Run `freezeframe recover` now."
             )
-        raise SystemExit(RecoverError.exit_code)
-    if rec.intent_left_open:  # done and thawed, but the catalog still says "maybe frozen"
+        raise SystemExit(ThawUnconfirmedError.exit_code)
+    if out.code is Outcome.INTENT_LEFT_OPEN:  # done and thawed; the catalog says "maybe frozen"
         if not as_json:
             err_console.print(
                 "[red]the freeze intent could not be closed[/] (the catalog failed; the guest "
                 f"IS thawed, confirmed). Run `freezeframe recover {rec.vm}` to close it."
             )
         raise SystemExit(SnapshotUnrecordedError.exit_code)
-    asked = expected_level(rec.policy)
-    if rec.level.rank < asked.rank:
+    verdict = verdict_exit(out.verification) if out.verify_requested else 0
+    if out.code is Outcome.WEAKER:
         if not as_json:
             err_console.print(
-                f"[yellow]weaker than asked:[/] {rec.level.value} instead of {asked.value}"
+                f"[yellow]weaker than asked:[/] {rec.level.value} instead of {out.asked.value}"
             )
-        raise SystemExit(max(EXIT_WEAKER, verdict_exit(rec.verification) if verify else 0))
-    if verify and (code := verdict_exit(rec.verification)):
-        raise SystemExit(code)
-
-
-async def _report_interrupted(cat: Catalog, vm: str, started: datetime) -> None:
-    """After an interrupted ``create``: the attempt's id and what it says (thawed or not,
-    disks switched or not), from its record, on stderr."""
-    mine = [r for r in await cat.list_snapshots(vm) if r.created_at >= started]
-    for rec in mine[-1:]:
-        err_console.print(
-            f"snapshot {rec.id} of {vm}: {rec.status.value}: {rec.error or rec.level_reason}"
-            + (f"; its disks switched ({len(rec.disks)} recorded)" if rec.disks else ""),
-            markup=False,
-        )
+        raise SystemExit(max(EXIT_WEAKER, verdict))
+    if verdict:
+        raise SystemExit(verdict)
 
 
 @app.command("list")
 def list_(
     vm: str | None = typer.Argument(None, help="Only this VM."),
+    status: SnapshotStatus | None = typer.Option(
+        None, "--status", help="Only records of this status: done | failed | running."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List snapshots, oldest first (failed attempts too), also of a VM no longer registered."""
 
-    async def go() -> list[SnapshotRecord]:
-        async with await Catalog.open() as cat:
-            recs = await cat.list_snapshots(vm)
-            if vm is not None and not recs:
-                await cat.get_vm(vm)  # NotFoundError: neither registered nor any record
-            return recs
-
-    recs = run(go, as_json=as_json)
+    recs = list(serve(lambda svc: svc.list_snapshots(vm, status=status), as_json=as_json).items)
     if as_json:
         emit_json(recs)
         return
@@ -236,15 +214,22 @@ def list_(
 def show(snapshot_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one snapshot: level and why, disks, filesystems, timeline, evidence, verdict."""
 
-    async def go() -> SnapshotRecord:
-        async with await Catalog.open() as cat:
-            return await cat.get_snapshot(snapshot_id)
+    async def go(svc: Service) -> tuple[SnapshotRecord, list[BootImage]]:
+        rec = await svc.get_snapshot(snapshot_id)
+        # which image each disk runs on now: never claim it writes to this overlay blindly
+        live = await svc.vm_images(rec.vm) if rec.disks else []
+        return rec, live
 
-    rec = run(go, as_json=as_json)
+    rec, live = serve(go, as_json=as_json)
     if as_json:
-        emit_json(rec)
+        emit_json(
+            {
+                **to_document(rec),
+                "qemu_runs_on": {b.device: b.running_on for b in live if b.running_on},
+            }
+        )
     else:
-        print_record(rec)
+        print_record(rec, live)
 
 
 @app.command("verify")
@@ -265,18 +250,15 @@ def verify_cmd(
     """Check every filesystem of every image at the cut, offline and read-only.
 
     Exit 0 verified-consistent, 20 unchecked or needs-recovery, 21 check-failed (the
-    filesystems pass, a --check failed or timed out), 22 corrupt.
+    filesystems pass, a --check failed or timed out), 22 corrupt, 23 changed-since-cut (an
+    image at the cut was written to since the cut).
     """
 
-    async def go() -> Verification:
-        if check_timeout != DEFAULT_CHECK_TIMEOUT and not check:
-            raise UsageError("--check-timeout needs --check (it bounds each user check)")
-        async with await Catalog.open() as cat:
-            return await verify_snapshot(
-                cat, snapshot_id, checks=check, check_timeout=check_timeout
-            )
-
-    v = run(go, as_json=as_json)
+    timeout = None if check_timeout == DEFAULT_CHECK_TIMEOUT else check_timeout
+    v = serve(
+        lambda svc: svc.verify_snapshot(snapshot_id, checks=tuple(check), check_timeout=timeout),
+        as_json=as_json,
+    ).verification
     if as_json:
         emit_json(v)
     else:

@@ -1,26 +1,24 @@
 """``freezeframe vm``: register VMs with their control sockets (QEMU) or as libvirt domains,
 with their policy; ``vm import --libvirt`` registers every running domain of a connection.
 
-``vm add`` registers a VM that is not running yet (its socket paths not there yet, with a
-warning) but refuses a path that exists and is not a unix socket. ``vm add --replace`` and
-``vm remove`` refuse a lab VM (``lab down NAME --purge`` forgets it with its files) unless
-``--force``.
+Thin handlers over :class:`freezeframe.service.Service` (``add_vm``, ``import_libvirt``,
+``list_vms``, ``remove_vm``), which owns the rules: a VM that is not running yet is registered
+(its socket paths not there yet: a warning here), a path that exists and is no unix socket is
+refused, and ``--replace`` / ``remove`` refuse a lab VM (code ``lab-vm``) unless ``--force``.
 """
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-from freezeframe.catalog import Catalog
-from freezeframe.cli._common import console, emit_json, err_console, run
-from freezeframe.engine import ImportAction, ImportResult, import_libvirt, libvirt_vm
+from freezeframe.cli._common import console, die, emit_json, err_console, serve
+from freezeframe.cli._render import print_boot_images
 from freezeframe.errors import UsageError
-from freezeframe.models import QuiescePolicy, VmConfig
+from freezeframe.models import QuiescePolicy
+from freezeframe.service import ImportAction, VmSpec
 
 #: libvirt's system connection (the default of --connect); kept here so that the CLI does not
 #: import the libvirt module (python3-libvirt is optional).
@@ -49,6 +47,9 @@ def add(
         None, "--agent-log", help="qemu-ga's --logfile inside the guest (evidence)."
     ),
     exclude_mount: list[str] = typer.Option([], "--exclude-mount", help="Never freeze this."),
+    overlay_dir: Path | None = typer.Option(
+        None, "--overlay-dir", help="Create its overlays here (default: next to each image)."
+    ),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry."),
     force: bool = typer.Option(
         False, "--force", help="With --replace: also a lab VM's entry (it stops being a lab VM)."
@@ -56,66 +57,26 @@ def add(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a QEMU VM by its sockets (it need not be running yet), or a libvirt domain."""
-    qmp = qmp.absolute() if qmp is not None else None
-    qga = qga.absolute() if qga is not None else None
-    cfg = VmConfig(
+    spec = VmSpec(
         name=name,
-        qmp_path=str(qmp) if qmp else None,
-        qga_path=str(qga) if qga else None,
+        qmp=str(qmp) if qmp is not None else None,
+        qga=str(qga) if qga is not None else None,
+        libvirt_domain=domain,
+        connect_uri=connect,
         agent=agent,
         quiesce=quiesce,
         freeze_timeout=freeze_timeout,
-        agent_log_path=agent_log,
+        agent_log=agent_log,
         exclude_mounts=tuple(exclude_mount),
+        overlay_dir=str(overlay_dir.absolute()) if overlay_dir is not None else None,
     )
-
-    async def go() -> list[Path]:
-        nonlocal cfg
-        if (qmp is None) == (domain is None):
-            raise UsageError(
-                "name the VM's hypervisor: --qmp SOCKET (QEMU) or --libvirt DOMAIN (libvirt)",
-                hint="one of them, not both",
-            )
-        if domain is not None and qga is not None:
-            raise UsageError(
-                "--qga is for QEMU VMs: libvirt owns a domain's agent socket",
-                hint="drop --qga; freezeframe reaches the agent through libvirt",
-            )
-        if qga is not None and not agent:
-            raise UsageError(
-                "--qga names the guest agent's socket, --no-agent says there is none",
-                hint="drop one of them",
-            )
-        missing = [p for p in (qmp, qga) if p is not None and not _socket_or_missing(p)]
-        if domain is not None:
-            cfg = await libvirt_vm(
-                name,
-                domain,
-                connect,
-                agent=agent,
-                quiesce=quiesce,
-                freeze_timeout=freeze_timeout,
-                agent_log_path=agent_log,
-                exclude_mounts=tuple(exclude_mount),
-            )
-        async with await Catalog.open() as cat:
-            old = {v.name: v for v in await cat.list_vms()}.get(name) if replace else None
-            if old is not None and old.lab and not force:
-                raise UsageError(
-                    f"{name!r} is a lab VM: replacing its registration would turn it into a VM "
-                    "of your own (its agent socket and log forgotten) while the lab VM runs on",
-                    hint=f"`freezeframe lab down {name} --purge`, then `freezeframe lab up "
-                    f"{name}` (or `vm add {name} --replace --force`)",
-                )
-            await cat.add_vm(cfg, replace=replace)
-        return missing
-
-    missing = run(go, as_json=as_json)
-    for path in missing:
+    added = serve(lambda svc: svc.add_vm(spec, replace=replace, force=force), as_json=as_json)
+    for path in added.not_there_yet:
         err_console.print(
-            f"[yellow]warning:[/] {escape(str(path))} is not there yet: is the VM running?",
+            f"[yellow]warning:[/] {escape(path)} is not there yet: is the VM running?",
             highlight=False,
         )
+    cfg = added.vm
     if as_json:
         emit_json(cfg)
     else:
@@ -143,13 +104,9 @@ def import_(
 ) -> None:
     """Register the VMs a hypervisor already runs (today: libvirt domains, by their names)."""
 
-    async def go() -> list[ImportResult]:
-        if not libvirt:
-            raise UsageError("say where to import from: --libvirt [--connect URI]")
-        async with await Catalog.open() as cat:
-            return await import_libvirt(cat, connect, replace=replace)
-
-    results = run(go, as_json=as_json)
+    if not libvirt:
+        die(UsageError("say where to import from: --libvirt [--connect URI]"), as_json=as_json)
+    results = serve(lambda svc: svc.import_libvirt(connect, replace=replace), as_json=as_json)
     if as_json:
         emit_json(results)
         return
@@ -166,34 +123,11 @@ def import_(
         )
 
 
-def _socket_or_missing(path: Path) -> bool:
-    """True if ``path`` is a unix socket, False if it does not exist (yet).
-
-    Raises UsageError when it exists and is something else, or cannot ever be one.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return False
-    except OSError as exc:  # e.g. a parent is a regular file
-        raise UsageError(f"{path} cannot be a socket: {exc.strerror}") from exc
-    if not stat.S_ISSOCK(mode):
-        raise UsageError(
-            f"{path} exists and is not a unix socket",
-            hint="pass the path QEMU was started with: -qmp unix:PATH / -chardev socket,path=PATH",
-        )
-    return True
-
-
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json")) -> None:
     """List registered VMs."""
 
-    async def go() -> list[VmConfig]:
-        async with await Catalog.open() as cat:
-            return await cat.list_vms()
-
-    vms = run(go, as_json=as_json)
+    vms = serve(lambda svc: svc.list_vms(), as_json=as_json)
     if as_json:
         emit_json(vms)
         return
@@ -211,6 +145,21 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
         )
 
 
+@app.command("images")
+def images(
+    name: str = typer.Argument(..., help="A registered VM (or one with snapshot records)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per disk: the image to boot the VM from (the newest overlay recorded) and whether QEMU
+    runs on it now. Restarting a VM on an older image changes the snapshots that hold it."""
+
+    rows = serve(lambda svc: svc.vm_images(name), as_json=as_json)
+    if as_json:
+        emit_json(rows)
+    else:
+        print_boot_images(name, rows)
+
+
 @app.command("remove")
 def remove(
     name: str,
@@ -219,17 +168,7 @@ def remove(
 ) -> None:
     """Forget a VM (its snapshots stay in the catalog). A lab VM: `lab down NAME --purge`."""
 
-    async def go() -> None:
-        async with await Catalog.open() as cat:
-            if (await cat.get_vm(name)).lab and not force:
-                raise UsageError(
-                    f"{name!r} is a lab VM: removing only its registration would leave it "
-                    "running and unreachable",
-                    hint=f"`freezeframe lab down {name} --purge` (or `vm remove {name} --force`)",
-                )
-            await cat.remove_vm(name)
-
-    run(go, as_json=as_json)
+    serve(lambda svc: svc.remove_vm(name, force=force), as_json=as_json)
     if as_json:
         emit_json({"removed": name})
     else:

@@ -10,15 +10,20 @@ and guest-agent sockets (one client each) belong to that snapshot, so doctor say
 and touches neither. When the agent does not answer, doctor tells a host-side socket problem
 (the path given with ``vm add --qga`` does not exist or refuses connections) apart from a guest
 without a running qemu-ga, and names QEMU's own agent socket (``query-chardev``) when the
-registered path is another one (FAIL when no agent answers there, else a warning: it may be
-another VM's agent). A guest that is frozen (``guest-fsfreeze-status``, asked before anything
-else) is one FAIL naming the open freeze intent, if any, and ``freezeframe recover``; nothing
-is derived from ``guest-info`` then (qemu-ga reports most commands disabled while frozen).
+registered path is another one: a FAIL (code ``agent-wrong-vm``), as ``snapshot create``
+refuses it under every policy (the agent there is another guest's). A guest that is frozen
+(``guest-fsfreeze-status``, asked before anything else) is one FAIL naming the open freeze
+intent, if any, and ``freezeframe recover``; nothing is derived from ``guest-info`` then
+(qemu-ga reports most commands disabled while frozen).
 
 Open freeze intents come from the catalog before the hypervisor is asked, so they are reported
 even when QEMU is gone or hung. A disk whose active image (``DiskInfo.file``) is the image at
-the cut of a done snapshot of the VM (the VM restarted by hand on an older image) is a warning:
-that snapshot is being written to. A disk whose image chain (``DiskInfo.file`` and
+the cut of a recorded snapshot of the VM (the VM restarted by hand on an older image) is a
+FAIL (code ``image-held-by-snapshot``), as ``snapshot create`` refuses it: that snapshot is
+being written to. A disk the guest mounts nothing from has its own warning line
+(``no-mounted-filesystem``), and a crash-consistent prediction names why. The verdict never
+contradicts a FAIL line: what ``create`` refuses (these two, a disk that cannot be cut, a
+broken chain) predicts ``none``. A disk whose image chain (``DiskInfo.file`` and
 ``backing``) holds a local file missing on this host (deleted while QEMU keeps it open) is a
 FAIL naming the open copy to save it from, and the predicted level is ``none``: ``snapshot
 create`` refuses such a VM (BrokenChainError).
@@ -31,29 +36,35 @@ import contextlib
 import enum
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
 from freezeframe.engine.chain import broken_chain_hint, missing_chain_files, open_copies
+from freezeframe.engine.images import IMAGE_HELD, held_images, held_message
 from freezeframe.engine.plan import UNFREEZABLE_FSTYPES, make_plan, map_filesystem_to_disk
-from freezeframe.engine.recover import cut_outcome_unknown
-from freezeframe.engine.snapshot import FREEZE_COMMANDS, Snapshotter, open_driver
-from freezeframe.errors import BusyError, HypervisorError
+from freezeframe.engine.snapshot import (
+    AGENT_WRONG_VM,
+    FREEZE_COMMANDS,
+    Snapshotter,
+    open_driver,
+)
+from freezeframe.errors import Action, BusyError, HypervisorError, Remedy
 from freezeframe.hypervisor.base import HypervisorDriver
 from freezeframe.models import (
+    NO_MOUNTED_FILESYSTEM,
     ConsistencyLevel,
-    DiskInfo,
     FreezeIntent,
     FsFreezeState,
     QuiescePolicy,
-    SnapshotRecord,
-    SnapshotStatus,
     VmConfig,
 )
 
-__all__ = ["Check", "CheckStatus", "DoctorReport", "doctor"]
+__all__ = ["DISK_NOT_CUTTABLE", "Check", "CheckStatus", "DoctorReport", "doctor"]
+
+#: Code of a disk the driver cannot cut (a snapshot refuses it unless left out).
+DISK_NOT_CUTTABLE = "disk-not-cuttable"
 
 
 class CheckStatus(enum.StrEnum):
@@ -64,10 +75,17 @@ class CheckStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Check:
+    """One finding; ``fix`` says what to do in neutral words, ``remedy`` names the operation
+    that helps (each face renders it: the CLI as a command line)."""
+
     name: str
     status: CheckStatus
     detail: str
     fix: str = ""
+    remedy: Remedy | None = None
+    #: A stable code for findings that a snapshot acts on (``agent-wrong-vm``,
+    #: ``image-held-by-snapshot``, ``no-mounted-filesystem``, ``disk-not-cuttable``); None else.
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +110,15 @@ async def doctor(
     policy = quiesce or cfg.quiesce
     checks: list[Check] = []
 
-    def add(name: str, ok: bool | None, detail: str, fix: str = "") -> None:
+    def add(
+        name: str, ok: bool | None, detail: str, fix: str | _Fix = "", *, code: str | None = None
+    ) -> None:
+        """One check; ``fix`` is a neutral sentence, or one with the remedy that helps."""
         status = CheckStatus.PASS if ok else CheckStatus.WARN if ok is None else CheckStatus.FAIL
-        checks.append(Check(name, status, detail, "" if ok else fix))
+        text, remedy = (fix, None) if isinstance(fix, str) else fix
+        checks.append(
+            Check(name, status, detail, "" if ok else text, None if ok else remedy, code=code)
+        )
 
     add(
         "policy",
@@ -113,7 +137,7 @@ async def doctor(
                 None,
                 f"a snapshot of {cfg.name} is in progress by {owner} since {when}: its QMP and "
                 "guest-agent sockets serve one client each, so they are not checked now",
-                "run `freezeframe doctor` again once that snapshot has finished",
+                ("check again once that snapshot has finished", Remedy(Action.DOCTOR, cfg.name)),
             )
             intents = await catalog.open_intents(cfg.name)
             if intents:
@@ -122,8 +146,11 @@ async def doctor(
                     None,
                     f"{len(intents)} open (snapshot {intents[0].snapshot_id}): the guest is "
                     "frozen by that snapshot right now",
-                    "nothing to do while it runs; if its process hangs, stop that process (it "
-                    f"holds the agent's only connection), then `freezeframe recover {cfg.name}`",
+                    (
+                        "nothing to do while it runs; if its process hangs, stop that process "
+                        "(it holds the agent's only connection), then recover the VM",
+                        Remedy(Action.RECOVER, cfg.name),
+                    ),
                 )
             return _report(
                 cfg.name,
@@ -150,7 +177,7 @@ async def doctor(
             None,
             f"{exc.message}: its QMP and guest-agent sockets serve one client each, so they "
             "are not checked now",
-            "run `freezeframe doctor` again once that snapshot has finished",
+            ("check again once that snapshot has finished", Remedy(Action.DOCTOR, cfg.name)),
         )
         return _report(
             cfg.name,
@@ -175,15 +202,7 @@ async def _probe(
     """The checks that talk to the VM (hypervisor, agent), made while holding its lock."""
     # From the catalog first: an open intent is reported even when QEMU is gone or hung.
     intents = await catalog.open_intents(cfg.name)
-    # Done snapshots, and failed attempts whose cut happened (their images at the cut are kept
-    # and verifiable); not an attempt whose cut's outcome is unknown: the disks may well still
-    # write to its "image at the cut", legitimately.
-    done = [
-        r
-        for r in await catalog.list_snapshots(cfg.name)
-        if r.status is SnapshotStatus.DONE
-        or (r.status is SnapshotStatus.FAILED and r.disks and not cut_outcome_unknown(r))
-    ]
+    records = await catalog.list_snapshots(cfg.name)
 
     def add_intents() -> None:
         add(
@@ -192,7 +211,7 @@ async def _probe(
             "none open"
             if not intents
             else f"{len(intents)} open (snapshot {intents[0].snapshot_id}): guest may be frozen",
-            f"run `freezeframe recover {cfg.name}`",
+            ("thaw the guest and close the intents", Remedy(Action.RECOVER, cfg.name)),
         )
 
     driver = open_driver(cfg)
@@ -203,7 +222,10 @@ async def _probe(
             "hypervisor",
             False,
             f"{driver.name}: {exc.message}",
-            exc.hint or "is the VM running? check its QMP socket path (`freezeframe vm list`)",
+            (
+                exc.hint or "is the VM running? check its QMP socket path",
+                exc.remedy or (None if exc.hint else Remedy(Action.LIST_VMS)),
+            ),
         )
         add_intents()
         return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
@@ -217,30 +239,23 @@ async def _probe(
             return _report(cfg.name, policy, checks, ConsistencyLevel.NONE)
         if not disks:
             add("disks", False, "no writable disk", "attach a disk to snapshot")
+        uncuttable: list[str] = []
         for d in disks:
             problem = driver.cut_problem(d)
+            if problem is not None:
+                uncuttable.append(d.device)
             add(
                 f"disk {d.device}",
                 problem is None and driver.capabilities.atomic_multi_disk,
                 f"{d.format} {d.file} (node {d.node}, {d.virtual_size // (1 << 20)} MiB): "
                 + ("part of one atomic cut" if problem is None else problem),
                 f"leave it out with --exclude-disk {d.device}",
+                code=None if problem is None else DISK_NOT_CUTTABLE,
             )
-            reused = _cut_image_reuse(d, done)
-            if reused is not None:
-                ids, overlay = reused
-                snaps = ", ".join(ids)
-                add(
-                    f"disk {d.device} image",
-                    None,
-                    f"{d.file} is the image at the cut of snapshot {snaps} (read-only from "
-                    "then on), yet the VM writes to it now (restarted on it by hand?): that "
-                    "snapshot is being changed",
-                    "restart the VM on the newest overlay"
-                    + (f" {overlay}" if overlay else "")
-                    + " (the image it wrote to last), or take a new snapshot and treat "
-                    f"{snaps} as changed",
-                )
+        held = held_images(disks, records)
+        for h in held:
+            message, hint = held_message(cfg.name, [h])
+            add(f"disk {h.device} image", False, message, hint, code=IMAGE_HELD)
         broken = missing_chain_files(disks)
         copies = open_copies([f for files in broken.values() for f in files]) if broken else {}
         for dev, files in broken.items():
@@ -254,7 +269,7 @@ async def _probe(
             )
         for found in await driver.checks():
             add(found.name, found.ok, found.detail, found.fix)
-        probe = await Snapshotter(catalog).probe_agent(cfg, driver)
+        probe = await Snapshotter(catalog).probe_agent(cfg, driver, disks)
         channel = await _agent_chardev(driver) if cfg.agent else None
     finally:
         await driver.close()
@@ -271,9 +286,11 @@ async def _probe(
             "agent",
             False,
             "the VM is configured without a guest agent",
-            "set hw_qemu_guest_agent=yes on the image and install qemu-guest-agent in the guest "
-            f"(`freezeframe vm add {cfg.name} --replace --agent --qga PATH`, keeping its "
-            "other options)",
+            (
+                "set hw_qemu_guest_agent=yes on the image, install qemu-guest-agent in the guest "
+                "and register the VM again with its agent socket, keeping its other options",
+                Remedy(Action.ADD_VM, cfg.name, {"replace": "yes", "agent": "yes", "qga": "PATH"}),
+            ),
         )
     elif probe.address is None:
         add(
@@ -282,6 +299,18 @@ async def _probe(
             probe.problem or "no guest-agent channel",
             "set hw_qemu_guest_agent=yes on the image (adds a virtio-serial port "
             "org.qemu.guest_agent.0) and restart the VM",
+        )
+    elif probe.code == AGENT_WRONG_VM:
+        # Refused under every policy: nothing was connected to (or the agent was let go).
+        agent_problem = probe.problem or "the registered guest agent is not this VM's"
+        socket = probe.address.startswith("/")
+        host_problem = await _socket_problem(probe.address) if socket else None
+        add(
+            "agent channel",
+            False,
+            agent_problem + (f"; {probe.address} {host_problem}" if host_problem else ""),
+            _socket_fix(cfg, probe.address, channel),
+            code=AGENT_WRONG_VM,
         )
     else:
         socket = probe.address.startswith("/")  # QMP: a unix socket path we connect to
@@ -391,6 +420,35 @@ async def _probe(
         exclude_mounts=cfg.exclude_mounts,
         agent_problem=agent_problem,
     )
+    for dev in plan.raw_disks:
+        add(
+            f"disk {dev} filesystems",
+            None,
+            "the guest mounts nothing from it (swap, raw use or unmounted): it is cut as raw "
+            f"data, crash-level for that disk ({NO_MOUNTED_FILESYSTEM}); the snapshot's level "
+            "is that of the mounted filesystems",
+            f"leave it out with --exclude-disk {dev} if it holds nothing worth keeping",
+            code=NO_MOUNTED_FILESYSTEM,
+        )
+    refused = [f"the registered guest agent is not this VM's ({AGENT_WRONG_VM})"]
+    if probe.code != AGENT_WRONG_VM:
+        refused = []
+    refused += [
+        f"disk {h.device} writes to an image snapshot {', '.join(h.snapshot_ids)} holds "
+        f"({IMAGE_HELD})"
+        for h in held
+    ]
+    refused += [f"disk {dev} cannot be cut ({DISK_NOT_CUTTABLE})" for dev in uncuttable]
+    if refused:  # create refuses these whatever the policy
+        return _report(
+            cfg.name,
+            policy,
+            checks,
+            ConsistencyLevel.NONE,
+            f"a snapshot of {cfg.name} would be refused now: "
+            + "; ".join(refused)
+            + " (see the FAIL lines)",
+        )
     if broken:  # a snapshot is refused whatever the policy (BrokenChainError)
         return _report(
             cfg.name,
@@ -426,6 +484,13 @@ async def _probe(
         )
     else:
         level = plan.predicted_level
+        if plan.problems and level is ConsistencyLevel.CRASH:  # say why, on a line of its own
+            add(
+                "policy outcome",
+                None,
+                f"crash-consistent (quiesce {policy.value}): " + "; ".join(plan.problems),
+                "fix the checks above to reach filesystem-consistent",
+            )
     return _report(cfg.name, policy, checks, level)
 
 
@@ -476,34 +541,6 @@ def _elsewhere(path: str, channel: str | None) -> str | None:
     return channel
 
 
-def _cut_image_reuse(
-    disk: DiskInfo, done: Sequence[SnapshotRecord]
-) -> tuple[list[str], str | None] | None:
-    """When ``disk``'s active image is the image at the cut of snapshots in ``done`` (oldest
-    first): their ids and the overlay of the newest snapshot of that disk (the image the VM
-    wrote to last). None when it is none's (images in its backing chain are expected)."""
-    top = _path_key(disk.file)
-    hits = [(r, sd) for r in done for sd in r.disks if _path_key(sd.image) == top]
-    if not hits:
-        return None
-    device = hits[-1][1].device  # the disk's name when it was cut
-    overlay = next(
-        (
-            sd.overlay
-            for r in reversed(done)
-            for sd in r.disks
-            if sd.device == device and sd.overlay
-        ),
-        None,
-    )
-    return list(dict.fromkeys(r.id for r, _ in hits)), overlay
-
-
-def _path_key(path: str) -> str:
-    """``path`` resolved (symlinks, ``..``) when it is a local path; else as it is (rbd:...)."""
-    return os.path.realpath(path) if path.startswith("/") else path
-
-
 def _frozen_detail(intents: list[FreezeIntent]) -> str:
     detail = "the guest is frozen (guest-fsfreeze-status)"
     if not intents:
@@ -516,26 +553,32 @@ def _frozen_detail(intents: list[FreezeIntent]) -> str:
     )
 
 
-def _frozen_fix(vm: str, intents: list[FreezeIntent]) -> str:
+#: A fix: a neutral sentence and the operation that helps (rendered by each face).
+_Fix = tuple[str, Remedy | None]
+
+
+def _frozen_fix(vm: str, intents: list[FreezeIntent]) -> _Fix:
     if intents:
-        return f"run `freezeframe recover {vm}`: it thaws the guest and closes the intent"
+        return "thaw the guest and close the intent", Remedy(Action.RECOVER, vm)
     return (
-        f"run `freezeframe recover {vm}` for freezes freezeframe recorded; this one is not "
-        "recorded: thaw it with guest-fsfreeze-thaw once the tool that froze it is done"
+        "this freeze is not recorded by freezeframe (recover handles recorded ones): thaw it "
+        "with guest-fsfreeze-thaw once the tool that froze it is done",
+        Remedy(Action.RECOVER, vm),
     )
 
 
-def _socket_fix(cfg: VmConfig, path: str, channel: str | None) -> str:
+def _socket_fix(cfg: VmConfig, path: str, channel: str | None) -> _Fix:
     if channel is not None and channel != path:
         return (
-            f"QEMU says the VM's agent socket is {channel}: "
-            f"`freezeframe vm add {cfg.name} --replace --qga {channel}` (keep its other options)"
+            f"QEMU says the VM's agent socket is {channel}: register it (keep the VM's other "
+            "options)",
+            Remedy(Action.ADD_VM, cfg.name, {"replace": "yes", "qga": channel}),
         )
     return (
-        f"is the VM running? pass the host path of the VM's agent socket with `freezeframe vm "
-        f"add {cfg.name} --replace --qga PATH` (keep its other options): the path of QEMU's "
-        "`-chardev socket,path=PATH,server=on,wait=off,id=qga0` behind `-device "
-        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`"
+        "is the VM running? register the host path of the VM's agent socket (keep its other "
+        "options): the path of QEMU's `-chardev socket,path=PATH,server=on,wait=off,id=qga0` "
+        "behind `-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`",
+        Remedy(Action.ADD_VM, cfg.name, {"replace": "yes", "qga": "PATH"}),
     )
 
 

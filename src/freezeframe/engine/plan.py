@@ -12,6 +12,13 @@ filesystem-consistent only when every guest filesystem on it was frozen; one lef
 excluded by the user or not, makes the disk crash-consistent. Excluding a whole disk takes it
 out of the snapshot, so it does not lower the level; excluding only some of the disks a
 filesystem spans is refused (:func:`check_exclusions`), unless its mount point is excluded too.
+
+A disk the guest mounts nothing from (swap, raw use, an unmounted disk) follows Nova: freeze
+what is mounted, snapshot every disk. It is cut as raw data (crash-level for that disk, noted
+per disk as ``no-mounted-filesystem``, :attr:`Plan.raw_disks`) and does not lower the
+snapshot's level, nor fail ``required``, when every mounted filesystem is frozen; only when
+the guest reports a filesystem that is neither frozen nor placed on a disk (it might lie on
+that disk) does such a disk stay a problem.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ __all__ = [
     "UNFREEZABLE_FSTYPES",
     "FsDecision",
     "Plan",
+    "agent_of_other_disks",
     "check_exclusions",
     "level_of",
     "make_plan",
@@ -86,6 +94,9 @@ class Plan:
     freeze_list: tuple[str, ...] | None = None
     expected_frozen: int = 0
     problems: tuple[str, ...] = field(default_factory=tuple)
+    #: Snapshotted disks the guest mounts nothing from, cut as raw data (``no-mounted-
+    #: filesystem``): they do not lower the level (see the module's docstring).
+    raw_disks: tuple[str, ...] = ()
 
     @property
     def predicted_level(self) -> ConsistencyLevel:
@@ -99,7 +110,11 @@ class Plan:
             return ConsistencyLevel.NONE
         if not self.quiesce:
             return ConsistencyLevel.CRASH
-        return level_of(self.disks, [d.as_record(frozen=d.freeze) for d in self.filesystems])
+        return level_of(
+            self.disks,
+            [d.as_record(frozen=d.freeze) for d in self.filesystems],
+            raw=self.raw_disks,
+        )
 
 
 def _disk_of(gd: GuestDisk, disks: tuple[DiskInfo, ...]) -> DiskInfo | None:
@@ -146,17 +161,25 @@ def map_filesystem_to_disk(fs: GuestFilesystem, disks: tuple[DiskInfo, ...]) -> 
 
 
 def level_of(
-    disks: tuple[DiskInfo, ...] | list[DiskInfo], filesystems: list[SnapshotFilesystem]
+    disks: tuple[DiskInfo, ...] | list[DiskInfo],
+    filesystems: list[SnapshotFilesystem],
+    *,
+    raw: tuple[str, ...] | list[str] = (),
 ) -> ConsistencyLevel:
     """Consistency level of a cut = the weakest over its (snapshotted) disks. Raises nothing.
 
     A disk is filesystem-consistent when it carries at least one guest filesystem and every
     one of them was frozen; otherwise crash-consistent. A filesystem excluded by mount point
     still lies on the disk unfrozen, so it makes the disk crash-consistent: the level never
-    pretends. A disk excluded whole is not among ``disks`` and does not lower the level.
+    pretends. A disk excluded whole is not among ``disks`` and does not lower the level, nor
+    does a disk in ``raw`` (the guest mounts nothing from it: :attr:`Plan.raw_disks`), unless
+    every disk is one (nothing was frozen: crash).
     """
     levels: list[ConsistencyLevel] = []
-    for disk in disks:
+    counted = [d for d in disks if d.device not in raw]
+    if disks and not counted:
+        return ConsistencyLevel.CRASH
+    for disk in counted:
         on_disk = [f for f in filesystems if f.device == disk.device]
         if on_disk and all(f.frozen for f in on_disk):
             levels.append(ConsistencyLevel.FILESYSTEM)
@@ -262,12 +285,22 @@ def make_plan(
         else:
             decisions += [FsDecision(fs, dev, freeze=True) for dev in devices]
 
+    # A filesystem the guest reports that is neither frozen nor placed on a VM disk might
+    # lie on a disk that looks empty: such a disk cannot be taken as raw data then.
+    unplaced = [d for d in decisions if d.device is None and not d.freeze and not d.excluded]
+    raw: list[str] = []
     for disk in chosen:
-        if not any(d.device == disk.device for d in decisions):
+        if any(d.device == disk.device for d in decisions):
+            continue
+        if unplaced:
             problems.append(
-                f"disk {disk.device} carries no guest filesystem the agent reports "
-                "(raw use, unmounted, or not mapped): it can only be crash-consistent"
+                f"disk {disk.device} carries no guest filesystem the agent reports, and "
+                f"{_names([d.fs.mountpoint for d in unplaced])} (not frozen) could not be "
+                f"placed on a disk: it can only be crash-consistent; leave it out with "
+                f"--exclude-disk {disk.device}"
             )
+        else:
+            raw.append(disk.device)
 
     # One entry per mount point: qemu-ga freezes and counts filesystems, not disks.
     to_freeze = tuple(dict.fromkeys(d.fs.mountpoint for d in decisions if d.freeze))
@@ -281,7 +314,42 @@ def make_plan(
         expected_frozen=len(to_freeze),
         problems=tuple(problems)
         if to_freeze
-        else (*problems, "no guest filesystem to freeze on the snapshotted disks"),
+        else (
+            *problems,
+            "no guest filesystem to freeze on the snapshotted disks"
+            + (
+                f" (the guest mounts nothing from {_names(raw)}: leave "
+                + ("it" if len(raw) == 1 else "them")
+                + " out with "
+                + " ".join(f"--exclude-disk {n}" for n in raw)
+                + ", or snapshot without freezing: --quiesce preferred or off)"
+                if raw
+                else ""
+            ),
+        ),
+        raw_disks=tuple(raw),
+    )
+
+
+def agent_of_other_disks(
+    guest_fs: list[GuestFilesystem], disks: list[DiskInfo] | tuple[DiskInfo, ...]
+) -> str | None:
+    """Whether the agent that reported ``guest_fs`` provably sits in another VM: the guest's
+    virtio disks carry serials, the VM's disks carry serials, and not one of them matches
+    (qemu-ga reports a virtio-blk serial as the guest sees it, cut to 20 characters, so a
+    prefix matches). Returns what tells it (both sides' serials), None when it cannot be told
+    or a serial matches. Raises nothing."""
+    guest = {
+        gd.serial for fs in guest_fs for gd in fs.disks if gd.serial and gd.bus_type == "virtio"
+    }
+    ours = {d.serial for d in disks if d.serial}
+    if not guest or not ours:
+        return None
+    if any(o.startswith(g) or g.startswith(o) for g in guest for o in ours):
+        return None
+    return (
+        f"the agent's guest has disks with serials {', '.join(sorted(guest))}; this VM's "
+        f"disks have {', '.join(sorted(ours))}"
     )
 
 

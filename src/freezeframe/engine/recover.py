@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
+from freezeframe.engine.images import cut_outcome_unknown
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
@@ -69,6 +70,21 @@ class RecoverOutcome:
     def failed(self) -> bool:
         """An intent whose guest could not be confirmed thawed."""
         return self.intent_id is not None and not self.thawed and not self.skipped
+
+    @property
+    def code(self) -> str:
+        """Stable code: ``closed`` (the VM is not running), ``thawed``, ``skipped`` (a live
+        process owns the intent), ``thaw-unconfirmed``, or ``settled`` (a record without an
+        intent)."""
+        if self.vm_not_running:
+            return "closed"
+        if self.thawed:
+            return "thawed"
+        if self.skipped:
+            return "skipped"
+        if self.failed:
+            return "thaw-unconfirmed"
+        return "settled"
 
 
 async def recover(
@@ -234,7 +250,7 @@ async def _settle_stale_records(catalog: Catalog, vm: str, timeout: float) -> di
             continue
         note, disks, settled = await _settle_disks(catalog, rec, timeout)
         if not settled:  # asked again by the next recover, once the hypervisor answers
-            out[rec.id] = f"{note}; left as it is: run `freezeframe recover` again later"
+            out[rec.id] = f"{note}; left as it is: recover again later"
             continue
         ev = Timeline().mark("recovered", note)
         failed = replace(
@@ -299,21 +315,6 @@ def _existing(files: list[str]) -> list[str]:
     return [f for f in files if os.path.exists(f)]
 
 
-def cut_outcome_unknown(rec: SnapshotRecord) -> bool:
-    """A failed record whose cut's outcome could not be told (QEMU hung or gone at the time)
-    and has not been settled since: its overlays were kept, in case the disks use them."""
-    names = [e.name for e in rec.timeline]
-    unknown = [
-        i for i, e in enumerate(rec.timeline) if e.name == "cut_state" and e.detail == "unknown"
-    ]
-    return (
-        rec.status is SnapshotStatus.FAILED
-        and bool(rec.disks)
-        and bool(unknown)
-        and "cut_settled" not in names[unknown[-1] :]
-    )
-
-
 def _unsettled(rec: SnapshotRecord) -> bool:
     return rec.status is SnapshotStatus.RUNNING or cut_outcome_unknown(rec)
 
@@ -366,7 +367,12 @@ async def _settle_unknown_cut(catalog: Catalog, rec: SnapshotRecord, timeout: fl
     ev = Timeline().mark("cut_settled", f"by freezeframe recover: {note}")
     try:
         await catalog.finish_snapshot(
-            replace(rec, disks=disks, error=f"{rec.error}; {note}", timeline=(*rec.timeline, ev))
+            replace(
+                rec,
+                disks=disks,
+                error=f"{rec.error}; {note}" if rec.error else note,
+                timeline=(*rec.timeline, ev),
+            )
         )
     except FreezeframeError as exc:
         note += f"; the record could not be updated: {exc.message}"

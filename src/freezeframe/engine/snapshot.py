@@ -41,9 +41,23 @@ from freezeframe.engine.chain import (
     missing_chain_files,
     open_copies,
 )
-from freezeframe.engine.plan import Plan, check_exclusions, level_of, make_plan
+from freezeframe.engine.images import (
+    IMAGE_HELD,
+    fingerprint,
+    held_images,
+    held_message,
+    protect_image,
+)
+from freezeframe.engine.plan import (
+    Plan,
+    agent_of_other_disks,
+    check_exclusions,
+    level_of,
+    make_plan,
+)
 from freezeframe.engine.timeline import Timeline
 from freezeframe.errors import (
+    Action,
     AgentCommandError,
     AgentError,
     AgentProtocolError,
@@ -53,6 +67,7 @@ from freezeframe.errors import (
     CutError,
     FreezeframeError,
     HypervisorError,
+    Remedy,
     SnapshotFailedError,
     SnapshotUnrecordedError,
     ThawUnconfirmedError,
@@ -61,12 +76,14 @@ from freezeframe.errors import (
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, load_driver
 from freezeframe.models import (
     MAX_FREEZE_TIMEOUT,
+    NO_MOUNTED_FILESYSTEM,
     AgentInfo,
     ConsistencyLevel,
     DiskInfo,
     FreezeIntent,
     FsFreezeState,
     GuestFilesystem,
+    ImageFingerprint,
     QuiescePolicy,
     SnapshotDisk,
     SnapshotFilesystem,
@@ -88,6 +105,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Code of a registration whose agent is provably not the one inside the VM (another VM's
+#: socket, or a guest with none of the VM's disks): refused under every policy.
+AGENT_WRONG_VM = "agent-wrong-vm"
 
 #: Commands the freeze needs from the agent.
 FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
@@ -127,6 +148,12 @@ class SnapshotRequest:
     #: Keep the guest frozen this long after the cut (demonstrations and kill tests); bounded
     #: by the freeze deadline.
     hold_frozen: float = 0.0
+    #: The id of the new record (a caller that must name the snapshot before it is taken, such
+    #: as a server answering ``202 Accepted``); None: a new random id.
+    snapshot_id: str | None = None
+    #: Where this call's overlays go (``--overlay-dir``); None: the VM's own ``overlay_dir``,
+    #: else next to each image.
+    overlay_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +172,8 @@ class AgentProbe:
     #: Why there is no usable agent, as a stable code (None when there is one):
     #: ``agent-off`` (configured without), ``no-channel``, ``no-address``, ``guest-frozen``,
     #: ``freeze-commands-disabled``, ``vm-not-running``, ``agent-protocol`` (what answers
-    #: breaks the protocol), ``agent-unreachable`` (nothing answers).
+    #: breaks the protocol), ``agent-unreachable`` (nothing answers), ``agent-wrong-vm`` (the
+    #: registered agent is not the one inside this VM: never frozen, refused).
     code: str | None = None
 
 
@@ -176,6 +204,8 @@ class _Run:
     intent_id: int | None = None  # the freeze intent, once the thaw was attempted
     intent_closed: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Per disk (device): the image at the cut's fingerprint and its mode before protection.
+    cut_images: dict[str, tuple[ImageFingerprint | None, int | None]] = field(default_factory=dict)
     followup: asyncio.Task[bool] | None = None
     stored: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -268,7 +298,7 @@ class Snapshotter:
         failing: BaseException | None = None
         try:
             record = SnapshotRecord(
-                id=new_snapshot_id(),
+                id=req.snapshot_id or new_snapshot_id(),
                 vm=cfg.name,
                 created_at=datetime.now(UTC),
                 status=SnapshotStatus.RUNNING,
@@ -309,10 +339,14 @@ class Snapshotter:
         done, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending and all(t.result() for t in done if not t.cancelled())
 
-    async def probe_agent(self, cfg: VmConfig, driver: HypervisorDriver) -> AgentProbe:
+    async def probe_agent(
+        self, cfg: VmConfig, driver: HypervisorDriver, disks: list[DiskInfo] | None = None
+    ) -> AgentProbe:
         """Ask the agent everything the plan needs; never raises for agent trouble (it becomes
-        ``problem``). The connection is closed again."""
-        agent, probe = await self._connect_agent(cfg, driver)
+        ``problem``). With ``disks`` (the VM's), an agent whose guest has none of their serials
+        is found out (``agent-wrong-vm``) like one on another VM's socket. The connection is
+        closed again."""
+        agent, probe = await self._connect_agent(cfg, driver, disks)
         if agent is not None:
             await agent.close()
         return probe
@@ -342,8 +376,9 @@ class Snapshotter:
         except asyncio.CancelledError:
             await shielded(self._store_failure(run, "interrupted; " + self._thaw_summary(run)))
             raise
-        except BrokenChainError as exc:
-            # Refused before anything was prepared or frozen: recorded as failed, as it is.
+        except SnapshotFailedError as exc:
+            # Refused before anything was prepared or frozen (a broken chain, another VM's
+            # agent, an image a snapshot holds): recorded as failed, as it is.
             tl.mark("failed", exc.message, notify=False)
             await shielded(self._store_failure(run, exc.message))
             raise
@@ -361,12 +396,16 @@ class Snapshotter:
                     f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}; the thaw was "
                     "NOT confirmed: the guest may still be frozen",
                     snapshot_id=run.sid,
-                    hint="run `freezeframe recover` now",
+                    hint="thaw it now",
+                    remedy=Remedy(Action.RECOVER, run.cfg.name),
                 ) from exc
             raise SnapshotFailedError(
                 f"snapshot {run.sid} of {run.cfg.name} failed: {exc.message}",
                 snapshot_id=run.sid,
                 hint=exc.hint,
+                # why it failed: the cause's code (agent-unreachable, fs-not-freezable, ...)
+                code=None if exc.code == FreezeframeError.default_code else exc.code,
+                remedy=exc.remedy,
             ) from exc
         except Exception as exc:
             log.exception("snapshot %s of %s: internal error", run.sid, run.cfg.name)
@@ -419,8 +458,9 @@ class Snapshotter:
             err = ThawUnconfirmedError(
                 message,
                 snapshot_id=run.sid,
-                hint=f"run `freezeframe recover {vm}` now: it thaws the guest and, once the "
-                "catalog can be written again, records the switched disks",
+                hint="recover it now: that thaws the guest and, once the catalog can be written "
+                "again, records the switched disks",
+                remedy=Remedy(Action.RECOVER, vm),
             )
         else:
             err = SnapshotUnrecordedError(
@@ -429,7 +469,8 @@ class Snapshotter:
                 overlays=overlays,
                 intent_open=intent_open,
                 hint="make the catalog writable again (free space on its filesystem), then "
-                f"run `freezeframe recover {vm}`: it records the switched disks",
+                "recover the VM: that records the switched disks",
+                remedy=Remedy(Action.RECOVER, vm),
             )
         err.__cause__ = exc
         return err
@@ -460,7 +501,7 @@ class Snapshotter:
             return "nothing was frozen"
         if run.thaw_confirmed:
             return "the guest was thawed (confirmed)"
-        return "the thaw was NOT confirmed: run `freezeframe recover`"
+        return "the thaw was NOT confirmed: the VM needs a recover"
 
     async def _take(self, run: _Run) -> SnapshotRecord:
         cfg, tl = run.cfg, run.tl
@@ -472,6 +513,11 @@ class Snapshotter:
             if not disks:
                 raise UsageError(f"VM {cfg.name} has no writable disk to snapshot")
             self._refuse_broken_chain(run, disks)
+            self._refuse_held_images(run, disks, await self.catalog.list_snapshots(cfg.name))
+            if cfg.agent and run.policy is QuiescePolicy.OFF:
+                # Not frozen, but a registration naming another VM's agent is refused all
+                # the same: the next quiesced snapshot would freeze the wrong guest.
+                await self._refuse_wrong_agent(run, driver)
             if await driver.run_state() == "io-error":
                 # QEMU paused the VM because writing to its images failed (a full host
                 # filesystem, typically): overlays and a cut would land on the same storage.
@@ -484,17 +530,24 @@ class Snapshotter:
             run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
             run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
-                run.agent, run.probe = await self._connect_agent(cfg, driver)
+                run.agent, run.probe = await self._connect_agent(cfg, driver, disks)
+                if run.probe.code == AGENT_WRONG_VM:
+                    raise self._wrong_agent_error(run, run.probe.problem or "")
             try:
                 plan = run.plan = self._plan(run, disks, driver)
                 tl.mark("planned", _plan_summary(plan))
                 if run.policy is QuiescePolicy.REQUIRED and plan.problems:
+                    hint, code, remedy = _hint_for(cfg.name, plan.problems)
                     raise _Failed(
                         "quiesce is required but: " + "; ".join(plan.problems),
                         filesystems=tuple(d.as_record(frozen=False) for d in plan.filesystems),
-                        hint=_hint_for(plan.problems),
+                        hint=hint,
+                        code=code,
+                        remedy=remedy,
                     )
-                prepared = run.prepared = await driver.prepare_cut(run.sid, list(plan.disks))
+                prepared = run.prepared = await driver.prepare_cut(
+                    run.sid, list(plan.disks), run.req.overlay_dir or run.cfg.overlay_dir
+                )
                 tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
                 try:
                     await self._checkpoint(run)
@@ -519,6 +572,7 @@ class Snapshotter:
                     if not run.cut_done and not run.cut_unknown:
                         await shielded(driver.abort(prepared))
                 await self._verify_cut(run, driver)
+                self._protect_cut(run)
                 evidence: tuple[str, ...] = ()
                 if run.agent is not None and cfg.agent_log_path and run.frozen_count is not None:
                     evidence = await self._evidence(run.agent, cfg.agent_log_path, tl)
@@ -592,15 +646,57 @@ class Snapshotter:
                 return rec.id
         return None
 
+    def _refuse_held_images(
+        self, run: _Run, disks: list[DiskInfo], records: list[SnapshotRecord]
+    ) -> None:
+        """Raise SnapshotFailedError (code ``image-held-by-snapshot``) when a disk of the VM
+        writes to an image a recorded snapshot holds at its cut (the VM was restarted on it):
+        whatever it writes changes that snapshot, and a new snapshot would back onto it."""
+        held = held_images(disks, records)
+        if not held:
+            return
+        message, hint = held_message(run.cfg.name, held)
+        raise SnapshotFailedError(
+            f"snapshot {run.sid} of {run.cfg.name} refused, nothing prepared or frozen: " + message,
+            snapshot_id=run.sid,
+            hint=hint,
+            code=IMAGE_HELD,
+        )
+
+    async def _refuse_wrong_agent(self, run: _Run, driver: HypervisorDriver) -> None:
+        """Without connecting to any agent: raise SnapshotFailedError (``agent-wrong-vm``) when
+        the agent address the VM is registered with is not the channel QEMU serves."""
+        if not driver.capabilities.agent_channel_check:
+            return
+        channel = await driver.agent_channel()
+        address = driver.agent_address(run.cfg, channel)
+        if channel is None or address is None:
+            return
+        elsewhere = driver.agent_elsewhere(address, channel)
+        if elsewhere is not None:
+            raise self._wrong_agent_error(run, _wrong_socket(run.cfg.name, address, elsewhere))
+
+    @staticmethod
+    def _wrong_agent_error(run: _Run, problem: str) -> SnapshotFailedError:
+        run.tl.mark("agent_wrong_vm", problem)
+        return SnapshotFailedError(
+            f"snapshot {run.sid} of {run.cfg.name} refused, nothing frozen or cut: {problem}",
+            snapshot_id=run.sid,
+            hint="register the agent socket QEMU serves for this VM again, keeping its other "
+            "settings (its doctor check names the socket)",
+            remedy=Remedy(Action.ADD_VM, run.cfg.name, {"replace": "yes", "qga": "PATH"}),
+            code=AGENT_WRONG_VM,
+        )
+
     async def _connect_agent(
-        self, cfg: VmConfig, driver: HypervisorDriver
+        self, cfg: VmConfig, driver: HypervisorDriver, disks: list[DiskInfo] | None = None
     ) -> tuple[Agent | None, AgentProbe]:
         if not cfg.agent:
             return None, AgentProbe(
                 address=None,
                 code="agent-off",
                 problem="the VM is configured without a guest agent "
-                "(set hw_qemu_guest_agent=yes on the image / `freezeframe vm add --agent`)",
+                "(set hw_qemu_guest_agent=yes on the image / register it with an agent)",
             )
         channel: str | None = None
         if driver.capabilities.agent_channel_check:
@@ -619,6 +715,13 @@ class Snapshotter:
                 code="no-address",
                 problem="no guest-agent socket path is known (vm add --qga PATH)",
             )
+        elsewhere = driver.agent_elsewhere(address, channel)
+        if elsewhere is not None:  # never connected to: its guest is not this VM
+            return None, AgentProbe(
+                address=address,
+                code=AGENT_WRONG_VM,
+                problem=_wrong_socket(cfg.name, address, elsewhere),
+            )
         agent = self.agent_factory(driver, address, self.thaw_timeout)
         keep = False
         try:
@@ -631,6 +734,15 @@ class Snapshotter:
             state = await agent.fsfreeze_status()
             info = await agent.info()
             fs = await agent.get_fsinfo() if state is FsFreezeState.THAWED else None
+            foreign = agent_of_other_disks(fs, disks) if fs and disks else None
+            if foreign is not None:
+                return None, AgentProbe(
+                    address=address,
+                    info=info,
+                    state=state,
+                    code=AGENT_WRONG_VM,
+                    problem=f"the guest agent at {address} is not VM {cfg.name}'s: {foreign}",
+                )
             if state is FsFreezeState.FROZEN:
                 return None, AgentProbe(
                     address=address,
@@ -702,7 +814,7 @@ class Snapshotter:
         who = "a process that is gone" if holder_is_dead(i.owner, i.opened_at) else "running"
         return (
             f"the guest is still frozen by snapshot {i.snapshot_id} (freeze intent {i.id}, "
-            f"{i.owner}: {who}); not touching it — run `freezeframe recover {vm}` first"
+            f"{i.owner}: {who}); not touching it — recover {vm} first"
         )
 
     def _plan(self, run: _Run, disks: list[DiskInfo], driver: HypervisorDriver) -> Plan:
@@ -724,12 +836,15 @@ class Snapshotter:
         if not plan.disks:
             raise UsageError("every disk is excluded: nothing to snapshot")
         uncuttable = [
-            f"disk {d.device}: {why}" for d in plan.disks if (why := driver.cut_problem(d))
+            f"disk {d.device}: {why}"
+            for d in plan.disks
+            if (why := driver.cut_problem(d, req.overlay_dir or cfg.overlay_dir))
         ]
         if uncuttable:
             raise _Failed(
                 "cannot snapshot " + "; ".join(uncuttable),
-                hint="leave such disks out with --exclude-disk",
+                hint="leave such disks out of the snapshot",
+                code="disk-not-cuttable",
             )
         return plan
 
@@ -811,7 +926,9 @@ class Snapshotter:
             raise _Failed(
                 f"quiesce is required but {run.freeze_problem}; nothing was switched"
                 + (f"; {run.thaw_note}" if run.thaw_note else ""),
-                hint="check the guest agent with `freezeframe doctor VM`",
+                hint="check the guest agent",
+                code="freeze-failed",
+                remedy=Remedy(Action.DOCTOR, run.cfg.name),
             )
 
     async def _freeze(self, run: _Run, agent: Agent, plan: Plan) -> None:
@@ -917,6 +1034,25 @@ class Snapshotter:
             run.tl.mark("cut_state", state)
             return
         run.tl.mark("cut_verified", "every disk writes to its new overlay")
+
+    def _protect_cut(self, run: _Run) -> None:
+        """Once the cut is verified (the images at the cut are backing files now, settled): take
+        their write bits away and fingerprint them (outside the window; a chmod that fails is
+        noted, the snapshot stands)."""
+        prepared = run.prepared
+        assert prepared is not None
+        problems = []
+        for p in prepared.disks:
+            mode, problem = protect_image(p.image_at_cut)
+            if problem is not None:
+                problems.append(problem)
+            run.cut_images[p.disk.device] = (fingerprint(p.image_at_cut), mode)
+        if problems:
+            note = "could not take the write bits of the images at the cut: " + "; ".join(problems)
+            run.notes.append(note)
+            run.tl.mark("protect_failed", note)
+        else:
+            run.tl.mark("protected", "images at the cut: write bits taken away, fingerprinted")
 
     async def _settle_cut(
         self, run: _Run, driver: HypervisorDriver, exc: BaseException | None
@@ -1056,7 +1192,7 @@ class Snapshotter:
             run.followup = task
             run.thaw_note += " (a background follow-up keeps thawing)"
         else:
-            run.thaw_note += " — run `freezeframe recover`"
+            run.thaw_note += " — the VM needs a recover"
         run.tl.mark("thaw_unconfirmed", run.thaw_note)
 
     async def _followup(self, run: _Run, agent: Agent, intent: FreezeIntent) -> bool:
@@ -1109,7 +1245,7 @@ class Snapshotter:
             level, why = ConsistencyLevel.CRASH, f"fell back to crash-consistent: {reason}"
         else:
             fs = tuple(d.as_record(frozen=d.freeze) for d in plan.filesystems)
-            level = level_of(plan.disks, list(fs))
+            level = level_of(plan.disks, list(fs), raw=plan.raw_disks)
             # A filesystem spanning several disks has a record per disk: name it once.
             frozen = list(dict.fromkeys(f.mountpoint for f in fs if f.frozen))
             not_frozen = list(
@@ -1123,6 +1259,12 @@ class Snapshotter:
             extra = [p for p in plan.problems if not any(p.startswith(m + " ") for m in named)]
             if extra:
                 why += "; " + "; ".join(extra)
+        if plan.raw_disks:
+            why += (
+                f"; cut as raw data ({NO_MOUNTED_FILESYSTEM}: the guest mounts nothing from "
+                f"{', '.join(plan.raw_disks)}, crash-level for that disk); to leave it out: "
+                + " ".join(f"--exclude-disk {n}" for n in plan.raw_disks)
+            )
         for note in (run.thaw_note, *run.notes):
             if note:
                 why += f"; {note}"
@@ -1131,7 +1273,7 @@ class Snapshotter:
             status=SnapshotStatus.DONE,
             level=level,
             level_reason=why,
-            disks=_snapshot_disks(run.prepared),
+            disks=_snapshot_disks(run.prepared, run),
             filesystems=fs,
             timeline=tl.events,
             freeze_window_ms=tl.ms_between("freeze_sent", "thawed"),
@@ -1146,20 +1288,41 @@ def _driver_agent(driver: HypervisorDriver, address: str, timeout: float) -> Age
     return driver.agent_at(address, timeout=timeout)
 
 
-def _snapshot_disks(prepared: PreparedCut | None) -> tuple[SnapshotDisk, ...]:
+def _snapshot_disks(
+    prepared: PreparedCut | None, run: _Run | None = None
+) -> tuple[SnapshotDisk, ...]:
+    """The record's disks; with ``run`` (the finished snapshot), what is known about each at
+    the cut: fingerprint, mode before protection, per-disk quiesce note."""
     if prepared is None:
         return ()
-    return tuple(
-        SnapshotDisk(
-            device=p.disk.device,
-            node=p.disk.node,
-            image=p.image_at_cut,
-            format=p.disk.format,
-            overlay=p.overlay_file,
-            backend="qcow2-external",
-            virtual_size=p.disk.virtual_size,
+    raw = set(run.plan.raw_disks) if run is not None and run.plan is not None else set()
+    out = []
+    for p in prepared.disks:
+        fp, mode = run.cut_images.get(p.disk.device, (None, None)) if run else (None, None)
+        out.append(
+            SnapshotDisk(
+                device=p.disk.device,
+                node=p.disk.node,
+                image=p.image_at_cut,
+                format=p.disk.format,
+                overlay=p.overlay_file,
+                backend="qcow2-external",
+                virtual_size=p.disk.virtual_size,
+                fingerprint=fp,
+                image_mode=mode,
+                quiesce_note=NO_MOUNTED_FILESYSTEM if p.disk.device in raw else None,
+            )
         )
-        for p in prepared.disks
+    return tuple(out)
+
+
+def _wrong_socket(vm: str, address: str, elsewhere: str) -> str:
+    """The problem of a VM registered with an agent socket that is not the one QEMU serves."""
+    return (
+        f"the guest agent registered for VM {vm} (--qga {address}) is not this VM's: QEMU "
+        f"serves VM {vm}'s agent port org.qemu.guest_agent.0 at {elsewhere}; the agent at "
+        f"{address} is another guest's (freezing it would freeze that guest and cut {vm} "
+        "unfrozen)"
     )
 
 
@@ -1172,8 +1335,10 @@ class _Failed(FreezeframeError):
         *,
         filesystems: tuple[SnapshotFilesystem, ...] = (),
         hint: str | None = None,
+        code: str | None = None,
+        remedy: Remedy | None = None,
     ) -> None:
-        super().__init__(message, hint=hint)
+        super().__init__(message, hint=hint, code=code, remedy=remedy)
         self.filesystems = filesystems
 
 
@@ -1186,22 +1351,36 @@ def _plan_summary(plan: Plan) -> str:
     )
 
 
-def _hint_for(problems: tuple[str, ...]) -> str | None:
+def _hint_for(vm: str, problems: tuple[str, ...]) -> tuple[str, str, Remedy | None]:
+    """Why quiesce ``required`` cannot be met, as (neutral hint, code, remedy)."""
     text = " ".join(problems)
+    doctor = Remedy(Action.DOCTOR, vm)
     if "without a guest agent" in text or "no guest-agent channel" in text:
-        return "set hw_qemu_guest_agent=yes on the image, or use --quiesce preferred"
+        return (
+            "set hw_qemu_guest_agent=yes on the image, or use quiesce preferred",
+            "agent-unreachable",
+            None,
+        )
     if "breaks the protocol" in text:
         return (
-            "check what serves the guest-agent channel: qemu-ga answers guest-sync-delimited "
-            "(`freezeframe doctor VM`); restart qemu-guest-agent in the guest"
+            "check what serves the guest-agent channel (qemu-ga answers guest-sync-delimited); "
+            "restart qemu-guest-agent in the guest",
+            "agent-protocol-error",
+            doctor,
         )
     if "the VM is not running (status" in text:
-        return "resume the VM (QMP `cont`, `virsh resume`) and retry (`freezeframe doctor VM`)"
+        return "resume the VM (QMP `cont`, `virsh resume`) and retry", "vm-not-running", doctor
     if "does not answer" in text:
-        return "install and start qemu-guest-agent in the guest (`freezeframe doctor VM`)"
+        return "install and start qemu-guest-agent in the guest", "agent-unreachable", doctor
     if "cannot be frozen" in text:
-        return "exclude the mount point (--exclude-mount) or the disk (--exclude-disk)"
-    return None
+        return "exclude the mount point or the disk from the snapshot", "fs-not-freezable", None
+    if "the guest mounts nothing from" in text or "carries no guest filesystem" in text:
+        return (
+            "leave such disks out of the snapshot, or use quiesce preferred",
+            "disk-without-filesystem",
+            None,
+        )
+    return "see what stands in the way, or use quiesce preferred", "quiesce-impossible", doctor
 
 
 _LOG_TIME = re.compile(r"^(\d{9,11})\.(\d{1,6}):\s")

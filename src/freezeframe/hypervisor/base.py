@@ -15,6 +15,7 @@ intents so that ``freezeframe recover`` reaches the same agent again.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Self
@@ -31,6 +32,7 @@ __all__ = [
     "HypervisorDriver",
     "PreparedCut",
     "PreparedDisk",
+    "same_socket",
 ]
 
 #: What :meth:`HypervisorDriver.cut_state` found: every disk switched, none, or cannot tell.
@@ -86,6 +88,16 @@ class PreparedCut:
 
     snapshot_id: str
     disks: tuple[PreparedDisk, ...] = field(default_factory=tuple)
+
+
+def same_socket(a: str, b: str) -> bool:
+    """Whether the unix socket paths ``a`` and ``b`` name the same socket: the same device and
+    inode when both can be stat'ed, else the same resolved path. Never raises."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class HypervisorDriver(abc.ABC):
@@ -203,6 +215,23 @@ class HypervisorDriver(abc.ABC):
         if cfg.qga_path:
             return cfg.qga_path
         return channel if channel and channel.startswith("/") else None
+
+    def agent_elsewhere(self, address: str, channel: str | None) -> str | None:
+        """When the agent at ``address`` (from :meth:`agent_address`) is provably not the one
+        behind this VM's own agent port ``channel`` (from :meth:`agent_channel`): that port as
+        the hypervisor serves it (its socket path, or its chardev when that is no unix socket),
+        for the refusal to name. None when they are the same, or cannot be compared (no
+        channel known, or an address that is no socket path: a driver that supplies the agent
+        itself, as libvirt does). Only ``stat``; never raises.
+
+        The default compares unix socket paths by device and inode (a symlink or another name
+        of the same socket is the same), by their resolved paths when one cannot be stat'ed.
+        """
+        if not address.startswith("/") or channel is None:
+            return None
+        if not channel.startswith("/"):
+            return f"chardev {channel} (not a unix socket)"
+        return None if same_socket(address, channel) else channel
 
     @classmethod
     def agent_at(cls, address: str, *, timeout: float) -> Agent:

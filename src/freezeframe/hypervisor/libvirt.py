@@ -50,6 +50,7 @@ from freezeframe._aio import shielded
 from freezeframe._tools import require, run
 from freezeframe.agent.base import Agent
 from freezeframe.errors import (
+    Action,
     AgentCommandError,
     AgentError,
     AgentProtocolError,
@@ -59,6 +60,7 @@ from freezeframe.errors import (
     FreezeframeError,
     HypervisorError,
     HypervisorUnavailableError,
+    Remedy,
     UsageError,
 )
 from freezeframe.hypervisor._files import local_cut_problem, overlay_path, remove_file
@@ -460,7 +462,9 @@ class LibvirtDriver(HypervisorDriver):
         if not cfg.domain:
             raise UsageError(
                 f"VM {cfg.name} has no libvirt domain",
-                hint="register it with `freezeframe vm add NAME --libvirt DOMAIN`",
+                hint="register it again with its libvirt domain",
+                code="no-libvirt-domain",
+                remedy=Remedy(Action.ADD_VM, cfg.name, {"replace": "yes", "libvirt": "DOMAIN"}),
             )
         return cls(cfg.domain, cfg.connect_uri or DEFAULT_URI)
 

@@ -40,6 +40,7 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -62,12 +63,20 @@ from freezeframe.errors import (
     HypervisorUnavailableError,
     UsageError,
 )
-from freezeframe.hypervisor._files import local_cut_problem
+from freezeframe.hypervisor._files import (
+    HostProcess,
+    apply_image_access,
+    local_cut_problem,
+    read_process,
+    security_modules,
+    unreachable_for,
+)
 from freezeframe.hypervisor._files import overlay_path as _overlay_path
 from freezeframe.hypervisor._files import remove_file as _remove_file
 from freezeframe.hypervisor.base import (
     CutState,
     DriverCapabilities,
+    DriverCheck,
     HypervisorDriver,
     PreparedCut,
     PreparedDisk,
@@ -76,10 +85,17 @@ from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, SnapshotD
 
 __all__ = [
     "GUEST_AGENT_PORT",
+    "OVERLAY_DIR_UNREACHABLE",
+    "OVERLAY_OPEN_REFUSED",
+    "CmdlineBlockOptions",
+    "OverlaySettings",
     "QemuStoppedError",
     "QmpCommandError",
     "QmpDriver",
+    "chardev_unix_path",
     "overlay_node_name",
+    "overlay_settings",
+    "real_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +103,13 @@ log = logging.getLogger(__name__)
 
 _SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: < 32 chars, id_wellformed
-_UNIX_CHARDEV = re.compile(r"^(?:disconnected:)?unix:([^,]+)")
+#: What QEMU appends to a unix socket chardev's ``query-chardev`` filename (7.2: ``,server=on``
+#: when it listens; before 6.0: ``,server``).
+_CHARDEV_SUFFIXES = (",server=on", ",server")
+#: CutError codes: QEMU's user may not search the overlay directory (found before anything is
+#: created); QEMU refused to open a prepared overlay (``blockdev-add``).
+OVERLAY_DIR_UNREACHABLE = "overlay-dir-unreachable"
+OVERLAY_OPEN_REFUSED = "overlay-open-refused"
 _START_HINT = "start QEMU with -qmp unix:PATH,server=on,wait=off and pass that PATH"
 #: How long :meth:`QmpDriver.connect` waits for QEMU's greeting. QEMU sends it as soon as it
 #: accepts a client, so a short wait tells a busy or wrong socket apart promptly.
@@ -130,6 +152,8 @@ class QmpCommandError(HypervisorError):
     ``GenericError``, ``DeviceNotFound``).
     """
 
+    default_code = "qmp-command-failed"
+
     def __init__(
         self, message: str, *, command: str, qmp_class: str, hint: str | None = None
     ) -> None:
@@ -142,6 +166,8 @@ class QemuStoppedError(HypervisorUnavailableError):
     """The QEMU process behind the QMP socket is stopped (SIGSTOP, or held by a debugger): it
     runs no code, so it can neither greet nor answer. ``pid`` is that process, ``state`` its
     state letter in ``/proc/PID/stat`` (``T`` or ``t``). The hint says how to continue it."""
+
+    default_code = "qemu-stopped"
 
     def __init__(self, message: str, *, pid: int, state: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint or f"continue it (kill -CONT {pid}) and retry")
@@ -193,9 +219,70 @@ def _int(obj: dict[str, object], key: str, what: str) -> int:
 
 
 def _qdev_root(qdev: str) -> str:
-    """The frontend device of a block backend's ``qdev`` path (virtio's ``/virtio-backend``
-    child belongs to the PCI proxy device above it)."""
+    """The QOM path of the frontend device of a block backend's ``qdev``: ``query-block`` gives
+    the device's id when it has one (``scsi0-0-0-1`` for ``-device scsi-hd,id=scsi0-0-0-1``)
+    and its QOM path otherwise (virtio's ``/virtio-backend`` child belongs to the PCI proxy
+    device above it)."""
+    if not qdev.startswith("/"):
+        return f"/machine/peripheral/{qdev}"
     return qdev.removesuffix("/virtio-backend")
+
+
+def chardev_unix_path(filename: str) -> str | None:
+    """The socket path of a unix socket chardev from its ``query-chardev`` ``filename``
+    (``[disconnected:]unix:PATH[,server=on]``); None for any other kind of chardev.
+
+    QEMU 7.2 writes PATH as it is (a comma or a space in it stays as it is); a QEMU that
+    doubles a comma (``,,``, its option syntax) is understood too: when only the unescaped
+    name exists on this host, that one is returned.
+    """
+    rest = filename.removeprefix("disconnected:")
+    if not rest.startswith("unix:"):
+        return None
+    path = rest.removeprefix("unix:")
+    for suffix in _CHARDEV_SUFFIXES:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if ",," in path:
+        unescaped = path.replace(",,", ",")
+        if not _exists(path) and _exists(unescaped):
+            return unescaped
+    return path or None
+
+
+#: Block drivers that are a file of this host's (the protocol node under a format node).
+_LOCAL_PROTOCOLS = frozenset({"file", "host_device", "host_cdrom"})
+
+
+def real_file(name: str) -> str:
+    """The file a QEMU image name stands for: ``name`` itself, or for ``json:{...}`` (what QEMU
+    names an image opened with an explicit backing node, or options its header does not hold)
+    the ``filename`` of its protocol child, followed down ``file`` children (filters included).
+    ``name`` unchanged when no local file can be told (a network image)."""
+    if not name.startswith("json:"):
+        return name
+    try:
+        spec = json.loads(name.removeprefix("json:"))
+    except ValueError:
+        return name
+    found = _spec_file(spec, 0)
+    return found if found is not None else name
+
+
+def _spec_file(spec: object, depth: int) -> str | None:
+    if not isinstance(spec, dict) or depth > 8:
+        return None
+    driver, filename = spec.get("driver"), spec.get("filename")
+    if driver in _LOCAL_PROTOCOLS and isinstance(filename, str):
+        return filename
+    dotted = spec.get("file.filename")
+    if isinstance(dotted, str) and spec.get("file.driver", "file") in _LOCAL_PROTOCOLS:
+        return dotted
+    child = spec.get("file")
+    if isinstance(child, str):
+        return real_file(child) if child.startswith("/") or child.startswith("json:") else None
+    return _spec_file(child, depth + 1)
 
 
 def _peripheral_id(path: str) -> str | None:
@@ -341,10 +428,12 @@ def _exists(path: str | Path) -> bool:
 
 
 def _backing_of(inserted: dict[str, object]) -> object:
-    """The file name of the image right below a ``query-block`` ``inserted`` node's top."""
+    """The file of the image right below a ``query-block`` ``inserted`` node's top
+    (:func:`real_file` of its name)."""
     image = _dict(inserted.get("image"), "inserted.image")
     below = image.get("backing-image")
-    return below.get("filename") if isinstance(below, dict) else None
+    name = below.get("filename") if isinstance(below, dict) else None
+    return real_file(name) if isinstance(name, str) else name
 
 
 def _scan_blocks(blocks: list[object]) -> tuple[dict[str, dict[str, object]], set[str]]:
@@ -363,7 +452,7 @@ def _scan_blocks(blocks: list[object]) -> tuple[dict[str, dict[str, object]], se
         while isinstance(image, dict):
             name = image.get("filename")
             if isinstance(name, str):
-                files.add(name)
+                files.add(real_file(name))
             image = image.get("backing-image")
     return tops, files
 
@@ -372,22 +461,335 @@ def _is_image(file: str | None, path: Path) -> bool:
     """Whether a node's ``file`` (``query-named-block-nodes``) is the image ``path``: either the
     plain name or, for an overlay added without a backing, ``json:{..."file": {"filename":
     PATH}}``."""
-    if file is None:
-        return False
-    if file == str(path):
-        return True
-    if not file.startswith("json:"):
-        return False
-    try:
-        spec = json.loads(file.removeprefix("json:"))
-    except ValueError:
-        return False
-    inner = spec.get("file") if isinstance(spec, dict) else None
-    return isinstance(inner, dict) and inner.get("filename") == str(path)
+    return file is not None and real_file(file) == str(path)
 
 
 def _ms_since(start_ns: int) -> float:
     return (time.perf_counter_ns() - start_ns) / 1e6
+
+
+# ------------------------------------------------------------------ what an overlay inherits
+
+
+def _split_opts(value: str) -> dict[str, str]:
+    """QEMU's ``key=value,key=value`` option syntax (``,,`` is a comma in a value; a bare key
+    is ``on``), as ``-drive`` and dotted ``-blockdev`` take it."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "," and value[i + 1 : i + 2] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if c == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    out: dict[str, str] = {}
+    for part in parts:
+        key, eq, val = part.partition("=")
+        if key:
+            out[key] = val if eq else "on"
+    return out
+
+
+def _flatten(obj: object, prefix: str, into: dict[str, str]) -> None:
+    """A ``-blockdev`` JSON object as dotted keys (``file.aio``), values as QEMU's strings."""
+    if isinstance(obj, dict):
+        for key, val in obj.items():
+            _flatten(val, f"{prefix}{key}.", into)
+    elif isinstance(obj, bool):
+        into[prefix[:-1]] = "on" if obj else "off"
+    elif isinstance(obj, str | int | float):
+        into[prefix[:-1]] = str(obj)
+
+
+def _discard(value: str | None) -> str | None:
+    """``-drive``'s ``discard=on/off`` as ``blockdev-add``'s ``unmap``/``ignore``."""
+    return {"on": "unmap", "off": "ignore"}.get(value, value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class CmdlineBlockOptions:
+    """What QEMU's command line says of its block nodes that QMP does not tell (QEMU 7.2's
+    ``query-named-block-nodes`` has no ``aio``, ``discard`` or ``locking``): per image file
+    (the protocol node's ``filename``) its ``aio``, ``locking`` and ``discard``; per node name
+    (``-blockdev ...,node-name=``) its ``discard``."""
+
+    by_file: dict[str, dict[str, str]] = field(default_factory=dict)
+    by_node: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> CmdlineBlockOptions:
+        """Read every ``-drive`` and ``-blockdev`` (``key=value`` or JSON) of ``argv``; options
+        that cannot be read are skipped. Never raises."""
+        by_file: dict[str, dict[str, str]] = {}
+        by_node: dict[str, dict[str, str]] = {}
+        args = list(argv[1:])
+        for i, arg in enumerate(args):
+            opt, eq, inline = arg.lstrip("-").partition("=")
+            if not arg.startswith("-") or opt not in ("drive", "blockdev"):
+                continue
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+            spec: dict[str, str] = {}
+            if value.lstrip().startswith("{"):
+                try:
+                    _flatten(json.loads(value), "", spec)
+                except ValueError:
+                    continue
+            else:
+                spec = _split_opts(value)
+            _collect(spec, opt == "drive", by_file, by_node)
+        return cls(by_file, by_node)
+
+    def for_chain(self, files: Sequence[str]) -> dict[str, str]:
+        """The options of the first of ``files`` (a disk's chain, top first) the command line
+        names: an overlay added later (by freezeframe, with these same options) is not on it."""
+        for f in files:
+            if f in self.by_file:
+                return self.by_file[f]
+        return {}
+
+
+def _collect(
+    spec: dict[str, str],
+    drive: bool,
+    by_file: dict[str, dict[str, str]],
+    by_node: dict[str, dict[str, str]],
+) -> None:
+    for key, val in spec.items():
+        if key == "node-name" or key.endswith(".node-name"):
+            at = key.removesuffix("node-name")
+            if at + "discard" in spec:
+                by_node.setdefault(val, {})["discard"] = spec[at + "discard"]
+        prefix = key.removesuffix("filename") if key.endswith("filename") else None
+        if drive and key == "file" and not val.startswith("json:"):
+            prefix = ""  # -drive file=PATH: the protocol's filename; options on it or file.*
+        if prefix is None or (prefix and not prefix.endswith(".")):
+            continue
+        found = {
+            name: spec[k]
+            for name in ("aio", "locking", "discard")
+            for k in (prefix + name, *((f"file.{name}",) if drive and not prefix else ()))
+            if k in spec
+        }
+        if found:
+            by_file.setdefault(val, {}).update(found)
+
+
+@dataclass(frozen=True, slots=True)
+class OverlaySettings:
+    """What an overlay inherits from the top node of the disk it covers: the format node's
+    ``cache`` (``direct``, ``no_flush``), ``discard``, ``detect_zeroes``, ``read_only``; its
+    protocol node's cache (``file_direct``, ``file_no_flush``), ``aio``, ``locking``,
+    ``file_discard``. None: not known, QEMU's default."""
+
+    direct: bool | None = None
+    no_flush: bool | None = None
+    discard: str | None = None
+    detect_zeroes: str | None = None
+    read_only: bool = False
+    file_direct: bool | None = None
+    file_no_flush: bool | None = None
+    aio: str | None = None
+    locking: str | None = None
+    file_discard: str | None = None
+
+    def blockdev(self, node: str, overlay: str) -> dict[str, object]:
+        """The ``blockdev-add`` arguments of the overlay ``overlay`` as node ``node`` (a qcow2
+        node over a ``file`` node, no backing yet: ``blockdev-snapshot`` attaches it)."""
+        file: dict[str, object] = {"driver": "file", "filename": overlay}
+        cache = _cache(self.file_direct, self.file_no_flush)
+        if cache:
+            file["cache"] = cache
+        for key, value in (
+            ("aio", self.aio),
+            ("locking", self.locking),
+            ("discard", self.file_discard),
+        ):
+            if value is not None:
+                file[key] = value
+        spec: dict[str, object] = {
+            "driver": "qcow2",
+            "node-name": node,
+            "file": file,
+            "backing": None,
+            "read-only": self.read_only,
+        }
+        cache = _cache(self.direct, self.no_flush)
+        if cache:
+            spec["cache"] = cache
+        if self.discard is not None:
+            spec["discard"] = self.discard
+        if self.detect_zeroes is not None:
+            spec["detect-zeroes"] = self.detect_zeroes
+        return spec
+
+    def describe(self) -> str:
+        """``cache.direct=on aio=native ...`` (what is set), for logs and timelines."""
+        pairs = [
+            ("cache.direct", self.direct),
+            ("cache.no-flush", self.no_flush),
+            ("discard", self.discard),
+            ("detect-zeroes", self.detect_zeroes),
+            ("aio", self.aio),
+            ("locking", self.locking),
+        ]
+        return " ".join(
+            f"{k}={'on' if v is True else 'off' if v is False else v}"
+            for k, v in pairs
+            if v is not None
+        )
+
+
+def _cache(direct: bool | None, no_flush: bool | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if direct is not None:
+        out["direct"] = direct
+    if no_flush is not None:
+        out["no-flush"] = no_flush
+    return out
+
+
+def _node_cache(node: dict[str, object]) -> tuple[bool | None, bool | None]:
+    cache = node.get("cache")
+    if not isinstance(cache, dict):
+        return None, None
+    direct, no_flush = cache.get("direct"), cache.get("no-flush")
+    return (
+        direct if isinstance(direct, bool) else None,
+        no_flush if isinstance(no_flush, bool) else None,
+    )
+
+
+def overlay_settings(
+    disk: DiskInfo, named: Sequence[object], cmdline: CmdlineBlockOptions
+) -> OverlaySettings:
+    """What ``disk``'s overlay inherits, from ``query-named-block-nodes`` (``named``: the top
+    node's cache, detect-zeroes, read-only; the protocol node beneath it, the one whose file is
+    the image, its cache) and from QEMU's command line (aio, locking, discard). ``discard``
+    becomes ``unmap`` when detect-zeroes is ``unmap`` (QEMU refuses one without the other).
+    Never raises."""
+    nodes = [n for n in named if isinstance(n, dict)]
+    top = next((n for n in nodes if n.get("node-name") == disk.node), None)
+    if top is None:
+        return OverlaySettings()
+    direct, no_flush = _node_cache(top)
+    dz = top.get("detect_zeroes")
+    detect_zeroes = dz if isinstance(dz, str) else None
+    if top.get("drv") in _LOCAL_PROTOCOLS:
+        proto: dict[str, object] | None = top
+    else:
+        proto = next(
+            (
+                n
+                for n in nodes
+                if n.get("drv") in _LOCAL_PROTOCOLS
+                and isinstance(n.get("file"), str)
+                and real_file(str(n.get("file"))) == disk.file
+            ),
+            None,
+        )
+    file_direct, file_no_flush = _node_cache(proto) if proto is not None else (direct, no_flush)
+    opts = cmdline.for_chain((disk.file, *disk.backing))
+    node_discard = cmdline.by_node.get(disk.node, {}).get("discard")
+    discard = _discard(node_discard or opts.get("discard"))
+    file_discard = _discard(opts.get("discard"))
+    if detect_zeroes == "unmap":
+        discard = "unmap"
+    aio = opts.get("aio")
+    if aio == "native" and file_direct is False:
+        aio = None  # QEMU refuses aio=native without cache.direct
+    return OverlaySettings(
+        direct=direct,
+        no_flush=no_flush,
+        discard=discard,
+        detect_zeroes=detect_zeroes,
+        read_only=top.get("ro") is True,
+        file_direct=file_direct,
+        file_no_flush=file_no_flush,
+        aio=aio,
+        locking=opts.get("locking"),
+        file_discard=file_discard,
+    )
+
+
+def _find_qemu(qmp_path: str) -> HostProcess | None:
+    """The QEMU process serving ``qmp_path``: the process holding its listening socket
+    (``/proc/net/unix`` and ``/proc/*/fd``; a ``qemu*`` program preferred), else the socket's
+    SO_PEERCRED pid; its user and groups as ``/proc/PID/status`` says now (after ``-runas``).
+    None when it cannot be told. Never raises."""
+    try:
+        pids = _socket_holders(_listening_inodes(qmp_path))
+        procs = [p for p in (read_process(pid) for pid in pids) if p is not None]
+        qemus = [p for p in procs if p.argv and os.path.basename(p.argv[0]).startswith("qemu")]
+        if qemus or procs:
+            return (qemus or procs)[0]
+        peer = _peer_pid(qmp_path)
+        return read_process(peer) if peer is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _open_hint(qemu: HostProcess | None) -> str:
+    """What to check when QEMU refuses to open an overlay."""
+    who = f"QEMU runs as {qemu.who}" if qemu is not None else "check which user QEMU runs as"
+    label = f"; its security label is {qemu.label}" if qemu and qemu.label else ""
+    return (
+        f"{who}{label}: the overlay directory must be reachable by that user and allowed by "
+        "AppArmor/SELinux (see `freezeframe doctor`), or pass --overlay-dir"
+    )
+
+
+def _security_check(qemu: HostProcess | None, dirs: list[str]) -> DriverCheck:
+    """The doctor line on AppArmor/SELinux: whether one confines QEMU and could keep it from
+    opening a new overlay in ``dirs``."""
+    modules = security_modules(qemu)
+    if not modules:
+        return DriverCheck(
+            "security labels",
+            True,
+            "neither AppArmor nor SELinux is active on this host: file modes alone decide "
+            "what QEMU may open",
+        )
+    where = ", ".join(dirs) or "the overlay directory"
+    said: list[str] = []
+    blocking = False
+    fixes: list[str] = []
+    for m in modules:
+        if not m.confines:
+            said.append(f"{m.name}: QEMU is not confined ({m.label or 'no label'})")
+        elif m.name == "apparmor":
+            blocking = blocking or m.enforces
+            said.append(
+                f"AppArmor profile {m.label} ({'enforce' if m.enforces else 'complain'}) "
+                f"confines QEMU: it opens only files the profile allows, and an overlay in "
+                f"{where} needs a rule (libvirt's virt-aa-helper adds the files libvirt "
+                "creates, not freezeframe's)"
+            )
+            fixes.append(
+                f"allow `{where}/*.ff-*.qcow2 rwk,` in QEMU's profile (a local override), or "
+                "pass --overlay-dir to a directory it allows"
+            )
+        else:
+            blocking = blocking or m.enforces
+            said.append(
+                f"SELinux context {m.label} ({'enforcing' if m.enforces else 'permissive'}) "
+                "confines QEMU: overlays get the label of the image they cover "
+                "(security.selinux is copied), so QEMU opens them as it opens the image"
+            )
+            fixes.append(
+                "if blockdev-add is denied (an AVC in the audit log), label the overlay "
+                "directory svirt_image_t (chcon -t svirt_image_t DIR)"
+            )
+    return DriverCheck(
+        "security labels", None if blocking else True, "; ".join(said), "; ".join(fixes)
+    )
 
 
 # --------------------------------------------------------------------------- the driver
@@ -398,8 +800,14 @@ class QmpDriver(HypervisorDriver):
 
     ``vm_name`` only labels messages and logs; ``timeout`` bounds every QMP command (seconds),
     ``greeting_timeout`` the wait for QEMU's greeting when connecting (at most ``timeout``).
-    :attr:`last_timings` holds the durations measured by the last :meth:`prepare_cut` /
-    :meth:`cut` (milliseconds).
+    ``overlay_dir`` (the VM's ``--overlay-dir``) is where overlays go when a call names no
+    directory (default: next to each image). :attr:`last_timings` holds the durations measured
+    by the last :meth:`prepare_cut` / :meth:`cut` (milliseconds).
+
+    Overlays are made for the QEMU process as it runs: owned by its user and group (``-runas``,
+    libvirt's ``libvirt-qemu``), with the mode of the image they cover, and added with the
+    cache, aio, discard, detect-zeroes, locking and read-only settings of that image's nodes
+    (:func:`overlay_settings`).
     """
 
     name = "qmp"
@@ -417,22 +825,27 @@ class QmpDriver(HypervisorDriver):
         vm_name: str = "",
         timeout: float = 10.0,
         greeting_timeout: float = GREETING_TIMEOUT,
+        overlay_dir: str | None = None,
     ) -> None:
         self.qmp_path = qmp_path
         self.vm_name = vm_name
         self.timeout = timeout
         self.greeting_timeout = min(greeting_timeout, timeout)
+        self.overlay_dir = overlay_dir
         self._client: QMPClient | None = None
         self._timings: dict[str, float] = {}
+        self._qemu: HostProcess | None = None  # the QEMU process, once found (per connection)
+        self._last_settings: dict[str, OverlaySettings] = {}
 
     @classmethod
     def from_config(cls, cfg: VmConfig) -> Self:
-        """An unconnected driver for ``cfg.qmp_path``. Raises UsageError when it is unset."""
+        """An unconnected driver for ``cfg.qmp_path`` (with ``cfg.overlay_dir``). Raises
+        UsageError when it is unset."""
         if not cfg.qmp_path:
             raise UsageError(
                 f"VM {cfg.name!r} has no QMP socket path", hint="register it with its QMP path"
             )
-        return cls(cfg.qmp_path, vm_name=cfg.name)
+        return cls(cfg.qmp_path, vm_name=cfg.name, overlay_dir=cfg.overlay_dir)
 
     @property
     def _label(self) -> str:
@@ -448,6 +861,19 @@ class QmpDriver(HypervisorDriver):
         """Copy of the last measured durations in ms: ``prepare.<device>.create_ms`` (qemu-img),
         ``prepare.<device>.add_ms`` (blockdev-add), ``cut.transaction_ms``."""
         return dict(self._timings)
+
+    @property
+    def last_settings(self) -> dict[str, OverlaySettings]:
+        """Device -> what its overlay inherited, for the last :meth:`prepare_cut`."""
+        return dict(self._last_settings)
+
+    async def qemu_process(self) -> HostProcess | None:
+        """The QEMU process behind the QMP socket (pid, the user and groups it runs as, its
+        command line and security label), found once per connection; None when it cannot be
+        told (another user's process, another PID namespace). Never raises."""
+        if self._qemu is None or read_process(self._qemu.pid) is None:
+            self._qemu = await asyncio.to_thread(_find_qemu, self.qmp_path)
+        return self._qemu
 
     # ----------------------------------------------------------------- connection
 
@@ -518,6 +944,7 @@ class QmpDriver(HypervisorDriver):
     async def close(self) -> None:
         """Disconnect; never raises (a broken connection is only logged)."""
         client, self._client = self._client, None
+        self._qemu = None
         if client is None:
             return
         try:
@@ -570,9 +997,11 @@ class QmpDriver(HypervisorDriver):
         """The VM's writable disks (``query-block``), in QEMU's order.
 
         Skips empty drives, removable drives (CD-ROM, floppy) and read-only drives. ``device``
-        is the frontend's qdev id (``-device ...,id=disk0``), else the legacy drive id, else
-        the node name; ``pci`` comes from ``query-pci`` (for a disk on a SCSI/other bus: its
-        controller's address); ``serial`` from the frontend's ``serial`` property.
+        is the frontend's qdev id (``-device ...,id=disk0``; ``scsi0-0-0-1`` for a scsi-hd),
+        else the legacy drive id, else the node name; ``file`` the image file (:func:`real_file`
+        of a ``json:{...}`` name QEMU gives an image opened with an explicit backing node);
+        ``pci`` comes from ``query-pci`` (for a disk on a SCSI/other bus: its controller's
+        address); ``serial`` from the frontend's ``serial`` property.
         Raises HypervisorError (a subclass when the connection is gone).
         """
         blocks = _list(await self._execute("query-block"), "query-block")
@@ -590,7 +1019,7 @@ class QmpDriver(HypervisorDriver):
             backing: list[str] = []
             below = image.get("backing-image")
             while isinstance(below, dict):
-                backing.append(_str(below, "filename", "backing-image"))
+                backing.append(real_file(_str(below, "filename", "backing-image")))
                 below = below.get("backing-image")
             qdev = block.get("qdev")
             root = _qdev_root(qdev) if isinstance(qdev, str) and qdev else ""
@@ -600,7 +1029,7 @@ class QmpDriver(HypervisorDriver):
                 DiskInfo(
                     device=device,
                     node=node,
-                    file=_str(image, "filename", "inserted.image"),
+                    file=real_file(_str(image, "filename", "inserted.image")),
                     format=_str(inserted, "drv", "inserted"),
                     virtual_size=_int(image, "virtual-size", "inserted.image"),
                     backing=tuple(backing),
@@ -665,9 +1094,9 @@ class QmpDriver(HypervisorDriver):
         for entry_obj in _list(await self._execute("query-chardev"), "query-chardev"):
             entry = _dict(entry_obj, "query-chardev entry")
             if entry.get("label") == chardev:
-                match = _UNIX_CHARDEV.match(_str(entry, "filename", "query-chardev entry"))
-                if match:
-                    return match.group(1)
+                found_path = chardev_unix_path(_str(entry, "filename", "query-chardev entry"))
+                if found_path is not None:
+                    return found_path
         return chardev
 
     # ----------------------------------------------------------------- the cut
@@ -676,15 +1105,24 @@ class QmpDriver(HypervisorDriver):
         self, snapshot_id: str, disks: list[DiskInfo], overlay_dir: str | None = None
     ) -> PreparedCut:
         """Create ``<image stem>.ff-<snapshot_id>.qcow2`` per disk (next to its image, or in
-        ``overlay_dir``) backed by the disk's current top image, and ``blockdev-add`` it as
-        node :func:`overlay_node_name` without attaching it. Nothing the guest sees changes.
+        ``overlay_dir``, else the driver's :attr:`overlay_dir`) backed by the disk's current
+        top image, and ``blockdev-add`` it as node :func:`overlay_node_name` without attaching
+        it. Nothing the guest sees changes.
+
+        Each overlay is owned by the QEMU process's user and group, has its image's mode
+        (:func:`~freezeframe.hypervisor._files.apply_image_access`) and is added with the
+        settings of the disk's nodes (:func:`overlay_settings`: cache, aio, discard,
+        detect-zeroes, locking, read-only); :attr:`last_settings` says which.
 
         Raises CutError (cause kept) if the id is malformed, a device repeats, a disk has a
-        :meth:`cut_problem`, an overlay file already exists, ``qemu-img`` fails or QEMU
+        :meth:`cut_problem`, QEMU's user may not reach the overlay directory, an overlay file
+        already exists, ``qemu-img`` fails, the overlay cannot be given QEMU's user or QEMU
         refuses a node. On any failure, cancellation included, everything created so far has
         been removed again (a cancellation is re-raised as it is; any other foreign error
         becomes a CutError).
         """
+        if overlay_dir is None:
+            overlay_dir = self.overlay_dir
         if not _SNAPSHOT_ID.match(snapshot_id):
             raise CutError(f"invalid snapshot id {snapshot_id!r} (letters, digits, - and _)")
         if not disks:
@@ -699,16 +1137,34 @@ class QmpDriver(HypervisorDriver):
                 hint="pass an overlay directory (overlay_dir) on a local, writable filesystem",
             )
         self._timings = {}
+        self._last_settings = {}
         files: list[Path] = []
         nodes: list[str] = []
         prepared: list[PreparedDisk] = []
         try:
             require("qemu-img")
+            qemu = await self.qemu_process()
+            cmdline = CmdlineBlockOptions.from_argv(qemu.argv if qemu is not None else ())
+            named = _list(
+                await self._execute("query-named-block-nodes", {"flat": True}),
+                "query-named-block-nodes",
+            )
             for disk in disks:
                 overlay = _overlay_path(disk, snapshot_id, overlay_dir)
                 node = overlay_node_name(snapshot_id, disk.device)
                 if _exists(overlay):
                     raise CutError(f"{self._label}: overlay {overlay} already exists")
+                blocked = unreachable_for(str(overlay.parent), qemu) if qemu else None
+                if blocked is not None:
+                    raise CutError(
+                        f"{self._label}: QEMU could not open the overlay of disk "
+                        f"{disk.device}: {blocked}",
+                        hint="let that user search the directory (chmod o+x), or pass an "
+                        "overlay directory it can reach (--overlay-dir)",
+                        code=OVERLAY_DIR_UNREACHABLE,
+                    )
+                settings = overlay_settings(disk, named, cmdline)
+                self._last_settings[disk.device] = settings
                 start = time.perf_counter_ns()
                 files.append(overlay)
                 await run(
@@ -717,19 +1173,20 @@ class QmpDriver(HypervisorDriver):
                     str(overlay), str(disk.virtual_size),
                     timeout=self.timeout, what=f"qemu-img create {overlay.name}",
                 )  # fmt: skip
+                apply_image_access(overlay, disk.file, qemu)
                 created = time.perf_counter_ns()
                 # Listed before the call: a blockdev-add cut short (cancelled, timed out) may
                 # still have created the node; _undo asks QEMU which nodes exist.
                 nodes.append(node)
-                await self._execute(
-                    "blockdev-add",
-                    {
-                        "driver": "qcow2",
-                        "node-name": node,
-                        "file": {"driver": "file", "filename": str(overlay)},
-                        "backing": None,
-                    },
-                )
+                try:
+                    await self._execute("blockdev-add", settings.blockdev(node, str(overlay)))
+                except QmpCommandError as exc:
+                    raise CutError(
+                        f"{self._label}: QEMU cannot open overlay {overlay} of disk "
+                        f"{disk.device} ({settings.describe() or 'default settings'}): {exc}",
+                        hint=_open_hint(qemu),
+                        code=OVERLAY_OPEN_REFUSED,
+                    ) from exc
                 self._timings[f"prepare.{disk.device}.create_ms"] = (created - start) / 1e6
                 self._timings[f"prepare.{disk.device}.add_ms"] = _ms_since(created)
                 prepared.append(PreparedDisk(disk, str(overlay), node, disk.file))
@@ -744,16 +1201,85 @@ class QmpDriver(HypervisorDriver):
                 f"{self._label}: preparing the cut failed: {exc or type(exc).__name__}",
                 hint=hint,
             ) from exc
-        log.debug("%s: prepared %s: %s", self._label, snapshot_id, self._timings)
+        log.debug(
+            "%s: prepared %s: %s; settings %s",
+            self._label,
+            snapshot_id,
+            self._timings,
+            {dev: st.describe() for dev, st in self._last_settings.items()},
+        )
         return PreparedCut(snapshot_id, tuple(prepared))
 
     def cut_problem(self, disk: DiskInfo, overlay_dir: str | None = None) -> str | None:
-        """Why :meth:`prepare_cut` cannot create ``disk``'s overlay (in ``overlay_dir``, or
-        next to its image when None); None when nothing stands in the way. Checks this host's
-        filesystem only: an image that is not a local file (rbd, nbd, iscsi, ``json:{...}``)
-        or is a block device needs ``overlay_dir``; the target directory must exist and be
-        writable. Never raises."""
-        return local_cut_problem(disk, overlay_dir)
+        """Why :meth:`prepare_cut` cannot create ``disk``'s overlay (in ``overlay_dir``, else
+        the driver's :attr:`overlay_dir`, else next to its image); None when nothing stands in
+        the way. Checks this host's filesystem only: an image that is not a local file (rbd,
+        nbd, iscsi, a ``json:{...}`` name without a local file) or is a block device needs an
+        overlay directory; the target directory must exist and be writable. Never raises."""
+        return local_cut_problem(disk, overlay_dir if overlay_dir is not None else self.overlay_dir)
+
+    async def checks(self) -> list[DriverCheck]:
+        """For ``doctor``: who the QEMU process runs as (the owner its overlays get), whether
+        that user can reach each overlay directory (next to each disk's image, or the VM's
+        overlay directory), and which security module (AppArmor, SELinux) confines it and
+        could keep it from opening a new overlay. Never raises."""
+        try:
+            return await self._checks()
+        except Exception as exc:  # doctor's checks never raise
+            log.debug("%s: driver checks: %r", self._label, exc)
+            return [DriverCheck("qemu process", None, f"cannot examine QEMU: {exc}")]
+
+    async def _checks(self) -> list[DriverCheck]:
+        qemu = await self.qemu_process()
+        out: list[DriverCheck] = []
+        if qemu is None:
+            out.append(
+                DriverCheck(
+                    "qemu process",
+                    None,
+                    f"cannot tell which process serves {self.qmp_path} (another user's, or in "
+                    "another PID namespace): overlays get their image's owner and mode",
+                    "run freezeframe as root on the VM's host",
+                )
+            )
+        else:
+            out.append(
+                DriverCheck(
+                    "qemu process",
+                    True,
+                    f"pid {qemu.pid} runs as {qemu.who}: overlays are created owned by it, "
+                    "with the mode of the image they cover and its cache/aio/discard settings",
+                )
+            )
+        try:
+            disks = await self.disks()
+        except HypervisorError:
+            disks = []
+        dirs: dict[str, list[str]] = {}
+        for d in disks:
+            if self.overlay_dir is not None:
+                dirs.setdefault(self.overlay_dir, []).append(d.device)
+            elif os.path.isabs(d.file):
+                dirs.setdefault(os.path.dirname(d.file), []).append(d.device)
+        if qemu is not None and qemu.uid != 0:
+            for directory, devices in dirs.items():
+                why = unreachable_for(directory, qemu)
+                out.append(
+                    DriverCheck(
+                        f"overlay dir {directory}",
+                        why is None,
+                        f"QEMU ({qemu.who}) can reach overlays of {', '.join(devices)} there"
+                        if why is None
+                        else f"overlays of {', '.join(devices)}: {why}: QEMU could not open "
+                        "them (blockdev-add: Permission denied)",
+                        ""
+                        if why is None
+                        else "chmod o+x that directory, or pass an overlay "
+                        "directory QEMU's user can reach (vm add --overlay-dir)",
+                    )
+                )
+        out.append(_security_check(qemu, list(dirs)))
+        return out
 
     async def _undo(self, nodes: list[str], files: list[Path]) -> None:
         """Roll back a failed prepare: ``nodes`` were never attached (the last one may not
@@ -889,8 +1415,9 @@ class QmpDriver(HypervisorDriver):
         return "unknown"
 
     def prepared_for(self, snapshot_id: str, disks: Sequence[DiskInfo]) -> PreparedCut:
-        """The overlays :meth:`prepare_cut` (without ``overlay_dir``) makes for ``disks`` now:
-        ``<image stem>.ff-<id>.qcow2`` next to each image, node :func:`overlay_node_name`.
+        """The overlays :meth:`prepare_cut` (without ``overlay_dir``: the driver's
+        :attr:`overlay_dir`, else next to each image) makes for ``disks`` now:
+        ``<image stem>.ff-<id>.qcow2``, node :func:`overlay_node_name`.
 
         Raises:
             CutError: a disk's image is not a local file (no overlay path can be named).
@@ -898,7 +1425,7 @@ class QmpDriver(HypervisorDriver):
         out = tuple(
             PreparedDisk(
                 d,
-                str(_overlay_path(d, snapshot_id, None)),
+                str(_overlay_path(d, snapshot_id, self.overlay_dir)),
                 overlay_node_name(snapshot_id, d.device),
                 d.file,
             )

@@ -9,6 +9,9 @@ Public API (the CLI ``freezeframe lab`` is a thin layer over it):
 - ``await lab_down(name, *, purge=False) -> None``
 - ``lab_list() -> list[LabVm]``, ``lab_status(name) -> LabVm``
 - :class:`LabVm`, :class:`LabDisk`; the workload helpers are in :mod:`freezeframe.lab.workload`.
+- The throw-away single-node Ceph (``freezeframe lab ceph``): ``await ceph_up(*, paxos=None,
+  mgr=None, port=None, timeout=60.0) -> CephLab``, ``await ceph_down(*, purge=False) ->
+  CephDown``, ``ceph_status() -> CephLab`` (``_ceph``).
 
 Internals: ``_build`` (kernel, modules, initramfs, cache), ``_disks`` (qcow2 data disks),
 ``_qemu`` (command line, accelerator probe, stopping by PID), ``_libvirt`` (the transient
@@ -19,14 +22,20 @@ libvirt domain: XML, create / destroy, permissions), ``_vm`` (lifecycle), the gu
 from __future__ import annotations
 
 from freezeframe.lab._build import cache_dir
+from freezeframe.lab._ceph import CephDown, CephLab, ceph_down, ceph_status, ceph_up
 from freezeframe.lab._model import FILESYSTEMS, LabDisk, LabVm
 from freezeframe.lab._vm import lab_down, lab_list, lab_status, lab_up
 
 __all__ = [
     "FILESYSTEMS",
+    "CephDown",
+    "CephLab",
     "LabDisk",
     "LabVm",
     "cache_dir",
+    "ceph_down",
+    "ceph_status",
+    "ceph_up",
     "lab_down",
     "lab_list",
     "lab_status",

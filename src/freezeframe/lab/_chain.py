@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freezeframe._tools import run
-from freezeframe.errors import LabError, ToolError
+from freezeframe.errors import Action, LabError, Remedy, ToolError
 from freezeframe.lab._model import LabDisk
 
 __all__ = ["ImageChain", "boot_tops", "image_chain"]
@@ -90,7 +90,8 @@ async def boot_tops(
     Raises LabError naming the files if an image in ``vmdir`` cannot be read, a base image is
     missing, a recorded top fails a check, or the top is not unique.
     """
-    purge = f"freezeframe lab down {name} --purge (deletes the disks and their snapshots)"
+    purge = "purge the lab VM (deletes the disks and their snapshots)"
+    remedy = Remedy(Action.LAB_DOWN, name, {"purge": "yes"})
     chains: dict[Path, ImageChain] = {}
     unreadable: list[str] = []
     for path in _images(vmdir):
@@ -102,6 +103,7 @@ async def boot_tops(
         raise LabError(
             f"lab VM {name}: cannot tell which image to boot from: {'; '.join(unreadable)}",
             hint=purge,
+            remedy=remedy,
         )
     backing = {below for c in chains.values() for below in c.chain[1:]}
     tops: dict[str, Path] = {}
@@ -116,6 +118,7 @@ async def boot_tops(
                 f"lab VM {name}: {disk.device}: base image {disk.base_image} has a backing file "
                 f"({base_chain.chain[1]})",
                 hint=purge,
+                remedy=remedy,
             )
         bases[disk.device] = base_chain
         want = recorded.get(disk.device) if recorded is not None else None
@@ -125,6 +128,7 @@ async def boot_tops(
                 raise LabError(
                     f"lab VM {name}: {disk.device}: the image it ran on, {want}, is missing",
                     hint=purge,
+                    remedy=remedy,
                 )
             chain = chains.get(top) or await image_chain(top)
             if chain.bottom != base:
@@ -132,6 +136,7 @@ async def boot_tops(
                     f"lab VM {name}: {disk.device}: the image it ran on, {want}, does not "
                     f"chain back to {disk.base_image} (its chain: {_names(chain.chain)})",
                     hint=purge,
+                    remedy=remedy,
                 )
             if top in backing:
                 # A snapshot raced lab_down, or an interrupted one left an (empty) overlay:
@@ -143,6 +148,7 @@ async def boot_tops(
                         f"backing file of other images and the top above it is ambiguous: "
                         f"candidates {_names(above) or '(none)'}",
                         hint=f"delete the leftover of an interrupted snapshot, or {purge}",
+                        remedy=remedy,
                     )
                 log.warning(
                     "lab %s: %s: %s (recorded) now backs %s: booting that",
@@ -156,6 +162,7 @@ async def boot_tops(
                     f"lab VM {name}: {disk.device}: it was not stopped cleanly and the top of "
                     f"its image chain is ambiguous: candidates {_names(leaves) or '(none)'}",
                     hint=purge,
+                    remedy=remedy,
                 )
             top = leaves[0]
         if top != base:

@@ -38,12 +38,14 @@ from freezeframe import paths
 from freezeframe._aio import shielded
 from freezeframe._tools import run
 from freezeframe.errors import (
+    Action,
     AgentError,
     AlreadyExistsError,
     DependencyError,
     FreezeframeError,
     LabError,
     NotFoundError,
+    Remedy,
 )
 from freezeframe.hypervisor import available_drivers, load_driver, open_agent
 from freezeframe.lab import _build, _chain, _disks, _libvirt, _qemu
@@ -315,7 +317,7 @@ async def _libvirt_preflight(name: str, vmdir: Path, *, agent: bool) -> None:
     if _is_ours(dom, name):
         raise LabError(
             f"lab VM {name}: its libvirt domain {domain_name(name)} (UUID {dom.uuid}) still exists",
-            hint=f"freezeframe lab down {name}",
+            remedy=Remedy(Action.LAB_DOWN, name),
         )
     whose = f"the lab VM in {dom.lab_dir}" if dom.lab_dir else "not a freezeframe lab VM"
     raise LabError(
@@ -388,7 +390,7 @@ async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> l
             raise LabError(
                 f"lab VM {name}: {vmdir} has no {_RECORD} but holds snapshot images "
                 f"({', '.join(overlays)}); not overwriting them",
-                hint=f"freezeframe lab down {name} --purge",
+                remedy=Remedy(Action.LAB_DOWN, name, {"purge": "yes"}),
             )
         log.info("lab %s: replacing unrecorded directory %s", name, vmdir)
         shutil.rmtree(vmdir)
@@ -409,11 +411,20 @@ async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> l
 
 
 def _purge_hint(name: str) -> str:
-    return f"freezeframe lab down {name} --purge, then lab up again"
+    return "purge it, then start it again"
+
+
+def _purge_remedy(name: str) -> Remedy:
+    return Remedy(Action.LAB_DOWN, name, {"purge": "yes"})
 
 
 def _check_as_built(
-    old: LabVm, *, agent: bool | None, driver: str | None, hint: Callable[[str], str]
+    old: LabVm,
+    *,
+    agent: bool | None,
+    driver: str | None,
+    hint: Callable[[str], str],
+    remedy: Remedy,
 ) -> None:
     """Raise LabError if ``agent`` or ``driver`` (None: no choice) differs from how ``old``
     was built; ``hint(flag)`` says what to do about the option ``flag``."""
@@ -424,10 +435,13 @@ def _check_as_built(
             f"lab VM {old.name} {state} {'with' if have else 'without'} a guest agent, "
             f"not {'with' if agent else 'without'} one",
             hint=hint("--no-agent" if agent is False else "--agent"),
+            remedy=remedy,
         )
     if driver is not None and driver != old.driver:
         raise LabError(
-            f"lab VM {old.name} {state} under {old.driver}, not {driver}", hint=hint(f"--{driver}")
+            f"lab VM {old.name} {state} under {old.driver}, not {driver}",
+            hint=hint(f"--{driver}"),
+            remedy=remedy,
         )
 
 
@@ -445,6 +459,7 @@ async def _restart_disks(
             f"lab VM {name} exists (stopped) with disks {','.join(have) or '(none)'}, "
             f"not {','.join(fstypes) or '(none)'}",
             hint=f"omit --disks to restart it as it is, or {purge}",
+            remedy=_purge_remedy(name),
         )
     tops, bases = await _chain.boot_tops(name, _vm_dir(name), old.disks, _read_tops(name))
     if size is not None:
@@ -455,6 +470,7 @@ async def _restart_disks(
                     f"lab VM {name} exists (stopped): {d.device} is "
                     f"{bases[d.device].virtual_size} bytes, not {want}",
                     hint=f"omit --disk-size to restart it as it is, or {purge}",
+                    remedy=_purge_remedy(name),
                 )
     log.info("lab %s: restarting on its disks", name)
     return [dataclasses.replace(d, file=tops[d.device], base=d.base_image) for d in old.disks]
@@ -607,20 +623,23 @@ async def lab_up(
             if not adopt:
                 raise AlreadyExistsError(
                     f"lab VM {name} is already running (pid {old.pid})",
-                    hint=f"freezeframe lab down {name}",
+                    code="lab-vm-running",
+                    remedy=Remedy(Action.LAB_DOWN, name),
                 )
             have = tuple(d.fstype for d in old.disks)
             if asked is not None and asked != have:
                 raise LabError(
                     f"lab VM {name} is running with disks {','.join(have) or '(none)'}, "
                     f"not {','.join(asked) or '(none)'}",
-                    hint=f"omit --disks, or freezeframe lab down {name} first",
+                    hint="omit --disks, or stop it first",
+                    remedy=Remedy(Action.LAB_DOWN, name),
                 )
             _check_as_built(
                 old,
                 agent=agent,
                 driver=driver,
-                hint=lambda flag: f"omit {flag}, or freezeframe lab down {name} first",
+                hint=lambda flag: f"omit {flag}, or stop it first",
+                remedy=Remedy(Action.LAB_DOWN, name),
             )
             await _wait_ready(old, time.monotonic() + timeout)
             log.info("lab %s: already running (pid %d) and ready", name, old.pid)
@@ -630,7 +649,8 @@ async def lab_up(
             if orphan is not None:
                 raise LabError(
                     f"lab VM {name}: {orphan[0]} runs without a record (an interrupted lab up?)",
-                    hint=f"freezeframe lab down {name} stops it",
+                    hint="stop it",
+                    remedy=Remedy(Action.LAB_DOWN, name),
                 )
         else:
             _check_as_built(
@@ -638,6 +658,7 @@ async def lab_up(
                 agent=agent,
                 driver=driver,
                 hint=lambda flag: f"omit {flag} to restart it as it is, or {_purge_hint(name)}",
+                remedy=_purge_remedy(name),
             )
             agent, driver = old.qga_path is not None, old.driver
         agent = True if agent is None else agent

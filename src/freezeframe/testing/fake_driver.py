@@ -132,6 +132,10 @@ class FakeVm:
         self.prepare_fails = False
         self.checks: list[DriverCheck] = []
         self.policy: DriverPolicy | None = None
+        #: The agent address the VM's registration names, when it is not its own (another
+        #: fake VM's ``fake:<name>``, as ``vm add --qga`` with a neighbour's socket): what
+        #: :meth:`FakeDriver.agent_address` returns then.
+        self.registered_agent: str | None = None
         self.ops: list[str] = []
         self._disks: dict[str, _Disk] = {}
         #: Every image that exists: name -> the node that has it open (None: no node).
@@ -183,6 +187,14 @@ class FakeVm:
     def active_images(self) -> dict[str, str]:
         """Device -> the image the disk writes to now."""
         return {dev: d.chain[0] for dev, d in self._disks.items()}
+
+    def boot_from(self, device: str, image: str) -> None:
+        """Restart ``device`` on ``image`` alone (as an operator restarting QEMU on the disk's
+        original image does): the disk writes to it from now on. Raises KeyError for an
+        unknown disk."""
+        disk = self._disks[device]
+        disk.chain = [image]
+        self.images.setdefault(image, disk.node)
 
     def chain(self, device: str) -> list[str]:
         """The image chain of ``device``, top first. Raises KeyError for an unknown disk."""
@@ -352,8 +364,21 @@ class FakeDriver(HypervisorDriver):
         return vm.address if vm.guest is not None else None
 
     def agent_address(self, cfg: VmConfig, channel: str | None) -> str | None:
-        """``fake:<vm>`` when the VM has an agent channel, else None."""
-        return f"{ADDRESS_PREFIX}{self.vm_name}" if channel is not None else None
+        """``fake:<vm>`` (or :attr:`FakeVm.registered_agent`) when the VM has an agent channel,
+        else None."""
+        if channel is None:
+            return None
+        vm = self._find()
+        if vm is not None and vm.registered_agent is not None:
+            return vm.registered_agent
+        return f"{ADDRESS_PREFIX}{self.vm_name}"
+
+    def agent_elsewhere(self, address: str, channel: str | None) -> str | None:
+        """``channel`` when ``address`` is another fake VM's agent
+        (:attr:`FakeVm.registered_agent`)."""
+        if channel is None or not address.startswith(ADDRESS_PREFIX):
+            return None
+        return None if address == channel else channel
 
     @classmethod
     def agent_at(cls, address: str, *, timeout: float) -> Agent:

@@ -1,0 +1,514 @@
+"""The FastAPI app of ``freezeframe serve``: the REST API (``/v1``), ``/healthz``, ``/metrics``,
+``/openapi.json`` and the dashboard, over one :class:`~freezeframe.service.Service`.
+
+Owns the HTTP face only: request bodies and query parameters into service calls, results into
+JSON documents (:func:`~freezeframe.service.to_document`, the same documents as the CLI's
+``--json``), errors into the one shape (:mod:`._errors`), snapshots and verifications as jobs of
+the server (the service's snapshot jobs; verify jobs in :mod:`._jobs`), authentication
+(:mod:`._auth`). No business rule lives here: what a snapshot's outcome is, what may be
+refused, and why, is the service's.
+
+The app does not own the service's life: whoever opened it closes it (``freezeframe serve``
+does, after the HTTP server stopped: :meth:`Service.close` waits for running snapshots, their
+thaw is never cut short). :meth:`ApiState.begin_stop` (on SIGTERM) makes new jobs ``503
+shutting-down`` and ends the event streams that follow nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from freezeframe import __version__
+from freezeframe.api._auth import SESSION_COOKIE, Authenticator
+from freezeframe.api._errors import ApiError, error_body, install_error_handlers, render_remedy
+from freezeframe.api._jobs import Job, JobContext, JobManager, ShuttingDown
+from freezeframe.api._metrics import CONTENT_TYPE_LATEST, Metrics
+from freezeframe.api._sse import snapshot_events
+from freezeframe.errors import FreezeframeError
+from freezeframe.models import QuiescePolicy, SnapshotRecord, TimelineEvent
+from freezeframe.service import (
+    MAX_PAGE,
+    CreateSnapshot,
+    Service,
+    SnapshotJob,
+    SnapshotOutcome,
+    SnapshotPage,
+    VmSpec,
+    to_document,
+)
+
+__all__ = ["ApiState", "create_app"]
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class ApiState:
+    """What the app's handlers share (``app.state.ff``)."""
+
+    service: Service
+    auth: Authenticator
+    token_path: Path | None = None
+    jobs: JobManager = field(default_factory=JobManager)
+    metrics: Metrics = field(default_factory=Metrics)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    sse_clients: int = 0
+
+    def begin_stop(self) -> None:
+        """The server is stopping: no new jobs; streams that follow nothing running end."""
+        self.stopping.set()
+        self.jobs.accepting = False
+
+    async def drain(self) -> None:
+        """Wait for every job of this app (verify jobs here, snapshot jobs in the service)."""
+        self.begin_stop()
+        await self.jobs.drain()
+        await self.service.drain()
+
+
+def _state(request: Request) -> ApiState:
+    st: ApiState = request.app.state.ff
+    return st
+
+
+# ------------------------------------------------------------------ authentication
+
+
+#: Paths anybody may fetch: the health check, the login page and the dashboard's CSS/JS.
+_OPEN_PATHS = ("/healthz", "/login", "/static/")
+
+
+class _AuthMiddleware:
+    """Every request but those of :data:`_OPEN_PATHS` proves it knows the token: the bearer
+    header, or the dashboard's session cookie (for the pages and the API's GETs only).
+    Otherwise ``401`` (the one error shape) for the API, a redirect to the login page for the
+    dashboard's pages."""
+
+    def __init__(self, app: ASGIApp, auth: Authenticator) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == "/healthz" or any(path.startswith(p) for p in _OPEN_PATHS[1:]):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        api = path.startswith("/v1/") or path in ("/metrics", "/openapi.json")
+        if self.auth.bearer_ok(request.headers.get("authorization")):
+            await self.app(scope, receive, send)
+            return
+        # The session cookie opens the pages and the API's reads (the dashboard's scripts
+        # fetch doctor verdicts and follow events); the API's writes need the bearer token
+        # (the dashboard writes through its own forms, which carry a CSRF field).
+        if self.auth.session_ok(request.cookies.get(SESSION_COOKIE)) and (
+            not api or scope["method"] in ("GET", "HEAD")
+        ):
+            await self.app(scope, receive, send)
+            return
+        if api or "text/html" not in request.headers.get("accept", ""):
+            response: Response = JSONResponse(
+                {
+                    "code": "unauthorized",
+                    "message": "this endpoint needs the API token",
+                    "hint": "send `Authorization: Bearer TOKEN` (the token is in the server's "
+                    "state directory, file api-token, unless it was started with --token-file)",
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        else:
+            query = scope["query_string"].decode()
+            target = path + (f"?{query}" if query else "")
+            location = f"/login?next={quote(target)}"
+            response = Response(status_code=303, headers={"Location": location})
+        await response(scope, receive, send)
+
+
+# ------------------------------------------------------------------ request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class VmBody(_Body):
+    """``POST /v1/vms``: a QEMU VM by its sockets, or a libvirt domain."""
+
+    name: str
+    qmp: str | None = Field(None, description="QEMU's QMP unix socket")
+    qga: str | None = Field(None, description="the guest agent's unix socket")
+    libvirt_domain: str | None = Field(None, description="a libvirt domain: name, UUID or id")
+    connect_uri: str = "qemu:///system"
+    agent: bool = True
+    quiesce: QuiescePolicy = QuiescePolicy.PREFERRED
+    freeze_timeout: float = 10.0
+    agent_log: str | None = Field(None, description="qemu-ga's --logfile inside the guest")
+    exclude_mounts: list[str] = []
+    overlay_dir: str | None = None
+    replace: bool = False
+    force: bool = False
+
+
+class CreateBody(_Body):
+    """``POST /v1/vms/{vm}/snapshots``; a missing field is the VM's own setting."""
+
+    quiesce: QuiescePolicy | None = None
+    freeze_timeout: float | None = None
+    exclude_mounts: list[str] = []
+    exclude_disks: list[str] = []
+    verify: bool = False
+
+
+class RecoverBody(_Body):
+    force: bool = False
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def _job_accepted(sid: str, vm: str, kind: str) -> JSONResponse:
+    where = f"/v1/snapshots/{quote(sid, safe='')}"
+    return JSONResponse(
+        {"id": sid, "vm": vm, "job": kind, "location": where, "events": f"{where}/events"},
+        status_code=202,
+        headers={"Location": where},
+    )
+
+
+def _count_snapshot(st: ApiState, task: asyncio.Task[SnapshotOutcome]) -> None:
+    """Metrics of one snapshot job that ended (its task's done callback)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        out = task.result()
+        rec = out.record
+        st.metrics.snapshot_done(
+            outcome=out.code.value,
+            level=rec.level.value,
+            window_ms=rec.freeze_window_ms,
+            thaw_unconfirmed=rec.thaw_unconfirmed,
+        )
+        if rec.verification is not None:
+            st.metrics.verify_done(rec.verification.verdict.value)
+    elif isinstance(exc, FreezeframeError):
+        st.metrics.snapshot_done(
+            outcome=exc.code,
+            level="none",
+            window_ms=None,
+            thaw_unconfirmed=exc.code == "thaw-unconfirmed",
+        )
+
+
+async def _start_snapshot(st: ApiState, vm: str, body: CreateBody) -> SnapshotJob:
+    if st.stopping.is_set():
+        raise ShuttingDown
+    request = CreateSnapshot(
+        quiesce=body.quiesce,
+        freeze_timeout=body.freeze_timeout,
+        exclude_mounts=tuple(body.exclude_mounts),
+        exclude_disks=tuple(body.exclude_disks),
+        verify=body.verify,
+    )
+    job = await st.service.start_snapshot(vm, request)
+    if job.task is not None:
+        job.task.add_done_callback(lambda t: _count_snapshot(st, t))
+    st.metrics.jobs_running.inc()
+    if job.task is not None:
+        job.task.add_done_callback(lambda _t: st.metrics.jobs_running.dec())
+    return job
+
+
+def _step(name: str, detail: str = "") -> dict[str, Any]:
+    ev = TimelineEvent(name, datetime.now(UTC), time.monotonic_ns(), detail)
+    doc: dict[str, Any] = to_document(ev)
+    return doc
+
+
+async def _start_verify(st: ApiState, rec: SnapshotRecord) -> Job:
+    """A verify of ``rec`` as a job of this app (the service's :meth:`verify_snapshot` in a
+    task of the server's). Raises ShuttingDown, ApiError 409 ``job-running``."""
+    if st.stopping.is_set():
+        raise ShuttingDown
+    running = st.jobs.get(rec.id)
+    if (running is not None and not running.finished) or st.service.job(rec.id) is not None:
+        raise ApiError(
+            409,
+            "job-running",
+            f"snapshot {rec.id} has a job running in this server",
+            hint=f"follow it: GET /v1/snapshots/{rec.id}/events",
+        )
+
+    async def runner(ctx: JobContext) -> None:
+        ctx.accept(rec.id)
+        ctx.publish("step", _step("verify_started", "reading every image at the cut, read-only"))
+        st.metrics.jobs_running.inc()
+        try:
+            outcome = await st.service.verify_snapshot(rec.id)
+        except FreezeframeError as exc:
+            ctx.publish("error", {**error_body(exc), "snapshot_id": rec.id})
+        else:
+            st.metrics.verify_done(outcome.code.value)
+            ctx.publish("verification", to_document(outcome))
+        finally:
+            st.metrics.jobs_running.dec()
+        with contextlib.suppress(FreezeframeError):
+            ctx.publish("record", to_document(await st.service.get_snapshot(rec.id)))
+
+    def on_error(exc: BaseException) -> None:
+        job = st.jobs.get(rec.id)
+        if job is not None:
+            job.publish(
+                "error",
+                {"code": "internal-error", "message": f"internal error ({type(exc).__name__})",
+                 "hint": "see the server's log", "snapshot_id": rec.id},
+            )  # fmt: skip
+
+    return await st.jobs.submit("verify", rec.vm, runner, on_error)
+
+
+# ------------------------------------------------------------------ the app
+
+
+async def _json(obj: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``obj`` as a JSON response, serialized in a worker thread: a page of records takes
+    tens of milliseconds to turn into JSON, and the event loop it would block also runs the
+    snapshots' freeze windows."""
+
+    def encode() -> bytes:
+        return json.dumps(to_document(obj), separators=(",", ":")).encode()
+
+    body = await asyncio.to_thread(encode)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+async def _page(page: SnapshotPage, request: Request) -> Response:
+    headers = {}
+    if page.next_cursor:
+        url = request.url.include_query_params(cursor=page.next_cursor)
+        headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    doc = {"items": list(page.items), "next_cursor": page.next_cursor}
+    return await _json(doc, headers=headers)
+
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="records per page")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
+Order = Annotated[str, Query(pattern="^(newest|oldest)$", description="newest (default) first")]
+
+
+def create_app(
+    service: Service,
+    *,
+    token: str,
+    token_path: Path | None = None,
+    dashboard: bool = True,
+) -> FastAPI:
+    """The app over an open ``service``; requests must know ``token`` (see :mod:`._auth`).
+    ``token_path`` is only named on the login page (never the token)."""
+    app = FastAPI(
+        title="freezeframe",
+        version=__version__,
+        description="Consistent snapshots of running QEMU/KVM VMs and all their volumes, "
+        "with proof. Every endpoint but /healthz needs `Authorization: Bearer TOKEN`.",
+        openapi_url=None,  # served below, behind the token
+        docs_url=None,  # the interactive docs would load scripts from the internet
+        redoc_url=None,
+    )
+    st = ApiState(service, Authenticator(token), token_path)
+    app.state.ff = st
+    install_error_handlers(app)
+    app.add_middleware(_AuthMiddleware, auth=st.auth)
+
+    @app.exception_handler(ShuttingDown)
+    async def _stopping(_request: Request, _exc: ShuttingDown) -> JSONResponse:
+        return JSONResponse(
+            {"code": "shutting-down", "message": "the server is stopping", "hint": "retry later"},
+            status_code=503,
+        )
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness, without the token: ``{"status": "ok"}`` (``stopping`` once SIGTERM came)."""
+        return {
+            "status": "stopping" if st.stopping.is_set() else "ok",
+            "version": __version__,
+            "jobs": len(service.jobs) + len(st.jobs.running()),
+            "event_streams": st.sse_clients,
+        }
+
+    @app.get("/metrics", tags=["server"])
+    async def metrics() -> Response:
+        """Prometheus metrics of this server."""
+        return Response(st.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", tags=["server"], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    # ---------------------------------------------------------------- VMs
+
+    @app.get("/v1/vms", tags=["vms"])
+    async def list_vms() -> Any:
+        """The registered VMs."""
+        return to_document(await service.list_vms())
+
+    @app.post("/v1/vms", tags=["vms"], status_code=201)
+    async def add_vm(body: VmBody) -> JSONResponse:
+        """Register a VM (as ``freezeframe vm add``); ``not_there_yet``: its sockets that do
+        not exist yet."""
+        spec = VmSpec(
+            name=body.name,
+            qmp=body.qmp,
+            qga=body.qga,
+            libvirt_domain=body.libvirt_domain,
+            connect_uri=body.connect_uri,
+            agent=body.agent,
+            quiesce=body.quiesce,
+            freeze_timeout=body.freeze_timeout,
+            agent_log=body.agent_log,
+            exclude_mounts=tuple(body.exclude_mounts),
+            overlay_dir=body.overlay_dir,
+        )
+        added = await service.add_vm(spec, replace=body.replace, force=body.force)
+        return JSONResponse(
+            to_document(added),
+            status_code=201,
+            headers={"Location": f"/v1/vms/{quote(added.vm.name, safe='')}"},
+        )
+
+    @app.get("/v1/vms/{vm}", tags=["vms"])
+    async def get_vm(vm: str) -> Any:
+        """One registered VM."""
+        return to_document(await service.get_vm(vm))
+
+    @app.delete("/v1/vms/{vm}", tags=["vms"], status_code=204)
+    async def remove_vm(vm: str, force: bool = False) -> Response:
+        """Forget a VM (its snapshot records stay); a lab VM only with ``force``."""
+        await service.remove_vm(vm, force=force)
+        return Response(status_code=204)
+
+    @app.get("/v1/vms/{vm}/doctor", tags=["vms"])
+    async def doctor(vm: str, quiesce: QuiescePolicy | None = None) -> Any:
+        """The preflight checklist (``ok`` false when a check FAILs) and the level a snapshot
+        would reach."""
+        return to_document(await service.doctor(vm, quiesce=quiesce), render=render_remedy)
+
+    @app.post("/v1/vms/{vm}/recover", tags=["vms"])
+    async def recover(vm: str, body: Annotated[RecoverBody | None, Body()] = None) -> Any:
+        """Thaw the VM's guest if a freeze intent is open and settle what dead snapshot
+        processes left. ``code``: ``done``, ``thaw-unconfirmed``, ``intents-skipped``."""
+        report = await service.recover(vm, force=body.force if body else False)
+        err = report.error()
+        return {
+            "code": report.code.value,
+            "outcomes": to_document(report, render=render_remedy),
+            "error": error_body(err) if err is not None else None,
+        }
+
+    # ---------------------------------------------------------------- snapshots
+
+    @app.post("/v1/vms/{vm}/snapshots", tags=["snapshots"], status_code=202)
+    async def create_snapshot(
+        vm: str, body: Annotated[CreateBody | None, Body()] = None
+    ) -> JSONResponse:
+        """Start a snapshot of every disk of ``vm`` as a job of the server: ``202`` once the VM
+        is locked and the attempt recorded, with its id and ``Location``. The job does not
+        depend on this request: a client that goes away never interrupts a freeze. ``409
+        vm-busy`` when another snapshot of the VM runs (in any process on this catalog)."""
+        job = await _start_snapshot(st, vm, body or CreateBody())
+        return _job_accepted(job.snapshot_id, vm, "snapshot")
+
+    @app.get("/v1/vms/{vm}/snapshots", tags=["snapshots"])
+    async def list_vm_snapshots(
+        vm: str,
+        request: Request,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        order: Order = "newest",
+    ) -> Response:
+        """The VM's snapshot records, a page at a time (``next_cursor``, ``Link: rel=next``)."""
+        page = await service.list_snapshots(
+            vm, limit=limit, cursor=cursor, newest_first=order == "newest"
+        )
+        return await _page(page, request)
+
+    @app.get("/v1/snapshots", tags=["snapshots"])
+    async def list_snapshots(
+        request: Request, limit: Limit = 50, cursor: Cursor = None, order: Order = "newest"
+    ) -> Response:
+        """Every snapshot record, a page at a time."""
+        page = await service.list_snapshots(
+            None, limit=limit, cursor=cursor, newest_first=order == "newest"
+        )
+        return await _page(page, request)
+
+    @app.get("/v1/snapshots/{snapshot_id}", tags=["snapshots"])
+    async def get_snapshot(snapshot_id: str, live: bool = False) -> Response:
+        """One record (id or unique prefix): the document of ``snapshot show --json``. With
+        ``live=true`` also ``qemu_runs_on`` (the image each disk runs on now), as the CLI
+        shows it: that asks the running VM under its lock, so a snapshot of the VM starting
+        at that moment is refused; without it the answer comes from the catalog alone."""
+        rec = await service.get_snapshot(snapshot_id)
+        if not live:
+            return await _json(rec)
+        images = await service.vm_images(rec.vm) if rec.disks else []
+        runs_on = {b.device: b.running_on for b in images if b.running_on}
+        return await _json({**to_document(rec), "qemu_runs_on": runs_on})
+
+    @app.get("/v1/snapshots/{snapshot_id}/events", tags=["snapshots"])
+    async def events(snapshot_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: each step as it happens (those inside the freeze window right
+        after the thaw), then the outcome or the error, then the record."""
+        rec = await service.get_snapshot(snapshot_id)
+        last = request.headers.get("last-event-id", "")
+        after = int(last) if last.isdigit() else 0
+
+        async def stream() -> Any:
+            st.sse_clients += 1
+            try:
+                async for chunk in snapshot_events(service, st.jobs, rec, st.stopping, after=after):
+                    yield chunk
+            finally:
+                st.sse_clients -= 1
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/snapshots/{snapshot_id}/verify", tags=["snapshots"], status_code=202)
+    async def verify(snapshot_id: str) -> JSONResponse:
+        """Verify the snapshot's images offline, as a job of the server (``202``; follow its
+        events). The verdict is stored on the record."""
+        rec = await service.get_snapshot(snapshot_id)
+        await _start_verify(st, rec)
+        return _job_accepted(rec.id, rec.vm, "verify")
+
+    if dashboard:
+        from freezeframe.api._dashboard import install_dashboard
+
+        app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+        install_dashboard(app, st)
+    return app

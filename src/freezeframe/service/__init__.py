@@ -1,0 +1,119 @@
+"""The service layer: every operation of freezeframe as a typed async call, for every face.
+
+The faces (the CLI in :mod:`freezeframe.cli`, the HTTP API in :mod:`freezeframe.api`) turn
+their input into one call on :class:`Service` and render what comes back; no business rule
+lives in a face. Layers, one way: faces -> service -> engine -> agent, hypervisor, storage,
+catalog -> models, errors.
+
+Public API::
+
+    config = Config.from_env(state_dir=None, database_url=None, followup=False)
+    async with await Service.open(config) as svc:    # or Service(config): catalog on first use
+        # VMs
+        await svc.list_vms() -> list[VmConfig]
+        await svc.get_vm(name) -> VmConfig
+        await svc.vm_images(name) -> list[BootImage]   # the image each disk must boot from
+        await svc.add_vm(VmSpec(...), replace=False, force=False) -> VmAdded
+        await svc.remove_vm(name, force=False) -> None
+        await svc.import_libvirt(uri, replace=False) -> list[ImportResult]
+        await svc.doctor(vm, quiesce=None) -> DoctorReport
+        # snapshots
+        await svc.create_snapshot(vm, CreateSnapshot(...), progress=fn) -> SnapshotOutcome
+        await svc.start_snapshot(vm, CreateSnapshot(...)) -> SnapshotJob   # servers
+        svc.job(snapshot_id) -> SnapshotJob | None; svc.jobs; await svc.drain()
+        await svc.list_snapshots(vm=None, limit=None, cursor=None, newest_first=False)
+            -> SnapshotPage
+        await svc.get_snapshot(snapshot_id) -> SnapshotRecord
+        await svc.verify_snapshot(snapshot_id, checks=(), check_timeout=None) -> VerifyOutcome
+        # recover
+        await svc.recover(vm=None, force=False) -> RecoverReport   # .code, .error()
+        # lab
+        await svc.lab_up(LabUpRequest(name, ...)) -> LabUpResult
+        await svc.lab_down(name, purge=False, force=False, save=False) -> LabDownResult
+        await svc.lab_list() -> list[LabVm]; await svc.lab_status(name) -> LabVm
+        await svc.ceph_up(paxos=None, mgr=None, port=None, timeout=60.0) -> CephLab
+        await svc.ceph_down(purge=False) -> CephDown; await svc.ceph_status() -> CephLab
+
+    to_document(obj, render=None) -> JSON value        # one serializer for every face
+    error_document(exc, render=None) -> dict           # {"error","code","message",...}
+
+Codes: a returned outcome has ``code`` (:class:`Outcome`: ``done``, ``weaker-than-asked``,
+``thaw-unconfirmed``, ``intent-left-open``; :class:`RecoverCode`; a verification's verdict);
+an error has ``code`` (:mod:`freezeframe.errors`) and, when something helps, ``remedy``
+(:class:`~freezeframe.errors.Remedy`), rendered by each face (``render``).
+"""
+
+from __future__ import annotations
+
+from freezeframe.engine import (
+    Check,
+    CheckStatus,
+    DoctorReport,
+    ImportAction,
+    ImportResult,
+    RecoverOutcome,
+)
+from freezeframe.engine.images import BootImage
+from freezeframe.errors import Action, Remedy
+from freezeframe.service._config import Config
+from freezeframe.service._documents import (
+    RemedyRenderer,
+    error_document,
+    join_hint,
+    to_document,
+)
+from freezeframe.service._jobs import SnapshotJob
+from freezeframe.service._results import (
+    DEFAULT_CHECK_TIMEOUT,
+    CreateSnapshot,
+    LabDownResult,
+    LabUpRequest,
+    LabUpResult,
+    Outcome,
+    Problem,
+    RecoverCode,
+    RecoverReport,
+    SnapshotOutcome,
+    SnapshotPage,
+    VerifyOutcome,
+    VmAdded,
+    VmSpec,
+    expected_level,
+)
+from freezeframe.service._service import MAX_PAGE, ProgressFn, Service
+
+__all__ = [
+    "DEFAULT_CHECK_TIMEOUT",
+    "MAX_PAGE",
+    "Action",
+    "BootImage",
+    "Check",
+    "CheckStatus",
+    "Config",
+    "CreateSnapshot",
+    "DoctorReport",
+    "ImportAction",
+    "ImportResult",
+    "LabDownResult",
+    "LabUpRequest",
+    "LabUpResult",
+    "Outcome",
+    "Problem",
+    "ProgressFn",
+    "RecoverCode",
+    "RecoverOutcome",
+    "RecoverReport",
+    "Remedy",
+    "RemedyRenderer",
+    "Service",
+    "SnapshotJob",
+    "SnapshotOutcome",
+    "SnapshotPage",
+    "VerifyOutcome",
+    "VmAdded",
+    "VmSpec",
+    "error_document",
+    "expected_level",
+    "join_hint",
+    "to_document",
+]
