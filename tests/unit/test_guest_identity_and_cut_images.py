@@ -26,7 +26,7 @@ from freezeframe.engine.images import (
 )
 from freezeframe.engine.snapshot import AGENT_WRONG_VM
 from freezeframe.errors import SnapshotFailedError
-from freezeframe.hypervisor.base import same_socket
+from freezeframe.hypervisor.base import DriverCheck, same_socket
 from freezeframe.models import (
     NO_MOUNTED_FILESYSTEM,
     ConsistencyLevel,
@@ -290,6 +290,26 @@ async def test_doctor_verdict_follows_a_disk_fail(host: FakeHost, catalog: Catal
     assert rep.predicted_level is ConsistencyLevel.NONE
     assert "refused" in rep.verdict
     assert "disk1" in rep.verdict
+
+
+async def test_doctor_verdict_follows_a_refusing_driver_check_but_not_a_plain_fail(
+    host: FakeHost, catalog: Catalog
+) -> None:
+    vm = host.add(FakeVm.simple("r"))
+    await catalog.add_vm(vm.config())
+    vm.checks = [DriverCheck("agent channel", False, "disconnected")]
+    plain = await doctor(catalog, "r", quiesce=QuiescePolicy.PREFERRED)
+    assert "refused" not in plain.verdict
+    assert plain.predicted_level is not ConsistencyLevel.NONE
+
+    vm.checks = [
+        DriverCheck("overlay dir /srv/vm", False, "QEMU cannot search it", refuses=True),
+        DriverCheck("overlay dir /srv/ok", True, "fine", refuses=False),
+    ]
+    rep = await doctor(catalog, "r", quiesce=QuiescePolicy.PREFERRED)
+    assert rep.predicted_level is ConsistencyLevel.NONE
+    assert "overlay dir /srv/vm" in rep.verdict
+    assert "/srv/ok" not in rep.verdict
 
 
 async def test_records_say_error_none_status_filter_and_unreadable_evidence(

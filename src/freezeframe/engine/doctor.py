@@ -241,7 +241,7 @@ async def _probe(
             add("disks", False, "no writable disk", "attach a disk to snapshot")
         uncuttable: list[str] = []
         for d in disks:
-            problem = driver.cut_problem(d)
+            problem = driver.cut_problem(d, cfg.overlay_dir)
             if problem is not None:
                 uncuttable.append(d.device)
             add(
@@ -267,8 +267,11 @@ async def _probe(
                 "exits, and a snapshot would back onto it (refused)",
                 broken_chain_hint({f: copies[f] for f in files if f in copies}),
             )
+        driver_refusals: list[str] = []
         for found in await driver.checks():
             add(found.name, found.ok, found.detail, found.fix)
+            if found.refuses and found.ok is False:
+                driver_refusals.append(found.name)
         probe = await Snapshotter(catalog).probe_agent(cfg, driver, disks)
         channel = await _agent_chardev(driver) if cfg.agent else None
     finally:
@@ -439,6 +442,7 @@ async def _probe(
         for h in held
     ]
     refused += [f"disk {dev} cannot be cut ({DISK_NOT_CUTTABLE})" for dev in uncuttable]
+    refused += driver_refusals
     if refused:  # create refuses these whatever the policy
         return _report(
             cfg.name,

@@ -52,12 +52,14 @@ class DriverCapabilities:
 @dataclass(frozen=True, slots=True)
 class DriverCheck:
     """A driver-specific finding for ``freezeframe doctor``: ``ok`` True (pass), False (fail)
-    or None (warning), with a fix when there is one."""
+    or None (warning), with a fix when there is one. ``refuses``: a snapshot would be refused
+    because of it whatever the policy (doctor's verdict then predicts no snapshot at all)."""
 
     name: str
     ok: bool | None
     detail: str
     fix: str = ""
+    refuses: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -445,10 +445,20 @@ class LibvirtDriver(HypervisorDriver):
         pause_resume=True,
     )
 
-    def __init__(self, domain: str, uri: str = DEFAULT_URI, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        domain: str,
+        uri: str = DEFAULT_URI,
+        *,
+        timeout: float = 30.0,
+        overlay_dir: str | None = None,
+    ) -> None:
         self.domain_ref = domain
         self.uri = uri
         self.timeout = timeout
+        #: Where overlays go when a call names no directory (the VM's ``--overlay-dir``);
+        #: None: next to each disk's image.
+        self.overlay_dir = overlay_dir
         self._conn: libvirt.virConnect | None = None
         self._dom: libvirt.virDomain | None = None
         self.uuid: str | None = None
@@ -466,7 +476,7 @@ class LibvirtDriver(HypervisorDriver):
                 code="no-libvirt-domain",
                 remedy=Remedy(Action.ADD_VM, cfg.name, {"replace": "yes", "libvirt": "DOMAIN"}),
             )
-        return cls(cfg.domain, cfg.connect_uri or DEFAULT_URI)
+        return cls(cfg.domain, cfg.connect_uri or DEFAULT_URI, overlay_dir=cfg.overlay_dir)
 
     @property
     def _label(self) -> str:
@@ -677,6 +687,8 @@ class LibvirtDriver(HypervisorDriver):
         devices = [d.device for d in disks]
         if len(set(devices)) != len(devices):
             raise CutError(f"{self._label}: a disk is listed twice: {devices}")
+        if overlay_dir is None:
+            overlay_dir = self.overlay_dir
         problems = [p for d in disks if (p := self.cut_problem(d, overlay_dir)) is not None]
         if problems:
             raise CutError(f"{self._label}: cannot prepare the cut: {'; '.join(problems)}")
@@ -724,7 +736,7 @@ class LibvirtDriver(HypervisorDriver):
                 f"disk {disk.device}: {disk.file} is a network disk: libvirt cannot take a "
                 "disk-only external snapshot of it"
             )
-        return local_cut_problem(disk, overlay_dir)
+        return local_cut_problem(disk, overlay_dir if overlay_dir is not None else self.overlay_dir)
 
     def snapshot_xml(self, prepared: PreparedCut, others: Sequence[str] = ()) -> str:
         """The ``<domainsnapshot>`` that switches every prepared disk to its overlay and leaves
@@ -821,12 +833,15 @@ class LibvirtDriver(HypervisorDriver):
             remove_file(p.overlay_file, self._label)
 
     def prepared_for(self, snapshot_id: str, disks: Sequence[DiskInfo]) -> PreparedCut:
-        """The overlays :meth:`prepare_cut` makes for ``disks`` (without ``overlay_dir``).
-        Raises CutError for a disk whose image is not a local file."""
+        """The overlays :meth:`prepare_cut` makes for ``disks`` (without ``overlay_dir``: the
+        driver's :attr:`overlay_dir`, else next to each image). Raises CutError for a disk
+        whose image is not a local file."""
         return PreparedCut(
             snapshot_id,
             tuple(
-                PreparedDisk(d, str(overlay_path(d, snapshot_id, None)), d.device, d.file)
+                PreparedDisk(
+                    d, str(overlay_path(d, snapshot_id, self.overlay_dir)), d.device, d.file
+                )
                 for d in disks
             ),
         )

@@ -1276,6 +1276,7 @@ class QmpDriver(HypervisorDriver):
                         if why is None
                         else "chmod o+x that directory, or pass an overlay "
                         "directory QEMU's user can reach (vm add --overlay-dir)",
+                        refuses=why is not None,
                     )
                 )
         out.append(_security_check(qemu, list(dirs)))
