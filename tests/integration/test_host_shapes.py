@@ -276,10 +276,28 @@ def owner_mode(path: str | Path) -> tuple[int, int, int]:
 
 
 def doctor_checks(vm: str) -> tuple[dict[str, object], dict[str, dict[str, str]]]:
+    """doctor's JSON document and its checks by name; asserts its verdict agrees with its
+    checks: a FAIL never goes with a filesystem-consistent prediction, and a prediction of
+    no snapshot names why in the verdict."""
     _, doc = ff_json("doctor", vm)
     checks = doc["checks"]
     assert isinstance(checks, list)
+    fails = [c["name"] for c in checks if c["status"] == "fail"]
+    if doc["predicted_level"] == "filesystem":
+        assert not fails, doc
+    if doc["predicted_level"] == "none":
+        assert fails, doc
+        assert (
+            any(name in str(doc["verdict"]) for name in fails)
+            or "fail" in str(doc["verdict"]).lower()
+        ), doc
     return doc, {c["name"]: c for c in checks}
+
+
+def doctor_predicts_filesystem(vm: str) -> None:
+    """doctor passes every check that matters and predicts what the snapshot then reaches."""
+    doc, _ = doctor_checks(vm)
+    assert doc["predicted_level"] == "filesystem", doc
 
 
 # ----------------------------------------------------------------------------- the shapes
@@ -402,6 +420,7 @@ def test_nova_instance_directory(guest: Guest, vmdir: Path) -> None:
         ]  # fmt: skip
     with hand_vm(guest, vmdir, "shape-nova", disk, fstypes=("ext4", "ext4")) as vm:
         assert ff("vm", "add", vm.name, "--qmp", str(vm.qmp), "--qga", str(vm.qga)).returncode == 0
+        doctor_predicts_filesystem(vm.name)
         rec = snapshot(vm, raw=("virtio-disk2",))
         disks = disks_of(rec)
         # Every mounted filesystem froze; the swap disk is cut as raw data and says why.
@@ -477,6 +496,7 @@ def test_cache_direct_and_aio_native(guest: Guest, vmdir: Path) -> None:
     ]  # fmt: skip
     with hand_vm(guest, vmdir, "shape-direct", disk) as vm:
         assert ff("vm", "add", vm.name, "--qmp", str(vm.qmp), "--qga", str(vm.qga)).returncode == 0
+        doctor_predicts_filesystem(vm.name)
         rec = snapshot(vm)
         assert rec["level"] == "filesystem"
         overlay = disks_of(rec)["disk0"]["overlay"]
@@ -543,6 +563,7 @@ def test_unmounted_scsi_hd_disk(guest: Guest, vmdir: Path) -> None:
     ]  # fmt: skip
     with hand_vm(guest, vmdir, "shape-scsi", disk) as vm:
         assert ff("vm", "add", vm.name, "--qmp", str(vm.qmp), "--qga", str(vm.qga)).returncode == 0
+        doctor_predicts_filesystem(vm.name)
         rec = snapshot(vm, raw=("scsi0-0-0-1",))
         disks = disks_of(rec)
         assert set(disks) == {"virtio-disk0", "scsi0-0-0-1"}
