@@ -146,3 +146,28 @@ async def test_doctor_fails_the_disk_and_predicts_none(
     assert str(image) in chain.detail
     assert chain.fix
     assert not [c for c in rep.checks if c.name == "disk disk0 chain"]
+
+
+async def test_parent_is_a_snapshot_of_the_same_disks_only(
+    host: FakeHost, catalog: Catalog
+) -> None:
+    """Issue 11 item 9: the parent of a snapshot is the one snapshot every disk it cuts
+    continues from; a snapshot taken with --exclude-disk is nobody's parent for the disks it
+    left out, and gets none that covered other disks."""
+    vm = host.add(FakeVm.simple("p"))
+    await catalog.add_vm(vm.config())
+    snap = Snapshotter(catalog)
+    first = await snap.snapshot("p")
+    assert first.parent_id is None
+    second = await snap.snapshot("p")
+    assert second.parent_id == first.id  # same disks, continued
+    only0 = await snap.snapshot("p", SnapshotRequest(exclude_disks=("disk1",)))
+    assert [d.device for d in only0.disks] == ["disk0"]
+    assert only0.parent_id is None  # second covered disk1 too
+    again0 = await snap.snapshot("p", SnapshotRequest(exclude_disks=("disk1",)))
+    assert again0.parent_id == only0.id  # same single disk, continued
+    both = await snap.snapshot("p")
+    assert both.parent_id is None  # disk0 continues again0, disk1 continues second
+    images = {d.device: d.image for d in both.disks}
+    assert images["disk0"] == next(d.overlay for d in again0.disks if d.device == "disk0")
+    assert images["disk1"] == next(d.overlay for d in second.disks if d.device == "disk1")

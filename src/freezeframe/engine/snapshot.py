@@ -527,7 +527,8 @@ class Snapshotter:
                     hint="free space on the filesystem of its images (or fix the storage), "
                     "resume the VM (QMP `cont`, `virsh resume`), then retry",
                 )
-            run.record = replace(run.record, parent_id=await self._parent(cfg.name, disks))
+            cut_disks = [d for d in disks if d.device not in set(run.req.exclude_disks)]
+            run.record = replace(run.record, parent_id=await self._parent(cfg.name, cut_disks))
             run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
                 run.agent, run.probe = await self._connect_agent(cfg, driver, disks)
@@ -636,14 +637,20 @@ class Snapshotter:
         await self.catalog.finish_snapshot(rec)
 
     async def _parent(self, vm: str, disks: list[DiskInfo]) -> str | None:
-        """The snapshot this one continues: the newest one whose new overlay is what a
-        disk of the VM writes to now (not merely the VM's newest: a VM re-created under the
-        same name starts a new chain)."""
-        current = {d.file for d in disks}
+        """The snapshot this one continues, for the ``disks`` it cuts: the newest one that
+        covered exactly these disks and whose new overlays are what they write to now (not
+        merely the VM's newest: a VM re-created under the same name starts a new chain).
+        None when no single snapshot is that for every disk (one taken with ``exclude_disks``
+        before, or a disk added since): each disk's own ancestor is then the snapshot whose
+        overlay is its image at the cut."""
+        current = {d.device: d.file for d in disks}
         for rec in reversed(await self.catalog.list_snapshots(vm)):
             # Failed attempts count too when their cut happened (their disks are recorded).
-            if any(d.overlay in current for d in rec.disks):
+            overlays = {d.device: d.overlay for d in rec.disks if d.overlay}
+            if overlays == current:
                 return rec.id
+            if any(d.overlay in current.values() for d in rec.disks):
+                return None  # the newest ancestor of some disk covers other disks
         return None
 
     def _refuse_held_images(
