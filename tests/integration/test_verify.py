@@ -537,7 +537,9 @@ def test_verdict_exit_codes() -> None:
         return verdict_exit(Verification(verdict, datetime.now(UTC)))
 
     assert [code(v) for v in VerifyVerdict] == [
-        {"verified-consistent": 0, "check-failed": 21, "corrupt": 22}.get(v.value, 20)
+        {"verified-consistent": 0, "check-failed": 21, "corrupt": 22, "changed-since-cut": 23}.get(
+            v.value, 20
+        )
         for v in VerifyVerdict
     ]
     assert code(VerifyVerdict.CHECK_FAILED) == 21
