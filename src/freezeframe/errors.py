@@ -109,6 +109,10 @@ class Action(enum.StrEnum):
     LAB_UP = "lab-up"  # start a lab VM (vm)
     LAB_DOWN = "lab-down"  # stop a lab VM (vm; params: purge=yes to delete it)
     FORCE = "force"  # repeat the refused operation with force (it goes ahead anyway)
+    # Options of a new snapshot of ``vm`` that get around a finding (params as named):
+    EXCLUDE_DISK = "exclude-disk"  # leave disks out (params: disk, names joined by ",")
+    EXCLUDE_MOUNT = "exclude-mount"  # take a filesystem unfrozen (params: mount)
+    SET_QUIESCE = "set-quiesce"  # another quiesce policy (params: quiesce)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,10 +27,12 @@ __all__ = [
     "ImageFingerprint",
     "PciAddress",
     "QuiescePolicy",
+    "RbdSource",
     "SnapshotDisk",
     "SnapshotFilesystem",
     "SnapshotRecord",
     "SnapshotStatus",
+    "SnapshotSummary",
     "TimelineEvent",
     "Verification",
     "VerifyVerdict",
@@ -155,6 +157,12 @@ class VmConfig:
     exclude_mounts: tuple[str, ...] = ()
     lab: bool = False
     overlay_dir: str | None = None
+    #: Ceph connection settings for the VM's RBD disks (``vm add --ceph-conf/--ceph-id/
+    #: --ceph-keyring``): paths and a client id only, never a secret. None: what QEMU/libvirt
+    #: say for the disk, else the global defaults (see :mod:`freezeframe.storage.rbd_backend`).
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
+    ceph_keyring: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with this configuration (empty when it can be stored). The settings a
@@ -174,9 +182,13 @@ class VmConfig:
             ("QMP socket", self.qmp_path),
             ("guest-agent socket", self.qga_path),
             ("overlay directory", self.overlay_dir),
+            ("ceph.conf", self.ceph_conf),
+            ("Ceph keyring", self.ceph_keyring),
         ):
             if path is not None and not path.startswith("/"):
                 out.append(f"the {what} path must be absolute, got {path!r}")
+        if self.ceph_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.ceph_id):
+            out.append(f"invalid Ceph client id {self.ceph_id!r}")
         return out
 
 
@@ -249,6 +261,30 @@ class ExecResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RbdSource:
+    """A disk the hypervisor opens from Ceph RBD: ``pool``/``image`` (and ``namespace``), with
+    the ``conf`` path and client ``user`` the hypervisor was given, when it says (never a key).
+    """
+
+    pool: str
+    image: str
+    namespace: str = ""
+    conf: str | None = None
+    user: str | None = None
+
+    @property
+    def spec(self) -> str:
+        """``pool/image`` (``pool/namespace/image``)."""
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.pool}/{ns}{self.image}"
+
+    @property
+    def name(self) -> str:
+        """The disk's image name in freezeframe's records: ``rbd:pool/image``."""
+        return f"rbd:{self.spec}"
+
+
+@dataclass(frozen=True, slots=True)
 class DiskInfo:
     """One disk of a running VM, from the hypervisor.
 
@@ -266,6 +302,9 @@ class DiskInfo:
     pci: PciAddress | None = None
     serial: str | None = None
     read_only: bool = False
+    #: Set for a disk opened from Ceph RBD (``file`` is then ``rbd:pool/image``): it is cut
+    #: by the ``rbd`` storage backend, not with an overlay.
+    rbd: RbdSource | None = None
 
 
 # ---------------------------------------------------------------------------- snapshot records
@@ -421,6 +460,34 @@ class SnapshotRecord:
             return False
         last = len(names) - 1 - names[::-1].index("thaw_unconfirmed")
         return "thaw_confirmed" not in names[last + 1 :]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSummary:
+    """What a list of snapshots shows of one record (the whole record: :class:`SnapshotRecord`).
+
+    The record's own columns, then counts and flags computed by the catalog's query instead of
+    loading the child rows: ``disk_count``; ``filesystem_count`` and how many of them were
+    ``frozen_count``; the verification's ``verdict`` and ``verified_at`` (None: unverified);
+    ``thaw_unconfirmed`` and ``intent_left_open`` as :class:`SnapshotRecord` defines them.
+    """
+
+    id: str
+    vm: str
+    created_at: datetime
+    status: SnapshotStatus
+    policy: QuiescePolicy
+    level: ConsistencyLevel
+    error: str | None = None
+    parent_id: str | None = None
+    freeze_window_ms: float | None = None
+    disk_count: int = 0
+    filesystem_count: int = 0
+    frozen_count: int = 0
+    verdict: VerifyVerdict | None = None
+    verified_at: datetime | None = None
+    thaw_unconfirmed: bool = False
+    intent_left_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)

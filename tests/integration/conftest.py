@@ -39,6 +39,7 @@ from freezeframe.catalog import Catalog
 from freezeframe.errors import UsageError
 from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.lab._model import domain_name
+from tests.integration.ceph_helpers import CephHandle, ceph_lab_session
 from tests.integration.libvirt_helpers import destroy_domain, private_home
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +77,12 @@ async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
         await cat.close()
 
 
+@pytest.fixture(scope="session")
+def ceph_lab(lab_env: Path) -> Iterator[CephHandle]:
+    """The lab Ceph of the session (see tests/integration/ceph_helpers.py)."""
+    yield from ceph_lab_session()
+
+
 class LabVmFactory(Protocol):
     """``await lab_vm(name=None, *, disks=("ext4", "xfs"), agent=True, ...)`` -> LabVm."""
 
@@ -89,6 +96,7 @@ class LabVmFactory(Protocol):
         accel: str = "auto",
         timeout: float = 60.0,
         driver: str | None = None,
+        rbd: bool | Sequence[int] = False,
     ) -> LabVm: ...
 
 
@@ -107,6 +115,7 @@ async def lab_vm(lab_env: Path, request: pytest.FixtureRequest) -> AsyncIterator
         accel: str = "auto",
         timeout: float = 60.0,
         driver: str | None = None,
+        rbd: bool | Sequence[int] = False,
     ) -> LabVm:
         # libvirt domain names are global to libvirtd: unique across concurrent sessions
         vm_name = name or f"vm{os.getpid() % 100000}-{next(_names)}"
@@ -122,6 +131,7 @@ async def lab_vm(lab_env: Path, request: pytest.FixtureRequest) -> AsyncIterator
             accel=accel,
             timeout=timeout,
             driver=driver,
+            rbd=rbd,
         )
 
     try:

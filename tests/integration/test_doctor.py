@@ -243,7 +243,7 @@ async def test_a_registered_agent_path_that_is_not_qemus_is_refused(
         channel = _check(rep, "agent channel")
         assert channel.status is CheckStatus.FAIL
         assert channel.code == "agent-wrong-vm"
-        assert f"--qga {other_agent.path}" in channel.detail
+        assert f"agent socket {other_agent.path}" in channel.detail
         assert f"org.qemu.guest_agent.0 at {qemu_side}" in channel.detail
         assert channel.remedy is not None
         assert channel.remedy.params["qga"] == qemu_side

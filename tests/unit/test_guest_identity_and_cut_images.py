@@ -25,7 +25,7 @@ from freezeframe.engine.images import (
     protect_image,
 )
 from freezeframe.engine.snapshot import AGENT_WRONG_VM
-from freezeframe.errors import SnapshotFailedError
+from freezeframe.errors import Action, Remedy, SnapshotFailedError
 from freezeframe.hypervisor.base import DriverCheck, same_socket
 from freezeframe.models import (
     NO_MOUNTED_FILESYSTEM,
@@ -245,14 +245,16 @@ async def test_required_snapshots_a_disk_with_no_filesystem_as_raw_data(
     notes = {d.device: d.quiesce_note for d in rec.disks}
     assert notes == {"disk0": None, "swap": NO_MOUNTED_FILESYSTEM}
     assert NO_MOUNTED_FILESYSTEM in rec.level_reason
-    assert "--exclude-disk swap" in rec.level_reason
+    assert "exclude it from the snapshot" in rec.level_reason
+    assert "--" not in rec.level_reason
     assert rec.error is None
 
     rep = await doctor(catalog, "n", quiesce=QuiescePolicy.REQUIRED)
     [line] = [c for c in rep.checks if c.code == NO_MOUNTED_FILESYSTEM]
     assert line.name == "disk swap filesystems"
     assert line.status is CheckStatus.WARN
-    assert "--exclude-disk swap" in line.fix
+    assert line.remedy == Remedy(Action.EXCLUDE_DISK, "n", {"disk": "swap"})
+    assert "--" not in line.fix
     assert rep.predicted_level is ConsistencyLevel.FILESYSTEM
     assert rep.ok
 
@@ -265,7 +267,9 @@ async def test_required_with_only_raw_disks_fails_with_a_hint(
     with pytest.raises(SnapshotFailedError) as ei:
         await Snapshotter(catalog).snapshot("o", SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
     assert ei.value.hint  # never null
-    assert "--exclude-disk scsi1" in ei.value.message
+    assert ei.value.code == "disk-without-filesystem"
+    assert ei.value.remedy == Remedy(Action.SET_QUIESCE, "o", {"quiesce": "preferred"})
+    assert "exclude that disk from the snapshot" in ei.value.message
     rep = await doctor(catalog, "o")  # preferred: crash, and a line says why
     assert rep.predicted_level is ConsistencyLevel.CRASH
     [why] = [c for c in rep.checks if c.name == "policy outcome"]

@@ -519,7 +519,7 @@ async def test_checks_say_who_qemu_runs_as_and_fail_an_unreachable_overlay_dir(
     bad = checks[f"overlay dir {private}"]
     assert bad.ok is False
     assert "may not be searched" in bad.detail
-    assert "--overlay-dir" in bad.fix
+    assert "give the VM an overlay directory" in bad.fix
     assert checks["security labels"].ok is True
     assert own[f"overlay dir {short_dir}"].ok is (
         unreachable_for(str(short_dir), HostProcess(7, NOBODY, NOBODY)) is None

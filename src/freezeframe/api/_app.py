@@ -49,6 +49,7 @@ from freezeframe.service import (
     SnapshotOutcome,
     SnapshotPage,
     VmSpec,
+    summary_document,
     to_document,
 )
 
@@ -303,13 +304,24 @@ async def _json(obj: Any, *, status: int = 200, headers: dict[str, str] | None =
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+#: Pages of more summaries than this are encoded in a worker thread (~5 us each here).
+_INLINE_ITEMS = 100
+
+
 async def _page(page: SnapshotPage, request: Request) -> Response:
+    """A page of a snapshot list: ``items`` (summaries, :func:`summary_document`) and
+    ``next_cursor`` (also as ``Link: rel="next"``)."""
     headers = {}
     if page.next_cursor:
         url = request.url.include_query_params(cursor=page.next_cursor)
         headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
-    doc = {"items": list(page.items), "next_cursor": page.next_cursor}
-    return await _json(doc, headers=headers)
+
+    def encode() -> bytes:
+        doc = {"items": [summary_document(s) for s in page.items], "next_cursor": page.next_cursor}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    body = encode() if len(page.items) <= _INLINE_ITEMS else await asyncio.to_thread(encode)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="records per page")]
@@ -447,7 +459,8 @@ def create_app(
         cursor: Cursor = None,
         order: Order = "newest",
     ) -> Response:
-        """The VM's snapshot records, a page at a time (``next_cursor``, ``Link: rel=next``)."""
+        """The VM's snapshots, a page at a time (``next_cursor``, ``Link: rel=next``): what a
+        list shows of each (``GET /v1/snapshots/{id}`` has the whole record)."""
         page = await service.list_snapshots(
             vm, limit=limit, cursor=cursor, newest_first=order == "newest"
         )
@@ -457,7 +470,11 @@ def create_app(
     async def list_snapshots(
         request: Request, limit: Limit = 50, cursor: Cursor = None, order: Order = "newest"
     ) -> Response:
-        """Every snapshot record, a page at a time."""
+        """Every snapshot, a page at a time: what a list shows of each (``id``, ``vm``,
+        ``created_at``, ``status``, ``policy``, ``level``, ``error``, ``parent_id``,
+        ``freeze_window_ms``, ``disk_count``, ``filesystem_count``, ``frozen_count``,
+        ``verdict``, ``verified_at``, ``thaw_unconfirmed``, ``intent_left_open``);
+        ``GET /v1/snapshots/{id}`` has the whole record."""
         page = await service.list_snapshots(
             None, limit=limit, cursor=cursor, newest_first=order == "newest"
         )

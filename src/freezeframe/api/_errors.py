@@ -10,6 +10,7 @@ internal-error`` with no traceback in the response (it goes to the server's log)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +84,14 @@ def _vm(remedy: Remedy) -> str:
     return quote(remedy.vm or "{vm}", safe="")
 
 
+#: Remedies that are fields of a new snapshot's body: (remedy parameter, body field).
+_CREATE_FIELDS = {
+    Action.EXCLUDE_DISK: ("disk", "exclude_disks"),
+    Action.EXCLUDE_MOUNT: ("mount", "exclude_mounts"),
+    Action.SET_QUIESCE: ("quiesce", "quiesce"),
+}
+
+
 def render_remedy(remedy: Remedy) -> str:
     """A remedy in the API's words: the endpoint that helps (or, for what only the CLI on the
     server does, the command there)."""
@@ -98,8 +107,17 @@ def render_remedy(remedy: Remedy) -> str:
     if a is Action.LIST_SNAPSHOTS:
         return f"GET /v1/vms/{vm}/snapshots" if remedy.vm else "GET /v1/snapshots"
     if a is Action.ADD_VM:
-        extra = "".join(f', "{k}": "{v}"' for k, v in params.items())
+        params.pop("replace", None)
+        extra = "".join(
+            f', "{k.replace("-", "_")}": ' + ("true" if v == "yes" else json.dumps(v))
+            for k, v in params.items()
+        )
         return f'POST /v1/vms {{"name": "{remedy.vm}", "replace": true{extra}}}'
+    if a in _CREATE_FIELDS:
+        param, name = _CREATE_FIELDS[a]
+        values = [v for v in params.get(param, "").split(",") if v]
+        value = json.dumps(values[0] if a is Action.SET_QUIESCE and values else values)
+        return f'POST /v1/vms/{vm}/snapshots {{"{name}": {value}}}'
     if a is Action.REMOVE_VM:
         return f"DELETE /v1/vms/{vm}"
     if a is Action.IMPORT_LIBVIRT:
@@ -111,6 +129,13 @@ def render_remedy(remedy: Remedy) -> str:
         return f"`freezeframe lab down {remedy.vm}{purge}` on the server"
     if a is Action.FORCE:
         return 'repeat the request with "force": true'
+    if a in (Action.SHOW_SNAPSHOT, Action.VERIFY):
+        sid = quote(params.get("id", "{id}"), safe="{}")
+        return (
+            f"POST /v1/snapshots/{sid}/verify" if a is Action.VERIFY else f"GET /v1/snapshots/{sid}"
+        )
+    if a is Action.LIST_IMAGES:
+        return f"`freezeframe vm images {remedy.vm or 'VM'}` on the server (no endpoint)"
     return a.value
 
 

@@ -14,14 +14,18 @@ Database
     :meth:`Catalog.open` runs ``alembic upgrade head`` with the migrations shipped in
     ``catalog/migrations`` (revision ``0001`` creates every table, ``0002`` adds the libvirt
     address, ``0003`` what a VM lock is held for, ``0004`` a VM's overlay directory, ``0005``
-    what a snapshot holds at its cut); production code never calls ``create_all``.
+    what a snapshot holds at its cut, ``0006`` a VM's Ceph settings, ``0007`` the indexes of
+    a list's keyset pages); production code never calls ``create_all``.
 
 Tables
     ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;
                              ``exclude_mounts`` as a JSON list).
     ``snapshots``            one row per snapshot attempt: id, vm, created_at, status, policy,
                              level, level_reason, error, parent_id, freeze_window_ms, evidence
-                             (JSON list of agent log lines).
+                             (JSON list of agent log lines); indexed on (created_at, id) and
+                             (vm, created_at, id) for the pages of a list
+                             (:meth:`Catalog.list_snapshot_summaries`: one query, counts and
+                             flags computed by the database, no child rows loaded).
     ``snapshot_disks``       the disks of a snapshot, ``(snapshot_id, ordinal)``.
     ``snapshot_filesystems`` guest filesystems and whether each was frozen, same key.
     ``timeline_events``      the steps of a snapshot (name, t, mono_ns, detail), same key.

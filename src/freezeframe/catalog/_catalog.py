@@ -67,6 +67,7 @@ from freezeframe.models import (
     SnapshotFilesystem,
     SnapshotRecord,
     SnapshotStatus,
+    SnapshotSummary,
     TimelineEvent,
     Verification,
     VerifyVerdict,
@@ -138,6 +139,9 @@ def _vm_row(cfg: VmConfig) -> VmRow:
         exclude_mounts=list(cfg.exclude_mounts),
         lab=cfg.lab,
         overlay_dir=cfg.overlay_dir,
+        ceph_conf=cfg.ceph_conf,
+        ceph_id=cfg.ceph_id,
+        ceph_keyring=cfg.ceph_keyring,
     )
 
 
@@ -156,6 +160,9 @@ def _vm(row: VmRow) -> VmConfig:
         exclude_mounts=_strings(row.exclude_mounts, f"exclude_mounts of VM {row.name}"),
         lab=row.lab,
         overlay_dir=row.overlay_dir,
+        ceph_conf=row.ceph_conf,
+        ceph_id=row.ceph_id,
+        ceph_keyring=row.ceph_keyring,
     )
 
 
@@ -331,6 +338,98 @@ _LOAD_SNAPSHOT = (
     selectinload(SnapshotRow.timeline),
     selectinload(SnapshotRow.verification).selectinload(VerificationRow.checks),
 )
+
+
+def _keyset(query: Any, after: tuple[datetime, str] | None, newest_first: bool) -> Any:
+    """``query`` ordered by ``(created_at, id)`` (descending with ``newest_first``) from just
+    after the record keyed ``after``. The condition is written as a range on ``created_at``
+    (``<=`` / ``>=``, then the exact order) so that its index serves it on every backend."""
+    if after is not None:
+        at, sid = after
+        if newest_first:
+            query = query.where(
+                SnapshotRow.created_at <= at,
+                sa.or_(SnapshotRow.created_at < at, SnapshotRow.id < sid),
+            )
+        else:
+            query = query.where(
+                SnapshotRow.created_at >= at,
+                sa.or_(SnapshotRow.created_at > at, SnapshotRow.id > sid),
+            )
+    if newest_first:
+        return query.order_by(SnapshotRow.created_at.desc(), SnapshotRow.id.desc())
+    return query.order_by(SnapshotRow.created_at, SnapshotRow.id)
+
+
+def _count_of(table: type[SnapshotDiskRow | SnapshotFilesystemRow], *where: Any) -> Any:
+    """How many child rows of ``table`` the outer snapshot row has (a correlated subquery on
+    the child's primary key ``(snapshot_id, ordinal)``)."""
+    return (
+        sa.select(sa.func.count())
+        .select_from(table)
+        .where(table.snapshot_id == SnapshotRow.id, *where)
+        .scalar_subquery()
+    )
+
+
+def _last_step(name: str) -> Any:
+    """The ordinal of the outer snapshot's last timeline step called ``name`` (NULL: none)."""
+    return (
+        sa.select(sa.func.max(TimelineEventRow.ordinal))
+        .where(TimelineEventRow.snapshot_id == SnapshotRow.id, TimelineEventRow.name == name)
+        .scalar_subquery()
+    )
+
+
+#: The columns of a summary: the record's own, the verification's (outer join), counts of the
+#: child rows and the last ordinals of the timeline steps that decide its flags.
+_SUMMARY_COLUMNS = (
+    SnapshotRow.id,
+    SnapshotRow.vm,
+    SnapshotRow.created_at,
+    SnapshotRow.status,
+    SnapshotRow.policy,
+    SnapshotRow.level,
+    SnapshotRow.error,
+    SnapshotRow.parent_id,
+    SnapshotRow.freeze_window_ms,
+    VerificationRow.verdict,
+    VerificationRow.checked_at,
+    _count_of(SnapshotDiskRow).label("disk_count"),
+    _count_of(SnapshotFilesystemRow).label("filesystem_count"),
+    _count_of(SnapshotFilesystemRow, SnapshotFilesystemRow.frozen.is_(True)).label("frozen"),
+    _last_step("thaw_unconfirmed").label("last_thaw_unconfirmed"),
+    _last_step("intent_left_open").label("last_intent_left_open"),
+    _last_step("thaw_confirmed").label("last_thaw_confirmed"),
+)
+
+
+def _still(last: int | None, confirmed: int | None) -> bool:
+    """A step at ordinal ``last`` not followed by a ``thaw_confirmed`` (last at ``confirmed``)."""
+    return last is not None and (confirmed is None or confirmed < last)
+
+
+def _summary(row: sa.Row[Any]) -> SnapshotSummary:
+    (sid, vm, created, status, policy, level, error, parent, window, verdict, checked,
+     disks, fss, frozen, unconfirmed, left_open, confirmed) = tuple(row)  # fmt: skip
+    return SnapshotSummary(
+        id=sid,
+        vm=vm,
+        created_at=created,
+        status=_enum(SnapshotStatus, status, "snapshot status"),
+        policy=_enum(QuiescePolicy, policy, "quiesce policy"),
+        level=_enum(ConsistencyLevel, level, "consistency level"),
+        error=error or None,
+        parent_id=parent,
+        freeze_window_ms=window,
+        disk_count=int(disks),
+        filesystem_count=int(fss),
+        frozen_count=int(frozen),
+        verdict=None if verdict is None else _enum(VerifyVerdict, verdict, "verdict"),
+        verified_at=checked,
+        thaw_unconfirmed=_still(unconfirmed, confirmed),
+        intent_left_open=_still(left_open, confirmed),
+    )
 
 
 class _WriteSession(Session):
@@ -1016,30 +1115,56 @@ class Catalog:
             query = query.where(SnapshotRow.vm == vm)
         if status is not None:
             query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
-        if after is not None:
-            at, sid = after
-            if newest_first:
-                query = query.where(
-                    sa.or_(
-                        SnapshotRow.created_at < at,
-                        sa.and_(SnapshotRow.created_at == at, SnapshotRow.id < sid),
-                    )
-                )
-            else:
-                query = query.where(
-                    sa.or_(
-                        SnapshotRow.created_at > at,
-                        sa.and_(SnapshotRow.created_at == at, SnapshotRow.id > sid),
-                    )
-                )
-        if newest_first:
-            query = query.order_by(SnapshotRow.created_at.desc(), SnapshotRow.id.desc())
-        else:
-            query = query.order_by(SnapshotRow.created_at, SnapshotRow.id)
+        query = _keyset(query, after, newest_first)
         if limit is not None:
             query = query.limit(limit)
         with self._reader() as s, s.begin():
             return [_snapshot(r) for r in s.scalars(query)]
+
+    async def list_snapshot_summaries(
+        self,
+        vm: str | None = None,
+        *,
+        limit: int | None = None,
+        after: tuple[datetime, str] | None = None,
+        newest_first: bool = False,
+        status: SnapshotStatus | None = None,
+    ) -> list[SnapshotSummary]:
+        """What a list shows of the snapshots :meth:`list_snapshots_page` would return (same
+        filters, order and keyset paging): one query of the record's columns, the
+        verification's verdict and counts computed by the database, no child rows loaded."""
+        return await self._run(
+            self._list_snapshot_summaries, vm, limit, after, newest_first, status
+        )
+
+    def _list_snapshot_summaries(
+        self,
+        vm: str | None,
+        limit: int | None,
+        after: tuple[datetime, str] | None,
+        newest_first: bool,
+        status: SnapshotStatus | None,
+    ) -> list[SnapshotSummary]:
+        # First the page's ids (the keyset on the snapshots table alone: an index scan, or a
+        # sort of two columns), then the counts and flags for those rows only.
+        keys = sa.select(SnapshotRow.id)
+        if vm is not None:
+            keys = keys.where(SnapshotRow.vm == vm)
+        if status is not None:
+            keys = keys.where(SnapshotRow.status == SnapshotStatus(status).value)
+        keys = _keyset(keys, after, newest_first)
+        if limit is not None:
+            keys = keys.limit(limit)
+        page = keys.subquery("page")
+        query = _keyset(
+            sa.select(*_SUMMARY_COLUMNS)
+            .join(page, page.c.id == SnapshotRow.id)
+            .outerjoin(VerificationRow, VerificationRow.snapshot_id == SnapshotRow.id),
+            None,
+            newest_first,
+        )
+        with self._reader() as s, s.begin():
+            return [_summary(r) for r in s.execute(query)]
 
     async def latest_snapshot(self, vm: str) -> SnapshotRecord | None:
         """The newest snapshot of ``vm`` with status DONE, or None."""

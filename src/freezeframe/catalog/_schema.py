@@ -92,14 +92,22 @@ class VmRow(Base):
     exclude_mounts: Mapped[list[str]] = mapped_column(sa.JSON)
     lab: Mapped[bool] = mapped_column(sa.Boolean)
     overlay_dir: Mapped[str | None] = mapped_column(sa.Text)  # revision 0004
+    ceph_conf: Mapped[str | None] = mapped_column(sa.Text)  # revision 0006
+    ceph_id: Mapped[str | None] = mapped_column(sa.Text)  # revision 0006
+    ceph_keyring: Mapped[str | None] = mapped_column(sa.Text)  # revision 0006
 
 
 class SnapshotRow(Base):
     __tablename__ = "snapshots"
+    # Keyset pages of a list, all snapshots or one VM's, in (created_at, id) order (rev. 0007).
+    __table_args__ = (
+        sa.Index("ix_snapshots_created_at_id", "created_at", "id"),
+        sa.Index("ix_snapshots_vm_created_at", "vm", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(_NAME, primary_key=True)
-    vm: Mapped[str] = mapped_column(_NAME, index=True)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    vm: Mapped[str] = mapped_column(_NAME)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     status: Mapped[str] = mapped_column(_ENUM)
     policy: Mapped[str] = mapped_column(_ENUM)
     level: Mapped[str] = mapped_column(_ENUM)

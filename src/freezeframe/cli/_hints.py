@@ -39,10 +39,23 @@ _NEEDS_VM = {
 _POSITIONAL = {Action.SHOW_SNAPSHOT: "id", Action.VERIFY: "id"}
 
 
+#: Actions that are options of ``snapshot create VM``: the option each parameter becomes.
+_CREATE_OPTIONS = {
+    Action.EXCLUDE_DISK: ("disk", "--exclude-disk"),
+    Action.EXCLUDE_MOUNT: ("mount", "--exclude-mount"),
+    Action.SET_QUIESCE: ("quiesce", "--quiesce"),
+}
+
+
 def command(remedy: Remedy) -> str:
     """The command line of ``remedy`` (``freezeframe recover web1``); for FORCE the option."""
     if remedy.action is Action.FORCE:
         return "--force"
+    if remedy.action in _CREATE_OPTIONS:
+        param, option = _CREATE_OPTIONS[remedy.action]
+        values = [v for v in remedy.params.get(param, "").split(",") if v] or ["VALUE"]
+        opts = " ".join(f"{option} {v}" for v in values)
+        return f"freezeframe snapshot create {remedy.vm or 'VM'} {opts}"
     words = [_BASE[remedy.action]]
     params = dict(remedy.params)
     if remedy.action in _POSITIONAL:

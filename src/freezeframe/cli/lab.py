@@ -41,7 +41,8 @@ def _print_vm(vm: LabVm) -> None:
         # The image the disk booted from (the top of its chain then), its base if that differs.
         base = f" (base {d.base_image.name})" if d.base_image != d.file else ""
         console.print(
-            f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} {d.format} {d.file}{base}",
+            f"  {d.device}    {d.fstype:<5} {d.mountpoint:<11} "
+            + (f"rbd {d.rbd} (lab Ceph)" if d.rbd else f"{d.format} {d.file}{base}"),
             markup=False,
             highlight=False,
         )
@@ -85,6 +86,12 @@ def up(
     timeout: float = typer.Option(
         60.0, "--timeout", help="Seconds for the guest to be ready (more than 0, at most 3600)."
     ),
+    rbd: bool = typer.Option(
+        False,
+        "--rbd",
+        help="A new VM's data disks as RBD images in the lab Ceph (lab ceph up first), opened "
+        "by QEMU's rbd driver (under --libvirt: <disk type='network'>).",
+    ),
     as_json: bool = _JSON,
 ) -> None:
     """Build (cached) and boot a lab VM; return once its agent answers guest-ping.
@@ -99,6 +106,7 @@ def up(
         accel=accel,
         driver=None if libvirt is None else ("libvirt" if libvirt else "qmp"),
         timeout=timeout,
+        rbd=rbd,
     )
     result = serve(lambda svc: svc.lab_up(req), as_json=as_json)
     vm, adopted = result.vm, result.adopted

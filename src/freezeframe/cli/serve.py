@@ -64,6 +64,11 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by every accepted connection: uvicorn (h11) writes a response's head and
+        # body separately, and with Nagle on the body waited for the client's delayed ACK of
+        # the head, ~40 ms per request on a keep-alive connection (measured: list p50 52 ms
+        # -> 6 ms, /healthz 44 -> 2 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(128)
     except OSError as exc:

@@ -178,7 +178,10 @@ def list_(
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List snapshots, oldest first (failed attempts too), also of a VM no longer registered."""
+    """List snapshots, oldest first (failed attempts too), also of a VM no longer registered.
+
+    With --json: what a list shows of each (the items of the API's GET /v1/snapshots);
+    `snapshot show ID --json` has the whole record."""
 
     recs = list(serve(lambda svc: svc.list_snapshots(vm, status=status), as_json=as_json).items)
     if as_json:
@@ -196,7 +199,7 @@ def list_(
             r.status.value,
             r.level.value,
             f"{r.freeze_window_ms:.1f} ms" if r.freeze_window_ms is not None else "-",
-            r.verification.verdict.value if r.verification else "unverified",
+            r.verdict.value if r.verdict else "unverified",
             r.parent_id or "-",
         )
         for r in recs

@@ -50,6 +50,15 @@ def add(
     overlay_dir: Path | None = typer.Option(
         None, "--overlay-dir", help="Create its overlays here (default: next to each image)."
     ),
+    ceph_conf: Path | None = typer.Option(
+        None, "--ceph-conf", help="ceph.conf for its RBD disks (default: what QEMU was given)."
+    ),
+    ceph_id: str | None = typer.Option(
+        None, "--ceph-id", help="Ceph client id for its RBD disks (default: QEMU's, or admin)."
+    ),
+    ceph_keyring: Path | None = typer.Option(
+        None, "--ceph-keyring", help="Keyring file of that client (the key is never stored)."
+    ),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry."),
     force: bool = typer.Option(
         False, "--force", help="With --replace: also a lab VM's entry (it stops being a lab VM)."
@@ -69,6 +78,9 @@ def add(
         agent_log=agent_log,
         exclude_mounts=tuple(exclude_mount),
         overlay_dir=str(overlay_dir.absolute()) if overlay_dir is not None else None,
+        ceph_conf=str(ceph_conf.absolute()) if ceph_conf is not None else None,
+        ceph_id=ceph_id,
+        ceph_keyring=str(ceph_keyring.absolute()) if ceph_keyring is not None else None,
     )
     added = serve(lambda svc: svc.add_vm(spec, replace=replace, force=force), as_json=as_json)
     for path in added.not_there_yet:

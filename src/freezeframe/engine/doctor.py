@@ -50,7 +50,7 @@ from freezeframe.engine.snapshot import (
     Snapshotter,
     open_driver,
 )
-from freezeframe.errors import Action, BusyError, HypervisorError, Remedy
+from freezeframe.errors import Action, BusyError, FreezeframeError, HypervisorError, Remedy
 from freezeframe.hypervisor.base import HypervisorDriver
 from freezeframe.models import (
     NO_MOUNTED_FILESYSTEM,
@@ -60,6 +60,7 @@ from freezeframe.models import (
     QuiescePolicy,
     VmConfig,
 )
+from freezeframe.storage.backends import backend_name_for, load_backend
 
 __all__ = ["DISK_NOT_CUTTABLE", "Check", "CheckStatus", "DoctorReport", "doctor"]
 
@@ -241,21 +242,28 @@ async def _probe(
             add("disks", False, "no writable disk", "attach a disk to snapshot")
         uncuttable: list[str] = []
         for d in disks:
-            problem = driver.cut_problem(d, cfg.overlay_dir)
+            backend = backend_name_for(d)
+            if backend == "qcow2":
+                problem = driver.cut_problem(d, cfg.overlay_dir)
+            else:  # the backend that owns the image says (rbd: its Ceph settings)
+                try:
+                    problem = load_backend(backend).for_vm(cfg, driver).cut_problem(d)
+                except FreezeframeError as exc:
+                    problem = exc.message
             if problem is not None:
                 uncuttable.append(d.device)
             add(
                 f"disk {d.device}",
                 problem is None and driver.capabilities.atomic_multi_disk,
-                f"{d.format} {d.file} (node {d.node}, {d.virtual_size // (1 << 20)} MiB): "
-                + ("part of one atomic cut" if problem is None else problem),
-                f"leave it out with --exclude-disk {d.device}",
+                f"{d.format} {d.file} (node {d.node}, {d.virtual_size // (1 << 20)} MiB), "
+                f"backend {backend}: " + ("part of one atomic cut" if problem is None else problem),
+                ("leave it out of the snapshot", _exclude_disk(cfg.name, d.device)),
                 code=None if problem is None else DISK_NOT_CUTTABLE,
             )
         held = held_images(disks, records)
         for h in held:
-            message, hint = held_message(cfg.name, [h])
-            add(f"disk {h.device} image", False, message, hint, code=IMAGE_HELD)
+            message, hint, remedy = held_message(cfg.name, [h])
+            add(f"disk {h.device} image", False, message, (hint, remedy), code=IMAGE_HELD)
         broken = missing_chain_files(disks)
         copies = open_copies([f for files in broken.values() for f in files]) if broken else {}
         for dev, files in broken.items():
@@ -330,7 +338,8 @@ async def _probe(
         elif qemu_path is not None and probe.info is None:
             # Something listens at the registered path, but it is not this VM's agent port.
             agent_problem = (
-                f"no guest agent answers at {probe.address} (registered with --qga), and QEMU's "
+                f"no guest agent answers at {probe.address} (the VM's registered agent "
+                "socket), and QEMU's "
                 f"agent port org.qemu.guest_agent.0 is at {qemu_path}"
             )
             add("agent channel", False, agent_problem, replace_fix)
@@ -338,7 +347,7 @@ async def _probe(
             add(
                 "agent channel",
                 None,
-                f"the VM is registered with --qga {probe.address}, but QEMU's agent port "
+                f"the VM is registered with agent socket {probe.address}, but QEMU's agent port "
                 f"org.qemu.guest_agent.0 is at {qemu_path}: the agent answering at "
                 f"{probe.address} may be another VM's (its freeze would not quiesce this one), "
                 "unless it reaches the same port another way (a proxy, QEMU in another mount "
@@ -412,8 +421,11 @@ async def _probe(
                     if freezable
                     else "cannot be frozen (no FIFREEZE)" + (", excluded" if excluded else "")
                 ),
-                f"--exclude-mount {fs.mountpoint} (that disk stays crash-consistent) or "
-                f"--exclude-disk {disk.device if disk else '?'}",
+                (
+                    f"exclude mount point {fs.mountpoint} (that disk stays crash-consistent) "
+                    f"or disk {disk.device if disk else '?'} from the snapshot",
+                    Remedy(Action.EXCLUDE_MOUNT, cfg.name, {"mount": fs.mountpoint}),
+                ),
             )
 
     plan = make_plan(
@@ -430,7 +442,10 @@ async def _probe(
             "the guest mounts nothing from it (swap, raw use or unmounted): it is cut as raw "
             f"data, crash-level for that disk ({NO_MOUNTED_FILESYSTEM}); the snapshot's level "
             "is that of the mounted filesystems",
-            f"leave it out with --exclude-disk {dev} if it holds nothing worth keeping",
+            (
+                "leave it out of the snapshot if it holds nothing worth keeping",
+                _exclude_disk(cfg.name, dev),
+            ),
             code=NO_MOUNTED_FILESYSTEM,
         )
     refused = [f"the registered guest agent is not this VM's ({AGENT_WRONG_VM})"]
@@ -483,8 +498,11 @@ async def _probe(
             False,
             "this VM cannot be snapshotted with quiesce required (os_require_quiesce): "
             + "; ".join(plan.problems),
-            "fix the failing checks above, or use --quiesce preferred (crash-consistent "
-            "where the guest cannot be frozen)",
+            (
+                "fix the failing checks above, or snapshot with quiesce preferred "
+                "(crash-consistent where the guest cannot be frozen)",
+                Remedy(Action.SET_QUIESCE, cfg.name, {"quiesce": QuiescePolicy.PREFERRED.value}),
+            ),
         )
     else:
         level = plan.predicted_level
@@ -559,6 +577,11 @@ def _frozen_detail(intents: list[FreezeIntent]) -> str:
 
 #: A fix: a neutral sentence and the operation that helps (rendered by each face).
 _Fix = tuple[str, Remedy | None]
+
+
+def _exclude_disk(vm: str, device: str) -> Remedy:
+    """The remedy "a snapshot of ``vm`` without disk ``device``"."""
+    return Remedy(Action.EXCLUDE_DISK, vm, {"disk": device})
 
 
 def _frozen_fix(vm: str, intents: list[FreezeIntent]) -> _Fix:

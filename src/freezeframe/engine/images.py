@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, make_owner
-from freezeframe.errors import BusyError, FreezeframeError
+from freezeframe.errors import Action, BusyError, FreezeframeError, Remedy
 from freezeframe.hypervisor import load_driver
 from freezeframe.models import (
     DiskInfo,
@@ -149,9 +149,9 @@ def held_images(disks: Sequence[DiskInfo], records: Sequence[SnapshotRecord]) ->
     return out
 
 
-def held_message(vm: str, held: Sequence[HeldImage]) -> tuple[str, str]:
-    """``(message, hint)`` naming, per disk, the image it writes to, the snapshots at risk and
-    the image to boot from."""
+def held_message(vm: str, held: Sequence[HeldImage]) -> tuple[str, str, Remedy]:
+    """``(message, hint, remedy)`` naming, per disk, the image it writes to, the snapshots at
+    risk and the image to boot from; the remedy lists the VM's images."""
     parts = []
     for h in held:
         n = len(h.snapshot_ids)
@@ -163,13 +163,12 @@ def held_message(vm: str, held: Sequence[HeldImage]) -> tuple[str, str]:
         )
     ids = list(dict.fromkeys(i for h in held for i in h.snapshot_ids))
     hint = (
-        f"stop VM {vm} and start it again on the newest overlay of each disk "
-        f"(`freezeframe vm images {vm}` lists them); or, to give up "
-        f"{'those snapshots' if len(ids) > 1 else 'that snapshot'}, run `freezeframe snapshot "
-        f"verify ID` for {', '.join(ids)} (a changed one is recorded changed-since-cut and no "
-        "longer protected) and retry"
+        f"stop VM {vm} and start it again on the newest overlay of each disk; or, to give up "
+        f"{'those snapshots' if len(ids) > 1 else 'that snapshot'}, verify "
+        f"{', '.join(ids)} (a changed one is recorded changed-since-cut and no longer "
+        "protected) and retry; the VM's images"
     )
-    return "; ".join(parts), hint
+    return "; ".join(parts), hint, Remedy(Action.LIST_IMAGES, vm)
 
 
 def protect_image(path: str) -> tuple[int | None, str | None]:

@@ -216,8 +216,8 @@ def _partial_exclusions(
         if left_out and len(left_out) < len(on):
             bad.append(
                 f"{fs.mountpoint} spans {_names([d.device for d in on])}: excluding "
-                f"{_names(left_out)} would snapshot only part of it; exclude the mount point "
-                f"too (--exclude-mount {fs.mountpoint}), or "
+                f"{_names(left_out)} would snapshot only part of it; exclude its mount point "
+                f"{fs.mountpoint} too, or exclude "
                 + ("neither disk" if len(on) == 2 else "none of its disks")
             )
     return bad
@@ -277,10 +277,8 @@ def make_plan(
                 names = [d.device for d in on]
                 problems.append(
                     f"{fs.mountpoint} ({fs.fstype}) on disk {_names(names)} cannot be frozen; "
-                    "leave the disk out with "
-                    + " ".join(f"--exclude-disk {n}" for n in names)
-                    + f", or take it unfrozen (crash-consistent) with --exclude-mount "
-                    f"{fs.mountpoint}"
+                    f"exclude disk {_names(names)} from the snapshot, or exclude mount point "
+                    f"{fs.mountpoint} to take it unfrozen (crash-consistent)"
                 )
         else:
             decisions += [FsDecision(fs, dev, freeze=True) for dev in devices]
@@ -296,8 +294,8 @@ def make_plan(
             problems.append(
                 f"disk {disk.device} carries no guest filesystem the agent reports, and "
                 f"{_names([d.fs.mountpoint for d in unplaced])} (not frozen) could not be "
-                f"placed on a disk: it can only be crash-consistent; leave it out with "
-                f"--exclude-disk {disk.device}"
+                f"placed on a disk: it can only be crash-consistent; exclude disk "
+                f"{disk.device} from the snapshot"
             )
         else:
             raw.append(disk.device)
@@ -318,11 +316,9 @@ def make_plan(
             *problems,
             "no guest filesystem to freeze on the snapshotted disks"
             + (
-                f" (the guest mounts nothing from {_names(raw)}: leave "
-                + ("it" if len(raw) == 1 else "them")
-                + " out with "
-                + " ".join(f"--exclude-disk {n}" for n in raw)
-                + ", or snapshot without freezing: --quiesce preferred or off)"
+                f" (the guest mounts nothing from {_names(raw)}: exclude "
+                + ("that disk" if len(raw) == 1 else "those disks")
+                + " from the snapshot, or snapshot without freezing: quiesce preferred or off)"
                 if raw
                 else ""
             ),
@@ -365,11 +361,11 @@ def check_exclusions(
     Raises nothing."""
     bad: list[str] = []
     names = {d.device for d in disks} | {d.node for d in disks}
-    bad += [f"--exclude-disk {x}: the VM has no such disk" for x in exclude_disks if x not in names]
+    bad += [f"excluded disk {x}: the VM has no such disk" for x in exclude_disks if x not in names]
     if guest_fs is not None:
         mounts = {f.mountpoint for f in guest_fs}
         bad += [
-            f"--exclude-mount {x}: the guest has no such mount point"
+            f"excluded mount point {x}: the guest has no such mount point"
             for x in exclude_mounts
             if x not in mounts
         ]

@@ -44,8 +44,10 @@ from freezeframe.models import (
     SnapshotDisk,
     SnapshotRecord,
     SnapshotStatus,
+    VmConfig,
 )
 from freezeframe.storage import sweep_stale_workspaces
+from freezeframe.storage.backends import backend_of_record, load_backend
 
 __all__ = ["RecoverOutcome", "cut_outcome_unknown", "recover"]
 
@@ -136,9 +138,9 @@ async def _recover_vm(
         live = [i for i in intents if not holder_is_dead(i.owner, i.opened_at)]
         if live:
             return [
-                _skipped(i, f"owned by a live process ({i.owner}); --force thaws anyway")
+                _skipped(i, f"owned by a live process ({i.owner}); forcing thaws anyway")
                 if i in live
-                else _skipped(i, "the VM has an intent of a live process; --force thaws anyway")
+                else _skipped(i, "the VM has an intent of a live process; forcing thaws anyway")
                 for i in intents
             ]
     owner = make_owner()
@@ -149,7 +151,7 @@ async def _recover_vm(
     except BusyError as exc:
         if not force:  # a live snapshot: its running record is not stale either
             return [
-                _skipped(i, f"{exc.message}; it thaws itself; --force thaws anyway")
+                _skipped(i, f"{exc.message}; it thaws itself; forcing thaws anyway")
                 for i in intents
             ]
         log.warning("recovering VM %s without its lock (--force): %s", vm, exc.message)
@@ -276,7 +278,7 @@ async def _settle_disks(
     answers something no cut leaves): the record is then left for a later recover."""
     if not rec.disks:
         return await _discard_unrecorded(catalog, rec, timeout), (), True
-    files = ", ".join(str(d.overlay) for d in rec.disks)
+    files = ", ".join(d.overlay or d.image for d in rec.disks)
     state = await _ask_and_abort(catalog, rec, timeout)
     if state not in ("switched", "not-switched", "unknown"):
         return f"the hypervisor cannot be asked about its overlays ({state})", rec.disks, False
@@ -323,18 +325,60 @@ async def _ask_and_abort(catalog: Catalog, rec: SnapshotRecord, timeout: float) 
     """Ask the VM's driver whether ``rec``'s recorded cut is in effect and remove its overlays
     when it is not. Returns the cut state ("switched", "not-switched", "unknown"), or why the
     driver could not be asked."""
+    qcow2 = tuple(d for d in rec.disks if backend_of_record(d) == "qcow2")
+    others = tuple(d for d in rec.disks if backend_of_record(d) != "qcow2")
     try:
-        driver = open_driver(await catalog.get_vm(rec.vm))
-        prepared = driver.prepared_from_record(rec.id, rec.disks)
+        cfg = await catalog.get_vm(rec.vm)
+        if not qcow2:
+            return await _settle_other_backends(cfg, rec, others, timeout)
+        driver = open_driver(cfg)
+        prepared = driver.prepared_from_record(rec.id, qcow2)
         async with asyncio.timeout(timeout * 3), driver:
             state: str = await driver.cut_state(prepared)
             if state == "unknown":
                 state = await _state_from_chains(driver, prepared)
             if state == "not-switched":
                 await driver.abort(prepared)
+                if others:  # made before the transaction that did not happen: not kept
+                    await _remove_other_backends(cfg, rec, others, timeout)
             return state
     except (FreezeframeError, TimeoutError) as exc:
         return exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+
+
+async def _settle_other_backends(
+    cfg: VmConfig, rec: SnapshotRecord, disks: tuple[SnapshotDisk, ...], timeout: float
+) -> str:
+    """A cut made only by backends whose parts can be taken back (RBD snapshots) of an attempt
+    that was never recorded done (it died, or its outcome was unknown): whatever it made is
+    removed (an RBD snapshot that appears late was not made inside the freeze: never kept).
+    Returns ``not-switched`` once removed, as :func:`_ask_and_abort`, else why not. Raises
+    FreezeframeError, TimeoutError."""
+    for name in dict.fromkeys(backend_of_record(d) for d in disks):
+        backend = load_backend(name).for_vm(cfg, None)
+        handle = backend.handle_from_record(
+            rec.id, [d for d in disks if backend_of_record(d) == name]
+        )
+        async with asyncio.timeout(timeout * 3):
+            await backend.abort(handle)
+            got = await backend.cut_state(handle)
+            if got != "not-switched":
+                return f"its {name} snapshots could not be removed (state {got})"
+    return "not-switched"
+
+
+async def _remove_other_backends(
+    cfg: VmConfig, rec: SnapshotRecord, disks: tuple[SnapshotDisk, ...], timeout: float
+) -> None:
+    """Remove what backends other than qcow2 made for ``rec`` (RBD snapshots). Never raises
+    for the backends' own trouble (logged)."""
+    for name in dict.fromkeys(backend_of_record(d) for d in disks):
+        backend = load_backend(name).for_vm(cfg, None)
+        handle = backend.handle_from_record(
+            rec.id, [d for d in disks if backend_of_record(d) == name]
+        )
+        async with asyncio.timeout(timeout * 3):
+            await backend.abort(handle)
 
 
 async def _state_from_chains(driver: HypervisorDriver, prepared: PreparedCut) -> str:

@@ -19,6 +19,11 @@ Guarantees:
 - One snapshot at a time per VM (the catalog's VM lock).
 - A disk whose image chain holds a file missing on this host (deleted while QEMU keeps it
   open) is refused before anything is prepared or frozen (:class:`BrokenChainError`).
+- Each disk is cut by the storage backend that owns its image
+  (:mod:`freezeframe.storage.backends`: ``qcow2`` overlays through the driver, ``rbd``
+  snapshots); the parts that can be taken back (RBD snapshots, all at once) are cut first, the
+  qcow2 transaction last, so any failure takes every part back. Without a freeze, a cut with a
+  backend that has no atomic multi-disk cut runs with the vCPUs paused (recorded).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from freezeframe._aio import shielded
 from freezeframe.agent import Agent
@@ -70,10 +76,12 @@ from freezeframe.errors import (
     Remedy,
     SnapshotFailedError,
     SnapshotUnrecordedError,
+    StorageError,
     ThawUnconfirmedError,
     UsageError,
 )
 from freezeframe.hypervisor import HypervisorDriver, PreparedCut, load_driver
+from freezeframe.hypervisor.base import CutState
 from freezeframe.models import (
     MAX_FREEZE_TIMEOUT,
     NO_MOUNTED_FILESYSTEM,
@@ -91,6 +99,12 @@ from freezeframe.models import (
     SnapshotStatus,
     TimelineEvent,
     VmConfig,
+)
+from freezeframe.storage.backends import (
+    Qcow2Backend,
+    StorageBackend,
+    backend_name_for,
+    load_backend,
 )
 
 __all__ = [
@@ -208,6 +222,11 @@ class _Run:
     cut_images: dict[str, tuple[ImageFingerprint | None, int | None]] = field(default_factory=dict)
     followup: asyncio.Task[bool] | None = None
     stored: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The storage backends of this VM's disks by name (``qcow2`` always; ``rbd`` when a disk
+    #: is in Ceph), and the prepared parts of the backends other than qcow2 (whose part is
+    #: ``prepared``), in the order they are cut: before the qcow2 transaction.
+    backends: dict[str, StorageBackend] = field(default_factory=dict)
+    parts: list[tuple[StorageBackend, Any]] = field(default_factory=list)
 
     @property
     def sid(self) -> str:
@@ -480,7 +499,11 @@ class Snapshotter:
     ) -> None:
         """Record a failed attempt; when the cut happened (or may have), its disks too, so the
         overlays the VM now writes to are never lost from the catalog."""
-        disks = _snapshot_disks(run.prepared) if run.cut_done or run.cut_unknown else ()
+        disks = (
+            _snapshot_disks(run.prepared, parts=run.parts)
+            if run.cut_done or run.cut_unknown
+            else ()
+        )
         failed = replace(
             run.record,
             status=SnapshotStatus.FAILED,
@@ -529,6 +552,7 @@ class Snapshotter:
                 )
             cut_disks = [d for d in disks if d.device not in set(run.req.exclude_disks)]
             run.record = replace(run.record, parent_id=await self._parent(cfg.name, cut_disks))
+            run.backends = self._backends(run, driver, disks)
             run.probe = AgentProbe(address=None, problem="quiesce off")
             if run.policy is not QuiescePolicy.OFF:
                 run.agent, run.probe = await self._connect_agent(cfg, driver, disks)
@@ -546,10 +570,8 @@ class Snapshotter:
                         code=code,
                         remedy=remedy,
                     )
-                prepared = run.prepared = await driver.prepare_cut(
-                    run.sid, list(plan.disks), run.req.overlay_dir or run.cfg.overlay_dir
-                )
-                tl.mark("prepared", f"{len(prepared.disks)} overlay(s) created before the freeze")
+                await self._prepare(run, list(plan.disks))
+                tl.mark("prepared", _prepared_summary(run))
                 try:
                     await self._checkpoint(run)
                     quiesce = (
@@ -571,7 +593,7 @@ class Snapshotter:
                         await shielded(self._resolve_interrupted_cut(run, driver))
                     # An unknown outcome keeps everything: the VM may be writing to an overlay.
                     if not run.cut_done and not run.cut_unknown:
-                        await shielded(driver.abort(prepared))
+                        await shielded(self._abort(run))
                 await self._verify_cut(run, driver)
                 self._protect_cut(run)
                 evidence: tuple[str, ...] = ()
@@ -633,7 +655,8 @@ class Snapshotter:
         """Store the running record with its prepared disks, parent and timeline so far: if the
         process dies from here on, ``freezeframe recover`` finds the overlays to clean up (or,
         when the cut happened, to keep) and the record keeps its story."""
-        rec = replace(run.record, disks=_snapshot_disks(run.prepared), timeline=run.tl.events)
+        rec = replace(run.record, disks=_snapshot_disks(run.prepared, parts=run.parts),
+                      timeline=run.tl.events)  # fmt: skip
         await self.catalog.finish_snapshot(rec)
 
     async def _parent(self, vm: str, disks: list[DiskInfo]) -> str | None:
@@ -646,10 +669,11 @@ class Snapshotter:
         current = {d.device: d.file for d in disks}
         for rec in reversed(await self.catalog.list_snapshots(vm)):
             # Failed attempts count too when their cut happened (their disks are recorded).
-            overlays = {d.device: d.overlay for d in rec.disks if d.overlay}
+            # An RBD disk writes on to its image (``rbd:pool/image``) after its snapshot.
+            overlays = {d.device: o for d in rec.disks if (o := _written_after(d))}
             if overlays == current:
                 return rec.id
-            if any(d.overlay in current.values() for d in rec.disks):
+            if any(_written_after(d) in current.values() for d in rec.disks):
                 return None  # the newest ancestor of some disk covers other disks
         return None
 
@@ -662,12 +686,13 @@ class Snapshotter:
         held = held_images(disks, records)
         if not held:
             return
-        message, hint = held_message(run.cfg.name, held)
+        message, hint, remedy = held_message(run.cfg.name, held)
         raise SnapshotFailedError(
             f"snapshot {run.sid} of {run.cfg.name} refused, nothing prepared or frozen: " + message,
             snapshot_id=run.sid,
             hint=hint,
             code=IMAGE_HELD,
+            remedy=remedy,
         )
 
     async def _refuse_wrong_agent(self, run: _Run, driver: HypervisorDriver) -> None:
@@ -720,7 +745,7 @@ class Snapshotter:
             return None, AgentProbe(
                 address=None,
                 code="no-address",
-                problem="no guest-agent socket path is known (vm add --qga PATH)",
+                problem="no guest-agent socket path is known (the VM is registered without one)",
             )
         elsewhere = driver.agent_elsewhere(address, channel)
         if elsewhere is not None:  # never connected to: its guest is not this VM
@@ -845,7 +870,7 @@ class Snapshotter:
         uncuttable = [
             f"disk {d.device}: {why}"
             for d in plan.disks
-            if (why := driver.cut_problem(d, req.overlay_dir or cfg.overlay_dir))
+            if (why := run.backends[backend_name_for(d)].cut_problem(d))
         ]
         if uncuttable:
             raise _Failed(
@@ -979,27 +1004,160 @@ class Snapshotter:
         the error instead of raising so the thaw comes first; :meth:`_settle_cut` judges it."""
         prepared = run.prepared
         assert prepared is not None
-        run.tl.mark("cut_sent")
+        paused = await self._pause_for_cut(run, driver)
         try:
-            if deadline is None:
-                await driver.cut(prepared)
-            else:
-                left = max(deadline - asyncio.get_running_loop().time(), 1.0)
-                async with asyncio.timeout(left):
-                    await driver.cut(prepared)
-        except (HypervisorError, TimeoutError) as exc:
-            msg = exc.message if isinstance(exc, HypervisorError) else "no answer in time"
-            run.tl.mark("cut_failed", msg)
-            return exc
-        except asyncio.CancelledError:
-            # The transaction may have been sent: until asked (after the thaw), the VM may
-            # write to the new overlays, so nothing may be deleted and the disks are recorded.
-            run.cut_unknown = run.cut_interrupted = True
-            run.tl.mark("cut_interrupted", "cancelled while the transaction ran")
-            raise
+            run.tl.mark("cut_sent")
+            try:
+                if deadline is None:
+                    await self._cut_parts(run)
+                else:
+                    left = max(deadline - asyncio.get_running_loop().time(), 1.0)
+                    async with asyncio.timeout(left):
+                        await self._cut_parts(run)
+            except (HypervisorError, StorageError, TimeoutError) as exc:
+                msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+                run.tl.mark("cut_failed", msg)
+                return exc
+            except asyncio.CancelledError:
+                # The transaction may have been sent: until asked (after the thaw), the VM
+                # may write to the new overlays, so nothing may be deleted and the disks are
+                # recorded.
+                run.cut_unknown = run.cut_interrupted = True
+                run.tl.mark("cut_interrupted", "cancelled while the transaction ran")
+                raise
+        finally:
+            if paused:
+                await shielded(self._resume_after_cut(run, driver))
         run.cut_done = True
-        run.tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
+        n_other = sum(len(b.record_disks(h)) for b, h in run.parts)
+        if n_other:
+            run.tl.mark(
+                "cut",
+                f"{n_other} RBD snapshot(s) at once"
+                + (f", then {len(prepared.disks)} disk(s) in one transaction"
+                   if prepared.disks else ""),
+            )  # fmt: skip
+        else:
+            run.tl.mark("cut", f"{len(prepared.disks)} disk(s) in one transaction")
         return None
+
+    async def _cut_parts(self, run: _Run) -> None:
+        """The cut itself: first the parts that can be taken back (every RBD snapshot at once,
+        all or nothing), then the qcow2 disks' one atomic transaction; if that fails, the
+        RBD snapshots are removed again by the abort that follows (nothing is switched)."""
+        prepared = run.prepared
+        assert prepared is not None
+        if run.parts:
+            results = await asyncio.gather(
+                *(b.cut(h) for b, h in run.parts), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+        if prepared.disks:
+            await run.backends["qcow2"].cut(prepared)
+
+    async def _pause_for_cut(self, run: _Run, driver: HypervisorDriver) -> bool:
+        """Pause the vCPUs before a cut that is not atomic by itself (several disks, one of
+        them cut by a backend without an atomic multi-disk cut: RBD) while nothing is frozen
+        (no agent, quiesce off, or a freeze that failed under ``preferred``). True when it
+        paused (and :meth:`_resume_after_cut` must follow). Raises HypervisorError."""
+        frozen = run.frozen_count is not None and run.freeze_problem is None
+        if frozen or not run.parts:
+            return False
+        if all(b.capabilities.atomic_multi_disk for b, _ in run.parts):
+            return False
+        if len(_snapshot_disks(run.prepared, parts=run.parts)) < 2:
+            return False
+        if not driver.capabilities.pause_resume:
+            run.notes.append(f"the {driver.name} driver cannot pause the vCPUs: the cut of "
+                             "several disks with RBD images is not atomic")  # fmt: skip
+            return False
+        state = await driver.run_state()
+        if state not in ("running", None):
+            run.tl.mark("not_paused", f"the VM is {state} already: the cut is atomic")
+            return False
+        await driver.pause()
+        run.tl.mark("paused", "vCPUs stopped around the cut (nothing frozen)")
+        return True
+
+    async def _resume_after_cut(self, run: _Run, driver: HypervisorDriver) -> None:
+        """Resume the vCPUs :meth:`_pause_for_cut` stopped; mark how long they were stopped
+        (``resumed``, ``pause_window``) and say so on the record. Never raises a
+        HypervisorError (a failed resume is noted)."""
+        try:
+            await driver.resume()
+        except HypervisorError as exc:
+            run.tl.mark("resume_failed", exc.message)
+            run.notes.append(f"the vCPUs paused for the cut could not be resumed: {exc.message}")
+            return
+        run.tl.mark("resumed")
+        paused_ms = run.tl.ms_between("paused", "resumed") or 0.0
+        run.tl.mark("pause_window", f"{paused_ms:.1f} ms")
+        run.notes.append(
+            f"the guest's vCPUs were paused for {paused_ms:.0f} ms around the cut "
+            "(nothing frozen: a cut of several disks with RBD images is atomic only so)"
+        )
+
+    def _backends(
+        self, run: _Run, driver: HypervisorDriver, disks: list[DiskInfo]
+    ) -> dict[str, StorageBackend]:
+        """The storage backend of each kind of disk the VM has: ``qcow2`` (the driver's
+        overlays) always, the others loaded by name when a disk needs them. Raises UsageError
+        / DependencyError (a backend whose package is missing)."""
+        out: dict[str, StorageBackend] = {
+            "qcow2": Qcow2Backend(driver, run.req.overlay_dir or run.cfg.overlay_dir)
+        }
+        for d in disks:
+            name = backend_name_for(d)
+            if name not in out:
+                out[name] = load_backend(name).for_vm(run.cfg, driver)
+        return out
+
+    async def _prepare(self, run: _Run, disks: list[DiskInfo]) -> PreparedCut:
+        """Prepare every disk with its backend before the freeze: the qcow2 overlays (the
+        driver's), then the other backends' parts (``run.parts``: RBD images opened). On a
+        failure, what was prepared is removed again and the error raised."""
+        groups: dict[str, list[DiskInfo]] = {}
+        for d in disks:
+            groups.setdefault(backend_name_for(d), []).append(d)
+        qcow2 = run.backends["qcow2"]
+        assert isinstance(qcow2, Qcow2Backend)
+        prepared = await qcow2.prepare(run.sid, groups.pop("qcow2", []))
+        run.prepared = prepared
+        try:
+            for name, group in groups.items():
+                backend = run.backends[name]
+                run.parts.append((backend, await backend.prepare(run.sid, group)))
+        except BaseException:
+            await shielded(self._abort(run))
+            raise
+        return prepared
+
+    async def _abort(self, run: _Run) -> None:
+        """Remove every part prepared (and made, when the cut is not kept). Never raises."""
+        for backend, handle in run.parts:
+            await backend.abort(handle)
+        if run.prepared is not None:
+            await run.backends["qcow2"].abort(run.prepared)
+
+    async def _cut_state(self, run: _Run, driver: HypervisorDriver) -> CutState:
+        """The state of the whole cut: the qcow2 transaction decides when there is one (the
+        RBD snapshots are made before it: not switched there means nothing is kept); else
+        every RBD snapshot made (switched) or none (not switched). Never raises."""
+        prepared = run.prepared
+        assert prepared is not None
+        others = [await b.cut_state(h) for b, h in run.parts]
+        if prepared.disks:
+            state = await run.backends["qcow2"].cut_state(prepared)
+            if state == "switched" and any(s != "switched" for s in others):
+                return "unknown"
+            return state
+        if others and all(s == "switched" for s in others):
+            return "switched"
+        if others and all(s == "not-switched" for s in others):
+            return "not-switched"
+        return "unknown"
 
     async def _resolve_interrupted_cut(self, run: _Run, driver: HypervisorDriver) -> None:
         """After a cancellation during the cut (the guest is thawed by now): ask which images the
@@ -1008,7 +1166,7 @@ class Snapshotter:
         assert prepared is not None
         try:
             async with asyncio.timeout(10):
-                state = await driver.cut_state(prepared)
+                state = await self._cut_state(run, driver)
         except (HypervisorError, TimeoutError):
             state = "unknown"
         run.tl.mark("cut_state", state)
@@ -1023,12 +1181,14 @@ class Snapshotter:
         prepared = run.prepared
         assert prepared is not None
         try:
-            await driver.verify_cut(prepared)
+            await run.backends["qcow2"].confirm(prepared)
+            for backend, handle in run.parts:
+                await backend.confirm(handle)
         except CutError as exc:
             raise _Failed(f"the cut was reported done but {exc.message}") from exc
         except HypervisorError as exc:
             try:
-                state = await driver.cut_state(prepared)
+                state = await self._cut_state(run, driver)
             except HypervisorError:
                 state = "unknown"
             if state != "switched":
@@ -1040,7 +1200,12 @@ class Snapshotter:
             run.notes.append(f"the cut could not be verified in full ({exc.message})")
             run.tl.mark("cut_state", state)
             return
-        run.tl.mark("cut_verified", "every disk writes to its new overlay")
+        run.tl.mark(
+            "cut_verified",
+            ("every disk writes to its new overlay" if prepared.disks else "")
+            + ("; " if prepared.disks and run.parts else "")
+            + ("every RBD snapshot exists" if run.parts else ""),
+        )
 
     def _protect_cut(self, run: _Run) -> None:
         """Once the cut is verified (the images at the cut are backing files now, settled): take
@@ -1048,6 +1213,8 @@ class Snapshotter:
         noted, the snapshot stands)."""
         prepared = run.prepared
         assert prepared is not None
+        if not prepared.disks:  # RBD snapshots are read-only by nature: nothing to protect
+            return
         problems = []
         for p in prepared.disks:
             mode, problem = protect_image(p.image_at_cut)
@@ -1069,8 +1236,8 @@ class Snapshotter:
             return
         prepared = run.prepared
         assert prepared is not None
-        msg = exc.message if isinstance(exc, HypervisorError) else "no answer in time"
-        state = await driver.cut_state(prepared)
+        msg = exc.message if isinstance(exc, FreezeframeError) else "no answer in time"
+        state = await self._cut_state(run, driver)
         run.tl.mark("cut_state", state)
         if state == "switched":
             run.cut_done = True
@@ -1082,7 +1249,11 @@ class Snapshotter:
                 f"the cut's outcome is unknown ({msg}); the overlays are kept and listed",
                 hint="check the VM's disks (query-block) before deleting any overlay",
             )
-        raise _Failed(f"the cut failed, nothing was switched: {msg}")
+        raise _Failed(
+            f"the cut failed, nothing was switched: {msg}",
+            code=exc.code if isinstance(exc, StorageError) else None,
+            hint=exc.hint if isinstance(exc, StorageError) else None,
+        )
 
     async def _thaw_and_close(
         self,
@@ -1269,8 +1440,8 @@ class Snapshotter:
         if plan.raw_disks:
             why += (
                 f"; cut as raw data ({NO_MOUNTED_FILESYSTEM}: the guest mounts nothing from "
-                f"{', '.join(plan.raw_disks)}, crash-level for that disk); to leave it out: "
-                + " ".join(f"--exclude-disk {n}" for n in plan.raw_disks)
+                f"{', '.join(plan.raw_disks)}, crash-level for that disk); to leave it out, "
+                "exclude it from the snapshot"
             )
         for note in (run.thaw_note, *run.notes):
             if note:
@@ -1295,8 +1466,20 @@ def _driver_agent(driver: HypervisorDriver, address: str, timeout: float) -> Age
     return driver.agent_at(address, timeout=timeout)
 
 
+def _prepared_summary(run: _Run) -> str:
+    prepared = run.prepared
+    n = len(prepared.disks) if prepared is not None else 0
+    text = f"{n} overlay(s) created before the freeze"
+    for backend, handle in run.parts:
+        text += f"; {len(backend.record_disks(handle))} {backend.name} image(s) opened"
+    return text
+
+
 def _snapshot_disks(
-    prepared: PreparedCut | None, run: _Run | None = None
+    prepared: PreparedCut | None,
+    run: _Run | None = None,
+    *,
+    parts: list[tuple[StorageBackend, Any]] | None = None,
 ) -> tuple[SnapshotDisk, ...]:
     """The record's disks; with ``run`` (the finished snapshot), what is known about each at
     the cut: fingerprint, mode before protection, per-disk quiesce note."""
@@ -1320,13 +1503,25 @@ def _snapshot_disks(
                 quiesce_note=NO_MOUNTED_FILESYSTEM if p.disk.device in raw else None,
             )
         )
+    for backend, handle in parts if parts is not None else (run.parts if run else []):
+        for d in backend.record_disks(handle):
+            note = NO_MOUNTED_FILESYSTEM if d.device in raw else None
+            out.append(replace(d, quiesce_note=note))
     return tuple(out)
+
+
+def _written_after(disk: SnapshotDisk) -> str | None:
+    """What a recorded disk writes to after its cut: its overlay, or for an RBD snapshot its
+    image (``rbd:pool/image``)."""
+    if disk.overlay:
+        return disk.overlay
+    return disk.image.partition("@")[0] if disk.backend == "rbd" else None
 
 
 def _wrong_socket(vm: str, address: str, elsewhere: str) -> str:
     """The problem of a VM registered with an agent socket that is not the one QEMU serves."""
     return (
-        f"the guest agent registered for VM {vm} (--qga {address}) is not this VM's: QEMU "
+        f"the guest agent registered for VM {vm} (agent socket {address}) is not this VM's: QEMU "
         f"serves VM {vm}'s agent port org.qemu.guest_agent.0 at {elsewhere}; the agent at "
         f"{address} is another guest's (freezing it would freeze that guest and cut {vm} "
         "unfrozen)"
@@ -1362,11 +1557,12 @@ def _hint_for(vm: str, problems: tuple[str, ...]) -> tuple[str, str, Remedy | No
     """Why quiesce ``required`` cannot be met, as (neutral hint, code, remedy)."""
     text = " ".join(problems)
     doctor = Remedy(Action.DOCTOR, vm)
+    preferred = Remedy(Action.SET_QUIESCE, vm, {"quiesce": QuiescePolicy.PREFERRED.value})
     if "without a guest agent" in text or "no guest-agent channel" in text:
         return (
-            "set hw_qemu_guest_agent=yes on the image, or use quiesce preferred",
+            "set hw_qemu_guest_agent=yes on the image, or snapshot with quiesce preferred",
             "agent-unreachable",
-            None,
+            preferred,
         )
     if "breaks the protocol" in text:
         return (
@@ -1380,12 +1576,17 @@ def _hint_for(vm: str, problems: tuple[str, ...]) -> tuple[str, str, Remedy | No
     if "does not answer" in text:
         return "install and start qemu-guest-agent in the guest", "agent-unreachable", doctor
     if "cannot be frozen" in text:
-        return "exclude the mount point or the disk from the snapshot", "fs-not-freezable", None
+        return (
+            "exclude the mount point or the disk from the snapshot (the VM's doctor report "
+            "names them)",
+            "fs-not-freezable",
+            doctor,
+        )
     if "the guest mounts nothing from" in text or "carries no guest filesystem" in text:
         return (
-            "leave such disks out of the snapshot, or use quiesce preferred",
+            "leave such disks out of the snapshot, or snapshot with quiesce preferred",
             "disk-without-filesystem",
-            None,
+            preferred,
         )
     return "see what stands in the way, or use quiesce preferred", "quiesce-impossible", doctor
 

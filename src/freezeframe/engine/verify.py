@@ -8,6 +8,7 @@ record knows about the filesystems, and stores the result. The cut images are ne
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from freezeframe.catalog import Catalog
@@ -16,12 +17,14 @@ from freezeframe.errors import VerifyError
 from freezeframe.models import (
     ConsistencyLevel,
     FsCheck,
+    SnapshotDisk,
     SnapshotRecord,
     SnapshotStatus,
     Verification,
     VerifyVerdict,
 )
 from freezeframe.storage import parse_user_checks, verify_disks
+from freezeframe.storage.backends import backend_of_record, load_backend
 
 __all__ = [
     "DEFAULT_CHECK_TIMEOUT",
@@ -78,7 +81,7 @@ async def verify_snapshot(
     if rec.level.rank < ConsistencyLevel.FILESYSTEM.rank:
         unfrozen |= {d.device for d in rec.disks if d.device not in frozen}
     result = await verify_disks(
-        rec.disks,
+        await _readable(catalog, rec),
         user_checks=tuple(checks),
         expect=expect,
         user_check_timeout=check_timeout,
@@ -86,6 +89,23 @@ async def verify_snapshot(
     )
     await catalog.set_verification(rec.id, result)
     return result
+
+
+async def _readable(catalog: Catalog, rec: SnapshotRecord) -> tuple[SnapshotDisk, ...]:
+    """``rec``'s disks with each image named as its backend reads it at the cut (an RBD
+    snapshot: ``json:{"driver": "rbd", ..., "snapshot": "ff-ID"}``, read-only). Raises
+    NotFoundError (the VM is gone: its Ceph settings with it), DependencyError."""
+    if all(backend_of_record(d) == "qcow2" for d in rec.disks):
+        return rec.disks
+    cfg = await catalog.get_vm(rec.vm)
+    out = []
+    for d in rec.disks:
+        name = backend_of_record(d)
+        if name == "qcow2":
+            out.append(d)
+        else:
+            out.append(replace(d, image=load_backend(name).for_vm(cfg, None).verify_source(d)))
+    return tuple(out)
 
 
 def changed_since_cut(rec: SnapshotRecord) -> Verification | None:

@@ -83,6 +83,7 @@ from freezeframe.models import (
     GuestFilesystem,
     PciAddress,
     QuiescePolicy,
+    RbdSource,
     SnapshotDisk,
     VmConfig,
 )
@@ -277,6 +278,29 @@ def _source_of(disk: ET.Element) -> str | None:
     return None
 
 
+def _rbd_source(disk: ET.Element) -> RbdSource | None:
+    """The RBD image of a ``<disk type='network'><source protocol='rbd' name='pool/image'>``
+    (its ``<config file=...>`` and ``<auth username=...>`` when given; the secret a ``<auth>``
+    refers to is never read); None for any other disk."""
+    src = disk.find("source")
+    if disk.get("type") != "network" or src is None or src.get("protocol") != "rbd":
+        return None
+    parts = (src.get("name") or "").split("@", 1)[0].split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        return None
+    config = src.find("config")
+    auth = src.find("auth")
+    if auth is None:
+        auth = disk.find("auth")
+    return RbdSource(
+        parts[0],
+        parts[-1],
+        parts[1] if len(parts) == 3 else "",
+        conf=config.get("file") if config is not None else None,
+        user=auth.get("username") if auth is not None else None,
+    )
+
+
 def _chain(disk: ET.Element) -> tuple[str, ...]:
     out: list[str] = []
     node = disk.find("backingStore")
@@ -316,16 +340,18 @@ def parse_domain_xml(xml: str) -> tuple[list[DiskInfo], ET.Element | None]:
         source = d.find("source")
         index = source.get("index") if source is not None else None
         serial = d.findtext("serial")
+        rbd = _rbd_source(d)
         disks.append(
             DiskInfo(
                 device=dev,
                 node=f"libvirt-{index}-format" if index else dev,
-                file=src,
+                file=rbd.name if rbd is not None else src,
                 format=fmt,
                 virtual_size=0,
                 backing=_chain(d),
                 pci=_pci(d.find("address")),
                 serial=serial.strip() if serial else None,
+                rbd=rbd,
             )
         )
     channel = None
@@ -578,6 +604,7 @@ class LibvirtDriver(HypervisorDriver):
                     d.backing,
                     d.pci,
                     d.serial,
+                    rbd=d.rbd,
                 )
             )
         return out

@@ -81,7 +81,14 @@ from freezeframe.hypervisor.base import (
     PreparedCut,
     PreparedDisk,
 )
-from freezeframe.models import GUEST_AGENT_PORT, DiskInfo, PciAddress, SnapshotDisk, VmConfig
+from freezeframe.models import (
+    GUEST_AGENT_PORT,
+    DiskInfo,
+    PciAddress,
+    RbdSource,
+    SnapshotDisk,
+    VmConfig,
+)
 
 __all__ = [
     "GUEST_AGENT_PORT",
@@ -95,6 +102,7 @@ __all__ = [
     "chardev_unix_path",
     "overlay_node_name",
     "overlay_settings",
+    "rbd_source",
     "real_file",
 ]
 
@@ -268,6 +276,51 @@ def real_file(name: str) -> str:
         return name
     found = _spec_file(spec, 0)
     return found if found is not None else name
+
+
+def rbd_source(name: str) -> RbdSource | None:
+    """The Ceph RBD image a QEMU image name opens (``json:{"driver": "rbd", "pool": ...,
+    "image": ..., "conf": ..., "user": ...}``, also below a format node's ``file``, or the
+    legacy ``rbd:pool/image[@snap][:opt=val...]``); None for anything else. A key in the name
+    is never taken."""
+    if name.startswith("rbd:"):
+        head = name.removeprefix("rbd:").split(":", 1)
+        opts = dict(
+            kv.split("=", 1) for kv in (head[1].split(":") if len(head) > 1 else ()) if "=" in kv
+        )
+        parts = head[0].split("@", 1)[0].split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            return None
+        return RbdSource(
+            parts[0], parts[-1], parts[1] if len(parts) == 3 else "",
+            conf=opts.get("conf"), user=opts.get("id"),
+        )  # fmt: skip
+    if not name.startswith("json:"):
+        return None
+    try:
+        spec: object = json.loads(name.removeprefix("json:"))
+    except ValueError:
+        return None
+    for _ in range(8):
+        if not isinstance(spec, dict):
+            return None
+        if spec.get("driver") == "rbd":
+            pool, image = spec.get("pool"), spec.get("image")
+            if not isinstance(pool, str) or not isinstance(image, str):
+                return None
+            ns, conf, user = spec.get("namespace"), spec.get("conf"), spec.get("user")
+            return RbdSource(
+                pool,
+                image,
+                ns if isinstance(ns, str) else "",
+                conf=conf if isinstance(conf, str) else None,
+                user=user if isinstance(user, str) else None,
+            )
+        if spec.get("file.driver") == "rbd":
+            spec = {k.removeprefix("file."): v for k, v in spec.items() if k.startswith("file.")}
+            continue
+        spec = spec.get("file")
+    return None
 
 
 def _spec_file(spec: object, depth: int) -> str | None:
@@ -742,7 +795,8 @@ def _open_hint(qemu: HostProcess | None) -> str:
     label = f"; its security label is {qemu.label}" if qemu and qemu.label else ""
     return (
         f"{who}{label}: the overlay directory must be reachable by that user and allowed by "
-        "AppArmor/SELinux (see `freezeframe doctor`), or pass --overlay-dir"
+        "AppArmor/SELinux (the VM's doctor report checks both), or give the VM an overlay "
+        "directory that user can reach"
     )
 
 
@@ -774,7 +828,7 @@ def _security_check(qemu: HostProcess | None, dirs: list[str]) -> DriverCheck:
             )
             fixes.append(
                 f"allow `{where}/*.ff-*.qcow2 rwk,` in QEMU's profile (a local override), or "
-                "pass --overlay-dir to a directory it allows"
+                "give the VM an overlay directory it allows"
             )
         else:
             blocking = blocking or m.enforces
@@ -1025,11 +1079,14 @@ class QmpDriver(HypervisorDriver):
             root = _qdev_root(qdev) if isinstance(qdev, str) and qdev else ""
             legacy = block.get("device")
             device = _peripheral_id(root) or (legacy if isinstance(legacy, str) else "") or node
+            filename = _str(image, "filename", "inserted.image")
+            rbd = rbd_source(filename) if not backing else None
             result.append(
                 DiskInfo(
                     device=device,
                     node=node,
-                    file=real_file(_str(image, "filename", "inserted.image")),
+                    file=rbd.name if rbd is not None else real_file(filename),
+                    rbd=rbd,
                     format=_str(inserted, "drv", "inserted"),
                     virtual_size=_int(image, "virtual-size", "inserted.image"),
                     backing=tuple(backing),
@@ -1159,8 +1216,8 @@ class QmpDriver(HypervisorDriver):
                     raise CutError(
                         f"{self._label}: QEMU could not open the overlay of disk "
                         f"{disk.device}: {blocked}",
-                        hint="let that user search the directory (chmod o+x), or pass an "
-                        "overlay directory it can reach (--overlay-dir)",
+                        hint="let that user search the directory (chmod o+x), or give the VM "
+                        "an overlay directory it can reach",
                         code=OVERLAY_DIR_UNREACHABLE,
                     )
                 settings = overlay_settings(disk, named, cmdline)
@@ -1274,8 +1331,8 @@ class QmpDriver(HypervisorDriver):
                         "them (blockdev-add: Permission denied)",
                         ""
                         if why is None
-                        else "chmod o+x that directory, or pass an overlay "
-                        "directory QEMU's user can reach (vm add --overlay-dir)",
+                        else "chmod o+x that directory, or give the VM an overlay "
+                        "directory QEMU's user can reach",
                         refuses=why is not None,
                     )
                 )

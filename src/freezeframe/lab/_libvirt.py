@@ -143,9 +143,16 @@ def domain_xml(
     devices = sub(dom, "devices")
     sub(devices, "controller", type="usb", model="none")
     for i, disk in enumerate(disks):
-        elem = sub(devices, "disk", type="file", device="disk")
-        sub(elem, "driver", name="qemu", type=disk.format, cache="none")
-        sub(elem, "source", file=str(disk.file))
+        if disk.rbd is not None:  # lab up --rbd: the lab Ceph's monitor, auth none
+            elem = sub(devices, "disk", type="network", device="disk")
+            sub(elem, "driver", name="qemu", type="raw", cache="none")
+            src = sub(elem, "source", protocol="rbd", name=disk.rbd)
+            host, _, port = (disk.rbd_mon or "127.0.0.1:6789").rpartition(":")
+            sub(src, "host", name=host, port=port)
+        else:
+            elem = sub(devices, "disk", type="file", device="disk")
+            sub(elem, "driver", name="qemu", type=disk.format, cache="none")
+            sub(elem, "source", file=str(disk.file))
         sub(elem, "target", dev=_target(i), bus="virtio")
         sub(elem, "serial").text = disk.serial
         _pci(elem, _qemu.DISK_SLOT0 + i)

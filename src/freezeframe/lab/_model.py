@@ -75,6 +75,11 @@ class LabDisk:
     fstype: str
     mountpoint: str
     base: Path | None = None
+    #: Set for a disk in the lab Ceph (``lab up --rbd``): ``pool/image``, the cluster's conf
+    #: and its monitor ``host:port`` (``file`` is then unused: QEMU opens the RBD image).
+    rbd: str | None = None
+    rbd_conf: str | None = None
+    rbd_mon: str | None = None
 
     @property
     def serial(self) -> str:
@@ -96,6 +101,11 @@ class LabDisk:
             "format": self.format,
             "fstype": self.fstype,
             "mountpoint": self.mountpoint,
+            **(
+                {"rbd": self.rbd, "rbd_conf": self.rbd_conf, "rbd_mon": self.rbd_mon}
+                if self.rbd
+                else {}
+            ),
         }
 
     @classmethod
@@ -110,6 +120,9 @@ class LabDisk:
             fstype=str(doc["fstype"]),
             mountpoint=str(doc["mountpoint"]),
             base=None if base == file else base,
+            rbd=str(doc["rbd"]) if doc.get("rbd") else None,
+            rbd_conf=str(doc["rbd_conf"]) if doc.get("rbd_conf") else None,
+            rbd_mon=str(doc["rbd_mon"]) if doc.get("rbd_mon") else None,
         )
 
 
@@ -182,6 +195,7 @@ class LabVm:
             quiesce=QuiescePolicy.PREFERRED,
             agent_log_path=GUEST_AGENT_LOG if self.qga_path else None,
             lab=True,
+            ceph_conf=next((d.rbd_conf for d in self.disks if d.rbd_conf), None),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -135,11 +135,19 @@ def qemu_argv(
             f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT}",
         ]
     for i, disk in enumerate(disks):
+        if disk.rbd is not None:  # lab up --rbd: QEMU's rbd driver on the lab Ceph, auth none
+            pool, image = disk.rbd.split("/", 1)
+            spec = {"driver": "rbd", "node-name": disk.node, "pool": pool, "image": image,
+                    "conf": disk.rbd_conf, "user": "admin"}  # fmt: skip
+            argv += ["-blockdev", json.dumps(spec)]
+        else:
+            argv += [
+                "-blockdev",
+                f"driver=file,node-name={disk.node}-file,filename={_opt(disk.file)}",
+                "-blockdev",
+                f"driver={disk.format},node-name={disk.node},file={disk.node}-file",
+            ]
         argv += [
-            "-blockdev",
-            f"driver=file,node-name={disk.node}-file,filename={_opt(disk.file)}",
-            "-blockdev",
-            f"driver={disk.format},node-name={disk.node},file={disk.node}-file",
             "-device",
             f"virtio-blk-pci,id={disk.device},drive={disk.node},serial={disk.serial},"
             f"bus=pci.0,addr={DISK_SLOT0 + i:#x}",

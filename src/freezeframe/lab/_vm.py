@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from freezeframe import paths
@@ -379,10 +379,15 @@ async def _wait_ready(vm: LabVm, deadline: float) -> None:
         await agent.close()
 
 
-async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> list[LabDisk]:
+async def _new_disks(
+    name: str, fstypes: tuple[str, ...], size: int | None, *, rbd: bool | Sequence[int] = False
+) -> list[LabDisk]:
     """Create the directory and fresh data disks of a new lab VM. A directory without a
     record (a ``lab_up`` that failed before QEMU started) is replaced, unless it holds snapshot
-    overlays: then LabError."""
+    overlays: then LabError. With ``rbd`` (True: every disk; a sequence: the disks of those
+    indexes, the others stay local qcow2 images: a mixed VM) each such disk is moved into the
+    lab Ceph's pool as the RBD image ``fflab-<name>-diskN`` (one of that name is replaced with
+    its snapshots): NotFoundError when there is no lab Ceph, LabError when it is not running."""
     vmdir = _vm_dir(name)
     if vmdir.exists():
         overlays = sorted(p.name for p in vmdir.glob("*.ff-*.qcow2"))
@@ -406,8 +411,47 @@ async def _new_disks(name: str, fstypes: tuple[str, ...], size: int | None) -> l
             mountpoint=f"/mnt/disk{i}",
         )
         await _disks.make_disk(disk.file, fstype, size or parse_size(_DEFAULT_SIZE), f"ffdisk{i}")
+        if rbd is True or (not isinstance(rbd, bool) and i in rbd):
+            disk = await _into_rbd(name, disk)
         out.append(disk)
     return out
+
+
+async def _into_rbd(name: str, disk: LabDisk) -> LabDisk:
+    """Move the fresh qcow2 ``disk`` into the lab Ceph as a raw RBD image; the local file is
+    removed."""
+    from freezeframe.lab._ceph import ceph_status
+    from freezeframe.storage.rbd import RbdClient, RbdImageRef
+
+    ceph = ceph_status()
+    if not ceph.running:
+        raise LabError("the lab Ceph is not running", hint="start it: freezeframe lab ceph up")
+    ref = RbdImageRef(ceph.pool, f"fflab-{name}-{disk.device}")
+    async with await RbdClient.connect(ceph.settings()) as client:
+        if await client.image_exists(ref):
+            await client.remove_image(ref, with_snaps=True)
+    target = f"rbd:{ref}:conf={ceph.conf}:id=admin"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk.file), target,
+              timeout=120, what="qemu-img convert into RBD")  # fmt: skip
+    disk.file.unlink(missing_ok=True)
+    return dataclasses.replace(
+        disk, format="raw", rbd=str(ref), rbd_conf=str(ceph.conf), rbd_mon=ceph.mon_addr
+    )
+
+
+async def _remove_rbd_images(vm: LabVm) -> None:
+    """Remove the RBD images of ``vm``'s disks with their snapshots (``lab down --purge``);
+    best effort: what cannot be removed is logged."""
+    from freezeframe.storage.rbd import CephSettings, RbdClient, RbdImageRef
+
+    for d in vm.disks:
+        if d.rbd is None or d.rbd_conf is None:
+            continue
+        try:
+            async with await RbdClient.connect(CephSettings(Path(d.rbd_conf), timeout=5)) as c:
+                await c.remove_image(RbdImageRef.parse(d.rbd), with_snaps=True)
+        except FreezeframeError as exc:
+            log.warning("lab %s: could not remove RBD image %s: %s", vm.name, d.rbd, exc.message)
 
 
 def _purge_hint(name: str) -> str:
@@ -458,7 +502,7 @@ async def _restart_disks(
         raise LabError(
             f"lab VM {name} exists (stopped) with disks {','.join(have) or '(none)'}, "
             f"not {','.join(fstypes) or '(none)'}",
-            hint=f"omit --disks to restart it as it is, or {purge}",
+            hint=f"ask for no disk layout to restart it as it is, or {purge}",
             remedy=_purge_remedy(name),
         )
     tops, bases = await _chain.boot_tops(name, _vm_dir(name), old.disks, _read_tops(name))
@@ -568,6 +612,7 @@ async def lab_up(
     timeout: float = 60.0,
     adopt: bool = False,
     driver: str | None = None,
+    rbd: bool | Sequence[int] = False,
 ) -> LabVm:
     """Build (cached) and boot the lab VM ``name``; return it once it is ready.
 
@@ -599,7 +644,13 @@ async def lab_up(
     failed; libvirt refused the domain; the guest did not become ready: the message carries
     the console's last lines; a stopped VM's disks, agent setting or driver do not match
     ``disks``/``disk_size``/``agent``/``driver`` or the top of a disk's chain cannot be told
-    for sure: the message names the candidate images). On any failure no QEMU of this VM is
+    for sure: the message names the candidate images).
+
+    ``rbd`` (a new VM only): its data disks (True: all; a sequence: those indexes) are RBD
+    images in the lab Ceph (``lab ceph up``), opened by QEMU's rbd driver (libvirt: ``<disk
+    type='network'>``, auth none); a stopped VM on RBD images restarts on them as they are,
+    and ``lab_down(purge=True)`` removes them with their snapshots. NotFoundError when there is
+    no lab Ceph, LabError when it is not running. On any failure no QEMU of this VM is
     left running; its directory (with the console log) stays for inspection and is reused by
     the next ``lab_up``.
     """
@@ -631,7 +682,7 @@ async def lab_up(
                 raise LabError(
                     f"lab VM {name} is running with disks {','.join(have) or '(none)'}, "
                     f"not {','.join(asked) or '(none)'}",
-                    hint="omit --disks, or stop it first",
+                    hint="ask for no disk layout, or stop it first",
                     remedy=Remedy(Action.LAB_DOWN, name),
                 )
             _check_as_built(
@@ -668,11 +719,20 @@ async def lab_up(
         artifacts = await _build.ensure_artifacts()
         chosen = await _qemu.choose_accel(accel, artifacts, _build.cache_dir())
         log.info("lab %s: accelerator %s, driver %s", name, chosen, driver)
-        if old is not None:
+        if old is not None and any(d.rbd for d in old.disks):
+            lab_disks = list(old.disks)  # RBD images: the live disk itself, no chain
+            _remove_runtime_files(vmdir)
+        elif old is not None:
+            if rbd:
+                raise LabError(
+                    f"lab VM {name} exists (stopped) with local disks, not RBD ones",
+                    hint=f"omit --rbd to restart it as it is, or {_purge_hint(name)}",
+                    remedy=_purge_remedy(name),
+                )
             lab_disks = await _restart_disks(old, asked, asked_size)
             _remove_runtime_files(vmdir)
         else:
-            lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size)
+            lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size, rbd=rbd)
         console_log = vmdir / "console.log"
         console_log.unlink(missing_ok=True)  # no READY of an earlier boot
         libvirt = driver == "libvirt"
@@ -778,6 +838,8 @@ async def lab_down(
             _write_record(vm, _read_tops(name))
         _remove_runtime_files(vmdir)
         if purge:
+            if vm is not None:
+                await _remove_rbd_images(vm)
             shutil.rmtree(vmdir, ignore_errors=True)
             if vmdir.exists():
                 raise LabError(f"lab VM {name}: could not delete {vmdir}")

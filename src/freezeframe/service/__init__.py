@@ -22,7 +22,7 @@ Public API::
         await svc.start_snapshot(vm, CreateSnapshot(...)) -> SnapshotJob   # servers
         svc.job(snapshot_id) -> SnapshotJob | None; svc.jobs; await svc.drain()
         await svc.list_snapshots(vm=None, limit=None, cursor=None, newest_first=False)
-            -> SnapshotPage
+            -> SnapshotPage                       # .items: SnapshotSummary, .next_cursor
         await svc.get_snapshot(snapshot_id) -> SnapshotRecord
         await svc.verify_snapshot(snapshot_id, checks=(), check_timeout=None) -> VerifyOutcome
         # recover
@@ -35,6 +35,7 @@ Public API::
         await svc.ceph_down(purge=False) -> CephDown; await svc.ceph_status() -> CephLab
 
     to_document(obj, render=None) -> JSON value        # one serializer for every face
+    summary_document(summary) -> dict                  # a list item (to_document's fast path)
     error_document(exc, render=None) -> dict           # {"error","code","message",...}
 
 Codes: a returned outcome has ``code`` (:class:`Outcome`: ``done``, ``weaker-than-asked``,
@@ -60,6 +61,7 @@ from freezeframe.service._documents import (
     RemedyRenderer,
     error_document,
     join_hint,
+    summary_document,
     to_document,
 )
 from freezeframe.service._jobs import SnapshotJob
@@ -115,5 +117,6 @@ __all__ = [
     "error_document",
     "expected_level",
     "join_hint",
+    "summary_document",
     "to_document",
 ]

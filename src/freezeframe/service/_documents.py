@@ -2,7 +2,9 @@
 
 :func:`to_document` turns dataclasses, enums, datetimes, paths and containers into JSON values,
 with the special cases written once: a snapshot record also gets ``thaw_unconfirmed`` and
-``intent_left_open``; a doctor report ``ok`` (first); a recover outcome its ``code`` (and
+``intent_left_open``; a snapshot summary (a list's item) is built directly by
+:func:`summary_document` (a page of them is what lists send, so it is the fast path); a doctor
+report ``ok`` (first); a recover outcome its ``code`` (and
 ``failed``); a lab VM and the lab Ceph their own documents; an outcome its ``code``. A
 :class:`~freezeframe.errors.Remedy` (on an error or a doctor check) is rendered by the face's
 ``render`` function into the ``hint`` / ``fix`` text; the remedy itself is also given as data.
@@ -20,10 +22,10 @@ from typing import Any
 from freezeframe.engine import Check, DoctorReport, RecoverOutcome
 from freezeframe.errors import FreezeframeError, Remedy
 from freezeframe.lab import CephDown, CephLab, LabVm
-from freezeframe.models import SnapshotRecord
+from freezeframe.models import SnapshotRecord, SnapshotSummary
 from freezeframe.service._results import RecoverReport, SnapshotOutcome, VerifyOutcome
 
-__all__ = ["RemedyRenderer", "error_document", "join_hint", "to_document"]
+__all__ = ["RemedyRenderer", "error_document", "join_hint", "summary_document", "to_document"]
 
 #: A face's words for a remedy (the CLI: ``freezeframe recover web1``).
 RemedyRenderer = Callable[[Remedy], str]
@@ -44,8 +46,33 @@ def _remedy(remedy: Remedy | None) -> dict[str, Any] | None:
     return {"action": remedy.action.value, "vm": remedy.vm, "params": dict(remedy.params)}
 
 
+def summary_document(s: SnapshotSummary) -> dict[str, Any]:
+    """A list item as JSON values: its fields by name, written out (no reflection), with the
+    values :func:`to_document` would give them."""
+    return {
+        "id": s.id,
+        "vm": s.vm,
+        "created_at": s.created_at.isoformat(),
+        "status": s.status.value,
+        "policy": s.policy.value,
+        "level": s.level.value,
+        "error": s.error,
+        "parent_id": s.parent_id,
+        "freeze_window_ms": s.freeze_window_ms,
+        "disk_count": s.disk_count,
+        "filesystem_count": s.filesystem_count,
+        "frozen_count": s.frozen_count,
+        "verdict": None if s.verdict is None else s.verdict.value,
+        "verified_at": None if s.verified_at is None else s.verified_at.isoformat(),
+        "thaw_unconfirmed": s.thaw_unconfirmed,
+        "intent_left_open": s.intent_left_open,
+    }
+
+
 def to_document(obj: Any, *, render: RemedyRenderer | None = None) -> Any:
     """``obj`` as plain JSON values (see the module's docstring for the special cases)."""
+    if isinstance(obj, SnapshotSummary):
+        return summary_document(obj)
     if isinstance(obj, FreezeframeError):
         return error_document(obj, render=render)
     if isinstance(obj, LabVm | CephLab | CephDown):

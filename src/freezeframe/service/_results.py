@@ -16,6 +16,7 @@ from freezeframe.models import (
     ConsistencyLevel,
     QuiescePolicy,
     SnapshotRecord,
+    SnapshotSummary,
     Verification,
     VerifyVerdict,
     VmConfig,
@@ -101,6 +102,10 @@ class VmSpec:
     agent_log: str | None = None
     exclude_mounts: tuple[str, ...] = ()
     overlay_dir: str | None = None
+    #: Ceph settings for the VM's RBD disks (paths and a client id, never a secret).
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
+    ceph_keyring: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +159,10 @@ class SnapshotOutcome:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotPage:
-    """One page of snapshot records; ``next_cursor`` fetches the next (None: the last)."""
+    """One page of a snapshot list (summaries; the whole record: ``get_snapshot``);
+    ``next_cursor`` fetches the next page (None: this is the last)."""
 
-    items: tuple[SnapshotRecord, ...]
+    items: tuple[SnapshotSummary, ...]
     next_cursor: str | None = None
 
 
@@ -234,6 +240,7 @@ class LabUpRequest:
     accel: str = "auto"
     driver: str | None = None  # "qmp" | "libvirt"
     timeout: float = 60.0
+    rbd: bool = False  # a new VM's data disks in the lab Ceph
 
 
 @dataclass(frozen=True, slots=True)

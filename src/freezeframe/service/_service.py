@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Self
 
 from freezeframe import lab as _lab
+from freezeframe import paths
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.engine import (
     DoctorReport,
@@ -59,6 +60,7 @@ from freezeframe.models import (
     QuiescePolicy,
     SnapshotRecord,
     SnapshotStatus,
+    SnapshotSummary,
     TimelineEvent,
     VmConfig,
 )
@@ -212,6 +214,9 @@ class Service:
             )
             if spec.overlay_dir is not None:
                 cfg = _with_overlay_dir(cfg, spec.overlay_dir)
+            cfg = dataclasses.replace(
+                cfg, ceph_conf=spec.ceph_conf, ceph_id=spec.ceph_id, ceph_keyring=spec.ceph_keyring
+            )
         else:
             cfg = VmConfig(
                 name=spec.name,
@@ -223,6 +228,9 @@ class Service:
                 agent_log_path=spec.agent_log,
                 exclude_mounts=spec.exclude_mounts,
                 overlay_dir=spec.overlay_dir,
+                ceph_conf=spec.ceph_conf,
+                ceph_id=spec.ceph_id,
+                ceph_keyring=spec.ceph_keyring,
             )
         if replace and not force:
             with contextlib.suppress(NotFoundError):
@@ -370,31 +378,31 @@ class Service:
         newest_first: bool = False,
         status: SnapshotStatus | None = None,
     ) -> SnapshotPage:
-        """Snapshot records (of ``vm``, also one no longer registered), oldest first (or
-        ``newest_first``), failed attempts too (only those of ``status`` if given); ``limit``
-        records after ``cursor`` (the previous page's ``next_cursor``), all of them without
-        ``limit``.
+        """What a list shows of the snapshots (of ``vm``, also one no longer registered),
+        oldest first (or ``newest_first``), failed attempts too (only those of ``status`` if
+        given): :class:`~freezeframe.models.SnapshotSummary` items (no disks, filesystems or
+        timeline; :meth:`get_snapshot` has the whole record); ``limit`` items after ``cursor``
+        (the previous page's ``next_cursor``), all of them without ``limit``.
 
         Raises NotFoundError when ``vm`` is neither registered nor has records, UsageError
         (code ``bad-cursor``) for a cursor this service did not give, or a limit out of
-        1..1000; CatalogError.
+        1..1000 (``bad-limit``); CatalogError.
         """
         if limit is not None and not 1 <= limit <= MAX_PAGE:
             raise UsageError(f"limit must be 1..{MAX_PAGE}, got {limit}", code="bad-limit")
         after = _decode_cursor(cursor) if cursor else None
-        recs = await (await self.catalog()).list_snapshots_page(
+        cat = await self.catalog()
+        found = await cat.list_snapshot_summaries(
             vm,
             limit=None if limit is None else limit + 1,
             after=after,
             newest_first=newest_first,
             status=status,
         )
-        if vm is not None and not recs and cursor is None and status is None:
-            await (await self.catalog()).get_vm(
-                vm
-            )  # NotFoundError: neither registered nor any record
-        more = limit is not None and len(recs) > limit
-        items = tuple(recs[:limit] if limit is not None else recs)
+        if vm is not None and not found and cursor is None and status is None:
+            await cat.get_vm(vm)  # NotFoundError: neither registered nor any record
+        more = limit is not None and len(found) > limit
+        items = tuple(found[:limit] if limit is not None else found)
         nxt = _encode_cursor(items[-1]) if more and items else None
         return SnapshotPage(items, nxt)
 
@@ -438,13 +446,18 @@ class Service:
 
     # ------------------------------------------------------------------ lab
 
+    # The lab's functions find their files under paths.lab_dir(): each call below runs with
+    # this service's state directory as the root (Config.state_dir, not the environment).
+
     async def lab_list(self) -> list[LabVm]:
-        """The lab VMs."""
-        return await asyncio.to_thread(_lab.lab_list)
+        """The lab VMs (in ``config.lab_dir``)."""
+        with paths.using_state_dir(self.config.state_dir):
+            return await asyncio.to_thread(_lab.lab_list)
 
     async def lab_status(self, name: str) -> LabVm:
         """One lab VM. Raises NotFoundError, UsageError, LabError."""
-        return await asyncio.to_thread(_lab.lab_status, name)
+        with paths.using_state_dir(self.config.state_dir):
+            return await asyncio.to_thread(_lab.lab_status, name)
 
     async def lab_up(self, request: LabUpRequest) -> LabUpResult:
         """Build (cached) and boot a lab VM, register it; return once its agent answers.
@@ -474,16 +487,18 @@ class Service:
             with contextlib.suppress(NotFoundError):
                 before = await self.lab_status(name)
                 running_pid = before.pid if before.running else None
-        vm = await _lab.lab_up(
-            name,
-            disks=fstypes,
-            disk_size=request.disk_size,
-            agent=request.agent,
-            accel=request.accel,
-            timeout=request.timeout,
-            adopt=not registered,  # running and registered: AlreadyExistsError as before
-            driver=request.driver,
-        )
+        with paths.using_state_dir(self.config.state_dir):
+            vm = await _lab.lab_up(
+                name,
+                disks=fstypes,
+                disk_size=request.disk_size,
+                agent=request.agent,
+                accel=request.accel,
+                timeout=request.timeout,
+                adopt=not registered,  # running and registered: AlreadyExistsError as before
+                driver=request.driver,
+                rbd=request.rbd,
+            )
         # Lab VMs are registered automatically, so a snapshot of NAME works right away.
         await (await self.catalog()).add_vm(vm.vm_config(), replace=True)
         return LabUpResult(vm, running_pid == vm.pid)
@@ -520,7 +535,8 @@ class Service:
         try:
             await self._refuse_if_maybe_frozen(name, force=force, warnings=warnings)
             try:
-                await _lab.lab_down(name, purge=purge, force=force, save=save)
+                with paths.using_state_dir(self.config.state_dir):
+                    await _lab.lab_down(name, purge=purge, force=force, save=save)
             except NotFoundError:
                 # No lab VM of that name (its directory is gone), but the catalog may still
                 # hold its registration and records: a purge forgets those too.
@@ -546,16 +562,19 @@ class Service:
     ) -> CephLab:
         """Start the lab Ceph (idempotent; a stopped one restarts on its data); return once its
         pool takes a write. Raises as :func:`freezeframe.lab.ceph_up`."""
-        return await _lab.ceph_up(paxos=paxos, mgr=mgr, port=port, timeout=timeout)
+        with paths.using_state_dir(self.config.state_dir):
+            return await _lab.ceph_up(paxos=paxos, mgr=mgr, port=port, timeout=timeout)
 
     async def ceph_down(self, *, purge: bool = False) -> CephDown:
         """Stop the lab Ceph by its recorded PIDs; ``purge`` deletes its folder. Raises as
         :func:`freezeframe.lab.ceph_down`."""
-        return await _lab.ceph_down(purge=purge)
+        with paths.using_state_dir(self.config.state_dir):
+            return await _lab.ceph_down(purge=purge)
 
     async def ceph_status(self) -> CephLab:
         """The lab Ceph as it is. Raises NotFoundError (``ceph-not-found``), LabError."""
-        return await asyncio.to_thread(_lab.ceph_status)
+        with paths.using_state_dir(self.config.state_dir):
+            return await asyncio.to_thread(_lab.ceph_status)
 
     # ------------------------------------------------------------------ internals
 
@@ -715,7 +734,7 @@ def _inside(files: list[str], directory: str) -> bool:
     return all(os.path.normpath(f).startswith(prefix) for f in files)
 
 
-def _encode_cursor(rec: SnapshotRecord) -> str:
+def _encode_cursor(rec: SnapshotSummary) -> str:
     raw = f"{rec.created_at.isoformat()}|{rec.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

@@ -344,11 +344,14 @@ async def _scan(
 
 
 def _preflight(image: str) -> str:
-    """The absolute path of ``image`` once it and ``/dev/fuse`` exist; VerifyError if not."""
-    path = os.path.abspath(image)
-    if not os.path.exists(path):
+    """The absolute path of ``image`` once it and ``/dev/fuse`` exist; VerifyError if not. A
+    ``json:{...}`` image (a network image, e.g. an RBD snapshot opened read-only) is taken as
+    it is."""
+    network = image.startswith("json:")
+    path = image if network else os.path.abspath(image)
+    if not network and not os.path.exists(path):
         raise VerifyError(f"image {image} was deleted behind freezeframe's back")
-    if not os.path.isfile(path):
+    if not network and not os.path.isfile(path):
         raise VerifyError(f"image {image} is not a regular file")
     if not os.path.exists("/dev/fuse"):
         raise VerifyError(
@@ -577,12 +580,15 @@ class _Export:
         self.proc: asyncio.subprocess.Process | None = None
 
     def argv(self) -> list[str]:
-        cut = {
+        cut: dict[str, object] = {
             "driver": self.fmt,
             "node-name": "ff-cut",
             "read-only": True,
             "file": {"driver": "file", "filename": self.image, "read-only": True},
         }
+        if self.image.startswith("json:"):  # a network image's own options (rbd snapshot=)
+            cut = {**json.loads(self.image.removeprefix("json:")), "node-name": "ff-cut",
+                   "read-only": True}  # fmt: skip
         top = {
             "driver": "qcow2",
             "node-name": "ff-overlay",

@@ -1,0 +1,256 @@
+"""Snapshots of VMs whose disks live in Ceph RBD (issue 9), against the real lab Ceph.
+
+One lab VM per driver (QMP, libvirt), mixed: ``disk0`` ext4 on a local qcow2 image, ``disk1``
+ext4 and ``disk2`` xfs as RBD images opened by QEMU's rbd driver (libvirt: ``<disk
+type='network'>``), all under the lab workload. Several scenarios on each VM, in order:
+
+- the two RBD disks alone, quiesced: filesystem level, ``ff-<id>`` visible with ``rbd snap
+  ls``, ``snapshot verify`` consistent through QEMU's rbd driver (``snapshot=``), the
+  workload's cross-disk order holds at the cut;
+- all three disks in one cut (RBD snapshots, then the qcow2 transaction, one freeze);
+- no agent under ``required``: fails, nothing new in Ceph; under ``preferred``: a crash cut
+  with the vCPUs paused around it, the pause recorded;
+- the monitor stopped inside the freeze: a clear code, the guest thawed, the record failed,
+  no snapshot left in Ceph, the qcow2 overlay removed;
+- ``recover`` of an attempt killed while frozen removes the RBD snapshots it left.
+
+Plus an image that does not exist: the backend's prepare says ``rbd-image-not-found``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from freezeframe.catalog import Catalog
+from freezeframe.engine import SnapshotRequest, Snapshotter, doctor, recover, verify_snapshot
+from freezeframe.engine.doctor import CheckStatus
+from freezeframe.engine.snapshot import open_driver
+from freezeframe.errors import SnapshotFailedError, StorageError
+from freezeframe.hypervisor import HypervisorDriver
+from freezeframe.lab import LabVm
+from freezeframe.lab.workload import check_invariant, last_sequence
+from freezeframe.models import (
+    ConsistencyLevel,
+    DiskInfo,
+    FsFreezeState,
+    QuiescePolicy,
+    RbdSource,
+    SnapshotRecord,
+    SnapshotStatus,
+    VerifyVerdict,
+)
+from freezeframe.storage import mounted, open_image
+from freezeframe.storage.rbd_backend import RbdBackend
+from tests.integration.ceph_helpers import CephHandle
+from tests.integration.conftest import LabVmFactory, kill_create_while_frozen
+
+pytestmark = pytest.mark.integration
+
+
+def snaps(ceph: CephHandle, spec: str) -> list[str]:
+    """``rbd snap ls`` of ``spec``: the snapshot names, Ceph's own tool."""
+    out = ceph.rbd("snap", "ls", spec, "--format", "json").stdout
+    return [s["name"] for s in json.loads(out)]
+
+
+def rbd_specs(vm: LabVm) -> list[str]:
+    return [d.rbd for d in vm.disks if d.rbd is not None]
+
+
+def all_snaps(ceph: CephHandle, vm: LabVm) -> dict[str, list[str]]:
+    return {spec: snaps(ceph, spec) for spec in rbd_specs(vm)}
+
+
+async def guest_state(catalog: Catalog, name: str) -> FsFreezeState:
+    cfg = await catalog.get_vm(name)
+    async with open_driver(cfg) as driver:
+        address = driver.agent_address(cfg, await driver.agent_channel())
+        assert address is not None
+        agent = driver.agent_at(address, timeout=5)
+        await agent.connect()
+        try:
+            return await agent.fsfreeze_status()
+        finally:
+            await agent.close()
+
+
+async def run_state(catalog: Catalog, name: str) -> str | None:
+    async with open_driver(await catalog.get_vm(name)) as driver:
+        return await driver.run_state()
+
+
+async def seqs_at_cut(catalog: Catalog, rec: SnapshotRecord) -> list[int]:
+    """The workload's last record on every disk at the cut, in disk order (an RBD disk read
+    through its snapshot, read-only)."""
+    backend = RbdBackend(await catalog.get_vm(rec.vm))
+    out = []
+    for d in sorted(rec.disks, key=lambda d: d.device):
+        image = backend.verify_source(d) if d.backend == "rbd" else d.image
+        async with open_image(image, d.format) as view, mounted(view) as mnt:
+            seq = last_sequence((mnt / "ffwork.log").read_bytes())
+        assert seq is not None, d
+        out.append(seq)
+    return out
+
+
+def mon_pid(ceph: CephHandle) -> int:
+    return next(int(d["pid"]) for d in ceph.doc["daemons"] if d["name"].startswith("mon"))
+
+
+@pytest.mark.parametrize("driver", ["qmp", "libvirt"])
+async def test_rbd_and_mixed_vm(
+    driver: str, lab_vm: LabVmFactory, catalog: Catalog, ceph_lab: CephHandle
+) -> None:
+    vm = await lab_vm(disks=("ext4", "ext4", "xfs"), driver=driver, rbd=[1, 2])
+    await catalog.add_vm(vm.vm_config(), replace=True)
+    assert vm.vm_config().ceph_conf == str(ceph_lab.conf)
+    qcow2_dev = "disk0" if driver == "qmp" else "vda"
+    vmdir = vm.console_log.parent
+    await asyncio.sleep(1.0)  # let the workload dirty some pages
+    snap = Snapshotter(catalog)
+
+    # doctor names, per disk, the backend that cuts it; nothing stands in the way.
+    rep = await doctor(catalog, vm.name)
+    disk_checks = {c.name: c for c in rep.checks if c.name.startswith("disk ") and
+                   " " not in c.name[5:]}  # fmt: skip
+    assert len(disk_checks) == 3, rep.checks
+    assert all(c.status is CheckStatus.PASS for c in disk_checks.values()), rep.checks
+    assert "backend qcow2" in disk_checks[f"disk {qcow2_dev}"].detail
+    assert sum("backend rbd" in c.detail for c in disk_checks.values()) == 2
+    assert rep.predicted_level is ConsistencyLevel.FILESYSTEM
+
+    # 1. The two RBD disks (ext4 + xfs) alone, quiesced.
+    rbd_only = await snap.snapshot(
+        vm.name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED, exclude_disks=(qcow2_dev,))
+    )
+    assert rbd_only.level is ConsistencyLevel.FILESYSTEM, rbd_only.level_reason
+    assert [d.backend for d in rbd_only.disks] == ["rbd", "rbd"]
+    name = f"ff-{rbd_only.id}"
+    for d, spec in zip(rbd_only.disks, rbd_specs(vm), strict=True):
+        assert d.image == f"rbd:{spec}@{name}"
+        assert d.overlay is None
+        assert snaps(ceph_lab, spec) == [name]  # Ceph's own tool names the snapshot
+    cut = next(e for e in rbd_only.timeline if e.name == "cut")
+    assert "2 RBD snapshot(s) at once" in cut.detail
+    assert rbd_only.freeze_window_ms is not None
+    assert rbd_only.freeze_window_ms < 10_000
+    v = await verify_snapshot(catalog, rbd_only.id)
+    assert v.verdict is VerifyVerdict.CONSISTENT, v.checks
+    assert {c.fstype for c in v.checks} == {"ext4", "xfs"}
+    seqs = await seqs_at_cut(catalog, rbd_only)
+    assert check_invariant(seqs), seqs
+
+    # 2. Mixed: the qcow2 disk and both RBD disks in one cut under one freeze.
+    mixed = await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+    assert mixed.level is ConsistencyLevel.FILESYSTEM, mixed.level_reason
+    assert sorted(d.backend for d in mixed.disks) == ["qcow2-external", "rbd", "rbd"]
+    cut = next(e for e in mixed.timeline if e.name == "cut")
+    assert "2 RBD snapshot(s) at once, then 1 disk(s) in one transaction" in cut.detail
+    assert [e.name for e in mixed.timeline].count("freeze_sent") == 1
+    for spec in rbd_specs(vm):
+        assert snaps(ceph_lab, spec) == [name, f"ff-{mixed.id}"]
+    v = await verify_snapshot(catalog, mixed.id)
+    assert v.verdict is VerifyVerdict.CONSISTENT, v.checks
+    seqs = await seqs_at_cut(catalog, mixed)
+    assert len(seqs) == 3
+    assert check_invariant(seqs), seqs
+    assert await guest_state(catalog, vm.name) is FsFreezeState.THAWED
+
+    # 3. No agent: required fails and leaves nothing in Ceph; preferred pauses the vCPUs.
+    cfg = await catalog.get_vm(vm.name)
+    await catalog.add_vm(replace(cfg, agent=False), replace=True)
+    before = all_snaps(ceph_lab, vm)
+    files_before = set(vmdir.iterdir())
+    with pytest.raises(SnapshotFailedError) as err:
+        await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED))
+    assert err.value.code == "agent-unreachable", err.value
+    assert all_snaps(ceph_lab, vm) == before
+    assert set(vmdir.iterdir()) == files_before
+    crash = await snap.snapshot(vm.name, SnapshotRequest(quiesce=QuiescePolicy.PREFERRED))
+    assert crash.level is ConsistencyLevel.CRASH
+    names = [e.name for e in crash.timeline]
+    assert names.index("paused") < names.index("cut_sent") < names.index("resumed")
+    window = next(e for e in crash.timeline if e.name == "pause_window")
+    assert 0 < float(window.detail.split()[0]) < 5_000
+    assert "vCPUs were paused for" in crash.level_reason
+    assert await run_state(catalog, vm.name) == "running"
+    for spec in rbd_specs(vm):
+        assert snaps(ceph_lab, spec)[-1] == f"ff-{crash.id}"
+    await catalog.add_vm(cfg, replace=True)
+
+    # 4. The monitor stops inside the freeze: a clear code, thawed, nothing left made.
+    mon = mon_pid(ceph_lab)
+
+    async def stop_mon(_vm: str, _driver: HypervisorDriver) -> None:
+        os.kill(mon, signal.SIGSTOP)
+
+    async def cont_mon(_vm: str, _driver: HypervisorDriver) -> None:
+        os.kill(mon, signal.SIGCONT)
+
+    before = all_snaps(ceph_lab, vm)
+    files_before = set(vmdir.iterdir())
+    broken = Snapshotter(catalog, before_freeze=stop_mon, after_thaw=cont_mon)
+    try:
+        with pytest.raises(SnapshotFailedError) as err:
+            await broken.snapshot(
+                vm.name, SnapshotRequest(quiesce=QuiescePolicy.REQUIRED, freeze_timeout=20)
+            )
+    finally:
+        os.kill(mon, signal.SIGCONT)
+    assert err.value.code in ("ceph-timeout", "ceph-unreachable"), err.value
+    failed = await catalog.get_snapshot(err.value.snapshot_id or "")
+    assert failed.status is SnapshotStatus.FAILED
+    assert failed.disks == ()  # nothing switched, nothing kept
+    assert "thaw_confirmed" in [e.name for e in failed.timeline]
+    assert await guest_state(catalog, vm.name) is FsFreezeState.THAWED
+    assert all_snaps(ceph_lab, vm) == before
+    assert set(vmdir.iterdir()) == files_before  # the qcow2 overlay was removed too
+
+    # 5. recover removes the RBD snapshots of an attempt that died before it was recorded.
+    await kill_create_while_frozen(catalog, vm.name)
+    running = [r for r in await catalog.list_snapshots(vm.name)
+               if r.status is SnapshotStatus.RUNNING]  # fmt: skip
+    assert len(running) == 1
+    dead = running[0]
+    assert sorted(d.backend for d in dead.disks) == ["qcow2-external", "rbd", "rbd"]
+    # It died while holding the freeze; had it got further, its RBD snapshots would exist:
+    for spec in rbd_specs(vm):
+        ceph_lab.rbd("snap", "create", f"{spec}@ff-{dead.id}")
+    outcomes = await recover(catalog, vm.name)
+    assert not any(o.failed for o in outcomes), outcomes
+    assert await guest_state(catalog, vm.name) is FsFreezeState.THAWED
+    settled = await catalog.get_snapshot(dead.id)
+    assert settled.status is SnapshotStatus.FAILED
+    assert settled.disks == ()
+    for spec in rbd_specs(vm):
+        assert f"ff-{dead.id}" not in snaps(ceph_lab, spec)
+    assert not any(Path(d.overlay).exists() for d in dead.disks if d.overlay)
+
+
+async def test_missing_image_is_named(ceph_lab: CephHandle, catalog: Catalog) -> None:
+    from freezeframe.models import VmConfig
+
+    backend = RbdBackend(VmConfig("x", ceph_conf=str(ceph_lab.conf)))
+    src = RbdSource(ceph_lab.pool, "no-such-image")
+    disk = DiskInfo("vdb", "vdb", src.name, "raw", 0, rbd=src)
+    assert backend.cut_problem(disk) is None
+    with pytest.raises(StorageError) as err:
+        await backend.prepare("abc123", [disk])
+    assert err.value.code == "rbd-image-not-found"
+    assert "no-such-image" in err.value.message
+    listed = subprocess.run(
+        ["rbd", "-c", str(ceph_lab.conf), "ls", ceph_lab.pool],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    assert "no-such-image" not in listed
