@@ -23,7 +23,9 @@ import asyncio
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
@@ -47,7 +49,7 @@ from freezeframe.models import (
     VmConfig,
 )
 from freezeframe.storage import sweep_stale_workspaces
-from freezeframe.storage.backends import backend_of_record, load_backend
+from freezeframe.storage.backends import StorageBackend, backend_of_record, load_backend
 
 __all__ = ["RecoverOutcome", "cut_outcome_unknown", "recover"]
 
@@ -354,11 +356,7 @@ async def _settle_other_backends(
     removed (an RBD snapshot that appears late was not made inside the freeze: never kept).
     Returns ``not-switched`` once removed, as :func:`_ask_and_abort`, else why not. Raises
     FreezeframeError, TimeoutError."""
-    for name in dict.fromkeys(backend_of_record(d) for d in disks):
-        backend = load_backend(name).for_vm(cfg, None)
-        handle = backend.handle_from_record(
-            rec.id, [d for d in disks if backend_of_record(d) == name]
-        )
+    for name, backend, handle in _backend_handles(cfg, rec, disks):
         async with asyncio.timeout(timeout * 3):
             await backend.abort(handle)
             got = await backend.cut_state(handle)
@@ -372,13 +370,23 @@ async def _remove_other_backends(
 ) -> None:
     """Remove what backends other than qcow2 made for ``rec`` (RBD snapshots). Never raises
     for the backends' own trouble (logged)."""
-    for name in dict.fromkeys(backend_of_record(d) for d in disks):
-        backend = load_backend(name).for_vm(cfg, None)
-        handle = backend.handle_from_record(
-            rec.id, [d for d in disks if backend_of_record(d) == name]
-        )
+    for _, backend, handle in _backend_handles(cfg, rec, disks):
         async with asyncio.timeout(timeout * 3):
             await backend.abort(handle)
+
+
+def _backend_handles(
+    cfg: VmConfig, rec: SnapshotRecord, disks: tuple[SnapshotDisk, ...]
+) -> Iterator[tuple[str, StorageBackend, Any]]:
+    """Per backend that cut some of ``disks``: its name, the backend for ``cfg`` and the
+    handle of what it made for ``rec``. Raises FreezeframeError (a backend cannot load)."""
+    for name in dict.fromkeys(backend_of_record(d) for d in disks):
+        backend = load_backend(name).for_vm(cfg, None)
+        yield (
+            name,
+            backend,
+            backend.handle_from_record(rec.id, [d for d in disks if backend_of_record(d) == name]),
+        )
 
 
 async def _state_from_chains(driver: HypervisorDriver, prepared: PreparedCut) -> str:

@@ -456,19 +456,16 @@ class RbdClient:
         """Blocking: open ``ref`` and run ``fn(image)``; close everything. A failure to open
         the pool or the image is re-raised as :class:`_OpenFailed` (see :meth:`_run_image`),
         so that ENOENT / EEXIST of ``fn`` itself can mean the snapshot."""
-        try:
-            ioctx = self._ioctx(ref)
-        except self._rados.ObjectNotFound as exc:
-            raise _OpenFailed(exc, "pool") from exc
-        try:
+
+        def on_pool(ioctx: Any) -> T:
             try:
                 image = self._rbd.Image(ioctx, ref.image, read_only=read_only)
             except self._rbd.Error as exc:
                 raise _OpenFailed(exc, "image") from exc
             with image:
                 return fn(image)
-        finally:
-            ioctx.close()
+
+        return self._with_pool(ref, on_pool)
 
     async def _run_image(
         self,
@@ -491,6 +488,29 @@ class RbdClient:
         except _OpenFailed as exc:
             raise translate_error(
                 exc.cause, what=what, target=target, about=exc.about, settings=self._settings
+            ) from exc.cause
+
+    def _with_pool(self, ref: RbdImageRef, fn: Callable[[Any], T]) -> T:
+        """Blocking: open ``ref``'s pool (and namespace) and run ``fn(ioctx)``; close it. A
+        missing pool is re-raised as :class:`_OpenFailed`, so ENOENT / EEXIST of ``fn`` itself
+        can mean the image."""
+        try:
+            ioctx = self._ioctx(ref)
+        except self._rados.ObjectNotFound as exc:
+            raise _OpenFailed(exc, "pool") from exc
+        try:
+            return fn(ioctx)
+        finally:
+            ioctx.close()
+
+    async def _run_pool(self, ref: RbdImageRef, fn: Callable[[Any], T], *, what: str) -> T:
+        try:
+            return await self._call(
+                functools.partial(self._with_pool, ref, fn), what=what, target=str(ref)
+            )
+        except _OpenFailed as exc:
+            raise translate_error(
+                exc.cause, what=what, target=str(ref), about="pool", settings=self._settings
             ) from exc.cause
 
     # -- cluster --------------------------------------------------------------------------
@@ -577,27 +597,9 @@ class RbdClient:
         exclusive-lock, object-map, fast-diff, deep-flatten).
 
         Raises StorageError (``rbd-image-exists``, ``rbd-pool-not-found``, ...)."""
-
-        def call() -> None:
-            try:
-                ioctx = self._ioctx(ref)
-            except self._rados.ObjectNotFound as exc:
-                raise _OpenFailed(exc, "pool") from exc
-            try:
-                self._rbd.RBD().create(ioctx, ref.image, size)
-            finally:
-                ioctx.close()
-
-        try:
-            await self._call(call, what="create image", target=str(ref))
-        except _OpenFailed as exc:
-            raise translate_error(
-                exc.cause,
-                what="create image",
-                target=str(ref),
-                about="pool",
-                settings=self._settings,
-            ) from exc.cause
+        await self._run_pool(
+            ref, lambda ioctx: self._rbd.RBD().create(ioctx, ref.image, size), what="create image"
+        )
 
     async def remove_image(self, ref: RbdImageRef, *, with_snaps: bool = False) -> None:
         """Remove the image ``ref``; with ``with_snaps`` its snapshots first (else an image
@@ -605,27 +607,9 @@ class RbdClient:
         if with_snaps:
             for snap in await self.list_snaps(ref):
                 await self.remove_snap(ref, snap.name, missing_ok=True)
-
-        def call() -> None:
-            try:
-                ioctx = self._ioctx(ref)
-            except self._rados.ObjectNotFound as exc:
-                raise _OpenFailed(exc, "pool") from exc
-            try:
-                self._rbd.RBD().remove(ioctx, ref.image)
-            finally:
-                ioctx.close()
-
-        try:
-            await self._call(call, what="remove image", target=str(ref))
-        except _OpenFailed as exc:
-            raise translate_error(
-                exc.cause,
-                what="remove image",
-                target=str(ref),
-                about="pool",
-                settings=self._settings,
-            ) from exc.cause
+        await self._run_pool(
+            ref, lambda ioctx: self._rbd.RBD().remove(ioctx, ref.image), what="remove image"
+        )
 
     async def list_images(self, pool: str) -> tuple[str, ...]:
         """The names of the images in ``pool``, sorted."""
