@@ -11,8 +11,7 @@ import typer
 from rich.markup import escape
 
 from freezeframe.cli._common import console, emit_json, err_console, serve
-from freezeframe.lab import LabVm
-from freezeframe.service import LabUpRequest
+from freezeframe.service import LabUpRequest, LabVm
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",

@@ -28,6 +28,7 @@ __all__ = [
     "LabDownResult",
     "LabUpRequest",
     "LabUpResult",
+    "LabVm",
     "Outcome",
     "Problem",
     "RecoverCode",
