@@ -3,17 +3,19 @@
     .venv/bin/python bench/rbd_window.py [--runs 5] [--counts 1,2,4] [--paxos fast,default]
 
 For each monitor setting (``fast``: the lab Ceph's ``paxos propose interval`` 10 ms;
-``default``: Ceph's 1 s) a lab Ceph and a lab VM with four ext4 data disks, all RBD images
-opened by QEMU's rbd driver (``lab up --rbd``), under the lab workload, are started in a
-throw-away ``FREEZEFRAME_HOME``. Then for each N, ``--runs`` alternating pairs, each cutting the
-first N volumes under one quiesced freeze:
+``default``: Ceph's 1 s) a lab Ceph and a lab VM with seven ext4 data disks, four of them RBD
+images opened by QEMU's rbd driver (``lab up --rbd``), three local qcow2 images, under the lab
+workload, are started in a throw-away ``FREEZEFRAME_HOME``. Every run freezes the same number
+of filesystems, four, so that N measures the volumes, not the filesystems: N RBD volumes plus
+4 - N qcow2 disks (1 RBD + 3 qcow2 ... 4 RBD). For each N, ``--runs`` alternating pairs:
 
 - ``freezeframe``: ``Snapshotter.snapshot(quiesce=required, exclude_disks=the others)``: images
-  opened before the freeze, every RBD snapshot made at once from outside; window = its record's
-  ``freeze_sent`` -> ``thawed``;
-- ``sequential``: what Nova's volume-backed path does: freeze (the same N filesystems,
-  ``guest-fsfreeze-freeze-list``), then one ``create_snap`` per volume after another (each
-  opening its image), then the thaw; window = freeze sent -> thaw answered.
+  opened before the freeze, every RBD snapshot made at once from outside, then the qcow2
+  disks' one transaction; window = its record's ``freeze_sent`` -> ``thawed``;
+- ``sequential``: what Nova's volume-backed path does: freeze (the same four filesystems,
+  ``guest-fsfreeze-freeze-list``), then one ``create_snap`` per RBD volume after another (each
+  opening its image; the qcow2 disks are not cut), then the thaw; window = freeze sent -> thaw
+  answered.
 
 Also the longest write stall the guest's workload saw in each run (``/run/ffwork/maxgap_ms``,
 reset before each run). Every snapshot is removed after its run (not timed). Prints one table
@@ -29,6 +31,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,16 +39,25 @@ from pathlib import Path
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter
-from freezeframe.lab import LabVm, ceph_down, ceph_up, lab_down, lab_up
+from freezeframe.lab import LabDisk, LabVm, ceph_down, ceph_up, lab_down, lab_up
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotRecord
 from freezeframe.storage.rbd import RbdClient, RbdImageRef
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_N = 4
+#: The filesystems frozen in every run (N RBD volumes + FROZEN - N qcow2 disks).
+FROZEN = 4
 
 
 def refs_of(vm: LabVm) -> list[RbdImageRef]:
     return [RbdImageRef.parse(d.rbd) for d in vm.disks if d.rbd is not None]
+
+
+def cut_disks(vm: LabVm, n: int) -> list[LabDisk]:
+    """The disks of a run with N RBD volumes: the first N RBD ones, then FROZEN - N qcow2."""
+    rbd = [d for d in vm.disks if d.rbd is not None]
+    local = [d for d in vm.disks if d.rbd is None]
+    return rbd[:n] + local[: FROZEN - n]
 
 
 async def sequential_run(vm: LabVm, client: RbdClient, n: int, name: str) -> float:
@@ -54,8 +66,8 @@ async def sequential_run(vm: LabVm, client: RbdClient, n: int, name: str) -> flo
     async with GuestAgent(str(vm.qga_path)) as ga:
         await ga.ping()
         t0 = time.perf_counter()
-        # the filesystems of the N volumes, as freezeframe freezes with the others excluded
-        await ga.fsfreeze_freeze_list([d.mountpoint for d in vm.disks[:n]], timeout=60)
+        # the filesystems freezeframe freezes with the others excluded (always FROZEN)
+        await ga.fsfreeze_freeze_list([d.mountpoint for d in cut_disks(vm, n)], timeout=60)
         try:
             for ref in refs_of(vm)[:n]:
                 await client.create_snap(ref, name)
@@ -98,7 +110,12 @@ async def one_setting(paxos: str, counts: list[int], runs: int) -> Results:
         k: {n: [] for n in counts} for k in ("ff", "ff_stall", "ff_cut", "seq", "seq_stall")
     }
     try:
-        vm = await lab_up(f"rbdwin-{paxos}", disks=("ext4",) * MAX_N, disk_size="64M", rbd=True)
+        vm = await lab_up(
+            f"rbdwin-{paxos}",
+            disks=("ext4",) * (MAX_N + FROZEN - 1),
+            disk_size="64M",
+            rbd=range(MAX_N),
+        )
         cat = await Catalog.open()
         await cat.add_vm(vm.vm_config(), replace=True)
         snap = Snapshotter(cat)
@@ -111,7 +128,10 @@ async def one_setting(paxos: str, counts: list[int], runs: int) -> Results:
                     rec = await snap.snapshot(
                         vm.name,
                         SnapshotRequest(
-                            quiesce=QuiescePolicy.REQUIRED, exclude_disks=tuple(devices[n:])
+                            quiesce=QuiescePolicy.REQUIRED,
+                            exclude_disks=tuple(
+                                set(devices) - {d.device for d in cut_disks(vm, n)}
+                            ),
                         ),
                     )
                     assert rec.level is ConsistencyLevel.FILESYSTEM, rec.level_reason
@@ -138,7 +158,8 @@ async def one_setting(paxos: str, counts: list[int], runs: int) -> Results:
             await lab_down(vm.name, purge=True)
         await ceph_down(purge=True)
     print(f"\n{paxos} monitor setting (paxos propose interval {ceph.paxos_interval:g} s), "
-          f"accelerator {vm.accel if vm else '?'}, median [min..max] ms")  # fmt: skip
+          f"accelerator {vm.accel if vm else '?'}, {FROZEN} filesystems frozen in every run "
+          "(N RBD + the rest qcow2), median [min..max] ms")  # fmt: skip
     print(f"{'N':>2}  {'freezeframe window':>22}  {'its cut':>18}  {'guest stall':>18}  "
           f"{'sequential window':>22}  {'guest stall':>18}")  # fmt: skip
     for n in counts:
@@ -170,13 +191,22 @@ async def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     if any(not 1 <= c <= MAX_N for c in counts):
         ap.error(f"counts must be in 1..{MAX_N}")
+    settings = args.paxos.split(",")
+    if len(settings) > 1:
+        # One process per setting: librados aborts (Objecter::handle_osd_map assertion) in a
+        # process that talked to an earlier cluster at the same address.
+        for paxos in settings:
+            argv = [sys.executable, __file__, "--runs", str(args.runs), "--counts", args.counts]
+            proc = await asyncio.create_subprocess_exec(*argv, "--paxos", paxos)
+            if await proc.wait() != 0:
+                raise SystemExit(f"the {paxos} setting failed (exit {proc.returncode})")
+        return
     home = tempfile.mkdtemp(prefix="ffrbdwin-", dir="/var/tmp")
     os.chmod(home, 0o755)
     os.environ["FREEZEFRAME_HOME"] = home
     os.environ.setdefault("FREEZEFRAME_CACHE", str(REPO / ".state/cache"))
     try:
-        for paxos in args.paxos.split(","):
-            await one_setting(paxos, counts, args.runs)
+        await one_setting(settings[0], counts, args.runs)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

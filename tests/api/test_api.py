@@ -13,7 +13,7 @@ import pytest
 from freezeframe.api import render_remedy
 from freezeframe.api._app import ApiState
 from freezeframe.catalog import make_owner
-from freezeframe.errors import Action, Remedy
+from freezeframe.errors import Action, Remedy, VerifyError
 from freezeframe.service import CreateSnapshot, Service
 from freezeframe.testing import AgentFault, FakeVm
 from tests.api.conftest import AUTH, TOKEN
@@ -187,6 +187,43 @@ async def test_vm_add_list_remove(client: httpx.AsyncClient, tmp_path: Any) -> N
     assert_shape(await client.get("/v1/vms/db1", headers=AUTH), 404, "vm-not-found")
 
 
+async def test_vm_add_takes_ceph_settings_and_an_overlay_dir(
+    client: httpx.AsyncClient, tmp_path: Any
+) -> None:
+    body = {
+        "name": "rbd1",
+        "qmp": str(tmp_path / "qmp.sock"),
+        "ceph_conf": "/etc/ceph/lab.conf",
+        "ceph_id": "freezeframe",
+        "ceph_keyring": "/etc/ceph/lab.client.freezeframe.keyring",
+        "overlay_dir": str(tmp_path / "overlays"),
+    }
+    r = await client.post("/v1/vms", headers=AUTH, json=body)
+    assert r.status_code == 201, r.text
+    stored = (await client.get("/v1/vms/rbd1", headers=AUTH)).json()
+    for key in ("ceph_conf", "ceph_id", "ceph_keyring", "overlay_dir"):
+        assert r.json()["vm"][key] == body[key]
+        assert stored[key] == body[key]
+    bad = {**body, "name": "rbd2", "ceph_id": "client admin"}
+    r = await client.post("/v1/vms", headers=AUTH, json=bad)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] != "invalid-request"  # the service refused it, not the schema
+
+
+async def test_create_takes_an_overlay_dir(
+    client: httpx.AsyncClient, svc: Service, tmp_path: Any
+) -> None:
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    sid = await create(client, overlay_dir=str(where))
+    await client.get(f"/v1/snapshots/{sid}/events", headers=AUTH)  # to its end
+    rec = await svc.get_snapshot(sid)
+    assert rec.disks
+    assert all((d.overlay or "").startswith(f"{where}/") for d in rec.disks), rec.disks
+    r = await client.post("/v1/vms/web1/snapshots", headers=AUTH, json={"overlay_dir": 3})
+    assert r.status_code == 422
+
+
 async def test_vm_add_refusals_are_400(client: httpx.AsyncClient, tmp_path: Any) -> None:
     (tmp_path / "plain").write_text("")
     r = await client.post(
@@ -348,6 +385,36 @@ async def test_metrics_count_this_servers_snapshots(client: httpx.AsyncClient) -
     assert "freezeframe_thaw_unconfirmed_total 0.0" in text
 
 
+async def test_metrics_count_an_unconfirmed_thaw(
+    client: httpx.AsyncClient, svc: Service, web1: FakeVm
+) -> None:
+    assert web1.guest is not None
+
+    async def counter() -> float:
+        text = (await client.get("/metrics", headers=AUTH)).text
+        [line] = [
+            ln for ln in text.splitlines() if ln.startswith("freezeframe_thaw_unconfirmed_total ")
+        ]
+        return float(line.split()[1])
+
+    assert await counter() == 0.0
+    sid = await create(client)  # a confirmed thaw counts nothing
+    await client.get(f"/v1/snapshots/{sid}/events", headers=AUTH)
+    assert await counter() == 0.0
+    web1.guest.script("guest-fsfreeze-thaw", AgentFault.REFUSE)
+    try:
+        sid = await create(client)
+        events = sse_events((await client.get(f"/v1/snapshots/{sid}/events", headers=AUTH)).text)
+        assert ("outcome", events[-2][1]) == events[-2]
+        assert events[-2][1]["code"] == "thaw-unconfirmed"
+        assert events[-1][1]["thaw_unconfirmed"] is True
+        assert await counter() == 1.0
+        text = (await client.get("/metrics", headers=AUTH)).text
+        assert 'outcome="thaw-unconfirmed"' in text
+    finally:
+        web1.guest.script("guest-fsfreeze-thaw", None)  # the follow-up may thaw it now
+
+
 async def test_verify_is_a_job_and_its_failure_has_a_code(
     client: httpx.AsyncClient, svc: Service
 ) -> None:
@@ -360,6 +427,31 @@ async def test_verify_is_a_job_and_its_failure_has_a_code(
     # the fake's images are not files: the verify cannot read them
     assert [k for k, _ in events][-2:] == ["error", "record"]
     assert events[-2][1]["code"] == "verify-failed"
+
+
+async def test_a_second_verify_of_a_snapshot_is_409_job_running(
+    client: httpx.AsyncClient, svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = await svc.create_snapshot("web1")
+    release = asyncio.Event()
+
+    async def slow_verify(sid: str, **_kw: object) -> Any:
+        await release.wait()
+        raise VerifyError("the fake's images are not files")
+
+    monkeypatch.setattr(svc, "verify_snapshot", slow_verify)
+    r = await client.post(f"/v1/snapshots/{out.record.id}/verify", headers=AUTH)
+    assert r.status_code == 202, r.text
+    assert (await client.get("/healthz")).json()["jobs"] == 1
+    again = await client.post(f"/v1/snapshots/{out.record.id}/verify", headers=AUTH)
+    body = assert_shape(again, 409, "job-running")
+    assert body["hint"]
+    assert f"/v1/snapshots/{out.record.id}" in body["hint"]
+    release.set()
+    events = sse_events((await client.get(r.json()["events"], headers=AUTH)).text)
+    assert [k for k, _ in events] == ["step", "error", "record"]
+    assert events[1][1]["code"] == "verify-failed"
+    assert (await client.get("/healthz")).json()["jobs"] == 0
 
 
 async def test_a_stopping_server_takes_no_new_jobs(
@@ -429,10 +521,10 @@ async def test_create_snapshot_request_maps_every_field(svc: Service) -> None:
 
     body = CreateBody.model_validate(
         {"quiesce": "off", "freeze_timeout": 3, "exclude_mounts": ["/x"], "exclude_disks": ["d"],
-         "verify": True}
+         "verify": True, "overlay_dir": "/srv/overlays"}
     )  # fmt: skip
     assert set(CreateBody.model_fields) == {
-        "quiesce", "freeze_timeout", "exclude_mounts", "exclude_disks", "verify"
+        "quiesce", "freeze_timeout", "exclude_mounts", "exclude_disks", "verify", "overlay_dir"
     }  # fmt: skip
     assert {f for f in CreateSnapshot.__dataclass_fields__} >= set(CreateBody.model_fields)
     assert body.quiesce is not None

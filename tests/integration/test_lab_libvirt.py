@@ -8,7 +8,6 @@ by name (``virsh destroy ff-lab-NAME``), also when the test failed.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import json
 import os
@@ -58,12 +57,6 @@ def running_domains() -> list[str]:
     return virsh("list", "--name").split()
 
 
-def needs_the_libvirt_driver() -> None:
-    """A libvirt lab VM's agent is reached through freezeframe's libvirt driver."""
-    if importlib.util.find_spec("freezeframe.hypervisor.libvirt") is None:
-        pytest.skip("freezeframe.hypervisor.libvirt (the libvirt driver) is not there yet")
-
-
 @pytest.fixture
 async def libvirt_home(libvirtd: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Path]:
     home = traversable_tmpdir("ff-lablv-")
@@ -88,7 +81,6 @@ async def _guest_sh(uuid: str, script: str) -> bytes:
 
 
 async def test_up_snapshot_down_and_up_again_on_the_same_disks(libvirt_home: Path) -> None:
-    needs_the_libvirt_driver()
     name = _name()
     dom = domain_name(name)
     vmdir = libvirt_home / "lab" / name

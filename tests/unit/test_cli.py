@@ -122,7 +122,12 @@ def test_purge_forgets_catalog_entries_of_a_lab_vm_whose_directory_is_gone(  # t
     async def seed() -> None:
         async with await Catalog.open(url) as cat:
             await cat.add_vm(VmConfig(name="ghost", qmp_path=str(labdir / "qmp.sock"), lab=True))
-            for r in (rec("in-lab", str(labdir / "disk0.qcow2")), rec("elsewhere", "/srv/x")):
+            for r in (
+                rec("in-lab", str(labdir / "disk0.qcow2")),
+                rec("elsewhere", "/srv/x"),
+                rec("in-lab-ceph", "rbd:rbd/fflab-ghost-disk1@ff-in-lab-ceph"),  # lab up --rbd
+                rec("other-ceph", "rbd:volumes/prod-disk1@ff-other-ceph"),
+            ):
                 await cat.begin_snapshot(replace(r, status=SnapshotStatus.RUNNING))
                 await cat.finish_snapshot(r)
 
@@ -130,10 +135,10 @@ def test_purge_forgets_catalog_entries_of_a_lab_vm_whose_directory_is_gone(  # t
     r = ff("lab", "down", "ghost", "--purge", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {
-        "name": "ghost", "stopped": False, "purged": True, "snapshots_removed": 1,
+        "name": "ghost", "stopped": False, "purged": True, "snapshots_removed": 2,
     }  # fmt: skip
     listed = json.loads(ff("snapshot", "list", "--json").stdout)
-    assert [x["id"] for x in listed] == ["elsewhere"]
+    assert sorted(x["id"] for x in listed) == ["elsewhere", "other-ceph"]
     assert json.loads(ff("vm", "list", "--json").stdout) == []
     again = ff("lab", "down", "ghost", "--purge", "--json")  # nothing left of it now
     assert again.returncode == 2

@@ -21,6 +21,7 @@ from freezeframe.errors import (
     Remedy,
     SnapshotFailedError,
     UsageError,
+    VerifyError,
 )
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotStatus, VmConfig
 from freezeframe.service import (
@@ -29,6 +30,7 @@ from freezeframe.service import (
     Outcome,
     RecoverCode,
     Service,
+    VerifyOutcome,
     VmSpec,
     error_document,
     to_document,
@@ -303,3 +305,68 @@ def test_config_takes_explicit_values_over_the_environment(
     cfg = Config.from_env(state_dir=tmp_path / "mine")
     assert cfg.catalog_url == f"sqlite:///{tmp_path / 'mine' / 'catalog.sqlite'}"
     assert Config.from_env(database_url="sqlite:////x.sqlite").catalog_url == "sqlite:////x.sqlite"
+
+
+async def test_verify_is_a_job_of_the_service_one_per_snapshot(
+    svc: Service, host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _vm(svc, host, "web1")
+    snap = await svc.start_snapshot("web1", CreateSnapshot(hold_frozen=0.3))
+    with pytest.raises(BusyError) as busy:  # its snapshot job still runs
+        await svc.start_verify(snap.snapshot_id)
+    assert busy.value.code == "job-running"
+    await snap.wait()
+
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def slow_verify(sid: str, **_kw: object) -> VerifyOutcome:
+        calls.append(sid)
+        await release.wait()
+        raise VerifyError("the fake's images are not files")
+
+    monkeypatch.setattr(svc, "verify_snapshot", slow_verify)
+    job = await svc.start_verify(snap.snapshot_id[:12])  # a prefix names it too
+    assert job.snapshot_id == snap.snapshot_id
+    assert [ev.name for ev in job.history] == ["verify_started"]
+    assert svc.verify_job(snap.snapshot_id) is job
+    assert svc.verify_jobs == (job,)
+    with pytest.raises(BusyError) as busy:
+        await svc.start_verify(snap.snapshot_id)
+    assert busy.value.code == "job-running"
+    release.set()
+    with pytest.raises(VerifyError):
+        await job.wait()
+    assert [ev.name async for ev in job.events()] == ["verify_started"]
+    assert not svc.verify_jobs
+    assert svc.verify_job(snap.snapshot_id) is job  # kept for a late follower
+    again = await svc.start_verify(snap.snapshot_id)  # ended: a new one may start
+    await svc.drain()
+    assert again.done
+    assert calls == [snap.snapshot_id, snap.snapshot_id]
+
+
+async def test_start_verify_refuses_unknown_snapshots_and_a_lone_timeout(
+    svc: Service, host: FakeHost
+) -> None:
+    with pytest.raises(NotFoundError) as nf:
+        await svc.start_verify("f" * 32)
+    assert nf.value.code == "snapshot-not-found"
+    with pytest.raises(UsageError) as bad:
+        await svc.start_verify("f" * 32, check_timeout=3.0)
+    assert bad.value.code == "check-timeout-needs-checks"
+
+
+async def test_show_snapshot_asks_qemu_only_when_live(svc: Service, host: FakeHost) -> None:
+    vm = await _vm(svc, host, "web1")
+    out = await svc.create_snapshot("web1")
+    plain = await svc.show_snapshot(out.record.id[:8], live=False)
+    assert not plain.live
+    assert plain.images == ()
+    assert to_document(plain) == to_document(out.record)
+    vm.boot_from("disk0", "/elsewhere/disk0.qcow2")  # QEMU no longer runs on the overlay
+    live = await svc.show_snapshot(out.record.id)
+    doc = to_document(live)
+    overlays = {d.device: d.overlay for d in out.record.disks}
+    assert doc.pop("qemu_runs_on") == {**overlays, "disk0": "/elsewhere/disk0.qcow2"}
+    assert doc == to_document(out.record)

@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import pytest
+from tests.conftest import CatalogDb
 
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, recover
-from freezeframe.errors import SnapshotFailedError, StorageError, UsageError
+from freezeframe.errors import (
+    BusyError,
+    NotFoundError,
+    SnapshotFailedError,
+    StorageError,
+    UsageError,
+)
 from freezeframe.hypervisor.base import CutState, HypervisorDriver
 from freezeframe.hypervisor.libvirt import parse_domain_xml
 from freezeframe.hypervisor.qmp import rbd_source
@@ -30,6 +37,7 @@ from freezeframe.models import (
     SnapshotStatus,
     VmConfig,
 )
+from freezeframe.service import Config, Service
 from freezeframe.storage import backends as backends_mod
 from freezeframe.storage.backends import (
     BackendCapabilities,
@@ -127,10 +135,66 @@ def test_record_image_names_the_rbd_snapshot() -> None:
     assert '"read-only":true' in src
 
 
-async def test_ceph_settings_are_stored_without_secret(catalog: Catalog) -> None:
-    cfg = VmConfig("c", qmp_path="/q.sock", ceph_conf="/c.conf", ceph_id="u", ceph_keyring="/k")
-    await catalog.add_vm(cfg)
-    assert await catalog.get_vm("c") == cfg
+#: A Ceph key as a keyring holds it (base64 of 16 random bytes plus a header).
+_KEY = "AQDx7mNnAAAAABAAzF8o0W7fYk3bQ1tq9cR2Lw=="
+
+
+def test_ceph_key_in_a_keyring_never_leaves_its_file(ff: Any, tmp_path: Path) -> None:
+    import json
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from freezeframe.models import SnapshotRecord
+
+    keyring = tmp_path / "ceph.client.cinder.keyring"
+    keyring.write_text(f"[client.cinder]\n\tkey = {_KEY}\n")
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(f"[global]\nmon host = 127.0.0.1:9\nkeyring = {keyring}\n")
+    add = ff("vm", "add", "web", "--qmp", str(tmp_path / "q.sock"), "--ceph-conf", str(conf),
+             "--ceph-id", "cinder", "--ceph-keyring", str(keyring), "--json")  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    assert json.loads(add.stdout)["ceph_keyring"] == str(keyring)
+    # A record with an RBD disk of that VM, in the CLI's own catalog.
+    db = tmp_path / "home" / "catalog.sqlite"
+    sid = "5ec2e7000001"
+    rec = SnapshotRecord(
+        id=sid,
+        vm="web",
+        created_at=datetime.now(UTC),
+        status=SnapshotStatus.DONE,
+        policy=QuiescePolicy.REQUIRED,
+        level=ConsistencyLevel.FILESYSTEM,
+        disks=(SnapshotDisk("vdb", "n1", f"rbd:volumes/web-vdb@ff-{sid}", "rbd", None, "rbd"),),
+    )
+
+    async def record() -> None:
+        cat = await Catalog.open(f"sqlite:///{db}")
+        try:
+            await cat.begin_snapshot(dataclasses.replace(rec, status=SnapshotStatus.RUNNING))
+            await cat.finish_snapshot(rec)
+        finally:
+            await cat.close()
+
+    asyncio.run(record())
+    runs = [
+        ff("vm", "list", "--json"),
+        ff("snapshot", "show", sid, "--json"),
+        ff("snapshot", "list", "--json"),
+        ff("doctor", "web", "--json"),  # the hypervisor is not there: errors and findings
+        ff("snapshot", "create", "web", "--json"),  # refused: no QMP socket
+        ff("snapshot", "delete", sid, "--json"),  # no such cluster: an RBD error
+    ]
+    assert str(keyring) in runs[0].stdout  # the path is shown, the key never
+    assert sid in runs[1].stdout
+    assert any(r.returncode != 0 for r in runs[3:])  # some errors were produced
+    for r in runs:
+        assert _KEY not in r.stdout + r.stderr, r.args
+    # The catalog's rows, read raw: the keyring's path is there, its key nowhere.
+    with sqlite3.connect(db) as raw:
+        tables = [t for (t,) in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        dump = repr([raw.execute(f'SELECT * FROM "{t}"').fetchall() for t in tables])
+    assert str(keyring) in dump
+    assert _KEY not in dump
 
 
 # ------------------------------------------------------------------ the engine on fakes
@@ -148,6 +212,7 @@ class FakeRbd(StorageBackend):
     ops: ClassVar[list[str]] = []
     fail_cut: ClassVar[bool] = False
     fail_prepare: ClassVar[bool] = False
+    fail_delete: ClassVar[bool] = False
 
     @classmethod
     def for_vm(cls, cfg: VmConfig, driver: HypervisorDriver | None) -> Self:
@@ -183,6 +248,12 @@ class FakeRbd(StorageBackend):
             for d in handle[1]
         )
 
+    async def delete(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> None:
+        self.ops.append("rbd-delete")
+        if self.fail_delete:
+            raise StorageError("no monitor answered", code="ceph-unreachable")
+        self.made.difference_update(d.image for d in disks)
+
     def handle_from_record(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> Any:
         infos = tuple(
             DiskInfo(d.device, d.node, d.image.partition("@")[0], "rbd", 0,
@@ -196,7 +267,7 @@ class FakeRbd(StorageBackend):
 def fake_rbd(monkeypatch: pytest.MonkeyPatch) -> type[FakeRbd]:
     """disk1 of every fake VM is an RBD volume cut by :class:`FakeRbd`."""
     FakeRbd.made, FakeRbd.ops = set(), []
-    FakeRbd.fail_cut = FakeRbd.fail_prepare = False
+    FakeRbd.fail_cut = FakeRbd.fail_prepare = FakeRbd.fail_delete = False
     real_disks = FakeDriver.disks
 
     async def disks(self: FakeDriver) -> list[DiskInfo]:
@@ -221,7 +292,11 @@ def fake_rbd(monkeypatch: pytest.MonkeyPatch) -> type[FakeRbd]:
 
     monkeypatch.setattr(FakeDriver, "disks", disks)
     monkeypatch.setattr(FakeDriver, "cut", cut)
-    for module in ("freezeframe.engine.snapshot", "freezeframe.engine.recover"):
+    for module in (
+        "freezeframe.engine.snapshot",
+        "freezeframe.engine.recover",
+        "freezeframe.engine.delete",
+    ):
         monkeypatch.setattr(importlib.import_module(module), "load_backend", load)
     return FakeRbd
 
@@ -351,6 +426,89 @@ async def test_recover_removes_rbd_snapshots_of_an_attempt_that_died(
     assert settled.status is SnapshotStatus.FAILED
     assert settled.disks == ()
     assert vm.active_images()  # the VM is untouched
+
+
+# ------------------------------------------------------------------ delete
+
+
+async def test_delete_of_a_qcow2_layer_is_refused_before_anything(
+    host: FakeHost,
+    catalog: Catalog,
+    catalog_db: CatalogDb,
+    fake_rbd: type[FakeRbd],
+    tmp_path: Path,
+) -> None:
+    await _vm(host, catalog, "d")
+    rec = await Snapshotter(catalog).snapshot("d", REQUIRED)  # disk0 qcow2, disk1 rbd
+    made = set(fake_rbd.made)
+    async with Service(Config(state_dir=tmp_path / "h", database_url=catalog_db.url)) as svc:
+        with pytest.raises(UsageError) as err:
+            await svc.delete_snapshot(rec.id)
+    assert err.value.code == "delete-needs-merge"
+    assert "not built" in (err.value.hint or "")
+    assert fake_rbd.made == made  # nothing removed
+    assert "rbd-delete" not in fake_rbd.ops
+    assert (await catalog.get_snapshot(rec.id)).status is SnapshotStatus.DONE
+    assert await catalog.vm_lock_holder("d") is None  # released
+
+
+async def test_delete_removes_the_rbd_snapshots_then_the_record(
+    host: FakeHost,
+    catalog: Catalog,
+    catalog_db: CatalogDb,
+    fake_rbd: type[FakeRbd],
+    tmp_path: Path,
+) -> None:
+    await _vm(host, catalog, "e")
+    rec = await Snapshotter(catalog).snapshot(
+        "e", dataclasses.replace(REQUIRED, exclude_disks=("disk0",))
+    )
+    assert [d.backend for d in rec.disks] == ["rbd"]
+    assert fake_rbd.made == {f"rbd:volumes/e-disk1@ff-{rec.id}"}
+    async with Service(Config(state_dir=tmp_path / "h", database_url=catalog_db.url)) as svc:
+        # A removal that fails keeps the record (and what is left in Ceph), lock released.
+        fake_rbd.fail_delete = True
+        with pytest.raises(StorageError) as err:
+            await svc.delete_snapshot(rec.id)
+        assert err.value.code == "ceph-unreachable"
+        assert (await catalog.get_snapshot(rec.id)).disks == rec.disks
+        assert fake_rbd.made == {f"rbd:volumes/e-disk1@ff-{rec.id}"}
+        assert await catalog.vm_lock_holder("e") is None
+        # Busy VM: refused with the lock's code, nothing touched.
+        await catalog.acquire_vm_lock("e", "someone-else@host:1", purpose="snapshot")
+        fake_rbd.fail_delete = False
+        with pytest.raises(BusyError):
+            await svc.delete_snapshot(rec.id)
+        assert fake_rbd.made
+        await catalog.release_vm_lock("e", "someone-else@host:1")
+        # Again, by prefix: the snapshots go, then the record.
+        deleted = await svc.delete_snapshot(rec.id[:8])
+    assert deleted.id == rec.id
+    assert fake_rbd.made == set()
+    assert fake_rbd.ops[-1] == "rbd-delete"
+    with pytest.raises(NotFoundError):
+        await catalog.get_snapshot(rec.id)
+
+
+async def test_delete_of_a_running_snapshot_is_refused(catalog: Catalog) -> None:
+    from datetime import UTC, datetime
+
+    from freezeframe.engine.delete import delete_snapshot
+    from freezeframe.models import SnapshotRecord
+
+    rec = SnapshotRecord(
+        id="feedbeef0001",
+        vm="gone",
+        created_at=datetime.now(UTC),
+        status=SnapshotStatus.RUNNING,
+        policy=QuiescePolicy.REQUIRED,
+        level=ConsistencyLevel.NONE,
+    )
+    await catalog.begin_snapshot(rec)
+    with pytest.raises(UsageError) as err:
+        await delete_snapshot(catalog, rec)
+    assert err.value.code == "snapshot-running"
+    assert (await catalog.get_snapshot(rec.id)).status is SnapshotStatus.RUNNING
 
 
 def test_vm_add_stores_ceph_settings_paths_only(ff: Any, tmp_path: Path) -> None:

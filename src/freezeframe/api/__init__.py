@@ -9,7 +9,7 @@ lives here.
   (:mod:`._dashboard`, templates and static files next to it);
 - :mod:`._auth`: the bearer token (``<state dir>/api-token``, mode 0600) and session cookies;
 - :mod:`._errors`: the one error shape ``{"code", "message", "hint"}`` and HTTP statuses;
-- :mod:`._jobs`: verify jobs owned by the server; :mod:`._sse`: the event streams;
+- :mod:`._jobs`: the refusal of new jobs while the server stops; :mod:`._sse`: the event streams;
 - :mod:`._chart`: the freeze-window timeline as inline SVG.
 """
 

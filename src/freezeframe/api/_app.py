@@ -4,7 +4,7 @@
 Owns the HTTP face only: request bodies and query parameters into service calls, results into
 JSON documents (:func:`~freezeframe.service.to_document`, the same documents as the CLI's
 ``--json``), errors into the one shape (:mod:`._errors`), snapshots and verifications as jobs of
-the server (the service's snapshot jobs; verify jobs in :mod:`._jobs`), authentication
+the server (the service's snapshot and verify jobs), authentication
 (:mod:`._auth`). No business rule lives here: what a snapshot's outcome is, what may be
 refused, and why, is the service's.
 
@@ -17,12 +17,9 @@ shutting-down`` and ends the event streams that follow nothing running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -35,12 +32,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freezeframe import __version__
 from freezeframe.api._auth import SESSION_COOKIE, Authenticator
-from freezeframe.api._errors import ApiError, error_body, install_error_handlers, render_remedy
-from freezeframe.api._jobs import Job, JobContext, JobManager, ShuttingDown
+from freezeframe.api._errors import error_body, install_error_handlers, render_remedy
+from freezeframe.api._jobs import ShuttingDown
 from freezeframe.api._metrics import CONTENT_TYPE_LATEST, Metrics
 from freezeframe.api._sse import snapshot_events
 from freezeframe.errors import FreezeframeError
-from freezeframe.models import QuiescePolicy, SnapshotRecord, TimelineEvent
+from freezeframe.models import QuiescePolicy, SnapshotRecord
 from freezeframe.service import (
     MAX_PAGE,
     CreateSnapshot,
@@ -48,6 +45,8 @@ from freezeframe.service import (
     SnapshotJob,
     SnapshotOutcome,
     SnapshotPage,
+    VerifyJob,
+    VerifyOutcome,
     VmSpec,
     summary_document,
     to_document,
@@ -67,7 +66,6 @@ class ApiState:
     service: Service
     auth: Authenticator
     token_path: Path | None = None
-    jobs: JobManager = field(default_factory=JobManager)
     metrics: Metrics = field(default_factory=Metrics)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     sse_clients: int = 0
@@ -75,12 +73,10 @@ class ApiState:
     def begin_stop(self) -> None:
         """The server is stopping: no new jobs; streams that follow nothing running end."""
         self.stopping.set()
-        self.jobs.accepting = False
 
     async def drain(self) -> None:
-        """Wait for every job of this app (verify jobs here, snapshot jobs in the service)."""
+        """Wait for every job of this app (snapshot and verify jobs, run by the service)."""
         self.begin_stop()
-        await self.jobs.drain()
         await self.service.drain()
 
 
@@ -166,7 +162,12 @@ class VmBody(_Body):
     freeze_timeout: float = 10.0
     agent_log: str | None = Field(None, description="qemu-ga's --logfile inside the guest")
     exclude_mounts: list[str] = []
-    overlay_dir: str | None = None
+    overlay_dir: str | None = Field(
+        None, description="where the snapshots' overlays go (default: next to each disk)"
+    )
+    ceph_conf: str | None = Field(None, description="ceph.conf for the VM's RBD disks")
+    ceph_id: str | None = Field(None, description="the Ceph client id (without 'client.')")
+    ceph_keyring: str | None = Field(None, description="the keyring file of that client")
     replace: bool = False
     force: bool = False
 
@@ -179,6 +180,9 @@ class CreateBody(_Body):
     exclude_mounts: list[str] = []
     exclude_disks: list[str] = []
     verify: bool = False
+    overlay_dir: str | None = Field(
+        default=None, description="this snapshot's overlay directory (default: the VM's own)"
+    )
 
 
 class RecoverBody(_Body):
@@ -231,6 +235,7 @@ async def _start_snapshot(st: ApiState, vm: str, body: CreateBody) -> SnapshotJo
         exclude_mounts=tuple(body.exclude_mounts),
         exclude_disks=tuple(body.exclude_disks),
         verify=body.verify,
+        overlay_dir=body.overlay_dir,
     )
     job = await st.service.start_snapshot(vm, request)
     if job.task is not None:
@@ -241,52 +246,23 @@ async def _start_snapshot(st: ApiState, vm: str, body: CreateBody) -> SnapshotJo
     return job
 
 
-def _step(name: str, detail: str = "") -> dict[str, Any]:
-    ev = TimelineEvent(name, datetime.now(UTC), time.monotonic_ns(), detail)
-    doc: dict[str, Any] = to_document(ev)
-    return doc
-
-
-async def _start_verify(st: ApiState, rec: SnapshotRecord) -> Job:
-    """A verify of ``rec`` as a job of this app (the service's :meth:`verify_snapshot` in a
-    task of the server's). Raises ShuttingDown, ApiError 409 ``job-running``."""
+async def _start_verify(st: ApiState, rec: SnapshotRecord) -> VerifyJob:
+    """A verify of ``rec`` as a job of the service (:meth:`Service.start_verify`), counted in
+    this app's metrics. Raises ShuttingDown, BusyError (code ``job-running``), what the
+    service's start raises."""
     if st.stopping.is_set():
         raise ShuttingDown
-    running = st.jobs.get(rec.id)
-    if (running is not None and not running.finished) or st.service.job(rec.id) is not None:
-        raise ApiError(
-            409,
-            "job-running",
-            f"snapshot {rec.id} has a job running in this server",
-            hint=f"follow it: GET /v1/snapshots/{rec.id}/events",
-        )
+    job = await st.service.start_verify(rec.id)
+    st.metrics.jobs_running.inc()
 
-    async def runner(ctx: JobContext) -> None:
-        ctx.accept(rec.id)
-        ctx.publish("step", _step("verify_started", "reading every image at the cut, read-only"))
-        st.metrics.jobs_running.inc()
-        try:
-            outcome = await st.service.verify_snapshot(rec.id)
-        except FreezeframeError as exc:
-            ctx.publish("error", {**error_body(exc), "snapshot_id": rec.id})
-        else:
-            st.metrics.verify_done(outcome.code.value)
-            ctx.publish("verification", to_document(outcome))
-        finally:
-            st.metrics.jobs_running.dec()
-        with contextlib.suppress(FreezeframeError):
-            ctx.publish("record", to_document(await st.service.get_snapshot(rec.id)))
+    def ended(task: asyncio.Task[VerifyOutcome]) -> None:
+        st.metrics.jobs_running.dec()
+        if not task.cancelled() and task.exception() is None:
+            st.metrics.verify_done(task.result().code.value)
 
-    def on_error(exc: BaseException) -> None:
-        job = st.jobs.get(rec.id)
-        if job is not None:
-            job.publish(
-                "error",
-                {"code": "internal-error", "message": f"internal error ({type(exc).__name__})",
-                 "hint": "see the server's log", "snapshot_id": rec.id},
-            )  # fmt: skip
-
-    return await st.jobs.submit("verify", rec.vm, runner, on_error)
+    if job.task is not None:
+        job.task.add_done_callback(ended)
+    return job
 
 
 # ------------------------------------------------------------------ the app
@@ -365,7 +341,7 @@ def create_app(
         return {
             "status": "stopping" if st.stopping.is_set() else "ok",
             "version": __version__,
-            "jobs": len(service.jobs) + len(st.jobs.running()),
+            "jobs": len(service.jobs) + len(service.verify_jobs),
             "event_streams": st.sse_clients,
         }
 
@@ -401,6 +377,9 @@ def create_app(
             agent_log=body.agent_log,
             exclude_mounts=tuple(body.exclude_mounts),
             overlay_dir=body.overlay_dir,
+            ceph_conf=body.ceph_conf,
+            ceph_id=body.ceph_id,
+            ceph_keyring=body.ceph_keyring,
         )
         added = await service.add_vm(spec, replace=body.replace, force=body.force)
         return JSONResponse(
@@ -486,12 +465,15 @@ def create_app(
         ``live=true`` also ``qemu_runs_on`` (the image each disk runs on now), as the CLI
         shows it: that asks the running VM under its lock, so a snapshot of the VM starting
         at that moment is refused; without it the answer comes from the catalog alone."""
-        rec = await service.get_snapshot(snapshot_id)
-        if not live:
-            return await _json(rec)
-        images = await service.vm_images(rec.vm) if rec.disks else []
-        runs_on = {b.device: b.running_on for b in images if b.running_on}
-        return await _json({**to_document(rec), "qemu_runs_on": runs_on})
+        return await _json(await service.show_snapshot(snapshot_id, live=live))
+
+    @app.delete("/v1/snapshots/{snapshot_id}", tags=["snapshots"], status_code=204)
+    async def delete_snapshot(snapshot_id: str) -> Response:
+        """Delete a snapshot (id or unique prefix): its RBD snapshots, then its record. ``409
+        delete-needs-merge`` for a snapshot with a qcow2 disk (merging layers is not built
+        yet), ``409 snapshot-running`` while it runs."""
+        await service.delete_snapshot(snapshot_id)
+        return Response(status_code=204)
 
     @app.get("/v1/snapshots/{snapshot_id}/events", tags=["snapshots"])
     async def events(snapshot_id: str, request: Request) -> StreamingResponse:
@@ -504,7 +486,7 @@ def create_app(
         async def stream() -> Any:
             st.sse_clients += 1
             try:
-                async for chunk in snapshot_events(service, st.jobs, rec, st.stopping, after=after):
+                async for chunk in snapshot_events(service, rec, st.stopping, after=after):
                     yield chunk
             finally:
                 st.sse_clients -= 1

@@ -186,7 +186,7 @@ def install_dashboard(app: FastAPI, st: ApiState) -> None:
         live = None
         if svc.job(rec.id) is not None:
             live = "snapshot"
-        elif (vj := st.jobs.get(rec.id)) is not None and not vj.finished:
+        elif (vj := svc.verify_job(rec.id)) is not None and not vj.done:
             live = "verify"
         elif rec.status is SnapshotStatus.RUNNING:
             live = "snapshot"  # run by another process: the stream polls the catalog

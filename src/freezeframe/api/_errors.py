@@ -59,7 +59,16 @@ class ApiError(Exception):
 
 
 #: Codes whose status is not the one of their class: refusals because of the VM's state.
-_CONFLICT_CODES = frozenset({"intent-open", "lab-vm", "vm-exists", "intents-skipped"})
+_CONFLICT_CODES = frozenset(
+    {
+        "intent-open",
+        "lab-vm",
+        "vm-exists",
+        "intents-skipped",
+        "delete-needs-merge",
+        "snapshot-running",
+    }
+)
 
 
 def status_of(exc: FreezeframeError) -> int:

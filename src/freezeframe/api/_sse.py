@@ -6,7 +6,7 @@ Owns the stream's wire format and where its events come from:
   it (the steps inside the freeze window right after the thaw: nothing is sent while the guest
   is frozen), then ``outcome`` (the outcome's code) or ``error`` (the one error shape plus
   ``snapshot_id``), then ``record``;
-- a verify job of this server (running, or one of the last it ran): ``step``
+- a verify job of this server (:meth:`Service.verify_job`: running, or one of the last): ``step``
   ``verify_started``, then ``verification`` or ``error``, then ``record``;
 - otherwise the catalog: the stored steps, then (while another process still runs it) new
   steps as they are checkpointed, polled every half second, then ``record``.
@@ -23,17 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from freezeframe._aio import within
 from freezeframe.api._errors import error_body
-from freezeframe.api._jobs import JobManager
 from freezeframe.errors import FreezeframeError, NotFoundError
 from freezeframe.models import SnapshotRecord, SnapshotStatus
 from freezeframe.service import Service, to_document
 
 __all__ = ["snapshot_events"]
+
+log = logging.getLogger(__name__)
 
 Event = tuple[str, dict[str, Any]]
 
@@ -100,12 +102,25 @@ async def _from_snapshot_job(svc: Service, sid: str) -> AsyncIterator[Event]:
         )
 
 
-async def _from_verify_job(jobs: JobManager, sid: str) -> AsyncIterator[Event]:
-    job = jobs.get(sid)
+async def _from_verify_job(svc: Service, sid: str) -> AsyncIterator[Event]:
+    job = svc.verify_job(sid)
     if job is None:
         return
-    async for ev in job.follow():
-        yield ev.kind, ev.data
+    async for ev in job.events():
+        yield "step", to_document(ev)
+    try:
+        outcome = await job.wait()
+    except FreezeframeError as exc:
+        yield "error", {**error_body(exc), "snapshot_id": sid}
+    except Exception as exc:  # a bug: the stream still ends with the one error shape
+        log.error("verify of %s failed unexpectedly", sid, exc_info=exc)
+        yield (
+            "error",
+            {"code": "internal-error", "message": f"internal error ({type(exc).__name__})",
+             "hint": "see the server's log", "snapshot_id": sid},
+        )  # fmt: skip
+    else:
+        yield "verification", to_document(outcome)
 
 
 async def _from_catalog(
@@ -124,16 +139,15 @@ async def _from_catalog(
 
 
 async def _events(
-    svc: Service, jobs: JobManager, rec: SnapshotRecord, stopping: asyncio.Event
+    svc: Service, rec: SnapshotRecord, stopping: asyncio.Event
 ) -> AsyncIterator[Event]:
     sid = rec.id
     if svc.job(sid) is not None:
         async for item in _from_snapshot_job(svc, sid):
             yield item
-    elif jobs.get(sid) is not None:
-        async for item in _from_verify_job(jobs, sid):
+    elif svc.verify_job(sid) is not None:
+        async for item in _from_verify_job(svc, sid):
             yield item
-        return  # a verify job ends with its own record event
     else:
         async for item in _from_catalog(svc, rec, stopping):
             yield item
@@ -148,7 +162,6 @@ async def _events(
 
 async def snapshot_events(
     svc: Service,
-    jobs: JobManager,
     rec: SnapshotRecord,
     stopping: asyncio.Event,
     *,
@@ -161,7 +174,7 @@ async def snapshot_events(
     seq = 0
     yield b"retry: 2000\n\n"
     try:
-        async for item in _with_pings(_events(svc, jobs, rec, stopping), ping):
+        async for item in _with_pings(_events(svc, rec, stopping), ping):
             if item is None:
                 yield b": ping\n\n"
                 continue

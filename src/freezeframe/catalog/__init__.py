@@ -71,9 +71,9 @@ Several processes (and hosts sharing a server database)
     holder and since when it holds the lock. Holders on other hosts are never judged dead.
 """
 
-from freezeframe.catalog._catalog import BUSY_TIMEOUT_MS, MIN_PREFIX, Catalog
+from freezeframe._owner import holder_is_dead, make_owner
+from freezeframe.catalog._catalog import BUSY_TIMEOUT_MS, MIN_PREFIX, Catalog, redact_url
 from freezeframe.catalog._full import FILESYSTEM_FULL, CatalogFullError
-from freezeframe.catalog._owner import holder_is_dead, make_owner
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -83,4 +83,5 @@ __all__ = [
     "CatalogFullError",
     "holder_is_dead",
     "make_owner",
+    "redact_url",
 ]

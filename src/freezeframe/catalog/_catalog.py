@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import stat
@@ -33,8 +34,8 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from freezeframe import paths
 from freezeframe._aio import shielded
+from freezeframe._owner import holder_is_dead
 from freezeframe.catalog._full import filesystem_full_error
-from freezeframe.catalog._owner import holder_is_dead
 from freezeframe.catalog._schema import (
     FreezeIntentRow,
     FsCheckRow,
@@ -74,7 +75,29 @@ from freezeframe.models import (
     VmConfig,
 )
 
-__all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog"]
+__all__ = ["BUSY_TIMEOUT_MS", "MIN_PREFIX", "Catalog", "redact_url"]
+
+
+_QUERY_SECRET = re.compile(r"(?i)((?:password|passwd|sslpassword)=)[^&#\s]*")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a database URL, well-formed or not) with any password replaced by ``***``.
+
+    Works on malformed URLs too (a missing ``:`` after the scheme, a bad port): everything
+    between the last ``:`` of the user part and the ``@`` before the host is hidden, and so is
+    a ``password=`` query parameter. Raises nothing.
+    """
+    head, sep, rest = text.partition("//")
+    if not sep:
+        head, rest = "", text
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            rest = f"{user}:***@{hostpart}"
+    return _QUERY_SECRET.sub(r"\1***", f"{head}{sep}{rest}")
+
 
 log = logging.getLogger(__name__)
 
@@ -714,6 +737,7 @@ _LOCK_WORDS = {
     "doctor": "a doctor check",
     "recover": "a recover",
     "lab-down": "a lab down",
+    "delete": "a snapshot delete",
 }
 
 
@@ -747,7 +771,8 @@ class Catalog:
         refused, never re-initialised: that would forget every record and freeze intent.
 
         Raises:
-            UsageError: ``url`` is not a database URL.
+            UsageError: (code ``bad-database-url``) ``url`` is not a database URL, or one of
+                its parameters cannot be parsed. No message names the URL's password.
             DependencyError: the URL's database driver (a Python module) is not installed.
             CatalogError: the database cannot be opened or migrated, or an existing SQLite file
                 is not a freezeframe catalog (the message names it, the hint says what to do).
@@ -758,9 +783,24 @@ class Catalog:
     def _open_sync(cls, url_text: str) -> Catalog:
         try:
             url = sa.make_url(url_text)
-        except ArgumentError as exc:
-            raise UsageError(f"not a database URL: {url_text!r}") from exc
-        display = url.render_as_string(hide_password=True)
+        except (ArgumentError, ValueError, TypeError):
+            # Never from the error: its text may quote the URL, password and all.
+            raise UsageError(
+                f"not a database URL: {redact_url(url_text)!r}",
+                hint="a SQLAlchemy URL such as postgresql+psycopg://user:password@host:5432/db",
+                code="bad-database-url",
+            ) from None
+        display = redact_url(url.render_as_string(hide_password=True))
+        try:
+            return cls._open_url(url, display)
+        except ValueError as exc:  # a query parameter the dialect or driver cannot parse
+            raise UsageError(
+                f"the database URL {display} has a bad parameter: {exc}",
+                code="bad-database-url",
+            ) from exc
+
+    @classmethod
+    def _open_url(cls, url: URL, display: str) -> Catalog:
         file = _sqlite_file(url)
         if file is not None:
             try:

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from freezeframe.cli._common import console, emit_json, err_console, serve
-from freezeframe.service import LabUpRequest, LabVm
+from freezeframe.service import CephLab, LabUpRequest, LabVm
 
 app = typer.Typer(
     help="The built-in lab VM: a real guest running the real qemu-guest-agent.",
@@ -217,8 +217,6 @@ app.add_typer(ceph_app, name="ceph")
 
 
 def _print_ceph(lab: object) -> None:
-    from freezeframe.lab import CephLab
-
     if not isinstance(lab, CephLab):
         return
     state = "running" if lab.running else "stopped"

@@ -146,7 +146,7 @@ def serve_cmd(
         try:
             await server.serve(sockets=[sock])
         finally:
-            running = len(svc.jobs) + len(state.jobs.running())
+            running = len(svc.jobs) + len(svc.verify_jobs)
             if running:
                 err_console.print(
                     f"freezeframe serve: waiting for {running} running job(s) to finish",

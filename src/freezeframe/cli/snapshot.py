@@ -1,4 +1,4 @@
-"""``freezeframe snapshot``: create, list, show and verify snapshot sets.
+"""``freezeframe snapshot``: create, list, show, verify and delete snapshot sets.
 
 Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, crash with
 ``--quiesce off``); 20 done but weaker than asked (``preferred`` fell back to crash); the error
@@ -26,7 +26,6 @@ from freezeframe.cli._render import print_record, print_verification
 from freezeframe.errors import FreezeframeError, SnapshotUnrecordedError, ThawUnconfirmedError
 from freezeframe.models import (
     QuiescePolicy,
-    SnapshotRecord,
     SnapshotStatus,
     TimelineEvent,
     Verification,
@@ -34,7 +33,6 @@ from freezeframe.models import (
 )
 from freezeframe.service import (
     DEFAULT_CHECK_TIMEOUT,
-    BootImage,
     CreateSnapshot,
     Outcome,
     Service,
@@ -217,22 +215,12 @@ def list_(
 def show(snapshot_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one snapshot: level and why, disks, filesystems, timeline, evidence, verdict."""
 
-    async def go(svc: Service) -> tuple[SnapshotRecord, list[BootImage]]:
-        rec = await svc.get_snapshot(snapshot_id)
-        # which image each disk runs on now: never claim it writes to this overlay blindly
-        live = await svc.vm_images(rec.vm) if rec.disks else []
-        return rec, live
-
-    rec, live = serve(go, as_json=as_json)
+    # live: which image each disk runs on now (never claim it writes to this overlay blindly)
+    shown = serve(lambda svc: svc.show_snapshot(snapshot_id, live=True), as_json=as_json)
     if as_json:
-        emit_json(
-            {
-                **to_document(rec),
-                "qemu_runs_on": {b.device: b.running_on for b in live if b.running_on},
-            }
-        )
+        emit_json(to_document(shown))
     else:
-        print_record(rec, live)
+        print_record(shown.record, shown.images)
 
 
 @app.command("verify")
@@ -268,3 +256,17 @@ def verify_cmd(
         print_verification(v)
     if code := verdict_exit(v):
         raise SystemExit(code)
+
+
+@app.command("delete")
+def delete_cmd(snapshot_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Delete a snapshot: its RBD snapshots, then its record.
+
+    Refused (code delete-needs-merge) for a snapshot with a qcow2 disk: its overlay is a layer
+    of the running chain, and merging layers is not built yet. Refused while it runs."""
+
+    rec = serve(lambda svc: svc.delete_snapshot(snapshot_id), as_json=as_json)
+    if as_json:
+        emit_json({"deleted": rec.id, "vm": rec.vm})
+    else:
+        console.print(f"deleted snapshot {rec.id} of {rec.vm}", markup=False, highlight=False)

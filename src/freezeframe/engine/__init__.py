@@ -6,6 +6,8 @@ Public entry points (all async, usable from the CLI and from a long-running serv
 - :func:`recover` -- thaw guests left with an open freeze intent (:mod:`.recover`);
 - :func:`doctor` -- the preflight as a checklist (:mod:`.doctor`);
 - :func:`verify_snapshot` -- offline proof of a snapshot (:mod:`.verify`);
+- :func:`~freezeframe.engine.delete.delete_snapshot` -- delete a snapshot whose parts can go
+  without a merge (RBD snapshots), then its record (:mod:`.delete`);
 - :func:`libvirt_vm` / :func:`import_libvirt` -- register libvirt domains (:mod:`.vms`).
 """
 

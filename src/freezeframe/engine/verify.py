@@ -93,19 +93,25 @@ async def verify_snapshot(
 
 async def _readable(catalog: Catalog, rec: SnapshotRecord) -> tuple[SnapshotDisk, ...]:
     """``rec``'s disks with each image named as its backend reads it at the cut (an RBD
-    snapshot: ``json:{"driver": "rbd", ..., "snapshot": "ff-ID"}``, read-only). Raises
-    NotFoundError (the VM is gone: its Ceph settings with it), DependencyError."""
+    snapshot: ``json:{"driver": "rbd", ..., "snapshot": "ff-ID"}``, read-only), once each
+    backend has said what it made is there (bounded). Raises NotFoundError (the VM is gone:
+    its Ceph settings with it), DependencyError, StorageError (Ceph does not answer, a
+    snapshot is gone)."""
     if all(backend_of_record(d) == "qcow2" for d in rec.disks):
         return rec.disks
     cfg = await catalog.get_vm(rec.vm)
-    out = []
-    for d in rec.disks:
-        name = backend_of_record(d)
-        if name == "qcow2":
-            out.append(d)
-        else:
-            out.append(replace(d, image=load_backend(name).for_vm(cfg, None).verify_source(d)))
-    return tuple(out)
+    backends = {
+        name: load_backend(name).for_vm(cfg, None)
+        for name in dict.fromkeys(backend_of_record(d) for d in rec.disks)
+        if name != "qcow2"
+    }
+    for name, backend in backends.items():
+        await backend.check_readable(rec.id, [d for d in rec.disks if backend_of_record(d) == name])
+    return tuple(
+        d if name == "qcow2" else replace(d, image=backends[name].verify_source(d))
+        for d in rec.disks
+        for name in (backend_of_record(d),)
+    )
 
 
 def changed_since_cut(rec: SnapshotRecord) -> Verification | None:

@@ -24,7 +24,10 @@ Public API::
         await svc.list_snapshots(vm=None, limit=None, cursor=None, newest_first=False)
             -> SnapshotPage                       # .items: SnapshotSummary, .next_cursor
         await svc.get_snapshot(snapshot_id) -> SnapshotRecord
+        await svc.show_snapshot(snapshot_id, live=True) -> SnapshotShown  # + what QEMU runs on
         await svc.verify_snapshot(snapshot_id, checks=(), check_timeout=None) -> VerifyOutcome
+        await svc.start_verify(snapshot_id, ...) -> VerifyJob   # servers; BusyError job-running
+        svc.verify_job(snapshot_id) -> VerifyJob | None; svc.verify_jobs
         # recover
         await svc.recover(vm=None, force=False) -> RecoverReport   # .code, .error()
         # lab
@@ -56,6 +59,7 @@ from freezeframe.engine import (
 )
 from freezeframe.engine.images import BootImage
 from freezeframe.errors import Action, Remedy
+from freezeframe.lab import CephDown, CephLab
 from freezeframe.service._config import Config
 from freezeframe.service._documents import (
     RemedyRenderer,
@@ -64,7 +68,7 @@ from freezeframe.service._documents import (
     summary_document,
     to_document,
 )
-from freezeframe.service._jobs import SnapshotJob
+from freezeframe.service._jobs import SnapshotJob, VerifyJob
 from freezeframe.service._results import (
     DEFAULT_CHECK_TIMEOUT,
     CreateSnapshot,
@@ -78,6 +82,7 @@ from freezeframe.service._results import (
     RecoverReport,
     SnapshotOutcome,
     SnapshotPage,
+    SnapshotShown,
     VerifyOutcome,
     VmAdded,
     VmSpec,
@@ -90,6 +95,8 @@ __all__ = [
     "MAX_PAGE",
     "Action",
     "BootImage",
+    "CephDown",
+    "CephLab",
     "Check",
     "CheckStatus",
     "Config",
@@ -113,6 +120,8 @@ __all__ = [
     "SnapshotJob",
     "SnapshotOutcome",
     "SnapshotPage",
+    "SnapshotShown",
+    "VerifyJob",
     "VerifyOutcome",
     "VmAdded",
     "VmSpec",

@@ -8,7 +8,7 @@ that is told otherwise (``--database-url``) passes its value in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from freezeframe import paths
@@ -28,7 +28,7 @@ class Config:
     """
 
     state_dir: Path
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
     followup: bool = False
     thaw_timeout: float = 5.0
     recover_timeout: float = 5.0

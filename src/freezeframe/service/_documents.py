@@ -2,10 +2,10 @@
 
 :func:`to_document` turns dataclasses, enums, datetimes, paths and containers into JSON values,
 with the special cases written once: a snapshot record also gets ``thaw_unconfirmed`` and
-``intent_left_open``; a snapshot summary (a list's item) is built directly by
-:func:`summary_document` (a page of them is what lists send, so it is the fast path); a doctor
-report ``ok`` (first); a recover outcome its ``code`` (and
-``failed``); a lab VM and the lab Ceph their own documents; an outcome its ``code``. A
+``intent_left_open`` (shown live, :class:`SnapshotShown`, also ``qemu_runs_on``); a snapshot
+summary (a list's item) is built directly by :func:`summary_document` (a page of them is what
+lists send, so it is the fast path); a doctor report ``ok`` (first); a recover outcome its
+``code`` (and ``failed``); a lab VM and the lab Ceph their own documents; an outcome its ``code``. A
 :class:`~freezeframe.errors.Remedy` (on an error or a doctor check) is rendered by the face's
 ``render`` function into the ``hint`` / ``fix`` text; the remedy itself is also given as data.
 """
@@ -23,7 +23,12 @@ from freezeframe.engine import Check, DoctorReport, RecoverOutcome
 from freezeframe.errors import FreezeframeError, Remedy
 from freezeframe.lab import CephDown, CephLab, LabVm
 from freezeframe.models import SnapshotRecord, SnapshotSummary
-from freezeframe.service._results import RecoverReport, SnapshotOutcome, VerifyOutcome
+from freezeframe.service._results import (
+    RecoverReport,
+    SnapshotOutcome,
+    SnapshotShown,
+    VerifyOutcome,
+)
 
 __all__ = ["RemedyRenderer", "error_document", "join_hint", "summary_document", "to_document"]
 
@@ -81,6 +86,11 @@ def to_document(obj: Any, *, render: RemedyRenderer | None = None) -> Any:
         return _remedy(obj)
     if isinstance(obj, RecoverReport):
         return [to_document(o, render=render) for o in obj.outcomes]
+    if isinstance(obj, SnapshotShown):
+        shown: dict[str, Any] = to_document(obj.record, render=render)
+        if obj.live:
+            shown["qemu_runs_on"] = obj.qemu_runs_on
+        return shown
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         doc: dict[str, Any] = {}
         if isinstance(obj, DoctorReport):

@@ -1,4 +1,5 @@
-"""A snapshot running as a job of a long-running process, detached from whoever started it.
+"""A snapshot (or a verify) running as a job of a long-running process, detached from whoever
+started it.
 
 A :class:`SnapshotJob` owns one task of :meth:`Service.create_snapshot`; any number of
 followers read its timeline (:meth:`SnapshotJob.events`: every event so far, then each new one
@@ -13,9 +14,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from freezeframe.models import TimelineEvent
-from freezeframe.service._results import SnapshotOutcome
+from freezeframe.service._results import SnapshotOutcome, VerifyOutcome
 
-__all__ = ["SnapshotJob"]
+__all__ = ["SnapshotJob", "VerifyJob"]
 
 
 class SnapshotJob:
@@ -68,4 +69,53 @@ class SnapshotJob:
 
     def _finished(self, _task: asyncio.Task[SnapshotOutcome]) -> None:
         self.started.set()
+        asyncio.get_running_loop().create_task(self._notify())
+
+
+class VerifyJob:
+    """One verify being run: its ``snapshot_id``, ``vm``, steps so far (``history``: the
+    ``verify_started`` step), followers (:meth:`events`) and result (:meth:`wait`). Kept a while
+    after it ended (:meth:`Service.verify_job`), so a late follower still sees its verdict."""
+
+    def __init__(self, snapshot_id: str, vm: str) -> None:
+        self.snapshot_id = snapshot_id
+        self.vm = vm
+        self.history: list[TimelineEvent] = []
+        self.task: asyncio.Task[VerifyOutcome] | None = None
+        self._changed = asyncio.Condition()
+
+    def publish(self, ev: TimelineEvent) -> None:
+        """Record a step and wake the followers (in the event loop)."""
+        self.history.append(ev)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+    async def events(self) -> AsyncIterator[TimelineEvent]:
+        """Every step so far, then each new one, until the job ends."""
+        sent = 0
+        while True:
+            while sent < len(self.history):
+                yield self.history[sent]
+                sent += 1
+            if self.done:
+                return
+            async with self._changed:
+                if sent == len(self.history) and not self.done:
+                    await self._changed.wait()
+
+    async def wait(self) -> VerifyOutcome:
+        """The verdict; raises what ``verify_snapshot`` raised. Cancelling the waiter does not
+        cancel the job."""
+        if self.task is None:
+            raise RuntimeError("job not started")
+        return await asyncio.shield(self.task)
+
+    def _finished(self, _task: asyncio.Task[VerifyOutcome]) -> None:
         asyncio.get_running_loop().create_task(self._notify())

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 from freezeframe.engine import RecoverOutcome
+from freezeframe.engine.images import BootImage
 from freezeframe.errors import Action, BusyError, FreezeframeError, RecoverError, Remedy
 from freezeframe.lab import LabVm
 from freezeframe.models import (
@@ -35,6 +36,7 @@ __all__ = [
     "RecoverReport",
     "SnapshotOutcome",
     "SnapshotPage",
+    "SnapshotShown",
     "VerifyOutcome",
     "VmAdded",
     "VmSpec",
@@ -165,6 +167,22 @@ class SnapshotPage:
 
     items: tuple[SnapshotSummary, ...]
     next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotShown:
+    """What ``snapshot show`` shows: the ``record``; with ``live``, also ``images``, what
+    QEMU runs each disk of the VM on now (``vm images``), so a disk that switched away from
+    this snapshot's overlay is not shown as writing to it. Its document (``to_document``) is
+    the record's, plus ``qemu_runs_on`` (device -> image) when ``live``."""
+
+    record: SnapshotRecord
+    live: bool = False
+    images: tuple[BootImage, ...] = ()
+
+    @property
+    def qemu_runs_on(self) -> dict[str, str]:
+        return {b.device: b.running_on for b in self.images if b.running_on}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ comes back (:func:`~freezeframe.service.to_document` for JSON); it never decides
 
 One :class:`Service` per process: it opens the catalog once and is safe to share between
 concurrent requests (the catalog serializes its calls, the engine locks each VM in the
-database: a second snapshot of a busy VM raises BusyError, code ``vm-busy``).
+database: a second snapshot of a busy VM raises BusyError, code ``vm-busy``). Snapshots and
+verifies also run as jobs of the service (:meth:`Service.start_snapshot`,
+:meth:`Service.start_verify`: one job per snapshot at a time, else code ``job-running``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import dataclasses
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
@@ -41,6 +44,7 @@ from freezeframe.engine import (
     recover,
     verify_snapshot,
 )
+from freezeframe.engine.delete import delete_snapshot
 from freezeframe.engine.images import BootImage, boot_images
 from freezeframe.engine.snapshot import new_snapshot_id
 from freezeframe.engine.verify import parse_user_checks
@@ -54,8 +58,15 @@ from freezeframe.errors import (
     Remedy,
     UsageError,
 )
-from freezeframe.lab import CephDown, CephLab, LabVm
-from freezeframe.lab._model import libvirt_agent_address, parse_disks, parse_size, validate_timeout
+from freezeframe.lab import (
+    CephDown,
+    CephLab,
+    LabVm,
+    libvirt_agent_address,
+    parse_disks,
+    parse_size,
+    validate_timeout,
+)
 from freezeframe.models import (
     QuiescePolicy,
     SnapshotRecord,
@@ -65,7 +76,7 @@ from freezeframe.models import (
     VmConfig,
 )
 from freezeframe.service._config import Config
-from freezeframe.service._jobs import SnapshotJob
+from freezeframe.service._jobs import SnapshotJob, VerifyJob
 from freezeframe.service._results import (
     CreateSnapshot,
     LabDownResult,
@@ -76,6 +87,7 @@ from freezeframe.service._results import (
     RecoverReport,
     SnapshotOutcome,
     SnapshotPage,
+    SnapshotShown,
     VerifyOutcome,
     VmAdded,
     VmSpec,
@@ -93,6 +105,9 @@ ProgressFn = Callable[[TimelineEvent], None]
 #: The largest page of ``list_snapshots``.
 MAX_PAGE = 1000
 
+#: How many verify jobs (running and ended) a service remembers for late followers.
+KEEP_VERIFY_JOBS = 256
+
 
 class Service:
     """freezeframe's operations over one catalog. Get one with :meth:`open` (``async with``);
@@ -107,6 +122,8 @@ class Service:
         self._snapshotter: Snapshotter | None = None
         self._opening = asyncio.Lock()
         self._jobs: dict[str, SnapshotJob] = {}
+        #: Verify jobs by snapshot id: the running ones and the last KEEP_VERIFY_JOBS ended.
+        self._verify_jobs: dict[str, VerifyJob] = {}
 
     @classmethod
     async def open(cls, config: Config) -> Service:
@@ -364,10 +381,75 @@ class Service:
         return tuple(self._jobs.values())
 
     async def drain(self) -> None:
-        """Wait until every running snapshot job has ended (their errors are theirs)."""
-        while self._jobs:
-            tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        """Wait until every running snapshot and verify job has ended (their errors are
+        theirs)."""
+        while True:
+            tasks: list[asyncio.Task[object]] = [
+                j.task for j in self._jobs.values() if j.task is not None
+            ]
+            tasks += [j.task for j in self._verify_jobs.values() if j.task and not j.done]
+            if not tasks:
+                return
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def start_verify(
+        self,
+        snapshot_id: str,
+        *,
+        checks: tuple[str, ...] = (),
+        check_timeout: float | None = None,
+    ) -> VerifyJob:
+        """Start :meth:`verify_snapshot` of ``snapshot_id`` (id or unique prefix) as a job of
+        this service, detached from the caller; its first step (``verify_started``) is
+        published before this returns. One job per snapshot at a time.
+
+        Raises NotFoundError, UsageError (bad prefix, a timeout without checks), BusyError
+        (code ``job-running``: a snapshot or verify job of this snapshot runs in this service).
+        """
+        if check_timeout is not None and not checks:
+            raise UsageError(
+                "a check timeout needs checks (it bounds each user check)",
+                code="check-timeout-needs-checks",
+            )
+        rec = await self.get_snapshot(snapshot_id)
+        sid = rec.id
+        running = self._verify_jobs.get(sid)
+        if sid in self._jobs or (running is not None and not running.done):
+            raise BusyError(
+                f"snapshot {sid} has a job running in this server",
+                hint="wait until it ends (follow its events), then ask again",
+                code="job-running",
+                remedy=Remedy(Action.SHOW_SNAPSHOT, rec.vm, {"id": sid}),
+            )
+        job = VerifyJob(sid, rec.vm)
+        self._verify_jobs.pop(sid, None)  # the newest job of a snapshot is the one kept
+        self._verify_jobs[sid] = job
+        ended = [k for k, j in self._verify_jobs.items() if j.done]
+        for k in ended[: max(0, len(self._verify_jobs) - KEEP_VERIFY_JOBS)]:
+            del self._verify_jobs[k]  # oldest first (insertion order)
+        job.publish(
+            TimelineEvent(
+                "verify_started",
+                datetime.now(UTC),
+                time.monotonic_ns(),
+                "reading every image at the cut, read-only",
+            )
+        )
+        task = asyncio.get_running_loop().create_task(
+            self.verify_snapshot(sid, checks=checks, check_timeout=check_timeout)
+        )
+        job.task = task
+        task.add_done_callback(job._finished)
+        return job
+
+    @property
+    def verify_jobs(self) -> tuple[VerifyJob, ...]:
+        """The running verify jobs."""
+        return tuple(j for j in self._verify_jobs.values() if not j.done)
+
+    def verify_job(self, snapshot_id: str) -> VerifyJob | None:
+        """The verify job of ``snapshot_id`` (full id): running, or one of the last ended."""
+        return self._verify_jobs.get(snapshot_id)
 
     async def list_snapshots(
         self,
@@ -411,6 +493,21 @@ class Service:
         UsageError (ambiguous or too short a prefix)."""
         return await (await self.catalog()).get_snapshot(snapshot_id)
 
+    async def show_snapshot(self, snapshot_id: str, *, live: bool = True) -> SnapshotShown:
+        """What ``snapshot show`` shows of one record (id or unique prefix). With ``live``,
+        also what QEMU runs each disk on now: that asks the running VM under its lock (a
+        snapshot of the VM starting at that moment is refused), so a face that must answer
+        from the catalog alone passes ``live=False``.
+
+        Raises NotFoundError (``snapshot-not-found``), UsageError (ambiguous or too short a
+        prefix), and with ``live`` what :meth:`vm_images` raises.
+        """
+        rec = await self.get_snapshot(snapshot_id)
+        if not live:
+            return SnapshotShown(rec)
+        images = await self.vm_images(rec.vm) if rec.disks else []
+        return SnapshotShown(rec, live=True, images=tuple(images))
+
     async def verify_snapshot(
         self,
         snapshot_id: str,
@@ -432,6 +529,26 @@ class Service:
         kw = {} if check_timeout is None else {"check_timeout": check_timeout}
         v = await verify_snapshot(await self.catalog(), snapshot_id, checks=checks, **kw)
         return VerifyOutcome(v)
+
+    async def delete_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """Delete snapshot ``snapshot_id`` (or the one its prefix names) under its VM's lock
+        (purpose ``delete``): every RBD snapshot it made, then its record (kept, with what is
+        left, when a removal fails). Returns the deleted record.
+
+        Raises NotFoundError, UsageError (code ``snapshot-running``; ``delete-needs-merge``: a
+        disk is a qcow2 layer, whose deletion needs a merge that is not built yet), BusyError
+        (code ``vm-busy``), StorageError (the record stays), DependencyError, CatalogError.
+        """
+        cat = await self.catalog()
+        rec = await cat.get_snapshot(snapshot_id)
+        owner = make_owner()
+        await cat.acquire_vm_lock(rec.vm, owner, purpose="delete")
+        try:
+            rec = await cat.get_snapshot(rec.id)  # as it is now that nothing else runs
+            await delete_snapshot(cat, rec)
+        finally:
+            await cat.release_vm_lock(rec.vm, owner)
+        return rec
 
     # ------------------------------------------------------------------ recover
 
@@ -638,10 +755,10 @@ class Service:
     async def _forget_lab_vm(self, name: str) -> int | None:
         """Forget what the catalog holds of the lab VM ``name`` (its directory is gone): its
         registration if it is a lab VM's, the records whose images all lived in its directory
-        (and, with a lab registration, its records without images), and its intents on a
-        socket in its directory (no guest is left to thaw). Returns how many records went, or
-        None when nothing of a lab VM of that name was found; a VM that is not a lab VM is
-        never touched."""
+        or were its images in the lab Ceph (and, with a lab registration, its records without
+        images), and its intents on a socket in its directory (no guest is left to thaw).
+        Returns how many records went, or None when nothing of a lab VM of that name was
+        found; a VM that is not a lab VM is never touched."""
         cat = await self.catalog()
         labdir = str(self.config.lab_dir / name)
         try:
@@ -653,7 +770,7 @@ class Service:
         records = [
             r
             for r in await cat.list_snapshots(name)
-            if (r.disks and _inside([d.image for d in r.disks], labdir))
+            if (r.disks and all(_lab_image(d.image, labdir, name) for d in r.disks))
             or (not r.disks and cfg is not None)
         ]
         if cfg is None and not records:
@@ -726,6 +843,13 @@ def _socket_or_missing(path: str) -> bool:
             hint="pass the path QEMU was started with: -qmp unix:PATH / -chardev socket,path=PATH",
         )
     return True
+
+
+def _lab_image(image: str, labdir: str, name: str) -> bool:
+    """A recorded image of the lab VM ``name``: a file in its directory ``labdir``, or an RBD
+    snapshot of one of its images in the lab Ceph (``rbd:POOL/fflab-NAME-DEVICE@...``, as
+    ``lab up --rbd`` names them; the lab removes those images with the VM)."""
+    return image.startswith(f"rbd:{_lab.LAB_CEPH_POOL}/fflab-{name}-") or _inside([image], labdir)
 
 
 def _inside(files: list[str], directory: str) -> bool:

@@ -126,6 +126,14 @@ class StorageBackend(abc.ABC):
         """The QEMU image name that reads ``disk`` as it was at the cut, read-only."""
         return disk.image
 
+    async def check_readable(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> None:
+        """Before an offline check reads ``disks`` through :meth:`verify_source`: that what
+        the snapshot made is there and reachable, answered within the backend's own bound
+        (a reader such as ``qemu-img`` would wait much longer on storage that does not
+        answer). The default (files, checked by the reader itself) checks nothing. Raises
+        the backend's error (StorageError for RBD)."""
+        return None
+
     async def delete(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> None:
         """Remove what the snapshot made on ``disks`` (the qcow2 backend: nothing here; its
         files are merged by the chain operations)."""

@@ -14,8 +14,8 @@ error or cancellation alike.
 A process killed with SIGKILL cannot tear anything down, so the helpers run under ``setpriv
 --pdeathsig KILL`` (the kernel kills them when the thread that started them -- asyncio's event
 loop thread -- exits), and each workspace (``ff-verify-*``) holds ``owner.json``: the owner
-(:func:`~freezeframe.catalog._owner.make_owner`, judged by
-:func:`~freezeframe.catalog._owner.holder_is_dead`), when it was made, the daemon's PID and
+(:func:`~freezeframe._owner.make_owner`, judged by
+:func:`~freezeframe._owner.holder_is_dead`), when it was made, the daemon's PID and
 the mount points made on its loop devices. :func:`sweep_stale_workspaces` (run by every
 :func:`open_image`, and callable by ``recover``) cleans the workspaces of dead owners.
 
@@ -47,8 +47,8 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from freezeframe._aio import within
+from freezeframe._owner import holder_is_dead, make_owner
 from freezeframe._tools import require, run
-from freezeframe.catalog._owner import holder_is_dead, make_owner
 from freezeframe.errors import FreezeframeError, ToolError, VerifyError
 
 __all__ = ["ImageView", "Partition", "mounted", "open_image", "sweep_stale_workspaces"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Self
 
+from freezeframe._aio import within
 from freezeframe.errors import CutError, StorageError
 from freezeframe.models import DiskInfo, RbdSource, SnapshotDisk, VmConfig
 from freezeframe.storage.backends import RECORD_NAMES, BackendCapabilities, StorageBackend
@@ -247,7 +248,7 @@ class RbdBackend(StorageBackend):
     @staticmethod
     async def _bounded(aw: Awaitable[None], timeout: float, what: str) -> None:
         try:
-            await asyncio.wait_for(aw, timeout)
+            await within(aw, timeout)
         except TimeoutError:
             log.error("rbd: could not %s within %g s", what, timeout)
 
@@ -307,6 +308,32 @@ class RbdBackend(StorageBackend):
         ref, snap = parse_record_image(disk.image)
         src = RbdSource(ref.pool, ref.image, ref.namespace)
         return "json:" + qemu_blockdev_json(ref, settings_for(self.cfg, src), snapshot=snap)
+
+    async def check_readable(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> None:
+        """Every RBD snapshot of ``disks`` exists, asked within 3 × the settings' timeout per
+        cluster. Raises StorageError: ``ceph-unreachable`` / ``ceph-timeout`` (a monitor or
+        OSD does not answer), ``rbd-snapshot-not-found``, ``rbd-image-not-found``."""
+        handle = self.handle_from_record(snapshot_id, disks)
+        for g in handle.groups:
+            bound = 3 * g.settings.timeout
+            try:
+                async with asyncio.timeout(bound):
+                    async with await RbdClient.connect(g.settings) as client:
+                        for ref in g.refs:
+                            names = {s.name for s in await client.list_snaps(ref)}
+                            if handle.snap not in names:
+                                raise StorageError(
+                                    f"{ref}@{handle.snap}: the RBD snapshot of {snapshot_id} "
+                                    "is gone (removed by hand?): nothing to verify",
+                                    code="rbd-snapshot-not-found",
+                                    target=f"{ref}@{handle.snap}",
+                                )
+            except TimeoutError as exc:
+                raise StorageError(
+                    f"Ceph did not answer within {bound:g} s while looking for the RBD "
+                    f"snapshots of {snapshot_id}: is the cluster up?",
+                    code="ceph-timeout",
+                ) from exc
 
     async def delete(self, snapshot_id: str, disks: Sequence[SnapshotDisk]) -> None:
         """Remove the RBD snapshots of ``disks``. Raises StorageError."""

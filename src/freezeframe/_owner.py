@@ -1,4 +1,6 @@
-"""Who holds a VM lock or a freeze intent, and whether that holder is still alive.
+"""Who holds a VM lock, a freeze intent or a verify's mount, and whether that holder is still
+alive. A neutral module below the layers (like :mod:`freezeframe._aio`): the catalog and the
+storage modules both use it; :mod:`freezeframe.catalog` re-exports its functions.
 
 An owner is ``"<hostname>:<pid>:<random>"``: one value per process (recomputed after a fork).
 Only holders on *this* host can be judged; a holder is dead when its pid does not exist, or
