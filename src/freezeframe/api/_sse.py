@@ -25,19 +25,20 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from freezeframe._aio import within
 from freezeframe.api._errors import error_body
 from freezeframe.errors import FreezeframeError, NotFoundError
 from freezeframe.models import SnapshotRecord, SnapshotStatus
-from freezeframe.service import Service, to_document
+from freezeframe.service import Job, Service, SnapshotOutcome, VerifyOutcome, to_document
 
 __all__ = ["snapshot_events"]
 
 log = logging.getLogger(__name__)
 
 Event = tuple[str, dict[str, Any]]
+R = TypeVar("R")
 
 #: Seconds between two polls of the catalog for a snapshot another process runs.
 POLL_SECONDS = 0.5
@@ -80,30 +81,11 @@ async def _with_pings(source: AsyncIterator[Event], every: float) -> AsyncIterat
             await task
 
 
-async def _from_snapshot_job(svc: Service, sid: str) -> AsyncIterator[Event]:
-    job = svc.job(sid)
-    if job is None:
-        return
-    async for ev in job.events():
-        yield "step", to_document(ev)
-    try:
-        outcome = await job.wait()
-    except FreezeframeError as exc:
-        yield "error", {**error_body(exc), "snapshot_id": sid}
-    else:
-        yield (
-            "outcome",
-            {
-                "code": outcome.code.value,
-                "asked": outcome.asked.value,
-                "verify_requested": outcome.verify_requested,
-                "verify_problem": to_document(outcome.verify_problem),
-            },
-        )
-
-
-async def _from_verify_job(svc: Service, sid: str) -> AsyncIterator[Event]:
-    job = svc.verify_job(sid)
+async def _follow(
+    job: Job[R] | None, sid: str, result: Callable[[R], Event]
+) -> AsyncIterator[Event]:
+    """A job's steps as they happen, then its result (``result``) or its error: the one error
+    shape, also for a bug (logged)."""
     if job is None:
         return
     async for ev in job.events():
@@ -113,14 +95,38 @@ async def _from_verify_job(svc: Service, sid: str) -> AsyncIterator[Event]:
     except FreezeframeError as exc:
         yield "error", {**error_body(exc), "snapshot_id": sid}
     except Exception as exc:  # a bug: the stream still ends with the one error shape
-        log.error("verify of %s failed unexpectedly", sid, exc_info=exc)
+        log.error("job of %s failed unexpectedly", sid, exc_info=exc)
         yield (
             "error",
             {"code": "internal-error", "message": f"internal error ({type(exc).__name__})",
              "hint": "see the server's log", "snapshot_id": sid},
         )  # fmt: skip
     else:
-        yield "verification", to_document(outcome)
+        yield result(outcome)
+
+
+def _snapshot_outcome(outcome: SnapshotOutcome) -> Event:
+    return (
+        "outcome",
+        {
+            "code": outcome.code.value,
+            "asked": outcome.asked.value,
+            "verify_requested": outcome.verify_requested,
+            "verify_problem": to_document(outcome.verify_problem),
+        },
+    )
+
+
+def _verification(outcome: VerifyOutcome) -> Event:
+    return "verification", to_document(outcome)
+
+
+def _from_snapshot_job(svc: Service, sid: str) -> AsyncIterator[Event]:
+    return _follow(svc.job(sid), sid, _snapshot_outcome)
+
+
+def _from_verify_job(svc: Service, sid: str) -> AsyncIterator[Event]:
+    return _follow(svc.verify_job(sid), sid, _verification)
 
 
 async def _from_catalog(

@@ -68,7 +68,7 @@ from freezeframe.service._documents import (
     summary_document,
     to_document,
 )
-from freezeframe.service._jobs import SnapshotJob, VerifyJob
+from freezeframe.service._jobs import Job, SnapshotJob, VerifyJob
 from freezeframe.service._results import (
     DEFAULT_CHECK_TIMEOUT,
     CreateSnapshot,
@@ -104,6 +104,7 @@ __all__ = [
     "DoctorReport",
     "ImportAction",
     "ImportResult",
+    "Job",
     "LabDownResult",
     "LabUpRequest",
     "LabUpResult",
