@@ -401,3 +401,45 @@ async def test_remove_ff_snaps_and_ids() -> None:
     with pytest.raises(StorageError) as closed:
         await client.list_snaps(refs[0])
     assert closed.value.code == "ceph-unreachable"
+
+
+async def test_a_connect_given_up_on_shuts_the_cluster_down_once_it_connects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's timeout cancels the wait, not librados' connect in its thread: the handle
+    that thread gets later must not stay open (a leaked Ceph client)."""
+    import threading
+
+    conf = tmp_path / "ceph.conf"
+    conf.write_text("[global]\n")
+    release = threading.Event()
+    made: list[Any] = []
+
+    class Rados:
+        def __init__(self, **_kw: Any) -> None:
+            self.down = False
+            made.append(self)
+
+        def conf_set(self, *_a: Any) -> None:
+            pass
+
+        def connect(self, timeout: int = 0) -> None:
+            release.wait(10)
+
+        def shutdown(self) -> None:
+            self.down = True
+
+    rados = types.SimpleNamespace(Rados=Rados, Error=_RadosError, ObjectNotFound=_ObjectNotFound)
+    rbd = types.SimpleNamespace(Error=_RbdError)
+    monkeypatch.setattr(rbdmod, "libraries", lambda: (rados, rbd))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await RbdClient.connect(CephSettings(conf=conf))
+    assert len(made) == 1
+    assert not made[0].down  # still connecting in its thread
+    release.set()
+    for _ in range(100):
+        if made[0].down:
+            break
+        await asyncio.sleep(0.02)
+    assert made[0].down

@@ -381,10 +381,12 @@ class RbdClient:
                 raise
             return cluster
 
-        loop = asyncio.get_running_loop()
+        opening = pool.submit(open_cluster)
         try:
-            cluster = await loop.run_in_executor(pool, open_cluster)
+            cluster = await asyncio.wrap_future(opening)
         except BaseException as exc:
+            if not opening.done():  # cancelled (a caller's timeout) while the thread connects
+                opening.add_done_callback(_shutdown_late)
             pool.shutdown(wait=False)
             if isinstance(exc, Exception) and _is_ceph_error(exc, rados, rbd):
                 raise translate_error(
@@ -765,6 +767,15 @@ class RbdClient:
         """The freezeframe snapshot ids that have an ``ff-`` snapshot on ``ref``, oldest
         first."""
         return tuple(s.snapshot_id for s in await self.list_snaps(ref) if s.snapshot_id)
+
+
+def _shutdown_late(opening: concurrent.futures.Future[Any]) -> None:
+    """Done-callback of a connection whose caller stopped waiting: shut the cluster handle
+    down once the thread has it, so an abandoned connect leaves nothing open."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        opening.result().shutdown()
 
 
 class _OpenFailed(Exception):
