@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
-__all__ = ["shielded", "within"]
+__all__ = ["AsyncClosing", "shielded", "within"]
 
 T = TypeVar("T")
 
@@ -48,3 +49,22 @@ async def within(aw: Awaitable[T], timeout: float | None) -> T:
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+
+class AsyncClosing:
+    """``async with obj:`` for a class with an ``async close()``: entering returns the object,
+    leaving (however) awaits ``close()``."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

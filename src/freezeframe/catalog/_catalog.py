@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from alembic import command
@@ -33,7 +32,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import NullPool, StaticPool
 
 from freezeframe import paths
-from freezeframe._aio import shielded
+from freezeframe._aio import AsyncClosing, shielded
 from freezeframe._owner import holder_is_dead
 from freezeframe.catalog._full import filesystem_full_error
 from freezeframe.catalog._schema import (
@@ -741,7 +740,7 @@ _LOCK_WORDS = {
 }
 
 
-class Catalog:
+class Catalog(AsyncClosing):
     """The freezeframe catalog: VMs, snapshots, freeze intents and per-VM locks.
 
     Get one with :meth:`open` (or ``async with await Catalog.open() as cat``). Every public
@@ -847,17 +846,6 @@ class Catalog:
             engine, self._engine = self._engine, None
             if engine is not None:
                 engine.dispose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def url(self) -> str:

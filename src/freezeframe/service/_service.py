@@ -27,11 +27,10 @@ import stat
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Self
 
 from freezeframe import lab as _lab
 from freezeframe import paths
+from freezeframe._aio import AsyncClosing
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.engine import (
     DoctorReport,
@@ -109,7 +108,7 @@ MAX_PAGE = 1000
 KEEP_VERIFY_JOBS = 256
 
 
-class Service:
+class Service(AsyncClosing):
     """freezeframe's operations over one catalog. Get one with :meth:`open` (``async with``);
     :meth:`close` waits for running snapshot jobs (their thaw is never cut short), then closes
     the catalog."""
@@ -160,17 +159,6 @@ class Service:
         if self._catalog is not None:
             await self._catalog.close()
             self._catalog = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ VMs
 
