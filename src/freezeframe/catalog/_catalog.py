@@ -362,6 +362,15 @@ _LOAD_SNAPSHOT = (
 )
 
 
+def _filtered(query: Any, vm: str | None, status: SnapshotStatus | None) -> Any:
+    """``query`` over snapshots, narrowed to ``vm``'s and to ``status`` when given."""
+    if vm is not None:
+        query = query.where(SnapshotRow.vm == vm)
+    if status is not None:
+        query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
+    return query
+
+
 def _keyset(query: Any, after: tuple[datetime, str] | None, newest_first: bool) -> Any:
     """``query`` ordered by ``(created_at, id)`` (descending with ``newest_first``) from just
     after the record keyed ``after``. The condition is written as a range on ``created_at``
@@ -1107,14 +1116,7 @@ class Catalog(AsyncClosing):
     def _list_snapshots(
         self, vm: str | None, status: SnapshotStatus | None = None
     ) -> list[SnapshotRecord]:
-        query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
-        if vm is not None:
-            query = query.where(SnapshotRow.vm == vm)
-        if status is not None:
-            query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
-        query = query.order_by(SnapshotRow.created_at, SnapshotRow.id)
-        with self._reader() as s, s.begin():
-            return [_snapshot(r) for r in s.scalars(query)]
+        return self._list_snapshots_page(vm, None, None, False, status)
 
     async def list_snapshots_page(
         self,
@@ -1138,11 +1140,7 @@ class Catalog(AsyncClosing):
         newest_first: bool,
         status: SnapshotStatus | None = None,
     ) -> list[SnapshotRecord]:
-        query = sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT)
-        if vm is not None:
-            query = query.where(SnapshotRow.vm == vm)
-        if status is not None:
-            query = query.where(SnapshotRow.status == SnapshotStatus(status).value)
+        query = _filtered(sa.select(SnapshotRow).options(*_LOAD_SNAPSHOT), vm, status)
         query = _keyset(query, after, newest_first)
         if limit is not None:
             query = query.limit(limit)
@@ -1176,10 +1174,7 @@ class Catalog(AsyncClosing):
         # First the page's ids (the keyset on the snapshots table alone: an index scan, or a
         # sort of two columns), then the counts and flags for those rows only.
         keys = sa.select(SnapshotRow.id)
-        if vm is not None:
-            keys = keys.where(SnapshotRow.vm == vm)
-        if status is not None:
-            keys = keys.where(SnapshotRow.status == SnapshotStatus(status).value)
+        keys = _filtered(keys, vm, status)
         keys = _keyset(keys, after, newest_first)
         if limit is not None:
             keys = keys.limit(limit)
