@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import select
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,16 +109,16 @@ def held_open(image: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        # wait until it holds the image: a second writer is refused then
-        for _ in range(100):
-            probe = subprocess.run(["qemu-img", "info", image], capture_output=True, text=True)
-            if probe.returncode != 0 and "lock" in probe.stderr:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError("qemu-io exited")
-            subprocess.run(["sleep", "0.05"], check=True)
-        else:
-            raise RuntimeError("qemu-io never took the lock")
+        # qemu-io prints its prompt once it has opened the image (and holds its locks). Probing
+        # the lock with `qemu-img info` instead raced with qemu-io's own open: a probe holding
+        # the image for a moment made qemu-io fail to get its write lock and exit.
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        prompt = proc.stdout.read1(64) if ready else b""  # type: ignore[attr-defined]
+        if b"qemu-io>" not in prompt:
+            proc.kill()
+            _, err = proc.communicate()
+            raise RuntimeError(f"qemu-io did not open {image}: {err.decode(errors='replace')}")
         yield proc
     finally:
         proc.kill()
