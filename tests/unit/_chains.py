@@ -5,8 +5,8 @@ every layer is known, so a test can read any image back and compare block by blo
 from __future__ import annotations
 
 import json
-import shutil
 import select
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
