@@ -41,6 +41,7 @@ from freezeframe.engine.snapshot import Hook
 from freezeframe.hypervisor import HypervisorDriver, open_agent
 from freezeframe.hypervisor.libvirt import LibvirtDriver
 from freezeframe.lab import LabVm, lab_down, lab_up
+from freezeframe.lab.workload import SEQ_PATH
 from freezeframe.models import FsFreezeState
 from freezeframe.testing import AgentFault, FakeHost, FakeVm
 from tests.integration.libvirt_helpers import domblklist, virsh
@@ -150,6 +151,16 @@ class Rig(abc.ABC):
     @abc.abstractmethod
     async def freeze_requests(self, vm: RigVm) -> int | None:
         """How many freeze requests the guest's agent received so far; None if unknown."""
+
+    async def workload_round(self, vm: RigVm) -> int | None:
+        """The last round the guest's workload completed (``/run/ffwork/seq``); None when the
+        VM runs no workload (the fakes)."""
+        return None
+
+    async def writable(self, image: str) -> None:
+        """Give ``image`` its owner's write bit back (a snapshot takes it away from the images
+        at its cut; a merge into it needs it): nothing for images that are no files."""
+        return None
 
 
 # ---------------------------------------------------------------------------- fake
@@ -345,6 +356,17 @@ class LabRig(Rig):
             for line in text.splitlines()
             if "read data" in line and "guest-fsfreeze-freeze" in line
         )
+
+    async def workload_round(self, vm: RigVm) -> int | None:
+        agent = self._agent(self._vm(vm))
+        if agent is None:
+            return None
+        async with agent:
+            return int((await agent.file_read(SEQ_PATH)).split()[0])
+
+    async def writable(self, image: str) -> None:
+        mode = os.stat(image).st_mode
+        os.chmod(image, mode | 0o200)
 
     async def stop(self) -> None:
         """Leave the shared VMs running and thawed, whatever the test did."""

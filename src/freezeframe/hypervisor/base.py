@@ -6,6 +6,10 @@ at one point in time (:meth:`HypervisorDriver.cut`), and undo a preparation. It 
 the guest agent and never decides when to freeze: only :mod:`freezeframe.engine` sequences
 freeze -> cut -> thaw.
 
+A driver may also merge one qcow2 layer of a running disk's chain into the layer below it
+(:meth:`HypervisorDriver.merge_layer`: :class:`LayerMerge` in, :class:`MergeProgress` while it
+runs, :class:`MergeOutcome` out); the engine decides which layer and removes files afterwards.
+
 The driver supplies the guest agent (:meth:`HypervisorDriver.agent_address`,
 :meth:`HypervisorDriver.agent_at`): QMP a client on the agent's unix socket, libvirt one that
 goes through libvirtd. The agent's *address* is a string in the driver's terms, stored in freeze
@@ -16,22 +20,31 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
 from freezeframe.agent.base import Agent
-from freezeframe.errors import UsageError
+from freezeframe.errors import HypervisorError, UsageError
 from freezeframe.models import DiskInfo, QuiescePolicy, SnapshotDisk, VmConfig
 
 __all__ = [
+    "LIVE_MERGE_UNSUPPORTED",
+    "MERGE_FAILED",
+    "NOT_IN_CHAIN",
     "CutState",
     "DriverCapabilities",
     "DriverCheck",
     "DriverPolicy",
     "HypervisorDriver",
+    "LayerMerge",
+    "MergeOutcome",
+    "MergeProgress",
     "PreparedCut",
     "PreparedDisk",
+    "ProgressCallback",
+    "locate_layer",
+    "merged",
     "same_socket",
 ]
 
@@ -90,6 +103,94 @@ class PreparedCut:
 
     snapshot_id: str
     disks: tuple[PreparedDisk, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerMerge:
+    """Merge ``top``'s data into ``base`` in disk ``device``'s running chain.
+
+    ``device`` is a :attr:`DiskInfo.device`; ``top`` the file of a layer of that disk's chain
+    (its active image or one below); ``base`` the file directly below ``top``, which receives
+    ``top``'s data (the caller has given it its write bits back). ``speed``: the most bytes
+    per second the job may copy (0: no limit); a limit trades merge time for shorter stalls
+    of the guest's writes (bench/merge_bench.py)."""
+
+    device: str
+    top: str
+    base: str
+    speed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MergeProgress:
+    """How far a running merge of ``device`` is: ``done`` of ``total`` bytes (the hypervisor's
+    job counters; ``total`` may grow while the guest writes to an active layer)."""
+
+    device: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOutcome:
+    """A finished merge of ``device``. ``active``: ``top`` was the active layer and the disk
+    now writes to ``base``; ``already``: nothing was done, ``top`` was already out of the chain
+    with ``base`` in it (a previous run finished); ``bytes`` the job's final byte counter (0
+    when already): QEMU counts the whole range it walked, so for a layer below the active one
+    it is the disk's virtual size, not the data moved (an active commit counts what it
+    copied); ``duration_ms`` the wall time of the call."""
+
+    device: str
+    active: bool
+    already: bool
+    bytes: int
+    duration_ms: float
+
+
+#: Called with each progress report of a running merge (must not block).
+ProgressCallback = Callable[[MergeProgress], None]
+
+#: HypervisorError codes of :meth:`HypervisorDriver.merge_layer`.
+MERGE_FAILED = "merge-failed"
+NOT_IN_CHAIN = "not-in-chain"
+LIVE_MERGE_UNSUPPORTED = "live-merge-unsupported"
+
+
+def locate_layer(disk: DiskInfo, merge: LayerMerge, label: str) -> bool | None:
+    """Where ``merge.top`` is in ``disk``'s running chain: True when it is the active layer,
+    False when below it, None when it is gone and ``merge.base`` is in the chain (a previous
+    merge finished). No I/O.
+
+    Raises:
+        HypervisorError: code ``not-in-chain``: neither is in the chain, or ``base`` is not
+            directly below ``top``.
+    """
+    chain = [disk.file, *disk.backing]
+    if merge.top not in chain:
+        if merge.base in chain:
+            return None
+        raise HypervisorError(
+            f"{label}: disk {merge.device}: neither {merge.top} nor {merge.base} is in its "
+            "running chain",
+            code=NOT_IN_CHAIN,
+        )
+    i = chain.index(merge.top)
+    if chain[i + 1 : i + 2] != [merge.base]:
+        raise HypervisorError(
+            f"{label}: disk {merge.device}: {merge.base} is not directly below {merge.top} in "
+            f"its running chain ({' <- '.join(reversed(chain))})",
+            code=NOT_IN_CHAIN,
+        )
+    return i == 0
+
+
+def merged(disk: DiskInfo, merge: LayerMerge, active: bool) -> bool:
+    """Whether ``disk``'s running chain shows ``merge`` done: ``top`` gone, ``base`` in it (its
+    active image after an ``active`` merge). No I/O, never raises."""
+    chain = [disk.file, *disk.backing]
+    if merge.top in chain or merge.base not in chain:
+        return False
+    return not active or disk.file == merge.base
 
 
 def same_socket(a: str, b: str) -> bool:
@@ -207,6 +308,35 @@ class HypervisorDriver(abc.ABC):
         nothing is known to stand in the way. Never raises, does no I/O with the VM."""
         return None
 
+    # ------------------------------------------------------------------ live merge
+
+    async def merge_layer(
+        self, merge: LayerMerge, progress: ProgressCallback | None = None
+    ) -> MergeOutcome:
+        """Merge ``merge.top`` into ``merge.base`` while the VM runs (called while connected),
+        calling ``progress`` as the job advances, and return once the chain no longer holds
+        ``top``. ``top`` the active layer: an active commit, after which the disk writes to
+        ``base``; ``top`` below it: the layer above ``top`` is re-pointed at ``base``. Never
+        deletes a file (the caller removes ``top``'s file afterwards).
+
+        Idempotent: a merge job of the device left running (by a process that died) is
+        attached to and followed; a chain without ``top`` but with ``base`` gives
+        ``already=True``. Cancelling the call leaves a started job running in the hypervisor
+        (the next call attaches to it).
+
+        Raises:
+            HypervisorError: code ``not-in-chain`` (no such disk, or ``top`` and ``base`` are
+                not adjacent in its running chain), ``merge-failed`` (the job failed or was
+                cancelled; the chain still holds ``top``), ``live-merge-unsupported`` (this
+                driver cannot merge while the VM runs: the default); a subclass when the
+                hypervisor cannot be reached.
+        """
+        raise HypervisorError(
+            f"driver {self.name!r} cannot merge a layer while the VM runs",
+            hint="stop the VM and merge its images offline",
+            code=LIVE_MERGE_UNSUPPORTED,
+        )
+
     # ------------------------------------------------------------------ the agent
 
     def agent_address(self, cfg: VmConfig, channel: str | None) -> str | None:
@@ -267,3 +397,15 @@ class HypervisorDriver(abc.ABC):
     async def resume(self) -> None:
         """Resume the vCPUs (QMP ``cont``). Optional capability."""
         raise NotImplementedError
+
+    async def restart_on(self, images: dict[str, str], *, stop_timeout: float = 60.0) -> None:
+        """Stop the VM (a clean shutdown, then a hard stop after ``stop_timeout`` seconds),
+        make each disk ``device`` of ``images`` start on ``images[device]`` (a qcow2 image
+        whose backing chain it keeps), and start the VM again (a restore). Called without
+        :meth:`connect`. Optional capability: a driver that cannot start its VM (QEMU known by
+        its sockets) raises UsageError with code ``restart-unsupported``; errors:
+        HypervisorError (``restore-transient-domain``, ``restore-unknown-disk``, ...)."""
+        raise UsageError(
+            "this hypervisor driver cannot stop and start its VM",
+            code="restart-unsupported",
+        )

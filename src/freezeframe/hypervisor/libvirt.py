@@ -6,9 +6,11 @@ Owns everything freezeframe says to libvirt (through libvirt-python, Debian's
 serials, PCI addresses and backing chains; the agent channel and whether libvirt sees the agent
 connected), the cut (ONE ``virDomainSnapshotCreateXML`` with ``DISK_ONLY | ATOMIC | REUSE_EXT |
 NO_METADATA`` on overlays created before the freeze: libvirt switches the disks in one QEMU
-``transaction`` and updates the domain's disk sources itself), and the guest agent through
-libvirt (:class:`LibvirtAgent`). It never sends a raw monitor command (libvirt would taint the
-domain ``custom-monitor``).
+``transaction`` and updates the domain's disk sources itself), the live merge of one layer
+(``virDomainBlockCommit``, followed through libvirt's block job events, see
+:meth:`LibvirtDriver.merge_layer`), and the guest agent through libvirt
+(:class:`LibvirtAgent`). It never sends a raw monitor command (libvirt would taint the domain
+``custom-monitor``).
 
 libvirt-python blocks: every call runs in a worker thread (:func:`asyncio.to_thread`) inside
 this module, and ``libvirtError`` is translated here, once, into
@@ -36,6 +38,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -46,7 +49,7 @@ from typing import Any, Self, TypeVar
 import libvirt
 import libvirt_qemu
 
-from freezeframe._aio import shielded
+from freezeframe._aio import shielded, within
 from freezeframe._tools import require, run
 from freezeframe.agent.base import Agent
 from freezeframe.errors import (
@@ -63,15 +66,23 @@ from freezeframe.errors import (
     Remedy,
     UsageError,
 )
-from freezeframe.hypervisor._files import local_cut_problem, overlay_path, remove_file
+from freezeframe.hypervisor._files import flushing, local_cut_problem, overlay_path, remove_file
 from freezeframe.hypervisor.base import (
+    MERGE_FAILED,
+    NOT_IN_CHAIN,
     CutState,
     DriverCapabilities,
     DriverCheck,
     DriverPolicy,
     HypervisorDriver,
+    LayerMerge,
+    MergeOutcome,
+    MergeProgress,
     PreparedCut,
     PreparedDisk,
+    ProgressCallback,
+    locate_layer,
+    merged,
 )
 from freezeframe.models import (
     GUEST_AGENT_PORT,
@@ -242,6 +253,89 @@ def _lookup(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
         with contextlib.suppress(libvirt.libvirtError):
             return conn.lookupByID(int(ref))
     return conn.lookupByName(ref)
+
+
+# --------------------------------------------------------------------------- block job events
+
+#: How often a merge reads ``virDomainGetBlockJobInfo`` for its progress between events (s).
+MERGE_POLL = 0.25
+_COMMIT_JOBS = (
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT,
+)
+_JOB_STATUS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "cancelled",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+}
+_events_lock = threading.Lock()
+_events_thread: threading.Thread | None = None
+
+
+def _run_events() -> None:
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as exc:  # keep serving the other connections
+            log.debug("libvirt event loop: %s", _msg(exc))
+            time.sleep(0.1)
+
+
+def _event_loop() -> None:
+    """libvirt's default event loop implementation, registered once per process and run by a
+    daemon thread: a connection delivers domain events only when it was opened after that
+    (the driver's own connection may predate it, so events get a connection of their own)."""
+    global _events_thread
+    with _events_lock:
+        if _events_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        _events_thread = threading.Thread(target=_run_events, name="libvirt-events", daemon=True)
+        _events_thread.start()
+
+
+class _JobEvents:
+    """A connection of its own that receives ``VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2`` of one domain
+    and disk, handed to the asyncio ``loop`` as status names (``ready``, ``completed``,
+    ``failed``, ``cancelled``) in :attr:`queue`. Opened and closed in a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, uri: str, uuid: str, target: str) -> None:
+        self.loop = loop
+        self.uri = uri
+        self.uuid = uuid
+        self.target = target
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self._conn: libvirt.virConnect | None = None
+        self._id: int | None = None
+
+    def _event(self, _c: object, _d: object, disk: str, _t: int, status: int, _o: object) -> None:
+        if disk == self.target:
+            name = _JOB_STATUS.get(status, str(status))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, name)
+
+    def open(self) -> None:
+        _event_loop()
+        conn = _open(self.uri)
+        try:
+            dom = conn.lookupByUUIDString(self.uuid)
+            self._id = conn.domainEventRegisterAny(
+                dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._event, None
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if self._id is not None:
+                conn.domainEventDeregisterAny(self._id)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
 
 # --------------------------------------------------------------------------- the domain XML
@@ -884,6 +978,174 @@ class LibvirtDriver(HypervisorDriver):
             out.append(PreparedDisk(info, d.overlay, d.device, d.image))
         return PreparedCut(snapshot_id, tuple(out))
 
+    # ------------------------------------------------------------------ live merge
+
+    async def merge_layer(
+        self, merge: LayerMerge, progress: ProgressCallback | None = None
+    ) -> MergeOutcome:
+        """Merge ``merge.top`` into ``merge.base`` with ``virDomainBlockCommit`` (top and base
+        by path, bandwidth ``merge.speed`` bytes/s): for the active layer with
+        ``VIR_DOMAIN_BLOCK_COMMIT_ACTIVE`` and, once the job is ready,
+        ``virDomainBlockJobAbort(PIVOT)`` (libvirt then points the disk's source at ``base``);
+        for a layer below it a plain commit (libvirt re-points the layer above).
+
+        Followed through libvirt's block job events (``VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2`` on a
+        connection of its own, opened after libvirt's default event loop was registered and
+        started in a daemon thread): READY, COMPLETED, FAILED, CANCELED wake the follower; the
+        progress (``cur``/``end``) and whether the job still runs come from
+        ``virDomainGetBlockJobInfo``, read after each event and every :data:`MERGE_POLL` s.
+        libvirt gives no reason for a failed job (the events carry a status only); the chain
+        afterwards (the live XML) decides.
+
+        While the job runs, ``base`` is fsync'ed from the host every 0.1 s (as the QMP driver
+        does: shorter write stalls for the guest). Idempotent: a commit job on the disk that a
+        killed run left is attached to (a ready active one pivoted); ``top`` gone with ``base``
+        in the chain: ``already=True``. Cancelling this call leaves the job running in
+        libvirt. Raises HypervisorError (``not-in-chain``, ``merge-failed``;
+        HypervisorUnavailableError without libvirt).
+        """
+        start = time.perf_counter_ns()
+        dom = self._domain()
+        target = merge.device
+        events = _JobEvents(asyncio.get_running_loop(), self.uri, str(self.uuid), target)
+        await self._call("open a connection for block job events", events.open)
+        try:
+            info = await self._job_info(target)
+            if info is not None:
+                if info.get("type") not in _COMMIT_JOBS:
+                    raise HypervisorError(
+                        f"{self._label}: disk {target} runs another block job "
+                        f"(type {info.get('type')}), not a merge",
+                        hint="wait for it to end, or abort it (virsh blockjob --abort)",
+                        code=MERGE_FAILED,
+                    )
+                active = info.get("type") == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+                log.info("%s: attaching to the merge job of %s left running", self._label, target)
+                async with flushing(merge.base):
+                    total = await self._follow_merge(dom, target, active, events, progress)
+                if merged(await self._merge_disk(target), merge, active):
+                    return MergeOutcome(target, active, False, total, _ms(start))
+            disk = await self._merge_disk(target)
+            where = locate_layer(disk, merge, self._label)
+            if where is None:
+                return MergeOutcome(target, disk.file == merge.base, True, 0, _ms(start))
+            active = where
+            flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+            if active:
+                flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+            try:
+                await self._call(
+                    f"block commit {target}",
+                    lambda: dom.blockCommit(target, merge.base, merge.top, merge.speed, flags),
+                )
+            except HypervisorUnavailableError:
+                raise
+            except HypervisorError as exc:
+                raise HypervisorError(
+                    f"{self._label}: disk {target}: libvirt refused to merge {merge.top} into "
+                    f"{merge.base}: {exc}",
+                    code=MERGE_FAILED,
+                ) from exc
+            async with flushing(merge.base):
+                total = await self._follow_merge(dom, target, active, events, progress)
+        finally:
+            await asyncio.to_thread(events.close)
+        if not merged(await self._merge_disk(target), merge, active):
+            raise HypervisorError(
+                f"{self._label}: disk {target}: the merge job ended but the running chain "
+                f"still holds {merge.top} (or lost {merge.base}): the job failed",
+                hint="see the domain's log in /var/log/libvirt/qemu/; the chain is unchanged",
+                code=MERGE_FAILED,
+            )
+        return MergeOutcome(target, active, False, total, _ms(start))
+
+    async def _merge_disk(self, target: str) -> DiskInfo:
+        disks, _ = parse_domain_xml(await self._xml())
+        for d in disks:
+            if d.device == target:
+                return d
+        raise HypervisorError(f"{self._label}: no disk {target!r}", code=NOT_IN_CHAIN)
+
+    async def _job_info(self, target: str) -> dict[str, int] | None:
+        """``virDomainGetBlockJobInfo`` of disk ``target``: None when no job runs."""
+        dom = self._domain()
+        info = await self._call(f"block job info {target}", lambda: dom.blockJobInfo(target, 0))
+        if not isinstance(info, dict) or not info:
+            return None
+        return {k: int(v) for k, v in info.items()}
+
+    async def _follow_merge(
+        self,
+        dom: libvirt.virDomain,
+        target: str,
+        active: bool,
+        events: _JobEvents,
+        progress: ProgressCallback | None,
+    ) -> int:
+        """Follow the commit job of ``target`` until it is gone (pivoting an ``active`` one
+        once ready); its last total bytes. Raises HypervisorError ``merge-failed`` when an
+        event said it failed or was cancelled."""
+        last: tuple[int, int] | None = None
+        ready = False
+        status: str | None = None
+        total = 0
+        while True:
+            info = await self._job_info(target)
+            if info is None:
+                break
+            done, total = info.get("cur", 0), info.get("end", 0)
+            if progress is not None and (done, total) != last:
+                progress(MergeProgress(target, done, total))
+            last = (done, total)
+            if active and ready:
+                try:
+                    await self._call(
+                        f"pivot {target}",
+                        lambda: dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+                    )
+                except HypervisorUnavailableError:
+                    raise
+                except HypervisorError as exc:  # e.g. not ready after all: look again
+                    log.debug("%s: pivot %s: %s", self._label, target, exc)
+                    ready = False
+                continue
+            try:
+                got = [await within(events.queue.get(), MERGE_POLL)]
+            except TimeoutError:
+                got = []
+            while not events.queue.empty():
+                got.append(events.queue.get_nowait())
+            for name in got:
+                log.debug("%s: block job event on %s: %s", self._label, target, name)
+                status = name
+                ready = ready or name == "ready"
+            if active and not ready and done == total and total > 0:
+                # no event seen (e.g. attached after it was sent): libvirt marks a ready
+                # mirror in the live XML
+                ready = await self._mirror_ready(target)
+        if status in ("failed", "cancelled"):
+            raise HypervisorError(
+                f"{self._label}: disk {target}: the merge job {status}",
+                hint="see the domain's log in /var/log/libvirt/qemu/; the chain is unchanged",
+                code=MERGE_FAILED,
+            )
+        if progress is not None and last is not None and last[0] != last[1]:
+            progress(MergeProgress(target, total, total))
+        return total
+
+    async def _mirror_ready(self, target: str) -> bool:
+        """Whether the live XML marks ``target``'s block job mirror ``ready="yes"``."""
+        try:
+            root = ET.fromstring(await self._xml())  # noqa: S314 - libvirtd's own output
+        except ET.ParseError:
+            return False
+        for d in root.findall("./devices/disk"):
+            t = d.find("target")
+            mirror = d.find("mirror")
+            if t is not None and t.get("dev") == target and mirror is not None:
+                return mirror.get("ready") == "yes"
+        return False
+
     async def run_state(self) -> str | None:
         """``virDomainGetState``: ``running``, ``paused`` (``io-error`` when libvirt paused it
         on an I/O error), ``shutoff``, ...; None when libvirt cannot be asked. Never raises."""
@@ -905,6 +1167,18 @@ class LibvirtDriver(HypervisorDriver):
         }
         return names.get(state, "unknown")
 
+    async def restart_on(self, images: dict[str, str], *, stop_timeout: float = 60.0) -> None:
+        """Shut the (persistent) domain down — the agent's or ACPI's clean shutdown, then
+        ``virDomainDestroy`` after ``stop_timeout`` s —, redefine its disks' sources
+        (:func:`_redefined`) and start it. Raises HypervisorError (``restore-transient-domain``
+        before anything changes, ``restore-unknown-disk``, libvirt's errors)."""
+        uri, ref = self.uri, self.domain_ref
+        await self._call(
+            f"restart {self._label}",
+            lambda: _restart_on(uri, ref, images, stop_timeout),
+            timeout=stop_timeout + 120,
+        )
+
     async def pause(self) -> None:
         """``virDomainSuspend``. Raises HypervisorError."""
         dom = self._domain()
@@ -914,6 +1188,79 @@ class LibvirtDriver(HypervisorDriver):
         """``virDomainResume``. Raises HypervisorError."""
         dom = self._domain()
         await self._call("resume", dom.resume)
+
+
+def _redefined(xml: str, images: dict[str, str]) -> str:
+    """The inactive domain XML ``xml`` with each disk whose target is a key of ``images``
+    starting on that image (``<source file>``, ``<driver type='qcow2'>``, its
+    ``<backingStore>`` dropped: libvirt reads the chain from the image). Raises
+    HypervisorError (``restore-unknown-disk``: a target the domain lacks, or not a file)."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirtd's own output
+    seen: set[str] = set()
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in images or disk.get("device", "disk") != "disk":
+            continue
+        if disk.get("type") != "file":
+            raise HypervisorError(
+                f"disk {dev} is a {disk.get('type')} disk, not a file: it cannot be restored "
+                "onto a local overlay",
+                code="restore-unknown-disk",
+            )
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.set("file", images[dev])
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", "qcow2")
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+        seen.add(dev)
+    missing = sorted(set(images) - seen)
+    if missing:
+        raise HypervisorError(
+            f"the domain has no file disk {', '.join(missing)}", code="restore-unknown-disk"
+        )
+    return ET.tostring(root, encoding="unicode")
+
+
+def _restart_on(uri: str, ref: str, images: dict[str, str], stop_timeout: float) -> None:
+    """Blocking part of :meth:`LibvirtDriver.restart_on` (runs in a thread)."""
+    conn = _open(uri)
+    try:
+        dom = _lookup(conn, ref)
+        if not dom.isPersistent():
+            raise HypervisorError(
+                f"libvirt domain {dom.name()} is transient: stopping it would remove it",
+                hint="define it (virsh define) to restore it in place",
+                code="restore-transient-domain",
+            )
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        new = _redefined(str(dom.XMLDesc(flags)), images)  # before the VM is stopped
+        if dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.shutdownFlags(
+                    libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+                    | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+                )
+            end = time.monotonic() + stop_timeout
+            while dom.isActive() and time.monotonic() < end:
+                time.sleep(0.25)
+            if dom.isActive():
+                log.info(
+                    "libvirt %s did not shut down in %gs: destroying it", dom.name(), stop_timeout
+                )
+                dom.destroy()
+        conn.defineXML(new)
+        _lookup(conn, ref).create()
+    finally:
+        conn.close()
+
+
+def _ms(start_ns: int) -> float:
+    return (time.perf_counter_ns() - start_ns) / 1e6
 
 
 def _same_owner(path: Path, like: str) -> None:

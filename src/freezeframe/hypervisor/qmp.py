@@ -5,8 +5,9 @@ writable disks (``query-block``, ``query-pci``, ``qom-get``), finding the guest-
 (``qom-list``/``qom-get``/``query-chardev``), preparing external qcow2 overlays before the
 freeze (``qemu-img create`` + ``blockdev-add``), the atomic cut (ONE ``transaction`` of
 ``blockdev-snapshot`` actions), finding out afterwards whether a cut whose reply was lost
-happened (``query-block``), undoing a preparation (``blockdev-del`` + file removal) and
-``stop``/``cont``.
+happened (``query-block``), undoing a preparation (``blockdev-del`` + file removal),
+the live merge of one layer (``block-commit`` followed through QMP events, see
+:meth:`QmpDriver.merge_layer`) and ``stop``/``cont``.
 
 Errors of the layers underneath (``QMPError``, ``ExecuteError``, ``ConnectError``,
 ``OSError``, a timeout) are translated here, once, into :class:`~freezeframe.errors.HypervisorError`
@@ -39,19 +40,21 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from qemu.qmp import (
     ConnectError,
+    EventListener,
     ExecInterruptedError,
     ExecuteError,
     QMPClient,
     QMPError,
     Runstate,
 )
+from qemu.qmp.message import Message
 from qemu.qmp.protocol import StateError
 
 from freezeframe._aio import shielded, within
@@ -66,6 +69,7 @@ from freezeframe.errors import (
 from freezeframe.hypervisor._files import (
     HostProcess,
     apply_image_access,
+    flushing,
     local_cut_problem,
     read_process,
     security_modules,
@@ -74,12 +78,19 @@ from freezeframe.hypervisor._files import (
 from freezeframe.hypervisor._files import overlay_path as _overlay_path
 from freezeframe.hypervisor._files import remove_file as _remove_file
 from freezeframe.hypervisor.base import (
+    MERGE_FAILED,
+    NOT_IN_CHAIN,
     CutState,
     DriverCapabilities,
     DriverCheck,
     HypervisorDriver,
+    LayerMerge,
+    MergeOutcome,
+    MergeProgress,
     PreparedCut,
     PreparedDisk,
+    locate_layer,
+    merged,
 )
 from freezeframe.models import (
     GUEST_AGENT_PORT,
@@ -100,6 +111,7 @@ __all__ = [
     "QmpCommandError",
     "QmpDriver",
     "chardev_unix_path",
+    "merge_job_id",
     "overlay_node_name",
     "overlay_settings",
     "rbd_source",
@@ -195,6 +207,43 @@ def overlay_node_name(snapshot_id: str, device: str) -> str:
         return name
     digest = hashlib.blake2s(f"{snapshot_id}\0{device}".encode(), digest_size=8).hexdigest()
     return f"ff-{digest}"
+
+
+def merge_job_id(device: str) -> str:
+    """The QEMU job id of the live merge of ``device``: ``ff-merge-<device>`` when that is a
+    valid id (letters, digits, ``-._``, at most 31 characters), else ``ff-merge-`` and a
+    12-hex-digit hash. Deterministic, so that a later run finds a job a killed one left."""
+    dev = re.sub(r"[^A-Za-z0-9_.-]", "_", device)
+    name = f"ff-merge-{dev}"
+    if _NODE_NAME.match(name):
+        return name
+    return f"ff-merge-{hashlib.blake2s(device.encode(), digest_size=6).hexdigest()}"
+
+
+#: The QMP events a merge is followed by (each wakes the follower, which then asks
+#: ``query-jobs``); the job's progress is read by ``query-jobs`` every :data:`MERGE_POLL` s.
+MERGE_EVENTS = (
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_ERROR",
+    "BLOCK_JOB_CANCELLED",
+)
+MERGE_POLL = 0.25
+#: Block drivers that are filters (never the format node of a layer).
+_FILTERS = frozenset(
+    {"throttle", "copy-on-read", "preallocate", "compress", "commit_top", "mirror_top",
+     "blkdebug", "blkverify", "blklogwrites", "snapshot-access", "copy-before-write"}
+)  # fmt: skip
+
+
+def _event_job(event: Message) -> str | None:
+    """The job id a job event is about (``data.id``, or ``data.device`` for BLOCK_JOB_*)."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return None
+    job = data.get("id", data.get("device"))
+    return job if isinstance(job, str) else None
 
 
 # ------------------------------------------------------------------ narrowing QMP replies
@@ -1570,6 +1619,249 @@ class QmpDriver(HypervisorDriver):
             if isinstance(name, str):
                 files[name] = file if isinstance(file, str) else ""
         return files
+
+    # ----------------------------------------------------------------- live merge
+
+    async def merge_layer(
+        self, merge: LayerMerge, progress: Callable[[MergeProgress], None] | None = None
+    ) -> MergeOutcome:
+        """Merge ``merge.top`` into ``merge.base`` with QMP ``block-commit`` (job id
+        :func:`merge_job_id`, ``auto-finalize`` on, ``auto-dismiss`` off so that a job whose
+        follower died keeps its outcome until the next call dismisses it).
+
+        ``top`` the active layer: an active commit; once the job is READY (the base holds
+        everything and QEMU mirrors new writes), ``job-complete`` pivots the disk to ``base``.
+        ``merge.speed`` is the job's ``speed`` (bytes/s, 0: unlimited). While the job runs,
+        ``base`` is fsync'ed from the host every 0.1 s (:func:`~freezeframe.hypervisor._files.
+        flushing`), which keeps the guest's write stalls short.
+        ``top`` below the active layer: ``block-commit`` with ``top-node``/``base-node`` (file
+        names when no node is found) and ``backing-file`` = ``base``, so QEMU writes the plain
+        path into the header of the layer above ``top`` when it re-points it at ``base``.
+
+        The job is followed through QMP events (an :class:`~qemu.qmp.EventListener` for
+        :data:`MERGE_EVENTS` of this job, registered before anything is asked or started): each
+        event wakes the follower, which reads the job's state with ``query-jobs``; between
+        events ``query-jobs`` is read every :data:`MERGE_POLL` seconds for the progress
+        (``current-progress``/``total-progress``, reported through ``progress`` when they
+        change). Afterwards the chain is checked with ``query-block``.
+
+        Once ``top`` is out of the chain, its node is closed in QEMU (``blockdev-del`` of a
+        node that ``blockdev-add`` or ``-blockdev`` made, which QEMU would otherwise keep
+        open): the caller may then delete the file.
+
+        Idempotent: a job of this device that a killed run left is attached to (a READY
+        active one is completed), one that concluded meanwhile is dismissed; if the chain
+        still holds ``top`` after that, the merge asked for is started. A chain without
+        ``top`` but with ``base``: ``already=True``. Cancelling this call leaves the job
+        running in QEMU. Raises HypervisorError (codes ``not-in-chain``, ``merge-failed``;
+        HypervisorUnavailableError when the connection is lost, the job going on in QEMU).
+        """
+        start = time.perf_counter_ns()
+        client = self._client
+        if client is None:
+            raise HypervisorUnavailableError(f"{self._label}: not connected (call connect())")
+        job_id = merge_job_id(merge.device)
+        listener = EventListener(MERGE_EVENTS, lambda ev: _event_job(ev) == job_id)
+        with client.listen(listener):
+            job = await self._merge_job(job_id)
+            if job is not None and job.get("status") == "concluded":
+                log.info(
+                    "%s: dismissing merge job %s a previous run left concluded (%s)",
+                    self._label,
+                    job_id,
+                    job.get("error") or "no error",
+                )
+                await self._execute("job-dismiss", {"id": job_id})
+                job = None
+            if job is not None:
+                if job.get("type") != "commit":
+                    raise HypervisorError(
+                        f"{self._label}: job {job_id} is a {job.get('type')} job, not a merge",
+                        code=MERGE_FAILED,
+                    )
+                disk = await self._merge_disk(merge.device)
+                active = disk.file == merge.top
+                log.info("%s: attaching to merge job %s left running", self._label, job_id)
+                async with flushing(merge.base):
+                    total = await self._follow_merge(job_id, merge.device, listener, progress)
+                if merged(await self._merge_disk(merge.device), merge, active):
+                    await self._release(merge.top)
+                    return MergeOutcome(merge.device, active, False, total, _ms_since(start))
+            disk = await self._merge_disk(merge.device)
+            where = locate_layer(disk, merge, self._label)
+            if where is None:
+                await self._release(merge.top)
+                return MergeOutcome(
+                    merge.device, disk.file == merge.base, True, 0, _ms_since(start)
+                )
+            active = where
+            args = await self._commit_args(job_id, disk, merge, active)
+            try:
+                await self._execute("block-commit", args)
+            except QmpCommandError as exc:
+                raise HypervisorError(
+                    f"{self._label}: disk {merge.device}: QEMU refused to merge {merge.top} "
+                    f"into {merge.base}: {exc}",
+                    code=MERGE_FAILED,
+                ) from exc
+            log.debug("%s: block-commit %s", self._label, args)
+            async with flushing(merge.base):
+                total = await self._follow_merge(job_id, merge.device, listener, progress)
+        if not merged(await self._merge_disk(merge.device), merge, active):
+            raise HypervisorError(
+                f"{self._label}: disk {merge.device}: the merge job ended but the running "
+                f"chain still holds {merge.top} (or lost {merge.base})",
+                code=MERGE_FAILED,
+            )
+        await self._release(merge.top)
+        return MergeOutcome(merge.device, active, False, total, _ms_since(start))
+
+    async def _release(self, image: str) -> None:
+        """Close ``image`` in QEMU once it is out of every chain: a node added by
+        ``blockdev-add`` (an overlay of a cut, a ``-blockdev`` of the command line) stays open,
+        owned by the monitor, after a merge took it out of the chain; it would keep the file
+        open (its space used after the caller deletes it) and keep its backing node busy (a
+        later cut on it is refused). ``blockdev-del`` of its named format node, then of a named
+        protocol node of the same file. Best effort: a failure is logged, never raised."""
+        try:
+            nodes = _list(
+                await self._execute("query-named-block-nodes", {"flat": True}),
+                "query-named-block-nodes",
+            )
+            _, in_use = _scan_blocks(_list(await self._execute("query-block"), "query-block"))
+        except HypervisorError as exc:
+            log.warning("%s: cannot close %s in QEMU: %s", self._label, image, exc)
+            return
+        if image in in_use:
+            return
+        found = [_dict(n, "named block node") for n in nodes]
+        ours = [
+            (str(n.get("node-name")), n.get("drv") in _LOCAL_PROTOCOLS)
+            for n in found
+            if isinstance(n.get("file"), str)
+            and real_file(str(n.get("file"))) == image
+            and isinstance(n.get("node-name"), str)
+            and not str(n.get("node-name")).startswith("#")
+            and n.get("drv") not in _FILTERS
+        ]
+        for name, _protocol in sorted(ours, key=lambda x: x[1]):  # format nodes first
+            try:
+                await self._execute("blockdev-del", {"node-name": name})
+                log.debug("%s: closed node %s of %s", self._label, name, image)
+            except QmpCommandError as exc:
+                log.warning("%s: cannot close node %s of %s: %s", self._label, name, image, exc)
+
+    async def _merge_disk(self, device: str) -> DiskInfo:
+        for d in await self.disks():
+            if d.device == device:
+                return d
+        raise HypervisorError(f"{self._label}: no disk {device!r}", code=NOT_IN_CHAIN)
+
+    async def _merge_job(self, job_id: str) -> dict[str, object] | None:
+        """Job ``job_id`` as ``query-jobs`` lists it, or None."""
+        for job_obj in _list(await self._execute("query-jobs"), "query-jobs"):
+            job = _dict(job_obj, "query-jobs entry")
+            if job.get("id") == job_id:
+                return job
+        return None
+
+    async def _commit_args(
+        self, job_id: str, disk: DiskInfo, merge: LayerMerge, active: bool
+    ) -> dict[str, object]:
+        """``block-commit``'s arguments: node names of ``top`` and ``base`` when QEMU has a
+        format node for each (``query-named-block-nodes``), else their file names."""
+        files: dict[str, str] = {}
+        for node_obj in _list(
+            await self._execute("query-named-block-nodes", {"flat": True}),
+            "query-named-block-nodes",
+        ):
+            node = _dict(node_obj, "named block node")
+            name, file, drv = node.get("node-name"), node.get("file"), node.get("drv")
+            if not isinstance(name, str) or not isinstance(file, str):
+                continue
+            if drv in _LOCAL_PROTOCOLS or drv in _FILTERS:
+                continue
+            files.setdefault(real_file(file), name)
+        args: dict[str, object] = {
+            "job-id": job_id,
+            "device": disk.node,
+            "auto-finalize": True,
+            "speed": merge.speed,
+            "auto-dismiss": False,
+        }
+        top_node = disk.node if active else files.get(merge.top)
+        base_node = files.get(merge.base)
+        if top_node is not None and base_node is not None:
+            args["top-node"], args["base-node"] = top_node, base_node
+        else:
+            args["top"], args["base"] = merge.top, merge.base
+        if not active:
+            args["backing-file"] = merge.base
+        return args
+
+    async def _follow_merge(
+        self,
+        job_id: str,
+        device: str,
+        listener: EventListener,
+        progress: Callable[[MergeProgress], None] | None,
+    ) -> int:
+        """Follow job ``job_id`` until it concludes (completing it once READY: only an active
+        commit gets ready, whichever layer a job left by a killed run merges), dismiss it,
+        return its total bytes. Raises HypervisorError code ``merge-failed`` when it
+        concluded with an error or vanished with one."""
+        last: tuple[int, int] | None = None
+        completed = False
+        event_error: str | None = None
+        total = 0
+        while True:
+            job = await self._merge_job(job_id)
+            if job is None:
+                # Dismissed by someone else: its outcome is what its events said, else the
+                # chain tells (the caller checks it).
+                if event_error is not None:
+                    raise HypervisorError(
+                        f"{self._label}: disk {device}: the merge failed: {event_error}",
+                        code=MERGE_FAILED,
+                    )
+                return total
+            done, total = _int(job, "current-progress", "job"), _int(job, "total-progress", "job")
+            if progress is not None and (done, total) != last:
+                progress(MergeProgress(device, done, total))
+            last = (done, total)
+            status = job.get("status")
+            if status == "concluded":
+                await self._execute("job-dismiss", {"id": job_id})
+                error = job.get("error")
+                if error is not None:
+                    raise HypervisorError(
+                        f"{self._label}: disk {device}: the merge failed: {error}",
+                        hint="the chain is unchanged; fix the cause (space, permissions) "
+                        "and merge again",
+                        code=MERGE_FAILED,
+                    )
+                return total
+            if status == "ready" and not completed:  # only an active commit gets ready
+                try:
+                    await self._execute("job-complete", {"id": job_id})
+                    completed = True
+                except QmpCommandError as exc:  # e.g. no longer ready: look again
+                    log.debug("%s: job-complete %s: %s", self._label, job_id, exc)
+            try:
+                event = await within(listener.get(), MERGE_POLL)
+            except TimeoutError:
+                continue
+            for ev in (event, *listener.clear()):
+                name, data = ev.get("event"), ev.get("data")
+                if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and isinstance(
+                    data, dict
+                ):
+                    err = data.get("error")
+                    if name == "BLOCK_JOB_CANCELLED":
+                        err = "the job was cancelled"
+                    event_error = str(err) if err is not None else event_error
+                elif name == "BLOCK_JOB_ERROR":
+                    log.warning("%s: merge job %s: I/O error: %s", self._label, job_id, data)
 
     # ----------------------------------------------------------------- vCPUs
 

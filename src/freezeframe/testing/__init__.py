@@ -7,10 +7,10 @@ code built on it (as httpx ships its MockTransport).
   it. Its methods raise only :class:`~freezeframe.errors.AgentError` subclasses.
 - :mod:`freezeframe.testing.fake_driver` owns the host: :class:`FakeHost` (the registry the
   driver looks VMs up in), :class:`FakeVm` / :class:`FakeDisk` (disks with in-memory image
-  chains, faults such as :class:`CutFault`) and :class:`FakeDriver`, a complete
-  :class:`~freezeframe.hypervisor.HypervisorDriver` registered as driver ``fake``. Its methods
-  raise only :class:`~freezeframe.errors.HypervisorError` subclasses (and UsageError where the
-  driver contract says so).
+  chains, merge jobs, faults such as :class:`CutFault` and :class:`MergeFault`) and
+  :class:`FakeDriver`, a complete :class:`~freezeframe.hypervisor.HypervisorDriver` registered
+  as driver ``fake``. Its methods raise only :class:`~freezeframe.errors.HypervisorError`
+  subclasses (and UsageError where the driver contract says so).
 
 Typical use, through the ordinary driver lookup (``VmConfig(driver="fake")``)::
 
@@ -43,6 +43,8 @@ from freezeframe.testing.fake_driver import (
     FakeDriver,
     FakeHost,
     FakeVm,
+    MergeFault,
+    MergeJob,
 )
 
 __all__ = [
@@ -60,4 +62,6 @@ __all__ = [
     "FakeHost",
     "FakeProgram",
     "FakeVm",
+    "MergeFault",
+    "MergeJob",
 ]

@@ -8,7 +8,9 @@ name, format, size; each with an image chain held in memory, no files), an optio
 complete :class:`~freezeframe.hypervisor.HypervisorDriver` on it: ``prepare_cut`` adds an
 overlay image and node per disk, ``cut`` switches every disk to its overlay at once (or none),
 ``cut_state`` / ``verify_cut`` / ``abort`` look at which image each disk writes to, like the QMP
-driver does with ``query-block``.
+driver does with ``query-block``; ``merge_layer`` merges a layer of a disk's chain into the one
+below it as a job (:attr:`FakeVm.merge_jobs`) that advances in steps and can be scripted to fail
+midway or to be left running (:class:`MergeFault`), like a QEMU block-commit job.
 
 Registered as driver ``fake`` (entry point group ``freezeframe.drivers``), for tests only:
 ``VmConfig(driver="fake")`` finds its VM by ``domain`` or ``name`` in the current host
@@ -32,20 +34,37 @@ from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from freezeframe.agent.base import Agent
-from freezeframe.errors import CutError, HypervisorUnavailableError, UsageError
+from freezeframe.errors import CutError, HypervisorError, HypervisorUnavailableError, UsageError
 from freezeframe.hypervisor.base import (
+    MERGE_FAILED,
+    NOT_IN_CHAIN,
     CutState,
     DriverCapabilities,
     DriverCheck,
     DriverPolicy,
     HypervisorDriver,
+    LayerMerge,
+    MergeOutcome,
+    MergeProgress,
     PreparedCut,
     PreparedDisk,
+    ProgressCallback,
+    locate_layer,
+    merged,
 )
 from freezeframe.models import DiskInfo, PciAddress, QuiescePolicy, SnapshotDisk, VmConfig
 from freezeframe.testing.fake_agent import FakeAgent, FakeFilesystem, FakeGuest
 
-__all__ = ["ADDRESS_PREFIX", "CutFault", "FakeDisk", "FakeDriver", "FakeHost", "FakeVm"]
+__all__ = [
+    "ADDRESS_PREFIX",
+    "CutFault",
+    "FakeDisk",
+    "FakeDriver",
+    "FakeHost",
+    "FakeVm",
+    "MergeFault",
+    "MergeJob",
+]
 
 #: Agent addresses of fake VMs are ``fake:<vm>``.
 ADDRESS_PREFIX = "fake:"
@@ -64,6 +83,34 @@ class CutFault(enum.Enum):
     LOST_REPLY = "lost-reply"
     #: Every disk switched, then no answer until cancelled.
     HANG_AFTER_SWITCH = "hang-after-switch"
+
+
+class MergeFault(enum.Enum):
+    """A scripted misbehaviour of :meth:`FakeDriver.merge_layer` (see :attr:`FakeVm.merge_fault`),
+    consumed by the merge job it hits."""
+
+    #: The job fails halfway (an I/O error): HypervisorError ``merge-failed``, chain unchanged.
+    FAIL = "fail"
+    #: The job starts, then the connection breaks (HypervisorUnavailableError): the job stays
+    #: running in the fake hypervisor, as one a killed freezeframe left; the next call attaches.
+    LOST = "lost"
+    #: The job gets halfway and then waits until the call is cancelled; it stays running.
+    HANG = "hang"
+
+
+@dataclass(slots=True)
+class MergeJob:
+    """A merge job of a fake disk: ``top`` into ``base``, ``done`` of ``total`` bytes."""
+
+    top: str
+    base: str
+    active: bool
+    total: int
+    done: int = 0
+
+
+#: Steps a fake merge job takes from 0 to ``total``.
+MERGE_STEPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +156,11 @@ class FakeVm:
 
     Mutable test knobs: ``running`` (False: stopped, ``is_gone``), ``reachable`` (False: QEMU
     hangs: connect fails, ``is_gone`` cannot tell), ``cut_fault``, ``prepare_fails`` (the next
-    preparations raise CutError), ``checks`` (what ``doctor`` gets from the driver), ``policy``
+    preparations raise CutError), ``merge_fault`` (:class:`MergeFault`), ``layer_bytes`` (what
+    a merge job counts per layer), ``checks`` (what ``doctor`` gets from the driver), ``policy``
     (a policy kept with the VM by the hypervisor, like libvirt's domain metadata). ``ops``
-    records every driver operation (``prepare``, ``cut``, ``abort``, ``pause``, ``resume``).
+    records every driver operation (``prepare``, ``cut``, ``abort``, ``merge``, ``pause``,
+    ``resume``); ``merge_jobs`` the merge jobs running, by device.
     """
 
     def __init__(
@@ -130,6 +179,9 @@ class FakeVm:
         self.paused = False
         self.cut_fault: CutFault | None = None
         self.prepare_fails = False
+        self.merge_fault: MergeFault | None = None
+        self.layer_bytes = 4 << 20
+        self.merge_jobs: dict[str, MergeJob] = {}
         self.checks: list[DriverCheck] = []
         self.policy: DriverPolicy | None = None
         #: The agent address the VM's registration names, when it is not its own (another
@@ -195,6 +247,18 @@ class FakeVm:
         disk = self._disks[device]
         disk.chain = [image]
         self.images.setdefault(image, disk.node)
+
+    def leave_merge(self, device: str, top: str, *, done: int = 0) -> MergeJob:
+        """Start a merge job of ``top`` into the layer below it on ``device`` and leave it
+        running, as a freezeframe killed during a merge does. Raises KeyError (unknown disk),
+        ValueError (``top`` is no layer with one below it)."""
+        chain = self._disks[device].chain
+        i = chain.index(top)
+        if i + 1 >= len(chain):
+            raise ValueError(f"{top} has no layer below it")
+        job = MergeJob(top, chain[i + 1], i == 0, self.layer_bytes, done)
+        self.merge_jobs[device] = job
+        return job
 
     def chain(self, device: str) -> list[str]:
         """The image chain of ``device``, top first. Raises KeyError for an unknown disk."""
@@ -535,6 +599,78 @@ class FakeDriver(HypervisorDriver):
             info = DiskInfo(d.device, d.node, d.image, d.format, d.virtual_size)
             out.append(PreparedDisk(info, d.overlay, _overlay_node(snapshot_id, d.device), d.image))
         return PreparedCut(snapshot_id, tuple(out))
+
+    # ------------------------------------------------------------------ live merge
+
+    async def merge_layer(
+        self, merge: LayerMerge, progress: ProgressCallback | None = None
+    ) -> MergeOutcome:
+        """Merge ``top`` into ``base`` as a job of :data:`MERGE_STEPS` steps, reporting each.
+        Attaches to a job of the device left running (:meth:`FakeVm.leave_merge`,
+        :attr:`MergeFault.LOST`, :attr:`MergeFault.HANG`); ``already=True`` when ``top`` is
+        out of the chain and ``base`` in it. Raises HypervisorError ``not-in-chain`` /
+        ``merge-failed``, HypervisorUnavailableError (not connected; :attr:`MergeFault.LOST`)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        vm = self._need()
+        vm.ops.append("merge")
+        disk = vm._disks.get(merge.device)
+        if disk is None:
+            raise HypervisorError(f"fake VM {vm.name}: no disk {merge.device}", code=NOT_IN_CHAIN)
+        job = vm.merge_jobs.get(merge.device)
+        if job is not None:
+            await self._follow(vm, disk, job, progress)
+            if merged(disk.info(), merge, job.active):
+                ms = (loop.time() - start) * 1000
+                return MergeOutcome(merge.device, job.active, False, job.total, ms)
+        where = locate_layer(disk.info(), merge, f"fake VM {vm.name}")
+        if where is None:
+            ms = (loop.time() - start) * 1000
+            return MergeOutcome(merge.device, disk.chain[0] == merge.base, True, 0, ms)
+        job = MergeJob(merge.top, merge.base, where, vm.layer_bytes)
+        vm.merge_jobs[merge.device] = job
+        if vm.merge_fault is MergeFault.LOST:
+            vm.merge_fault = None
+            job.done = job.total // 2
+            self._vm = None
+            raise HypervisorUnavailableError(
+                f"fake VM {vm.name}: the connection broke during the merge (scripted)"
+            )
+        await self._follow(vm, disk, job, progress)
+        return MergeOutcome(
+            merge.device, job.active, False, job.total, (loop.time() - start) * 1000
+        )
+
+    async def _follow(
+        self, vm: FakeVm, disk: _Disk, job: MergeJob, progress: ProgressCallback | None
+    ) -> None:
+        """Run ``job`` to its end: the chain loses ``top`` (an active job: the disk writes to
+        ``base``), the job goes. Raises HypervisorError ``merge-failed`` (MergeFault.FAIL)."""
+        step = max(1, job.total // MERGE_STEPS)
+        while True:
+            if progress is not None:
+                progress(MergeProgress(disk.spec.device, job.done, job.total))
+            if job.done >= job.total:
+                break
+            await asyncio.sleep(0)
+            job.done = min(job.total, job.done + step)
+            if job.done * 2 >= job.total and vm.merge_fault is not None:
+                fault, vm.merge_fault = vm.merge_fault, None
+                if fault is MergeFault.FAIL:
+                    del vm.merge_jobs[disk.spec.device]
+                    raise HypervisorError(
+                        f"fake VM {vm.name}: disk {disk.spec.device}: the merge failed "
+                        "(scripted I/O error)",
+                        code=MERGE_FAILED,
+                    )
+                if fault is MergeFault.HANG:
+                    await _forever()
+        del vm.merge_jobs[disk.spec.device]
+        if job.top in disk.chain:
+            disk.chain.remove(job.top)
+        vm.images[job.top] = None
+        if job.active:
+            disk.node = vm.images.get(job.base) or f"node-{disk.spec.device}"
 
     # ------------------------------------------------------------------ vCPUs
 
