@@ -43,6 +43,20 @@ freezeframe snapshot create "$name" --quiesce off --verify || echo "(exit $? = w
 step "freezeframe snapshot list $name"
 freezeframe snapshot list "$name"
 
+# The lifecycle: export the first snapshot, delete the second by a live merge while the guest
+# writes, restore the first (the lab VM restarts on it).
+ids=($(freezeframe snapshot list "$name" --json | python3 -c 'import json,sys; print(*[s["id"] for s in json.load(sys.stdin)])'))
+export_dir="$(mktemp -d)/export"
+step "freezeframe snapshot export ${ids[0]} --to $export_dir   (standalone images + metadata.json)"
+freezeframe snapshot export "${ids[0]}" --to "$export_dir"
+step "freezeframe snapshot delete ${ids[1]}   (a live block-commit while the guest writes)"
+freezeframe snapshot delete "${ids[1]}"
+step "freezeframe snapshot restore ${ids[0]} --yes   (new overlays on the snapshot; the VM restarts)"
+freezeframe snapshot restore "${ids[0]}" --yes
+step "freezeframe vm images $name"
+freezeframe vm images "$name"
+rm -rf "$(dirname "$export_dir")"
+
 step "bash scripts/libvirtd.sh start   (virtlogd + libvirtd, only if not running: no systemd here)"
 bash scripts/libvirtd.sh start
 step "freezeframe lab up $lvname --libvirt --disks ext4,xfs   (a transient libvirt domain)"

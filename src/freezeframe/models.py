@@ -16,6 +16,7 @@ __all__ = [
     "GUEST_AGENT_PORT",
     "NO_MOUNTED_FILESYSTEM",
     "AgentInfo",
+    "ChainImage",
     "ConsistencyLevel",
     "DiskInfo",
     "ExecResult",
@@ -25,9 +26,11 @@ __all__ = [
     "GuestDisk",
     "GuestFilesystem",
     "ImageFingerprint",
+    "MergeIntent",
     "PciAddress",
     "QuiescePolicy",
     "RbdSource",
+    "ScheduleRecord",
     "SnapshotDisk",
     "SnapshotFilesystem",
     "SnapshotRecord",
@@ -92,6 +95,9 @@ class SnapshotStatus(enum.StrEnum):
     RUNNING = "running"  # write-ahead record exists, work in progress (or the process died)
     DONE = "done"
     FAILED = "failed"
+    #: ``snapshot delete`` began: its data is being merged away (or the process died: recover
+    #: finishes it). Never readable again as the snapshot it was.
+    DELETING = "deleting"
 
 
 class FsFreezeState(enum.StrEnum):
@@ -488,6 +494,80 @@ class SnapshotSummary:
     verified_at: datetime | None = None
     thaw_unconfirmed: bool = False
     intent_left_open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainImage:
+    """One image of a VM disk's chain as the catalog knows it: a file layer (``kind`` ``file``)
+    or an RBD snapshot (``rbd-snap``, ``location`` ``rbd:pool/image@snap``).
+
+    ``snapshot_id``: the snapshot whose cut this image holds now (None: nobody's, e.g. the
+    layer the disk writes to). ``active``: the disk writes to it. ``backing_id``: the image
+    below, when freezeframe manages it (None: the bottom freezeframe knows). ``mode``: the
+    file's mode before freezeframe took its write bits away."""
+
+    id: int
+    vm: str
+    device: str
+    location: str
+    kind: str
+    format: str
+    backing_id: int | None = None
+    snapshot_id: str | None = None
+    active: bool = False
+    mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeIntent:
+    """Write-ahead record of one layer merge of ``snapshot delete``: ``top``'s data goes into
+    ``base`` (its backing file) of disk ``device``, live (QEMU's block job) or offline
+    (qemu-img). ``state``: ``open`` (maybe under way), ``merged`` (the data is in ``base`` and
+    the catalog says so; ``top``'s file may still exist), ``done``."""
+
+    id: int
+    vm: str
+    snapshot_id: str
+    device: str
+    top: str
+    base: str
+    live: bool
+    state: str
+    owner: str
+    opened_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A VM's snapshot schedule as the catalog keeps it: a snapshot every ``every_s`` seconds
+    (``quiesce``: the policy asked, None: the VM's own), then a prune by the keep rules
+    (``keep_*``: slots each rule keeps, None: the rule is off; all None keeps everything).
+
+    ``last_run_at``: when the last run was claimed (the next is due ``every_s`` after it);
+    ``run_owner``: the process that claimed it; ``last_snapshot``, ``last_outcome`` (the
+    snapshot's outcome code or the error's code), ``last_error``, ``last_prune`` (what the
+    prune after it did) and ``last_finished_at``: how that run ended (None while it runs or
+    before the first)."""
+
+    vm: str
+    every_s: int
+    keep_last: int | None = None
+    keep_hourly: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    keep_yearly: int | None = None
+    quiesce: QuiescePolicy | None = None
+    enabled: bool = True
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    last_run_at: datetime | None = None
+    run_owner: str | None = None
+    last_snapshot: str | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_prune: str | None = None
+    last_finished_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

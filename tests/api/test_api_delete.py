@@ -1,5 +1,6 @@
-"""``DELETE /v1/snapshots/{id}`` (issue 9): 204 once a snapshot's parts and record are gone; the
-one error shape otherwise (a qcow2 layer: 409 ``delete-needs-merge``; unknown: 404)."""
+"""``DELETE /v1/snapshots/{id}``: 200 with what was done to each disk once the snapshot's layers
+are merged away and its record is gone; the one error shape otherwise (running or held: 409;
+unknown: 404)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ from freezeframe.service import Service
 from tests.api.conftest import AUTH
 
 
-async def test_delete_of_a_qcow2_snapshot_is_409_and_keeps_it(
-    client: httpx.AsyncClient, svc: Service
-) -> None:
-    rec = (await svc.create_snapshot("web1")).record
-    r = await client.delete(f"/v1/snapshots/{rec.id}", headers=AUTH)
-    assert r.status_code == 409, r.text
+async def test_delete_merges_a_qcow2_snapshot_away(client: httpx.AsyncClient, svc: Service) -> None:
+    first = (await svc.create_snapshot("web1")).record
+    second = (await svc.create_snapshot("web1")).record
+    cat = await svc.catalog()
+    async with cat.hold_snapshot(first.id, "export"):
+        held = await client.delete(f"/v1/snapshots/{first.id}", headers=AUTH)
+    assert held.status_code == 409, held.text
+    assert held.json()["code"] == "snapshot-in-use"
+    r = await client.delete(f"/v1/snapshots/{first.id}", headers=AUTH)
+    assert r.status_code == 200, r.text
     body = r.json()
-    assert body["code"] == "delete-needs-merge"
-    assert "not built" in body["hint"]
-    assert (await client.get(f"/v1/snapshots/{rec.id}", headers=AUTH)).status_code == 200
+    assert body["record"]["id"] == first.id
+    assert {d["how"] for d in body["disks"]} == {"live"}
+    assert (await client.get(f"/v1/snapshots/{first.id}", headers=AUTH)).status_code == 404
+    kept = (await client.get(f"/v1/snapshots/{second.id}", headers=AUTH)).json()
+    # the second snapshot's data now lives in the first one's image at the cut
+    assert [d["image"] for d in kept["disks"]] == [d.image for d in first.disks]
 
 
 async def test_delete_removes_a_record_without_parts_and_404s_after(
@@ -43,8 +51,8 @@ async def test_delete_removes_a_record_without_parts_and_404s_after(
     assert running.json()["code"] == "snapshot-running"
     await cat.finish_snapshot(dataclasses.replace(rec, status=SnapshotStatus.FAILED, error="x"))
     r = await client.delete(f"/v1/snapshots/{rec.id}", headers=AUTH)
-    assert r.status_code == 204, r.text
-    assert r.content == b""
+    assert r.status_code == 200, r.text
+    assert (r.json()["record"]["id"], r.json()["disks"]) == (rec.id, [])
     again = await client.delete(f"/v1/snapshots/{rec.id}", headers=AUTH)
     assert again.status_code == 404
     assert again.json()["code"] == "snapshot-not-found"

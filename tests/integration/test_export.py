@@ -1,8 +1,11 @@
-"""Export of a snapshot of a running lab VM (freezeframe.storage.export), before the CLI has an
-``export`` command: the snapshot is taken with the CLI, exported by calling the module while the
-guest keeps writing; each exported image is standalone (no backing file), holds the same
-workload data as the image at the cut, and freezeframe's offline verification finds its
-filesystems consistent. The VM's chain is not touched."""
+"""``snapshot export`` of a running lab VM, end to end through the real CLI: with the workload
+writing, a quiesced snapshot is exported with ``--verify --json``; each exported image is
+standalone (no backing file), holds the workload's data as the image at the cut holds it, and
+freezeframe's offline checks find its filesystems consistent; the VM's chain is untouched
+(same files, the read-only ones with the same size, mtime and inode; the guest keeps writing);
+the metadata file carries the level, its reason and the verdict; and the exported images boot
+the lab guest on their own (a new lab VM on them: every filesystem mounts, the records up to
+the cut are there, its workload writes on)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pytest
 from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.engine.verify import changed_since_cut
-from freezeframe.lab import LabVm
+from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.lab.workload import last_sequence
 from freezeframe.models import (
     ConsistencyLevel,
@@ -27,7 +30,6 @@ from freezeframe.models import (
     VerifyVerdict,
 )
 from freezeframe.storage import mounted, open_image, verify_disks
-from freezeframe.storage.export import ExportDisk, ExportProgress, export_snapshot_images
 from tests.integration.conftest import LabVmFactory
 
 pytestmark = pytest.mark.integration
@@ -47,13 +49,37 @@ async def last_record(image: str, fmt: str) -> int | None:
 
 def qemu_img_info(image: str) -> dict[str, object]:
     out = subprocess.run(
-        ["qemu-img", "info", "--output=json", image], capture_output=True, text=True, check=True
+        ["qemu-img", "info", "-U", "--output=json", image],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     info: dict[str, object] = json.loads(out.stdout)
     return info
 
 
-async def test_export_while_the_vm_writes(
+def chain_files(vmdir: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in sorted(vmdir.glob("*.qcow2"))
+    }
+
+
+async def guest_seq(vm: LabVm) -> int:
+    assert vm.qga_path is not None
+    async with GuestAgent(str(vm.qga_path)) as ga:
+        return int((await ga.file_read("/run/ffwork/seq")).strip() or b"0")
+
+
+async def guest_sh(vm: LabVm, script: str) -> str:
+    assert vm.qga_path is not None
+    async with GuestAgent(str(vm.qga_path)) as ga:
+        res = await ga.exec("/bin/sh", ["-c", script], timeout=30)
+    assert res.exitcode == 0, res
+    return res.stdout.decode()
+
+
+async def test_export_while_the_vm_writes_and_boot_the_export(
     lab_vm: LabVmFactory, catalog: Catalog, tmp_path: Path
 ) -> None:
     vm = await lab_vm(disks=("ext4", "xfs"))
@@ -64,75 +90,83 @@ async def test_export_while_the_vm_writes(
     (rec,) = await catalog.list_snapshots(vm.name)
     assert rec.status is SnapshotStatus.DONE
     assert rec.level is ConsistencyLevel.FILESYSTEM
-    assert all(d.backend == "qcow2-external" for d in rec.disks)
+    vmdir = vm.disks[0].file.parent
+    overlays = {Path(str(d.overlay)).name for d in rec.disks}
+    before = chain_files(vmdir)
 
-    seen: list[ExportProgress] = []
-    res = await export_snapshot_images(
-        [ExportDisk(d.device, d.image, d.format) for d in rec.disks],
-        tmp_path / "export",
-        progress=seen.append,
-        metadata={
-            "vm": vm.name,
-            "snapshot": rec.id,
-            "taken_at": rec.created_at,
-            "level": rec.level,
-            "level_reason": rec.level_reason,
-            "verification": rec.verification.verdict if rec.verification else None,
-            "disks": {d.device: d.image for d in rec.disks},
-        },
+    to = tmp_path / "export"
+    cli = await asyncio.to_thread(
+        ff, "snapshot", "export", rec.id, "--to", str(to), "--verify", "--json"
     )
-    assert seen[-1].done == seen[-1].total == sum(d.virtual_size for d in rec.disks)
-    doc = json.loads(Path(str(res.metadata_path)).read_text())
-    assert doc["level"] == "filesystem"
-    assert doc["snapshot"] == rec.id
-    assert sorted(i["device"] for i in doc["export"]["images"]) == sorted(
-        d.device for d in rec.disks
+    assert cli.returncode == 0, cli.stderr + cli.stdout
+    out = json.loads(cli.stdout)
+    assert set(out) >= {
+        "snapshot_id", "vm", "directory", "format", "compressed", "images", "metadata_path",
+        "verdict", "verdict_source", "virtual_bytes", "file_bytes", "duration_ms",
+    }  # fmt: skip
+    assert (out["snapshot_id"], out["vm"], out["format"]) == (rec.id, vm.name, "qcow2")
+    assert (out["verdict"], out["verdict_source"]) == ("verified-consistent", "run")
+    assert out["virtual_bytes"] == sum(d.virtual_size for d in rec.disks)
+    print(  # the numbers of this run (pytest -s)
+        f"export: {out['virtual_bytes'] / 2**20:.0f} MiB virtual, "
+        f"{out['file_bytes'] / 2**20:.1f} MiB written, {out['duration_ms']:.0f} ms (with verify)"
     )
+    assert sorted(os.listdir(to)) == ["disk0.qcow2", "disk1.qcow2", "metadata.json"]
 
-    # the VM's chain was not written: the images at the cut are what the cut left
+    # the VM's chain is untouched: same files; all but the overlays the VM writes to unchanged
+    after = chain_files(vmdir)
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if k not in overlays} == {
+        k: v for k, v in before.items() if k not in overlays
+    }
+    assert all(after[k][2] == before[k][2] for k in overlays)
     assert changed_since_cut(await catalog.get_snapshot(rec.id)) is None
 
-    exported = []
-    for img, disk in zip(res.images, rec.disks, strict=True):
-        info = qemu_img_info(img.path)
-        assert "backing-filename" not in info, info
-        assert info["format"] == "qcow2"
-        assert info["virtual-size"] == disk.virtual_size
-        # the same workload data as the image at the cut
-        assert await last_record(img.path, "qcow2") == await last_record(disk.image, disk.format)
-        exported.append(
-            SnapshotDisk(
-                device=disk.device, node=disk.node, image=img.path, format="qcow2", overlay=None
-            )
-        )
+    doc = json.loads((to / "metadata.json").read_text())
+    assert (doc["snapshot"], doc["vm"]) == (rec.id, vm.name)
+    assert doc["level"] == "filesystem"
+    assert doc["level_reason"] == rec.level_reason
+    assert doc["verification"]["verdict"] == "verified-consistent"
+    assert doc["verification"]["source"] == "run"
+    assert [(d["device"], d["file"], d["source"]) for d in doc["disks"]] == [
+        (d.device, f"{d.device}.qcow2", d.image) for d in rec.disks
+    ]
+    assert sorted(f["fstype"] for f in doc["filesystems"]) == ["ext4", "xfs"]
 
+    exported = []
+    cut_records = []
+    for img, disk in zip(out["images"], rec.disks, strict=True):
+        info = qemu_img_info(img["path"])
+        assert "backing-filename" not in info, info
+        assert "full-backing-filename" not in info, info
+        assert (info["format"], info["virtual-size"]) == ("qcow2", disk.virtual_size)
+        at_cut = await last_record(disk.image, disk.format)
+        assert at_cut is not None
+        assert await last_record(img["path"], "qcow2") == at_cut
+        cut_records.append(at_cut)
+        exported.append(SnapshotDisk(disk.device, disk.node, img["path"], "qcow2", overlay=None))
     expect = {f.device: f.fstype for f in rec.filesystems if f.device}
     verdict = await verify_disks(exported, expect=expect)
     assert verdict.verdict is VerifyVerdict.CONSISTENT, verdict.checks
     assert sorted(c.fstype for c in verdict.checks) == ["ext4", "xfs"]
 
-    # a raw export of the same snapshot (no metadata) is just as consistent
-    raw = await export_snapshot_images(
-        [ExportDisk(d.device, d.image, d.format) for d in rec.disks],
-        tmp_path / "raw",
-        fmt="raw",
-        metadata=None,
-    )
-    assert sorted(os.listdir(tmp_path / "raw")) == sorted(f"{d.device}.raw" for d in rec.disks)
-    raw_disks = [
-        SnapshotDisk(device=i.device, node=d.node, image=i.path, format="raw", overlay=None)
-        for i, d in zip(raw.images, rec.disks, strict=True)
-    ]
-    raw_verdict = await verify_disks(raw_disks, expect=expect)
-    assert raw_verdict.verdict is VerifyVerdict.CONSISTENT, raw_verdict.checks
-
     # the guest kept writing through all of it
-    seq = await last_record_live(vm)
+    seq = await guest_seq(vm)
     await asyncio.sleep(1.0)
-    assert await last_record_live(vm) > seq
+    assert await guest_seq(vm) > seq
 
-
-async def last_record_live(vm: LabVm) -> int:
-    assert vm.qga_path is not None
-    async with GuestAgent(str(vm.qga_path)) as ga:
-        return int((await ga.file_read("/run/ffwork/seq")).strip() or b"0")
+    # the exported images boot the lab guest on their own
+    name = f"{vm.name}-x"
+    booted = await lab_up(
+        name, disks=("ext4", "xfs"), images=[(i["path"], "qcow2") for i in out["images"]]
+    )
+    try:
+        for i, n in enumerate(cut_records):  # every record up to the cut, in order
+            line = await guest_sh(booted, f"sed -n '{n}p' /mnt/disk{i}/ffwork.log | cut -c1-24")
+            assert line.startswith(f"seq={n} disk={i} "), line
+        seq = await guest_seq(booted)
+        await asyncio.sleep(1.0)
+        assert await guest_seq(booted) > seq  # its workload writes on the exported images
+    finally:
+        await lab_down(name, purge=True)
+    assert sorted(os.listdir(to)) == ["disk0.qcow2", "disk1.qcow2", "metadata.json"]

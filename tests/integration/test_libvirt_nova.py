@@ -9,7 +9,12 @@ does not: nothing freezeframe does depends on it.)
 What it must show: registered with ``vm add --libvirt``, a ``--quiesce required`` snapshot of
 it is filesystem-consistent and verifies, the overlays are named after Nova's file names
 (``disk.ff-ID.qcow2`` in the instance directory), libvirt's live XML names them, the cdrom is
-left alone, and the domain's log has no ``custom-monitor`` taint.
+left alone, and the domain's log has no ``custom-monitor`` taint. Then the lifecycle under
+libvirt: ``snapshot restore --yes`` shuts the domain down, redefines its disks onto new
+overlays of the snapshot's images and starts it (the guest's agent answers again); the later
+snapshot, now on the abandoned branch, is deleted (its leaf image removed); the restored
+snapshot is deleted by a live active commit (``virDomainBlockCommit``, pivot): the domain
+writes to Nova's ``disk`` again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +37,7 @@ from tests.integration.libvirt_helpers import (
     domain_log,
     domblklist,
     traversable_tmpdir,
+    virsh,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
@@ -95,7 +102,7 @@ def nova_xml(name: str, inst: Path, vol: Path, cdrom: Path, kernel: Path, initrd
 
 @pytest.fixture
 def nova_domain(libvirtd: str, lab_env: Path) -> Iterator[tuple[str, Path]]:
-    """A running Nova-shaped domain: (domain name, instance directory)."""
+    """A running Nova-shaped (persistent) domain: (domain name, instance directory)."""
     import asyncio
 
     root = traversable_tmpdir("ffnova-")
@@ -126,10 +133,12 @@ def nova_domain(libvirtd: str, lab_env: Path) -> Iterator[tuple[str, Path]]:
     name = f"instance-{uuid.uuid4().hex[:8]}"
     xml = root / "domain.xml"
     xml.write_text(nova_xml(name, inst, root / "volume-1", cdrom, art.kernel, art.initrd))
-    subprocess.run(
-        ["virsh", "-c", LIBVIRT_URI, "create", str(xml)], check=True, capture_output=True,
-        timeout=300,
-    )  # fmt: skip
+    # persistent, as Nova's domains are (a restore redefines it)
+    for verb, arg in (("define", str(xml)), ("start", name)):
+        subprocess.run(
+            ["virsh", "-c", LIBVIRT_URI, verb, arg], check=True, capture_output=True,
+            timeout=300,
+        )  # fmt: skip
     try:
         yield name, inst
     finally:
@@ -158,7 +167,6 @@ def test_nova_shaped_domain(nova_domain: tuple[str, Path]) -> None:
     assert bad.returncode == 7, bad.stdout
     assert json.loads(bad.stdout)["error"] == "HypervisorUnavailableError"
     # The guest needs a few seconds to boot and start its agent: doctor until it answers.
-    import time
 
     deadline = time.monotonic() + 120
     while True:
@@ -194,3 +202,31 @@ def test_nova_shaped_domain(nova_domain: tuple[str, Path]) -> None:
     )  # fmt: skip
     assert info[-1]["format"] == "raw"
     assert "/_base/" in info[-1]["filename"]
+
+    # -- the lifecycle under libvirt: restore (shutdown, redefine, start), deletes
+    later = json.loads(ff("--json", "snapshot", "create", vm, "--quiesce", "required").stdout)
+    out = json.loads(
+        ff("--json", "snapshot", "restore", rec["id"], "--yes", "--stop-timeout", "5").stdout
+    )
+    assert (out["state"], out["vm"]) == ("restarted", vm), out
+    boot = {d["device"]: d for d in out["disks"]}
+    assert boot["vda"]["image"] == str(inst / "disk")
+    assert Path(boot["vda"]["boot_from"]).parent == inst  # next to Nova's files
+    live = domblklist(name)
+    assert live["vda"] == boot["vda"]["boot_from"]
+    assert live["vdb"] == boot["vdb"]["boot_from"]
+    persistent = virsh("dumpxml", "--inactive", name)
+    assert boot["vda"]["boot_from"] in persistent  # redefined, not only running on it
+    deadline = time.monotonic() + 120
+    while True:  # the guest boots on the restored disks
+        doc = json.loads(ff("--json", "doctor", vm, check=False).stdout)
+        if doc.get("predicted_level") == "filesystem" or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert doc["predicted_level"] == "filesystem", doc
+    gone = json.loads(ff("--json", "snapshot", "delete", later["id"]).stdout)
+    assert {d["how"] for d in gone["disks"]} == {"removed"}  # a leaf of the old branch
+    merged = json.loads(ff("--json", "snapshot", "delete", rec["id"]).stdout)
+    vda_merge = next(d for d in merged["disks"] if d["device"] == "vda")
+    assert (vda_merge["how"], vda_merge["writes_to"]) == ("live", str(inst / "disk"))
+    assert domblklist(name)["vda"] == str(inst / "disk")

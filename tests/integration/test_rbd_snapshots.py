@@ -16,7 +16,7 @@ type='network'>``), all under the lab workload. Several scenarios on each VM, in
 - ``recover`` of an attempt killed while frozen, after its RBD snapshots were made and before
   the qcow2 transaction, removes them;
 - ``snapshot delete`` (CLI) of the RBD-only snapshot removes ``ff-<id>`` and the record; of
-  the mixed one is refused (``delete-needs-merge``).
+  the mixed one merges its qcow2 layer away live and removes its RBD snapshots.
 
 Plus an image that does not exist: the backend's prepare says ``rbd-image-not-found``.
 """
@@ -273,22 +273,22 @@ async def test_rbd_and_mixed_vm(
         assert f"ff-{dead.id}" not in snaps(ceph_lab, spec)
     assert not any(Path(d.overlay).exists() for d in dead.disks if d.overlay)
 
-    # 7. Delete: an RBD-only snapshot goes from Ceph, then from the catalog; one with a qcow2
-    # layer is refused (merging layers is not built) and keeps everything.
+    # 7. Delete: an RBD-only snapshot goes from Ceph, then from the catalog; a mixed one gets
+    # its qcow2 layer merged away live and its RBD snapshots removed.
     res = ff("snapshot", "delete", rbd_only.id, "--json")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert json.loads(res.stdout)["deleted"] == rbd_only.id
+    assert json.loads(res.stdout)["record"]["id"] == rbd_only.id
     for spec in rbd_specs(vm):
         assert f"ff-{rbd_only.id}" not in snaps(ceph_lab, spec)
         assert f"ff-{mixed.id}" in snaps(ceph_lab, spec)
     shown = ff("snapshot", "show", rbd_only.id, "--json")
     assert json.loads(shown.stdout)["code"] == "snapshot-not-found", shown.stdout
-    refused = ff("snapshot", "delete", mixed.id, "--json")
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert json.loads(refused.stdout)["code"] == "delete-needs-merge"
-    assert (await catalog.get_snapshot(mixed.id)).status is SnapshotStatus.DONE
+    res = ff("snapshot", "delete", mixed.id, "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    hows = {d["how"] for d in json.loads(res.stdout)["disks"]}
+    assert hows == {"live", "removed"}, res.stdout
     for spec in rbd_specs(vm):
-        assert f"ff-{mixed.id}" in snaps(ceph_lab, spec)
+        assert f"ff-{mixed.id}" not in snaps(ceph_lab, spec)
 
 
 #: ``snapshot create`` whose qcow2 transaction waits (after the RBD snapshots, inside the

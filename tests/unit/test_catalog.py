@@ -169,7 +169,7 @@ async def test_open_default_url_creates_state_dir_in_wal_mode(
         assert await catalog.list_vms() == []
     with sqlite3.connect(home / "catalog.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0007",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0009",)
     with pytest.raises(CatalogError, match="closed"):
         await catalog.list_vms()
     await catalog.close()  # idempotent

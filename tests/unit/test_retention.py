@@ -190,7 +190,7 @@ def test_failed_verification_does_not_hold_a_slot() -> None:
     assert out["bad"].reason is Reason.FAILED_VERIFICATION
 
 
-def test_failed_verification_alone_in_its_slot_is_kept_within_reach() -> None:
+def test_failed_verification_alone_in_its_slot_is_never_pruned() -> None:
     days = ["good0", "bad1", "good2", "good3", "bad4"]
     cands = [
         snap(name, T0 - timedelta(days=i), verdict=BAD if name.startswith("bad") else None)
@@ -203,12 +203,31 @@ def test_failed_verification_alone_in_its_slot_is_kept_within_reach() -> None:
         "good0": "keep-daily",
         "bad1": "failed-verification-only-in-slot",  # day 1 has nothing good
         "good2": "keep-daily",  # the second good day: failed days are not counted
+        # the "never": alone in its day, so kept although older than the rules keep
+        "bad4": "failed-verification-only-in-slot",
     }
     assert out["bad1"].slot == "2026-12-05"
     assert "corrupt" in out["bad1"].detail
     assert out["bad1-older"].reason is Reason.FAILED_VERIFICATION
     assert out["good3"].reason is Reason.NOT_SELECTED
-    assert out["bad4"].reason is Reason.FAILED_VERIFICATION  # older than the rules keep
+    assert out["bad4"].slot == "2026-12-02"
+
+
+def test_keep_last_has_no_calendar_slot_for_a_failed_verification() -> None:
+    cands = [
+        snap("g0", T0),
+        snap("b1", T0 - timedelta(hours=1), verdict=BAD),
+        snap("g2", T0 - timedelta(hours=2)),
+        snap("b3", T0 - timedelta(hours=3), verdict=BAD),
+    ]
+    out = by_id(plan_prune(cands, KeepRules(last=2)))
+    # b1 lies among the last two good ones: kept; b3 is older than all keep-last keeps
+    assert kept(list(out.values())) == {
+        "g0": "keep-last",
+        "b1": "failed-verification-only-in-slot",
+        "g2": "keep-last",
+    }
+    assert out["b3"].reason is Reason.FAILED_VERIFICATION
 
 
 def test_failed_verification_when_the_rule_runs_out_is_kept() -> None:
@@ -319,6 +338,18 @@ def test_properties(seed: int) -> None:
     for c in cands:
         if dec[c.id].reason is Reason.FAILED_ONLY_IN_SLOT:
             assert c.failed_verification
+    # the "never": a calendar slot whose done snapshots all failed verification
+    # keeps one of them, however old
+    for rule, _ in rules.active():
+        if rule == "last":
+            continue
+        by_slot: dict[str, list[Candidate]] = {}
+        for c in cands:
+            if c.status is DONE:
+                by_slot.setdefault(slot_key(rule, c.created), []).append(c)
+        for members in by_slot.values():
+            if all(m.failed_verification for m in members):
+                assert any(dec[m.id].keep for m in members)
     # keep-last N keeps exactly min(N, #good) snapshots, the newest good ones
     if rules.last:
         newest = sorted(good, key=lambda c: (c.created, c.id), reverse=True)[: rules.last]

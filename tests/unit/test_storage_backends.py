@@ -431,25 +431,25 @@ async def test_recover_removes_rbd_snapshots_of_an_attempt_that_died(
 # ------------------------------------------------------------------ delete
 
 
-async def test_delete_of_a_qcow2_layer_is_refused_before_anything(
+async def test_delete_of_a_mixed_snapshot_merges_and_removes(
     host: FakeHost,
     catalog: Catalog,
     catalog_db: CatalogDb,
     fake_rbd: type[FakeRbd],
     tmp_path: Path,
 ) -> None:
-    await _vm(host, catalog, "d")
+    vm = await _vm(host, catalog, "d")
     rec = await Snapshotter(catalog).snapshot("d", REQUIRED)  # disk0 qcow2, disk1 rbd
-    made = set(fake_rbd.made)
+    qcow2 = next(d for d in rec.disks if d.device == "disk0")
     async with Service(Config(state_dir=tmp_path / "h", database_url=catalog_db.url)) as svc:
-        with pytest.raises(UsageError) as err:
-            await svc.delete_snapshot(rec.id)
-    assert err.value.code == "delete-needs-merge"
-    assert "not built" in (err.value.hint or "")
-    assert fake_rbd.made == made  # nothing removed
-    assert "rbd-delete" not in fake_rbd.ops
-    assert (await catalog.get_snapshot(rec.id)).status is SnapshotStatus.DONE
-    assert await catalog.vm_lock_holder("d") is None  # released
+        out = await svc.delete_snapshot(rec.id)
+    by_dev = {d.device: d for d in out.disks}
+    # the newest snapshot: an active commit, the disk writes to the image at the cut again
+    assert (by_dev["disk0"].how, by_dev["disk0"].writes_to) == ("live", qcow2.image)
+    assert vm.chain("disk0") == [qcow2.image]
+    assert by_dev["disk1"].how == "removed"
+    assert fake_rbd.made == set()
+    assert "rbd-delete" in fake_rbd.ops
 
 
 async def test_delete_removes_the_rbd_snapshots_then_the_record(
@@ -483,7 +483,7 @@ async def test_delete_removes_the_rbd_snapshots_then_the_record(
         await catalog.release_vm_lock("e", "someone-else@host:1")
         # Again, by prefix: the snapshots go, then the record.
         deleted = await svc.delete_snapshot(rec.id[:8])
-    assert deleted.id == rec.id
+    assert deleted.record.id == rec.id
     assert fake_rbd.made == set()
     assert fake_rbd.ops[-1] == "rbd-delete"
     with pytest.raises(NotFoundError):

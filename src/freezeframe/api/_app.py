@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import quote
 
 from fastapi import Body, FastAPI, Query, Request, Response
@@ -41,6 +41,9 @@ from freezeframe.models import QuiescePolicy, SnapshotRecord
 from freezeframe.service import (
     MAX_PAGE,
     CreateSnapshot,
+    ExportJob,
+    Scheduler,
+    ScheduleSpec,
     Service,
     SnapshotJob,
     SnapshotOutcome,
@@ -69,10 +72,21 @@ class ApiState:
     metrics: Metrics = field(default_factory=Metrics)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     sse_clients: int = 0
+    #: The scheduler ``serve`` runs (None: none); stopped with the app, woken by a PUT.
+    scheduler: Scheduler | None = None
 
     def begin_stop(self) -> None:
-        """The server is stopping: no new jobs; streams that follow nothing running end."""
+        """The server is stopping: no new jobs (the scheduler claims no more runs); streams
+        that follow nothing running end."""
         self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    async def start_snapshot(self, vm: str, request: CreateSnapshot) -> SnapshotJob:
+        """A snapshot job of ``vm`` (:meth:`Service.start_snapshot`), counted in this app's
+        metrics: what ``POST /v1/vms/{vm}/snapshots`` and the scheduler start. Raises
+        ShuttingDown, and what the service's start raises (BusyError ``vm-busy`` ...)."""
+        return await _start_job(self, vm, request)
 
     async def drain(self) -> None:
         """Wait for every job of this app (snapshot and verify jobs, run by the service)."""
@@ -189,6 +203,47 @@ class RecoverBody(_Body):
     force: bool = False
 
 
+class ScheduleBody(_Body):
+    """``PUT /v1/vms/{vm}/schedule``: a snapshot every ``every``, then a prune by the keep
+    rules (a missing rule is off; no rule at all keeps everything)."""
+
+    every: str = Field(description="interval: 30s, 15m, 1h, 1d, 1w, 1h30m")
+    keep_last: int | None = Field(None, ge=0)
+    keep_hourly: int | None = Field(None, ge=0)
+    keep_daily: int | None = Field(None, ge=0)
+    keep_weekly: int | None = Field(None, ge=0)
+    keep_monthly: int | None = Field(None, ge=0)
+    keep_yearly: int | None = Field(None, ge=0)
+    quiesce: QuiescePolicy | None = Field(None, description="default: the VM's own policy")
+    enabled: bool = True
+
+
+class PruneBody(_Body):
+    """``POST /v1/prune``: apply the keep rules of ``vm``'s schedule (every scheduled VM's
+    when missing); ``dry_run`` only says what would go."""
+
+    vm: str | None = None
+    dry_run: bool = False
+
+
+class ExportBody(_Body):
+    """``POST /v1/snapshots/{id}/export``: where (a directory on the server's host) and how."""
+
+    to: str = Field(description="absolute path of the directory to write into (created)")
+    format: str = Field("qcow2", description="qcow2 | raw")
+    compress: bool = Field(False, description="compressed qcow2 clusters")
+    verify: bool = Field(False, description="verify the snapshot first (verdict in metadata)")
+
+
+class RestoreBody(_Body):
+    """``POST /v1/snapshots/{id}/restore``: in place (``yes`` confirms that what the disks
+    wrote since the newest snapshot is discarded) or ``as`` a new lab VM."""
+
+    yes: bool = Field(False, description="confirm an in-place restore")
+    as_: str | None = Field(None, alias="as", description="restore into a new lab VM of this name")
+    stop_timeout: float = Field(60.0, description="seconds before a libvirt domain is destroyed")
+
+
 # ------------------------------------------------------------------ jobs
 
 
@@ -227,8 +282,6 @@ def _count_snapshot(st: ApiState, task: asyncio.Task[SnapshotOutcome]) -> None:
 
 
 async def _start_snapshot(st: ApiState, vm: str, body: CreateBody) -> SnapshotJob:
-    if st.stopping.is_set():
-        raise ShuttingDown
     request = CreateSnapshot(
         quiesce=body.quiesce,
         freeze_timeout=body.freeze_timeout,
@@ -237,6 +290,12 @@ async def _start_snapshot(st: ApiState, vm: str, body: CreateBody) -> SnapshotJo
         verify=body.verify,
         overlay_dir=body.overlay_dir,
     )
+    return await _start_job(st, vm, request)
+
+
+async def _start_job(st: ApiState, vm: str, request: CreateSnapshot) -> SnapshotJob:
+    if st.stopping.is_set():
+        raise ShuttingDown
     job = await st.service.start_snapshot(vm, request)
     if job.task is not None:
         job.task.add_done_callback(lambda t: _count_snapshot(st, t))
@@ -262,6 +321,20 @@ async def _start_verify(st: ApiState, rec: SnapshotRecord) -> VerifyJob:
 
     if job.task is not None:
         job.task.add_done_callback(ended)
+    return job
+
+
+async def _start_export(st: ApiState, snapshot_id: str, body: ExportBody) -> ExportJob:
+    """An export as a job of the service (:meth:`Service.start_export`), counted as a running
+    job. Raises ShuttingDown, what the service's start raises."""
+    if st.stopping.is_set():
+        raise ShuttingDown
+    job = await st.service.start_export(
+        snapshot_id, body.to, fmt=body.format, compress=body.compress, verify=body.verify
+    )
+    st.metrics.jobs_running.inc()
+    if job.task is not None:
+        job.task.add_done_callback(lambda _t: st.metrics.jobs_running.dec())
     return job
 
 
@@ -341,7 +414,7 @@ def create_app(
         return {
             "status": "stopping" if st.stopping.is_set() else "ok",
             "version": __version__,
-            "jobs": len(service.jobs) + len(service.verify_jobs),
+            "jobs": len(service.jobs) + len(service.verify_jobs) + len(service.export_jobs),
             "event_streams": st.sse_clients,
         }
 
@@ -417,6 +490,45 @@ def create_app(
             "error": error_body(err) if err is not None else None,
         }
 
+    # ---------------------------------------------------------------- schedules
+
+    @app.get("/v1/schedules", tags=["schedules"])
+    async def list_schedules() -> Any:
+        """Every schedule: ``schedule`` (as stored, with the last run's outcome), ``every``,
+        ``rules``, ``next_run_at``, ``due``, ``running``."""
+        return to_document(await service.list_schedules())
+
+    @app.get("/v1/vms/{vm}/schedule", tags=["schedules"])
+    async def get_schedule(vm: str) -> Any:
+        """The VM's schedule (``404 schedule-not-found`` when it has none)."""
+        return to_document(await service.get_schedule(vm))
+
+    @app.put("/v1/vms/{vm}/schedule", tags=["schedules"])
+    async def put_schedule(vm: str, body: ScheduleBody) -> Any:
+        """Create or replace the VM's schedule (its last run is kept). ``400
+        invalid-interval`` / ``invalid-keep-rule``, ``404 vm-not-found``."""
+        spec = ScheduleSpec(**body.model_dump())
+        view = await service.set_schedule(vm, spec)
+        if st.scheduler is not None:
+            st.scheduler.wake()
+        return to_document(view)
+
+    @app.delete("/v1/vms/{vm}/schedule", tags=["schedules"], status_code=204)
+    async def delete_schedule(vm: str) -> Response:
+        """Forget the VM's schedule (its snapshots stay)."""
+        await service.remove_schedule(vm)
+        return Response(status_code=204)
+
+    @app.post("/v1/prune", tags=["schedules"])
+    async def prune(body: Annotated[PruneBody | None, Body()] = None) -> Any:
+        """Apply the keep rules now: one item per snapshot with ``keep`` and its ``reason``
+        code; a refused delete keeps the snapshot (``refused``: the refusal's code) and the
+        report's ``code`` is ``delete-refused``. ``dry_run``: nothing is deleted."""
+        b = body or PruneBody()
+        if not b.dry_run and st.stopping.is_set():
+            raise ShuttingDown
+        return to_document(await service.prune(b.vm, dry_run=b.dry_run))
+
     # ---------------------------------------------------------------- snapshots
 
     @app.post("/v1/vms/{vm}/snapshots", tags=["snapshots"], status_code=202)
@@ -467,13 +579,18 @@ def create_app(
         at that moment is refused; without it the answer comes from the catalog alone."""
         return await _json(await service.show_snapshot(snapshot_id, live=live))
 
-    @app.delete("/v1/snapshots/{snapshot_id}", tags=["snapshots"], status_code=204)
-    async def delete_snapshot(snapshot_id: str) -> Response:
-        """Delete a snapshot (id or unique prefix): its RBD snapshots, then its record. ``409
-        delete-needs-merge`` for a snapshot with a qcow2 disk (merging layers is not built
-        yet), ``409 snapshot-running`` while it runs."""
-        await service.delete_snapshot(snapshot_id)
-        return Response(status_code=204)
+    @app.delete("/v1/snapshots/{snapshot_id}", tags=["snapshots"])
+    async def delete_snapshot(
+        snapshot_id: str,
+        bandwidth: Annotated[int, Query(ge=0, description="bytes/s per merge, 0: no limit")] = 0,
+    ) -> dict[str, Any]:
+        """Delete a snapshot (id or unique prefix): its qcow2 layers merged away (live while
+        the VM runs), its RBD snapshots removed, then its record; answers with what was done
+        to each disk (``snapshot delete --json``). The delete runs to its end even if the
+        client goes away. ``409 snapshot-running`` while it runs, ``409 snapshot-in-use``
+        while a verify or export reads it, ``409 layer-shared`` / ``image-written-by-vm``."""
+        result = await asyncio.shield(service.delete_snapshot(snapshot_id, bandwidth=bandwidth))
+        return cast(dict[str, Any], to_document(result))
 
     @app.get("/v1/snapshots/{snapshot_id}/events", tags=["snapshots"])
     async def events(snapshot_id: str, request: Request) -> StreamingResponse:
@@ -504,6 +621,32 @@ def create_app(
         rec = await service.get_snapshot(snapshot_id)
         await _start_verify(st, rec)
         return _job_accepted(rec.id, rec.vm, "verify")
+
+    @app.post("/v1/snapshots/{snapshot_id}/export", tags=["snapshots"], status_code=202)
+    async def export(snapshot_id: str, body: ExportBody) -> JSONResponse:
+        """Export the snapshot (a ``done`` one) as one standalone image per disk plus
+        ``metadata.json`` into ``to`` on the server's host, as a job of the server (``202``;
+        follow its events: ``export_progress`` steps, then ``export``, the result, or
+        ``error``). Refused at once: ``400`` ``bad-export-format``, ``compress-needs-qcow2``,
+        ``export-path-not-absolute``; ``409`` ``snapshot-not-done``,
+        ``export-target-exists``, ``job-running``."""
+        job = await _start_export(st, snapshot_id, body)
+        return _job_accepted(job.snapshot_id, job.vm, "export")
+
+    @app.post("/v1/snapshots/{snapshot_id}/restore", tags=["snapshots"])
+    async def restore(snapshot_id: str, body: RestoreBody) -> dict[str, Any]:
+        """Restore the VM's disks to the snapshot: new overlays on the snapshot's images; a lab
+        VM is restarted on them (``as``: a new lab VM boots on them, the original runs on).
+        Answers with each disk's new image (``snapshot restore --json``) once the VM is ready;
+        runs to its end even if the client goes away. ``409`` ``confirmation-required``
+        (in place without ``yes``), ``vm-running`` (a VM freezeframe cannot restart: stop it
+        first), ``snapshot-in-use``, ``vm-busy``; ``400`` ``restore-unsupported`` (RBD)."""
+        result = await asyncio.shield(
+            service.restore_snapshot(
+                snapshot_id, into=body.as_, yes=body.yes, stop_timeout=body.stop_timeout
+            )
+        )
+        return cast(dict[str, Any], to_document(result))
 
     if dashboard:
         from freezeframe.api._dashboard import install_dashboard

@@ -65,8 +65,14 @@ _CONFLICT_CODES = frozenset(
         "lab-vm",
         "vm-exists",
         "intents-skipped",
-        "delete-needs-merge",
+        "layer-shared",
+        "confirmation-required",
+        "vm-running",
+        "restore-as-unsupported",
+        "image-written-by-vm",
         "snapshot-running",
+        "snapshot-not-done",
+        "snapshot-changed-since-cut",
     }
 )
 

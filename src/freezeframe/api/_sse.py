@@ -8,11 +8,16 @@ Owns the stream's wire format and where its events come from:
   ``snapshot_id``), then ``record``;
 - a verify job of this server (:meth:`Service.verify_job`: running, or one of the last): ``step``
   ``verify_started``, then ``verification`` or ``error``, then ``record``;
+- an export job of this server (:meth:`Service.export_job`; it comes before a verify job unless
+  only the verify job runs): ``step`` ``export_started`` and ``export_progress`` (``detail``:
+  ``DEVICE DONE/TOTAL`` bytes), then ``export`` (the result: the document of ``snapshot export
+  --json``) or ``error``, then ``record``;
 - otherwise the catalog: the stored steps, then (while another process still runs it) new
   steps as they are checkpointed, polled every half second, then ``record``.
 
 Events: ``step`` (a timeline event: ``name``, ``t``, ``mono_ns``, ``detail``), ``outcome``,
-``verification``, ``error``, ``record`` (the same document as ``GET /v1/snapshots/{id}``), and
+``verification``, ``export``, ``error``, ``record`` (the same document as
+``GET /v1/snapshots/{id}``), and
 ``end`` when the server stops before the snapshot ended. Every event has an ``id`` (its
 position in the stream): a client that reconnects with ``Last-Event-ID`` gets only what
 follows. A comment line is sent every ``ping`` seconds of silence.
@@ -31,7 +36,14 @@ from freezeframe._aio import within
 from freezeframe.api._errors import error_body
 from freezeframe.errors import FreezeframeError, NotFoundError
 from freezeframe.models import SnapshotRecord, SnapshotStatus
-from freezeframe.service import Job, Service, SnapshotOutcome, VerifyOutcome, to_document
+from freezeframe.service import (
+    ExportOutcome,
+    Job,
+    Service,
+    SnapshotOutcome,
+    VerifyOutcome,
+    to_document,
+)
 
 __all__ = ["snapshot_events"]
 
@@ -121,6 +133,10 @@ def _verification(outcome: VerifyOutcome) -> Event:
     return "verification", to_document(outcome)
 
 
+def _export(outcome: ExportOutcome) -> Event:
+    return "export", to_document(outcome)
+
+
 def _from_snapshot_job(svc: Service, sid: str) -> AsyncIterator[Event]:
     return _follow(svc.job(sid), sid, _snapshot_outcome)
 
@@ -148,10 +164,15 @@ async def _events(
     svc: Service, rec: SnapshotRecord, stopping: asyncio.Event
 ) -> AsyncIterator[Event]:
     sid = rec.id
+    export = svc.export_job(sid)
+    verify = svc.verify_job(sid)
     if svc.job(sid) is not None:
         async for item in _from_snapshot_job(svc, sid):
             yield item
-    elif svc.verify_job(sid) is not None:
+    elif export is not None and (not export.done or verify is None or verify.done):
+        async for item in _follow(export, sid, _export):
+            yield item
+    elif verify is not None:
         async for item in _from_verify_job(svc, sid):
             yield item
     else:

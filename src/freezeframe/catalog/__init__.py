@@ -15,7 +15,8 @@ Database
     ``catalog/migrations`` (revision ``0001`` creates every table, ``0002`` adds the libvirt
     address, ``0003`` what a VM lock is held for, ``0004`` a VM's overlay directory, ``0005``
     what a snapshot holds at its cut, ``0006`` a VM's Ceph settings, ``0007`` the indexes of
-    a list's keyset pages); production code never calls ``create_all``.
+    a list's keyset pages, ``0008`` the snapshot schedules); production code never calls
+    ``create_all``.
 
 Tables
     ``vms``                  one row per registered VM (:class:`~freezeframe.models.VmConfig`;
@@ -35,6 +36,10 @@ Tables
                              is sent, closed once a thaw is confirmed; an open intent after a
                              crash means "this guest may still be frozen".
     ``vm_locks``             one row per VM being snapshotted; the primary key is the lock.
+    ``schedules``            one row per VM with a snapshot schedule: interval, keep rules,
+                             quiesce, enabled, and the last run (``last_run_at`` is the claim
+                             a server moves by compare-and-set before running a slot, so
+                             several servers on one catalog run each slot once).
     ``alembic_version``      the schema revision.
 
 Child rows are deleted with their snapshot (ORM cascade, and ``ON DELETE CASCADE``).

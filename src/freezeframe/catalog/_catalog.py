@@ -17,7 +17,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -33,11 +34,13 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from freezeframe import paths
 from freezeframe._aio import AsyncClosing, shielded
-from freezeframe._owner import holder_is_dead
+from freezeframe._owner import holder_is_dead, make_owner
+from freezeframe.catalog import _images, _schedules
 from freezeframe.catalog._full import filesystem_full_error
 from freezeframe.catalog._schema import (
     FreezeIntentRow,
     FsCheckRow,
+    ScheduleRow,
     SnapshotDiskRow,
     SnapshotFilesystemRow,
     SnapshotRow,
@@ -58,11 +61,14 @@ from freezeframe.errors import (
     UsageError,
 )
 from freezeframe.models import (
+    ChainImage,
     ConsistencyLevel,
     FreezeIntent,
     FsCheck,
     ImageFingerprint,
+    MergeIntent,
     QuiescePolicy,
+    ScheduleRecord,
     SnapshotDisk,
     SnapshotFilesystem,
     SnapshotRecord,
@@ -304,7 +310,7 @@ def _snapshot(row: SnapshotRow) -> SnapshotRecord:
             SnapshotDisk(
                 device=d.device,
                 node=d.node,
-                image=d.image,
+                image=d.image if d.image_row is None else d.image_row.location,
                 format=d.format,
                 overlay=d.overlay,
                 backend=d.backend,
@@ -952,7 +958,7 @@ class Catalog(AsyncClosing):
             return [_vm(r) for r in s.scalars(sa.select(VmRow).order_by(VmRow.name))]
 
     async def remove_vm(self, name: str) -> None:
-        """Forget the VM ``name`` (its snapshots stay in the catalog).
+        """Forget the VM ``name`` and its schedule (its snapshots stay in the catalog).
 
         Raises:
             NotFoundError: no such VM.
@@ -964,6 +970,7 @@ class Catalog(AsyncClosing):
             result = s.execute(sa.delete(VmRow).where(VmRow.name == name))
             if _rowcount(result) == 0:
                 raise NotFoundError(f"no VM named {name!r}", code="vm-not-found", remedy=_VM_REMEDY)
+            s.execute(sa.delete(ScheduleRow).where(ScheduleRow.vm == name))  # its schedule too
 
     # -------------------------------------------------------------- snapshots
 
@@ -1026,6 +1033,9 @@ class Catalog(AsyncClosing):
             s.delete(old)
             s.flush()
             s.add(new)
+            if rec.status is SnapshotStatus.DONE:
+                s.flush()
+                _images.link_images(s, rec, new.disks)
 
     async def append_timeline(self, snapshot_id: str, events: Sequence[TimelineEvent]) -> None:
         """Add ``events`` to the end of the stored timeline of ``snapshot_id`` (exact id), in
@@ -1235,7 +1245,9 @@ class Catalog(AsyncClosing):
 
     def _delete_snapshot(self, snapshot_id: str) -> None:
         with self._writer() as s, s.begin():
-            s.delete(self._resolve(s, snapshot_id, prefix=False))
+            row = self._resolve(s, snapshot_id, prefix=False)
+            _images.forget_rows(s, row.vm, snapshot_id=row.id)
+            s.delete(row)
 
     # -------------------------------------------------------------- freeze intents
 
@@ -1368,3 +1380,172 @@ class Catalog(AsyncClosing):
         with self._reader() as s, s.begin():
             holder = s.get(VmLockRow, vm)
             return None if holder is None else (holder.owner, holder.acquired_at)
+
+    # -------------------------------------------------------------- schedules (rev. 0008)
+
+    async def set_schedule(self, rec: ScheduleRecord) -> ScheduleRecord:
+        """Create or replace the schedule of ``rec.vm`` (its last run is kept); returns it as
+        stored. Raises NotFoundError (``vm-not-found``), CatalogError."""
+        return await self._run(self._write, _schedules.set_schedule, rec)
+
+    async def get_schedule(self, vm: str) -> ScheduleRecord:
+        """The schedule of ``vm``. Raises NotFoundError (``schedule-not-found``), CatalogError."""
+        return await self._run(self._read, _schedules.get_schedule, vm)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, by VM name. Raises CatalogError."""
+        return await self._run(self._read, _schedules.list_schedules)
+
+    async def remove_schedule(self, vm: str) -> None:
+        """Forget the schedule of ``vm``. Raises NotFoundError (``schedule-not-found``),
+        CatalogError."""
+        await self._run(self._write, _schedules.remove_schedule, vm)
+
+    async def claim_schedule_run(
+        self, vm: str, seen: datetime | None, now: datetime, owner: str
+    ) -> ScheduleRecord | None:
+        """Claim the due run of ``vm``'s schedule (compare-and-set of ``last_run_at`` from
+        ``seen`` to ``now``, one transaction): the claimed schedule, or None when another
+        process claimed it first. See :mod:`freezeframe.catalog._schedules`. Raises
+        CatalogError (naive times too)."""
+        _aware(now, "now")
+        if seen is not None:
+            _aware(seen, "seen")
+        return await self._run(self._write, _schedules.claim_run, vm, seen, now, owner)
+
+    async def record_schedule_run(
+        self,
+        vm: str,
+        owner: str,
+        claimed_at: datetime,
+        *,
+        snapshot_id: str | None,
+        outcome: str,
+        error: str | None = None,
+        prune: str | None = None,
+    ) -> bool:
+        """How the run claimed by ``owner`` at ``claimed_at`` ended; False when that claim is
+        no longer the schedule's latest (nothing written). Raises CatalogError."""
+        return await self._run(
+            lambda: self._write(
+                _schedules.record_run,
+                vm,
+                owner,
+                claimed_at,
+                snapshot_id=snapshot_id,
+                outcome=outcome,
+                error=error,
+                prune=prune,
+            )
+        )
+
+    # -------------------------------------------------------------- chain model (rev. 0009)
+
+    async def chain_images(self, vm: str, device: str | None = None) -> list[ChainImage]:
+        """The image rows of ``vm``'s chains (of disk ``device`` if given), oldest first: see
+        :mod:`freezeframe.catalog._images`. Raises CatalogError."""
+        return await self._run(self._read, _images.chain_images, vm, device)
+
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._reader() as s, s.begin():
+            return fn(s, *args)
+
+    def _write(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        with self._writer() as s, s.begin():
+            return fn(s, *args, **kw)
+
+    @asynccontextmanager
+    async def hold_snapshot(self, snapshot_id: str, purpose: str) -> AsyncIterator[None]:
+        """Hold snapshot ``snapshot_id`` (exact id) while reading it (``verify``, ``export``):
+        a delete refuses it meanwhile (``snapshot-in-use``); several readers may hold it.
+
+        Raises NotFoundError (``snapshot-not-found``), BusyError (``snapshot-being-deleted``),
+        CatalogError."""
+        hold = await self._run(self._write, _images.take_hold, snapshot_id, purpose, make_owner())
+        try:
+            yield
+        finally:
+            await self._run(self._write, _images.release_hold, hold)
+
+    async def begin_delete(self, snapshot_id: str) -> SnapshotRecord:
+        """Write-ahead of a delete: mark ``snapshot_id`` (exact id) ``deleting`` and return it.
+        A record already ``deleting`` (an interrupted delete) is returned as it is.
+
+        Raises NotFoundError, UsageError (``snapshot-running``), BusyError
+        (``snapshot-in-use``: a verify or export holds it), CatalogError."""
+        return await self._run(self._begin_delete, snapshot_id)
+
+    def _begin_delete(self, snapshot_id: str) -> SnapshotRecord:
+        with self._writer() as s, s.begin():
+            row = self._resolve(s, snapshot_id, prefix=False)
+            _images.begin_delete(s, row)
+            s.flush()
+            return _snapshot(row)
+
+    async def finish_delete(self, snapshot_id: str) -> None:
+        """Remove the record of a deleted snapshot (exact id): see
+        :func:`freezeframe.catalog._images.finish_delete`. Raises NotFoundError, CatalogError."""
+        await self._run(self._finish_delete, snapshot_id)
+
+    def _finish_delete(self, snapshot_id: str) -> None:
+        with self._writer() as s, s.begin():
+            _images.finish_delete(s, self._resolve(s, snapshot_id, prefix=False))
+
+    async def forget_images(self, vm: str, inside: str) -> int:
+        """Forget the image rows of ``vm`` whose files are under directory ``inside`` (a lab
+        VM's directory, purged). Returns how many went. Raises CatalogError."""
+        return await self._run(
+            lambda: self._write(_images.forget_rows, vm, inside=inside.rstrip("/") + "/")
+        )
+
+    async def drop_image(self, image_id: int) -> None:
+        """Forget image row ``image_id`` (its file is gone). Raises CatalogError."""
+        await self._run(self._write, _images.drop_image, image_id)
+
+    async def open_merge(
+        self, *, vm: str, snapshot_id: str, device: str, top: str, base: str, live: bool
+    ) -> MergeIntent:
+        """Write-ahead: ``top`` of disk ``device`` is about to be merged into ``base``.
+        Raises CatalogError."""
+        return await self._run(
+            lambda: self._write(
+                _images.open_merge,
+                vm=vm,
+                snapshot_id=snapshot_id,
+                device=device,
+                top=top,
+                base=base,
+                live=live,
+                owner=make_owner(),
+            )
+        )
+
+    async def open_merges(self, vm: str | None = None) -> list[MergeIntent]:
+        """Merges not done yet (of ``vm`` if given), oldest first. Raises CatalogError."""
+        return await self._run(self._read, _images.open_merges, vm)
+
+    async def merge_done(
+        self, merge_id: int, *, fingerprint: ImageFingerprint | None, mode: int | None
+    ) -> None:
+        """Record that merge ``merge_id`` moved ``top``'s data into ``base`` (one transaction:
+        see :func:`freezeframe.catalog._images.merge_done`). Raises NotFoundError,
+        CatalogError."""
+        await self._run(
+            lambda: self._write(_images.merge_done, merge_id, fingerprint=fingerprint, mode=mode)
+        )
+
+    async def close_merge(self, merge_id: int) -> None:
+        """Merge ``merge_id`` is over. Raises CatalogError."""
+        await self._run(self._write, _images.close_merge, merge_id)
+
+    async def set_active_image(
+        self, vm: str, device: str, location: str, *, backing_id: int | None, fmt: str = "qcow2"
+    ) -> None:
+        """Disk ``device`` of ``vm`` writes to ``location`` now, backed by image row
+        ``backing_id``: the row is created or updated, every other row of that disk stops
+        being active. Raises CatalogError."""
+        await self._run(
+            lambda: self._write(
+                _images.set_active_image, vm, device, location, backing_id=backing_id, fmt=fmt
+            )
+        )

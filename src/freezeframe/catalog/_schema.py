@@ -21,8 +21,12 @@ __all__ = [
     "Base",
     "FreezeIntentRow",
     "FsCheckRow",
+    "ImageRow",
+    "MergeRow",
+    "ScheduleRow",
     "SnapshotDiskRow",
     "SnapshotFilesystemRow",
+    "SnapshotHoldRow",
     "SnapshotRow",
     "TimelineEventRow",
     "UtcDateTime",
@@ -154,6 +158,12 @@ class SnapshotDiskRow(Base):
     fp_inode: Mapped[int | None] = mapped_column(sa.BigInteger)
     image_mode: Mapped[int | None] = mapped_column(sa.Integer)
     quiesce_note: Mapped[str | None] = mapped_column(sa.String(64))
+    # revision 0009: the image row holding this disk's data at the cut; the record's image is
+    # that row's location (a merge moves the data and updates the row, not the record)
+    image_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("images.id", ondelete="SET NULL")
+    )
+    image_row: Mapped[ImageRow | None] = relationship(lazy="joined")
 
 
 class SnapshotFilesystemRow(Base):
@@ -233,3 +243,94 @@ class VmLockRow(Base):
     acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
     #: What the lock is held for (revision 0003); None: a snapshot (older freezeframe).
     purpose: Mapped[str | None] = mapped_column(sa.String(32))
+
+
+class ScheduleRow(Base):
+    """A VM's snapshot schedule (revision 0008): one per VM. ``last_run_at`` is the claim of
+    a run: a process runs a due slot only if it moved ``last_run_at`` from the value it read
+    (compare-and-set in one writing transaction), so two servers never run the same slot."""
+
+    __tablename__ = "schedules"
+
+    vm: Mapped[str] = mapped_column(_NAME, primary_key=True)
+    every_s: Mapped[int] = mapped_column(sa.Integer)
+    keep_last: Mapped[int | None] = mapped_column(sa.Integer)
+    keep_hourly: Mapped[int | None] = mapped_column(sa.Integer)
+    keep_daily: Mapped[int | None] = mapped_column(sa.Integer)
+    keep_weekly: Mapped[int | None] = mapped_column(sa.Integer)
+    keep_monthly: Mapped[int | None] = mapped_column(sa.Integer)
+    keep_yearly: Mapped[int | None] = mapped_column(sa.Integer)
+    quiesce: Mapped[str | None] = mapped_column(_ENUM)
+    enabled: Mapped[bool] = mapped_column(sa.Boolean)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    run_owner: Mapped[str | None] = mapped_column(_NAME)
+    last_snapshot: Mapped[str | None] = mapped_column(_NAME)
+    last_outcome: Mapped[str | None] = mapped_column(sa.String(64))
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    last_prune: Mapped[str | None] = mapped_column(sa.Text)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ImageRow(Base):
+    """One image of a VM disk's chain (revision 0009): a file layer or an RBD snapshot.
+
+    ``snapshot_id``: the snapshot whose cut this image holds (None: no snapshot's, e.g. the
+    layer a disk writes to). ``active``: the disk writes to it (as freezeframe last made it).
+    ``backing_id``: the image below it in the chain, when freezeframe knows it (None: the
+    bottom of what freezeframe manages). ``mode``: the file's mode before freezeframe took its
+    write bits away (given back to a merge)."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        sa.UniqueConstraint("vm", "location", name="uq_images_vm_location"),
+        sa.Index("ix_images_vm_device", "vm", "device"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(_NAME)
+    device: Mapped[str] = mapped_column(_NAME)
+    location: Mapped[str] = mapped_column(sa.String(1024))
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    format: Mapped[str] = mapped_column(sa.String(64))
+    backing_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("images.id", ondelete="SET NULL")
+    )
+    snapshot_id: Mapped[str | None] = mapped_column(_NAME)
+    active: Mapped[bool] = mapped_column(sa.Boolean)
+    mode: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SnapshotHoldRow(Base):
+    """A snapshot being read (verify, export) by ``owner`` (revision 0009): a delete refuses it."""
+
+    __tablename__ = "snapshot_holds"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    snapshot_id: Mapped[str] = mapped_column(_NAME, _snapshot_fk(), index=True)
+    purpose: Mapped[str] = mapped_column(sa.String(32))
+    owner: Mapped[str] = mapped_column(_NAME)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class MergeRow(Base):
+    """Write-ahead record of one layer merge of a snapshot delete (revision 0009): ``top``'s
+    data goes into ``base`` (its backing file), then ``top`` is removed. ``state``: ``open``
+    (maybe under way: recover finishes it), ``merged`` (the data is in ``base`` and the
+    catalog says so; ``top``'s file may still exist), ``done``."""
+
+    __tablename__ = "merges"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(_NAME, index=True)
+    snapshot_id: Mapped[str] = mapped_column(_NAME)
+    device: Mapped[str] = mapped_column(_NAME)
+    top: Mapped[str] = mapped_column(sa.String(1024))
+    base: Mapped[str] = mapped_column(sa.String(1024))
+    live: Mapped[bool] = mapped_column(sa.Boolean)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    owner: Mapped[str] = mapped_column(_NAME)
+    opened_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -21,7 +21,7 @@ import sys
 import typer
 
 from freezeframe import __version__
-from freezeframe.cli import lab, ops, serve, snapshot, vm
+from freezeframe.cli import lab, ops, schedule, serve, snapshot, vm
 from freezeframe.cli._common import configure, die
 from freezeframe.errors import UsageError
 from freezeframe.service import Config
@@ -36,6 +36,7 @@ app = typer.Typer(
 app.add_typer(lab.app, name="lab")
 app.add_typer(vm.app, name="vm")
 app.add_typer(snapshot.app, name="snapshot")
+app.add_typer(schedule.app, name="schedule")
 app.command("doctor")(ops.doctor_cmd)
 app.command("recover")(ops.recover_cmd)
 app.command("serve")(serve.serve_cmd)

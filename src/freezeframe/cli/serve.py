@@ -7,6 +7,13 @@ follow-ups, as a server should), and runs
 connections or jobs, the event streams that follow nothing end, every running snapshot and
 verify finishes (a freeze is always followed by its thaw), then the process exits 0. The
 token is never printed or logged: only the file that holds it.
+
+It also runs the snapshot schedules (:class:`freezeframe.service.Scheduler`): a due schedule
+is claimed in the catalog (several servers on one catalog run each slot once), snapshotted as
+a job of the server (the same path as ``POST /v1/vms/{vm}/snapshots``), then pruned; a run
+missed while no server ran is run once at start. On SIGTERM the scheduler claims no more
+runs, a scheduled snapshot under way finishes (or thaws) like every other job, and the prune
+after it is skipped.
 """
 
 from __future__ import annotations
@@ -91,12 +98,21 @@ def serve_cmd(
         help="File holding the API token (mode 0600); default: <state dir>/api-token, "
         "generated at the first start.",
     ),
+    schedule_poll: float = typer.Option(
+        5.0,
+        "--schedule-poll",
+        metavar="SECONDS",
+        min=0.1,
+        help="Re-read the schedules at least every SECONDS (a schedule set by another "
+        "process is seen within it).",
+    ),
 ) -> None:
-    """Serve the REST API (/v1, /metrics, /openapi.json) and the web dashboard (/)."""
+    """Serve the REST API (/v1, /metrics, /openapi.json) and the web dashboard (/), and run
+    the snapshot schedules that are due (`freezeframe schedule set`)."""
     import uvicorn
 
     from freezeframe.api import create_app, load_or_create_token
-    from freezeframe.service import Service
+    from freezeframe.service import Scheduler, Service
 
     class _Server(uvicorn.Server):
         """uvicorn's server with our signal handling: the process drains its jobs before it
@@ -122,6 +138,9 @@ def serve_cmd(
         svc = await Service.open(cfg)
         app = create_app(svc, token=token, token_path=token_path)
         state = app.state.ff
+        # due schedules run as snapshot jobs of this server (counted, refused once stopping)
+        state.scheduler = Scheduler(svc, start=state.start_snapshot, poll=schedule_poll)
+        scheduling = asyncio.get_running_loop().create_task(state.scheduler.run())
         server = _Server(
             uvicorn.Config(app, log_config=None, lifespan="off", access_log=True),
             state.begin_stop,
@@ -146,13 +165,16 @@ def serve_cmd(
         try:
             await server.serve(sockets=[sock])
         finally:
-            running = len(svc.jobs) + len(svc.verify_jobs)
+            state.scheduler.stop()
+            running = len(svc.jobs) + len(svc.verify_jobs) + len(state.scheduler.running)
             if running:
                 err_console.print(
                     f"freezeframe serve: waiting for {running} running job(s) to finish",
                     markup=False,
                 )
             await state.drain()
+            # its runs under way end (a snapshot's thaw is never cut short)
+            await asyncio.gather(scheduling, return_exceptions=True)
             await svc.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

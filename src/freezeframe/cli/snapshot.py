@@ -1,4 +1,4 @@
-"""``freezeframe snapshot``: create, list, show, verify and delete snapshot sets.
+"""``freezeframe snapshot``: create, list, show, verify, export and delete snapshot sets.
 
 Exit codes of ``create``: 0 done at the level asked (filesystem when quiescing, crash with
 ``--quiesce off``); 20 done but weaker than asked (``preferred`` fell back to crash); the error
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from freezeframe.cli._common import EXIT_WEAKER, console, emit_json, err_console, serve
+from freezeframe.cli._progress import byte_bar
 from freezeframe.cli._render import print_record, print_verification
 from freezeframe.errors import FreezeframeError, SnapshotUnrecordedError, ThawUnconfirmedError
 from freezeframe.models import (
@@ -34,6 +36,8 @@ from freezeframe.models import (
 from freezeframe.service import (
     DEFAULT_CHECK_TIMEOUT,
     CreateSnapshot,
+    DeleteResult,
+    ExportOutcome,
     Outcome,
     Service,
     SnapshotOutcome,
@@ -172,7 +176,7 @@ def create(
 def list_(
     vm: str | None = typer.Argument(None, help="Only this VM."),
     status: SnapshotStatus | None = typer.Option(
-        None, "--status", help="Only records of this status: done | failed | running."
+        None, "--status", help="Only records of this status: done | failed | running | deleting."
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -258,15 +262,223 @@ def verify_cmd(
         raise SystemExit(code)
 
 
-@app.command("delete")
-def delete_cmd(snapshot_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Delete a snapshot: its RBD snapshots, then its record.
+@app.command("export")
+def export_cmd(
+    snapshot_id: str,
+    to: Path = typer.Option(
+        ..., "--to", help="Directory to write into (created if missing; never overwritten)."
+    ),
+    fmt: str = typer.Option("qcow2", "--format", help="qcow2 | raw."),
+    compress: bool = typer.Option(False, "--compress", help="Compressed qcow2 (smaller, slower)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Verify the snapshot first; its verdict goes into the metadata."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Export a snapshot: one standalone image per disk (no backing file) and metadata.json.
 
-    Refused (code delete-needs-merge) for a snapshot with a qcow2 disk: its overlay is a layer
-    of the running chain, and merging layers is not built yet. Refused while it runs."""
+    Reads the images at the cut, read-only, while the VM keeps running; the snapshot is held
+    meanwhile (a delete is refused). Exit 0 done; with --verify the verdict's code as for
+    `snapshot verify` (20 needs-recovery or unchecked, 21, 22). Nothing is left in DIR by a
+    failed or interrupted export."""
 
-    rec = serve(lambda svc: svc.delete_snapshot(snapshot_id), as_json=as_json)
+    target = str(to.absolute())
+
+    async def go(svc: Service) -> ExportOutcome:
+        with byte_bar("export") as bar:
+            return await svc.export_snapshot(
+                snapshot_id,
+                target,
+                fmt=fmt,
+                compress=compress,
+                verify=verify,
+                progress=lambda p: bar(p.device, p.done, p.total),
+            )
+
+    out = serve(go, as_json=as_json)
     if as_json:
-        emit_json({"deleted": rec.id, "vm": rec.vm})
+        emit_json(out)
     else:
-        console.print(f"deleted snapshot {rec.id} of {rec.vm}", markup=False, highlight=False)
+        print_export(out)
+    if verify and (code := verdict_code(out.verdict)):
+        raise SystemExit(code)
+
+
+def verdict_code(verdict: str) -> int:
+    """Exit code of a verdict's value (as :func:`verdict_exit`; ``unverified``: 20)."""
+    try:
+        v = VerifyVerdict(verdict)
+    except ValueError:
+        return EXIT_WEAKER
+    return {
+        VerifyVerdict.CONSISTENT: 0,
+        VerifyVerdict.CHECK_FAILED: EXIT_CHECK_FAILED,
+        VerifyVerdict.CORRUPT: EXIT_CORRUPT,
+        VerifyVerdict.CHANGED: EXIT_CHANGED,
+    }.get(v, EXIT_WEAKER)
+
+
+def print_export(out: ExportOutcome) -> None:
+    """An export's result as text: where each disk went, sizes, time, the metadata file."""
+    secs = out.duration_ms / 1000.0
+    rate = out.virtual_bytes / (1 << 20) / secs if secs > 0 else 0.0
+    console.print(
+        f"exported snapshot {out.snapshot_id} of {out.vm} to {out.directory} ({out.format}"
+        f"{', compressed' if out.compressed else ''}) in {secs:.1f} s ({rate:.0f} MiB/s)",
+        markup=False,
+        highlight=False,
+    )
+    for i in out.images:
+        console.print(
+            f"  {i.device}: {i.path}  {i.virtual_size / (1 << 20):.1f} MiB virtual, "
+            f"{i.file_size / (1 << 20):.1f} MiB on disk  (from {i.source})",
+            markup=False,
+            highlight=False,
+        )
+    console.print(
+        f"metadata: {out.metadata_path} (verification: {out.verdict}, {out.verdict_source})",
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command("delete")
+def delete_cmd(
+    snapshot_id: str,
+    bandwidth: float = typer.Option(
+        0.0,
+        "--bandwidth",
+        metavar="MIB_PER_S",
+        min=0.0,
+        help="Cap each merge's copy at MIB_PER_S MiB/s (0: no limit): a slower merge, shorter "
+        "stalls of the guest's writes.",
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete a snapshot without losing a byte of any other.
+
+    Each qcow2 disk's layer is merged away: live while the VM runs (QEMU's block-commit; for
+    the newest snapshot an active commit, after which the disk writes to the snapshot's
+    image), offline with qemu-img when it is stopped; RBD snapshots are removed; then the
+    record. Progress (bytes) on stderr. Refused while the snapshot runs, while a verify or
+    export reads it (snapshot-in-use), when a disk writes to its image (image-written-by-vm)
+    or two chains grow from it (layer-shared). An interrupted delete is finished by deleting
+    again or by `freezeframe recover`."""
+
+    async def go(svc: Service) -> DeleteResult:
+        with byte_bar("merge") as bar:
+            return await svc.delete_snapshot(
+                snapshot_id,
+                progress=lambda p: bar(p.device, p.done, p.total),
+                bandwidth=int(bandwidth * (1 << 20)),
+            )
+
+    out = serve(go, as_json=as_json)
+    if as_json:
+        emit_json(out)
+        return
+    rec = out.record
+    console.print(
+        f"deleted snapshot {rec.id} of {rec.vm} in {out.duration_ms / 1000:.1f} s",
+        markup=False,
+        highlight=False,
+    )
+    for d in out.disks:
+        if d.how == "removed":
+            line = f"  {d.device}: removed {d.base}"
+        else:
+            line = (
+                f"  {d.device}: merged {d.top} into {d.base} ({d.how}, "
+                f"{d.bytes / (1 << 20):.1f} MiB in {d.duration_ms / 1000:.1f} s)"
+            )
+            if d.writes_to:
+                line += f"; the disk writes to {d.writes_to} now"
+        console.print(line, markup=False, highlight=False)
+
+
+@app.command("restore")
+def restore_cmd(
+    snapshot_id: str,
+    yes: bool = typer.Option(
+        False, "--yes", help="Confirm: what the disks wrote since the newest snapshot is lost."
+    ),
+    into: str | None = typer.Option(
+        None, "--as", metavar="NEW", help="Restore into a new lab VM NEW; the original runs on."
+    ),
+    stop_timeout: float = typer.Option(
+        60.0,
+        "--stop-timeout",
+        metavar="SECONDS",
+        help="A libvirt domain that has not shut down cleanly by then is destroyed.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Restore a VM's disks to a snapshot: new overlays on top of the snapshot's images.
+
+    Every other snapshot stays usable and restorable. A lab VM is stopped and restarted on
+    the new overlays, a persistent libvirt domain shut down, redefined on them and started; a
+    QEMU VM freezeframe cannot start must be stopped first (vm-running),
+    then booted on the images this prints. In place needs --yes (confirmation-required);
+    --as NEW boots a new lab VM on them and leaves the original running."""
+    if not yes and into is None and not as_json and sys.stdin.isatty():
+        yes = typer.confirm(
+            f"Restore snapshot {snapshot_id}? What the VM's disks wrote since its newest "
+            "snapshot is discarded"
+        )
+    out = serve(
+        lambda svc: svc.restore_snapshot(
+            snapshot_id, into=into, yes=yes, stop_timeout=stop_timeout
+        ),
+        as_json=as_json,
+    )
+    if as_json:
+        emit_json(out)
+        return
+    said = {
+        "restarted": f"VM {out.vm} restarted on snapshot {out.snapshot_id}",
+        "started": f"new lab VM {out.into} runs on snapshot {out.snapshot_id} ({out.vm} runs on)",
+        "boot-from": f"VM {out.vm} restored to snapshot {out.snapshot_id}: start it on these "
+        "images",
+    }[out.state]
+    console.print(said, markup=False, highlight=False)
+    for d in out.disks:
+        line = f"  {d.device}: {d.boot_from}  (backed by {d.image})"
+        if d.discarded:
+            line += f"; discarded {d.discarded}"
+        console.print(line, markup=False, highlight=False)
+
+
+@app.command("prune")
+def prune_cmd(
+    vm: str | None = typer.Argument(None, help="Only this VM (default: every scheduled VM)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; delete nothing."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Apply the keep rules of the VMs' schedules now (`freezeframe schedule set`).
+
+    Every snapshot gets a decision and a reason code (keep-last ... keep-yearly, in-use,
+    running, failed-verification-only-in-slot; not-selected, superseded-in-slot,
+    failed-attempt, failed-verification). Never deleted: the snapshot a disk writes to, a
+    failed-verification snapshot that is the only one of its slot. A refused delete keeps
+    the snapshot and says why (its code); exit 20 when any was refused."""
+
+    report = serve(lambda svc: svc.prune(vm, dry_run=dry_run), as_json=as_json)
+    if as_json:
+        emit_json(report)
+    else:
+        for i in report.items:
+            if i.deleted:
+                verb = "deleted"
+            elif i.refused:
+                verb = "kept, because"
+            else:
+                verb = "keep" if i.keep else ("would delete" if dry_run else "delete")
+            line = f"{i.id}  {i.vm}  {i.created_at:%Y-%m-%d %H:%M:%S}  {verb} {i.reason}"
+            if i.slot and not i.refused:
+                line += f" ({i.slot})"
+            console.print(line, markup=False, highlight=False)
+            if i.refused:
+                err_console.print(f"  {i.detail}", markup=False, highlight=False)
+        err_console.print(report.summary() or "nothing to prune", markup=False, highlight=False)
+    if report.refused:
+        raise SystemExit(EXIT_WEAKER)

@@ -222,8 +222,10 @@ def fingerprint_changes(disk: SnapshotDisk) -> list[str] | None:
 class BootImage:
     """Where one disk of a VM must boot from.
 
-    ``boot_from``: the newest overlay recorded for the disk (``snapshot_id`` recorded it), or
-    the image QEMU runs on when no snapshot switched the disk. ``running_on``: the image QEMU
+    ``boot_from``: the image the catalog's chain model says the disk writes to (moved there by
+    a snapshot's cut, a delete's merge or a restore), else the newest overlay recorded for the
+    disk (``snapshot_id`` recorded it), else the image QEMU runs on when no snapshot switched
+    the disk. ``running_on``: the image QEMU
     runs the disk on now (None when that could not be asked: ``checked`` says why not);
     ``on_it``: whether that is ``boot_from`` (None when not asked). ``held_by``: recorded
     snapshots whose image at the cut is ``running_on`` (a restart on an older image: they
@@ -262,12 +264,18 @@ async def boot_images(catalog: Catalog, vm: str) -> list[BootImage]:
         if why is not None:
             checked = f"not asked: {why}"
     held = holding(records)
-    devices = list(dict.fromkeys([*(live or {}), *(sd.device for r in held for sd in r.disks)]))
+    # The chain model knows where each disk writes since merges and restores moved it.
+    active = {
+        i.device: i.location for i in await catalog.chain_images(vm) if i.active and i.vm == vm
+    }
+    devices = list(
+        dict.fromkeys([*(live or {}), *(sd.device for r in held for sd in r.disks), *active])
+    )
     out: list[BootImage] = []
     for device in devices:
         newest = newest_overlay(device, held)
         running = live.get(device) if live is not None else None
-        boot_from = newest[0] if newest else running
+        boot_from = active.get(device) or (newest[0] if newest else running)
         on_it = (
             None
             if running is None or boot_from is None

@@ -29,6 +29,7 @@ from typing import Any
 
 from freezeframe._aio import shielded
 from freezeframe.catalog import Catalog, holder_is_dead, make_owner
+from freezeframe.engine.delete import finish_merges
 from freezeframe.engine.images import cut_outcome_unknown
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.engine.timeline import Timeline
@@ -69,17 +70,24 @@ class RecoverOutcome:
     detail: str = ""
     #: The VM is not running: nothing to thaw, the intent was closed (``thawed`` is True).
     vm_not_running: bool = False
+    #: A snapshot delete a dead process left (record ``deleting``): ``finished`` now, or
+    #: ``unfinished`` (``detail`` says why; the record stays ``deleting``). None: no delete.
+    delete: str | None = None
 
     @property
     def failed(self) -> bool:
-        """An intent whose guest could not be confirmed thawed."""
+        """An intent whose guest could not be confirmed thawed, or a delete left unfinished."""
+        if self.delete is not None:
+            return self.delete == "unfinished"
         return self.intent_id is not None and not self.thawed and not self.skipped
 
     @property
     def code(self) -> str:
         """Stable code: ``closed`` (the VM is not running), ``thawed``, ``skipped`` (a live
-        process owns the intent), ``thaw-unconfirmed``, or ``settled`` (a record without an
-        intent)."""
+        process owns the intent), ``thaw-unconfirmed``, ``settled`` (a record without an
+        intent), ``delete-finished`` / ``delete-unfinished`` (a delete a dead process left)."""
+        if self.delete is not None:
+            return f"delete-{self.delete}"
         if self.vm_not_running:
             return "closed"
         if self.thawed:
@@ -117,7 +125,11 @@ async def recover(
     by_vm: defaultdict[str, list[FreezeIntent]] = defaultdict(list)
     for intent in await catalog.open_intents(vm):
         by_vm[intent.vm].append(intent)
-    running = [r.vm for r in await catalog.list_snapshots(vm) if _unsettled(r)]
+    running = [
+        r.vm
+        for r in await catalog.list_snapshots(vm)
+        if _unsettled(r) or r.status is SnapshotStatus.DELETING
+    ]
     outcomes: list[RecoverOutcome] = []
     for name in dict.fromkeys([*by_vm, *running]):
         outcomes.extend(await _recover_vm(catalog, name, by_vm.get(name, []), force, timeout))
@@ -170,10 +182,33 @@ async def _recover_vm(
             RecoverOutcome(None, vm, sid, thawed=False, detail=note)
             for sid, note in settled.items()
         ]
-        return merged
+        return merged + await _finish_deletes(catalog, vm)
     finally:
         if locked:
             await shielded(catalog.release_vm_lock(vm, owner))
+
+
+async def _finish_deletes(catalog: Catalog, vm: str) -> list[RecoverOutcome]:
+    """Finish the snapshot deletes of ``vm`` a dead process left (under the VM's lock)."""
+    pending = [r.id for r in await catalog.list_snapshots(vm, status=SnapshotStatus.DELETING)]
+    if not pending and not await catalog.open_merges(vm):
+        return []
+    try:
+        done = await finish_merges(catalog, vm)
+    except FreezeframeError as exc:
+        log.warning("VM %s: a delete left by a dead process is not finished: %s", vm, exc)
+        return [
+            RecoverOutcome(
+                None, vm, sid, thawed=False, delete="unfinished", detail=f"{exc.code}: {exc}"
+            )
+            for sid in pending
+        ]
+    return [
+        RecoverOutcome(
+            None, vm, sid, thawed=False, delete="finished", detail="the delete was finished"
+        )
+        for sid in done
+    ]
 
 
 async def _recover_one(catalog: Catalog, intent: FreezeIntent, timeout: float) -> RecoverOutcome:

@@ -19,13 +19,16 @@ Design notes:
 6. Failed verification (:data:`FAILED_VERDICTS`: corrupt, check-failed, changed-since-cut;
    needs-recovery is the expected state of a crash-consistent cut, not a failure) does not
    make a snapshot a slot's keeper: the rules keep the newest *good* snapshot of each slot and
-   count only slots with one. The issue's "never prune a snapshot that failed verification if
-   it is the only one in its slot" is read as: within the span the rules keep (a slot no older
-   than the oldest slot the rule kept, or any slot when the rule ran out of snapshots), a slot
-   holding no snapshot other than failed ones keeps its newest failed one, reason
-   ``failed-verification-only-in-slot``. Older than everything the rules keep, nothing is
-   protected (else a lone bad snapshot would be kept forever and retention would not bound
-   space); several failed snapshots in one slot keep only the newest (as the rules do).
+   count only slots with one. The issue's rule, "never [prune] a snapshot that failed
+   verification if it is the only one in its slot", holds as written for the calendar rules
+   (hourly ... yearly): a slot of an active calendar rule that holds no snapshot other than
+   failed ones keeps its newest failed one, reason ``failed-verification-only-in-slot``, at
+   ANY age -- also older than everything the rules keep (it stays until deleted by hand: a
+   failed verification is for an operator to look at, never silently removed when it is the
+   slot's only record). Several failed snapshots in one slot keep the newest (the others are
+   not "the only one"). ``keep-last`` has no calendar slot (each snapshot is its own): a
+   failed snapshot newer than the oldest one keep-last keeps is kept the same way, an older
+   one is not (else keep-last alone would keep every failed snapshot forever).
 7. :class:`Schedule` parses ``every`` (``30s``, ``15m``, ``1h``, ``1d``, ``1w``, ``1h30m``);
    :func:`due` anchors the next run at the last run + every; a server down for many slots runs
    ONCE at start (``missed`` says how many slots it skipped), never once per missed slot.
@@ -212,8 +215,8 @@ def plan_prune(
     for rule, n in active:
         reach[rule] = _apply_rule(rule, n, good, decided, tz)
 
-    # failed verification: a slot (within a rule's reach) with nothing but failed snapshots
-    # keeps its newest failed one
+    # failed verification: a slot with nothing but failed snapshots keeps its newest failed
+    # one (at any age for a calendar rule; within its reach for keep-last: note 6)
     for rule, _ in active:
         limit = reach[rule]
         seen_slots: set[str] = set()
@@ -227,8 +230,8 @@ def plan_prune(
             seen_slots.add(slot)
             if slot in good_slots or (c.id in decided and decided[c.id].keep):
                 continue
-            if limit is not None and _older_slot(rule, c.created, limit, tz):
-                continue  # older than anything the rule keeps
+            if rule == "last" and limit is not None and c.created < limit:
+                continue  # keep-last has no calendar slot: older than anything it keeps
             decided[c.id] = Decision(
                 c.id,
                 True,
@@ -275,13 +278,6 @@ def plan_prune(
     return out
 
 
-def _older_slot(rule: str, when: datetime, limit: datetime, tz: tzinfo) -> bool:
-    """Whether ``when`` lies in a slot older than ``limit``'s (slot keys sort by time)."""
-    if rule == "last":
-        return when < limit
-    return slot_key(rule, when, tz) < slot_key(rule, limit, tz)
-
-
 def _apply_rule(
     rule: str,
     n: int,
@@ -290,7 +286,7 @@ def _apply_rule(
     tz: tzinfo,
 ) -> datetime | None:
     """One rule over ``good`` (newest first), recording into ``decided`` (PBS semantics).
-    Returns the time of the oldest snapshot this rule kept when it used up its N slots, None
+    Returns the time of the oldest snapshot this rule kept when it filled its N slots, None
     when it ran out of snapshots first (its reach is then the whole history)."""
     reason = _RULE_REASON[rule]
     already = {
@@ -317,7 +313,7 @@ def _apply_rule(
             decided[c.id] = Decision(
                 c.id, False, Reason.SUPERSEDED, slot, f"{keeper.id} is newer in {slot}"
             )
-    return None
+    return last_kept if len(included) >= n else None
 
 
 _KEPT_BY_RULE = frozenset(_RULE_REASON.values())

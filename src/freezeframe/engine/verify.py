@@ -62,6 +62,17 @@ async def verify_snapshot(
     """
     parse_user_checks(checks)  # bad input is refused before anything is exported
     rec = await catalog.get_snapshot(snapshot_id)
+    # Held while read: a delete refuses it meanwhile (snapshot-in-use), and one that is being
+    # deleted is refused here (snapshot-being-deleted).
+    async with catalog.hold_snapshot(rec.id, "verify"):
+        return await _verify_held(
+            catalog, await catalog.get_snapshot(rec.id), checks, check_timeout
+        )
+
+
+async def _verify_held(
+    catalog: Catalog, rec: SnapshotRecord, checks: Sequence[str], check_timeout: float
+) -> Verification:
     # A failed attempt whose cut happened (it was interrupted afterwards) keeps its images at
     # the cut: they can be verified like any others. A running one is not finished yet.
     if rec.status is SnapshotStatus.RUNNING or not rec.disks:

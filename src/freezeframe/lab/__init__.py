@@ -36,7 +36,7 @@ from freezeframe.lab._model import (
     parse_size,
     validate_timeout,
 )
-from freezeframe.lab._vm import lab_down, lab_list, lab_status, lab_up
+from freezeframe.lab._vm import lab_down, lab_list, lab_status, lab_up, set_boot_images
 
 __all__ = [
     "FILESYSTEMS",
@@ -56,5 +56,6 @@ __all__ = [
     "libvirt_agent_address",
     "parse_disks",
     "parse_size",
+    "set_boot_images",
     "validate_timeout",
 ]

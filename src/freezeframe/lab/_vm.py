@@ -46,6 +46,7 @@ from freezeframe.errors import (
     LabError,
     NotFoundError,
     Remedy,
+    UsageError,
 )
 from freezeframe.hypervisor import available_drivers, load_driver, open_agent
 from freezeframe.lab import _build, _chain, _disks, _libvirt, _qemu
@@ -380,9 +381,15 @@ async def _wait_ready(vm: LabVm, deadline: float) -> None:
 
 
 async def _new_disks(
-    name: str, fstypes: tuple[str, ...], size: int | None, *, rbd: bool | Sequence[int] = False
+    name: str,
+    fstypes: tuple[str, ...],
+    size: int | None,
+    *,
+    rbd: bool | Sequence[int] = False,
+    images: Sequence[tuple[Path, str]] | None = None,
 ) -> list[LabDisk]:
-    """Create the directory and fresh data disks of a new lab VM. A directory without a
+    """Create the directory and fresh data disks of a new lab VM (with ``images``: disk N is
+    the given image file ``(path, format)``, used in place, nothing created). A directory without a
     record (a ``lab_up`` that failed before QEMU started) is replaced, unless it holds snapshot
     overlays: then LabError. With ``rbd`` (True: every disk; a sequence: the disks of those
     indexes, the others stay local qcow2 images: a mixed VM) each such disk is moved into the
@@ -410,6 +417,10 @@ async def _new_disks(
             fstype=fstype,
             mountpoint=f"/mnt/disk{i}",
         )
+        if images is not None:
+            disk = dataclasses.replace(disk, file=images[i][0], format=images[i][1])
+            out.append(disk)
+            continue
         await _disks.make_disk(disk.file, fstype, size or parse_size(_DEFAULT_SIZE), f"ffdisk{i}")
         if rbd is True or (not isinstance(rbd, bool) and i in rbd):
             disk = await _into_rbd(name, disk)
@@ -440,8 +451,10 @@ async def _into_rbd(name: str, disk: LabDisk) -> LabDisk:
 
 
 async def _remove_rbd_images(vm: LabVm) -> None:
-    """Remove the RBD images of ``vm``'s disks with their snapshots (``lab down --purge``);
-    best effort: what cannot be removed is logged."""
+    """Remove the RBD images of ``vm``'s disks with their snapshots (``lab down --purge``,
+    its QEMU stopped); best effort: what cannot be removed is logged. A client still watching
+    an image then is a dead one (a killed QEMU or process): it is blocklisted first, so the
+    removal need not wait out Ceph's watch timeout (30 s)."""
     from freezeframe.storage.rbd import CephSettings, RbdClient, RbdImageRef
 
     for d in vm.disks:
@@ -449,7 +462,11 @@ async def _remove_rbd_images(vm: LabVm) -> None:
             continue
         try:
             async with await RbdClient.connect(CephSettings(Path(d.rbd_conf), timeout=5)) as c:
-                await c.remove_image(RbdImageRef.parse(d.rbd), with_snaps=True)
+                ref = RbdImageRef.parse(d.rbd)
+                evicted = await c.evict_watchers(ref)
+                if evicted:
+                    log.info("lab %s: %s: blocklisted dead watchers %s", vm.name, ref, evicted)
+                await c.remove_image(ref, with_snaps=True)
         except FreezeframeError as exc:
             log.warning("lab %s: could not remove RBD image %s: %s", vm.name, d.rbd, exc.message)
 
@@ -613,6 +630,7 @@ async def lab_up(
     adopt: bool = False,
     driver: str | None = None,
     rbd: bool | Sequence[int] = False,
+    images: Sequence[tuple[str | Path, str]] | None = None,
 ) -> LabVm:
     """Build (cached) and boot the lab VM ``name``; return it once it is ready.
 
@@ -653,6 +671,12 @@ async def lab_up(
     no lab Ceph, LabError when it is not running. On any failure no QEMU of this VM is
     left running; its directory (with the console log) stays for inspection and is reused by
     the next ``lab_up``.
+
+    ``images`` (a new VM only, with ``disks`` naming their filesystems, one each): boot the lab
+    guest on these existing images ``(path, format)`` (qcow2 or raw, e.g. an exported
+    snapshot) instead of fresh disks. They are used in place (the guest mounts and writes
+    them) and stay where they are after ``lab_down(purge=True)``. UsageError when they do not
+    match ``disks``; NotFoundError for a missing file; LabError when ``name`` exists already.
     """
     validate_name(name)
     asked = validate_fstypes(tuple(disks)) if disks is not None else None
@@ -660,6 +684,7 @@ async def lab_up(
     validate_accel(accel)
     validate_driver(driver)
     timeout = validate_timeout(timeout)
+    given = _check_images(images, asked, rbd)
     _build.check_dependencies(asked if asked is not None else _DEFAULT_DISKS)
     vmdir = _vm_dir(name)
     qmp_path, qga_path = vmdir / "qmp.sock", vmdir / "qga.sock"
@@ -704,6 +729,12 @@ async def lab_up(
                     remedy=Remedy(Action.LAB_DOWN, name),
                 )
         else:
+            if given is not None:
+                raise LabError(
+                    f"lab VM {name} exists: only a new lab VM boots on given images",
+                    hint=f"pick another name, or {_purge_hint(name)}",
+                    remedy=_purge_remedy(name),
+                )
             _check_as_built(
                 old,
                 agent=agent,
@@ -732,7 +763,9 @@ async def lab_up(
             lab_disks = await _restart_disks(old, asked, asked_size)
             _remove_runtime_files(vmdir)
         else:
-            lab_disks = await _new_disks(name, asked or _DEFAULT_DISKS, asked_size, rbd=rbd)
+            lab_disks = await _new_disks(
+                name, asked or _DEFAULT_DISKS, asked_size, rbd=rbd, images=given
+            )
         console_log = vmdir / "console.log"
         console_log.unlink(missing_ok=True)  # no READY of an earlier boot
         libvirt = driver == "libvirt"
@@ -774,6 +807,29 @@ async def lab_up(
             name, time.monotonic() - started, vm.pid, chosen, driver,
         )  # fmt: skip
         return vm
+
+
+def _check_images(
+    images: Sequence[tuple[str | Path, str]] | None,
+    fstypes: tuple[str, ...] | None,
+    rbd: bool | Sequence[int],
+) -> list[tuple[Path, str]] | None:
+    """``lab_up``'s ``images`` as absolute paths, checked against ``fstypes`` (see there)."""
+    if images is None:
+        return None
+    if fstypes is None or len(fstypes) != len(images):
+        raise UsageError("booting on given images needs their filesystems, one per image")
+    if rbd:
+        raise UsageError("a lab VM boots on given image files or on RBD images, not both")
+    out = []
+    for path, fmt in images:
+        if fmt not in ("qcow2", "raw"):
+            raise UsageError(f"{path}: a lab disk image is qcow2 or raw, not {fmt!r}")
+        p = Path(path).absolute()
+        if not p.is_file():
+            raise NotFoundError(f"no image file {p}", code="image-not-found")
+        out.append((p, fmt))
+    return out
 
 
 async def lab_down(
@@ -951,3 +1007,24 @@ def lab_list() -> list[LabVm]:
         if vm is not None:
             out.append(vm)
     return out
+
+
+async def set_boot_images(name: str, tops: dict[str, str]) -> None:
+    """Record, for the stopped lab VM ``name``, the image each disk (by device) boots from
+    next — a restore's new overlays: the next :func:`lab_up` restarts on them (their chains
+    must end at the disks' base images, as every recorded top's).
+
+    Raises UsageError (bad name), NotFoundError (no such lab VM), LabError (it runs; an
+    unknown device; its record is unreadable)."""
+    validate_name(name)
+    async with _lock(name):
+        vm = _read_record(name)
+        if vm is None:
+            raise NotFoundError(f"no lab VM named {name}")
+        if vm.running:
+            raise LabError(f"lab VM {name} runs: stop it before choosing its boot images")
+        unknown = sorted(set(tops) - {d.device for d in vm.disks})
+        if unknown:
+            raise LabError(f"lab VM {name} has no disk {', '.join(unknown)}")
+        merged = {**(_read_tops(name) or {}), **tops}
+        _write_record(vm, merged)

@@ -28,6 +28,17 @@ Public API::
         await svc.verify_snapshot(snapshot_id, checks=(), check_timeout=None) -> VerifyOutcome
         await svc.start_verify(snapshot_id, ...) -> VerifyJob   # servers; BusyError job-running
         svc.verify_job(snapshot_id) -> VerifyJob | None; svc.verify_jobs
+        await svc.delete_snapshot(snapshot_id, progress=fn) -> DeleteResult  # merges layers away
+        await svc.restore_snapshot(snapshot_id, into=None, yes=False) -> RestoreResult
+        await svc.export_snapshot(snapshot_id, to, fmt="qcow2", compress=False, verify=False,
+                                  progress=fn) -> ExportOutcome   # standalone images + metadata
+        await svc.start_export(snapshot_id, to, ...) -> ExportJob  # servers; job-running
+        svc.export_job(snapshot_id) -> ExportJob | None; svc.export_jobs
+        # schedules and retention (service/_schedules.py)
+        await svc.set_schedule(vm, ScheduleSpec(every="1h", keep_last=3, ...)) -> ScheduleView
+        await svc.get_schedule(vm) / list_schedules() -> ScheduleView(s); remove_schedule(vm)
+        await svc.prune(vm=None, dry_run=False) -> PruneReport   # .code, .items (reason codes)
+        Scheduler(svc, start=svc.start_snapshot, poll=5.0).run()  # what `serve` runs
         # recover
         await svc.recover(vm=None, force=False) -> RecoverReport   # .code, .error()
         # lab
@@ -57,7 +68,10 @@ from freezeframe.engine import (
     ImportResult,
     RecoverOutcome,
 )
+from freezeframe.engine.delete import DeleteProgress, DeleteResult, LayerMerged
+from freezeframe.engine.export import ExportedImage, ExportOutcome, ExportProgress
 from freezeframe.engine.images import BootImage
+from freezeframe.engine.restore import RestoredDisk
 from freezeframe.errors import Action, Remedy
 from freezeframe.lab import CephDown, CephLab
 from freezeframe.service._config import Config
@@ -68,7 +82,9 @@ from freezeframe.service._documents import (
     summary_document,
     to_document,
 )
-from freezeframe.service._jobs import Job, SnapshotJob, VerifyJob
+from freezeframe.service._export import ExportProgressFn
+from freezeframe.service._jobs import ExportJob, Job, SnapshotJob, VerifyJob
+from freezeframe.service._restore import RestoreResult
 from freezeframe.service._results import (
     DEFAULT_CHECK_TIMEOUT,
     CreateSnapshot,
@@ -88,6 +104,13 @@ from freezeframe.service._results import (
     VmSpec,
     expected_level,
 )
+from freezeframe.service._schedules import (
+    PruneItem,
+    PruneReport,
+    Scheduler,
+    ScheduleSpec,
+    ScheduleView,
+)
 from freezeframe.service._service import MAX_PAGE, ProgressFn, Service
 
 __all__ = [
@@ -101,7 +124,14 @@ __all__ = [
     "CheckStatus",
     "Config",
     "CreateSnapshot",
+    "DeleteProgress",
+    "DeleteResult",
     "DoctorReport",
+    "ExportJob",
+    "ExportOutcome",
+    "ExportProgress",
+    "ExportProgressFn",
+    "ExportedImage",
     "ImportAction",
     "ImportResult",
     "Job",
@@ -109,14 +139,22 @@ __all__ = [
     "LabUpRequest",
     "LabUpResult",
     "LabVm",
+    "LayerMerged",
     "Outcome",
     "Problem",
     "ProgressFn",
+    "PruneItem",
+    "PruneReport",
     "RecoverCode",
     "RecoverOutcome",
     "RecoverReport",
     "Remedy",
     "RemedyRenderer",
+    "RestoreResult",
+    "RestoredDisk",
+    "ScheduleSpec",
+    "ScheduleView",
+    "Scheduler",
     "Service",
     "SnapshotJob",
     "SnapshotOutcome",

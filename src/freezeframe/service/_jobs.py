@@ -2,7 +2,8 @@
 started it.
 
 A :class:`SnapshotJob` owns one task of :meth:`Service.create_snapshot`, a :class:`VerifyJob`
-one of :meth:`Service.verify_snapshot`; any number of followers read its steps
+one of :meth:`Service.verify_snapshot`, an :class:`ExportJob` one of
+:meth:`Service.export_snapshot`; any number of followers read its steps
 (:meth:`Job.events`: every step so far, then each new one as it happens, until the job ends).
 A follower that goes away never touches the task: only :meth:`Job.wait` (or the service's
 :meth:`~freezeframe.service.Service.close`) ends with the job.
@@ -14,10 +15,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
+from freezeframe.engine.export import ExportOutcome
 from freezeframe.models import TimelineEvent
 from freezeframe.service._results import SnapshotOutcome, VerifyOutcome
 
-__all__ = ["Job", "SnapshotJob", "VerifyJob"]
+__all__ = ["ExportJob", "Job", "SnapshotJob", "VerifyJob"]
 
 R = TypeVar("R")
 
@@ -91,3 +93,9 @@ class SnapshotJob(Job[SnapshotOutcome]):
 class VerifyJob(Job[VerifyOutcome]):
     """One verify being run (``history``: its ``verify_started`` step). Kept a while after it
     ended (:meth:`Service.verify_job`), so a late follower still sees its verdict."""
+
+
+class ExportJob(Job[ExportOutcome]):
+    """One export being run (``history``: ``export_started``, then ``export_progress`` steps,
+    their ``detail`` ``DEVICE DONE/TOTAL`` in bytes over all disks). Kept a while after it
+    ended (:meth:`Service.export_job`), so a late follower still sees its result."""

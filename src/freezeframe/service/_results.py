@@ -61,6 +61,7 @@ class RecoverCode(enum.StrEnum):
 
     DONE = "done"  # every guest thawed (or nothing to do)
     THAW_UNCONFIRMED = "thaw-unconfirmed"  # some guest could not be confirmed thawed
+    DELETE_UNFINISHED = "delete-unfinished"  # a delete a dead process left is not finished
     INTENTS_SKIPPED = "intents-skipped"  # intents of live processes left alone
 
 
@@ -216,8 +217,10 @@ class RecoverReport:
 
     @property
     def code(self) -> RecoverCode:
-        if self.failed:
+        if any(o.delete is None for o in self.failed):
             return RecoverCode.THAW_UNCONFIRMED
+        if self.failed:
+            return RecoverCode.DELETE_UNFINISHED
         if self.skipped:
             return RecoverCode.INTENTS_SKIPPED
         return RecoverCode.DONE
@@ -226,6 +229,14 @@ class RecoverReport:
         """The error this report amounts to (None: all done): RecoverError (code
         ``thaw-unconfirmed``) when a guest could not be confirmed thawed, else BusyError (code
         ``intents-skipped``) when intents of live processes were skipped."""
+        if self.code is RecoverCode.DELETE_UNFINISHED:
+            return RecoverError(
+                f"{len(self.failed)} snapshot delete(s) left by a dead process could not be "
+                "finished: " + "; ".join(f"{o.snapshot_id}: {o.detail}" for o in self.failed),
+                hint="the records stay deleting; fix what the detail names and recover again",
+                code=RecoverCode.DELETE_UNFINISHED.value,
+                remedy=Remedy(Action.RECOVER),
+            )
         if self.failed:
             return RecoverError(
                 f"{len(self.failed)} guest(s) could not be confirmed thawed",

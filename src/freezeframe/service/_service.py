@@ -9,9 +9,10 @@ comes back (:func:`~freezeframe.service.to_document` for JSON); it never decides
 
 One :class:`Service` per process: it opens the catalog once and is safe to share between
 concurrent requests (the catalog serializes its calls, the engine locks each VM in the
-database: a second snapshot of a busy VM raises BusyError, code ``vm-busy``). Snapshots and
-verifies also run as jobs of the service (:meth:`Service.start_snapshot`,
-:meth:`Service.start_verify`: one job per snapshot at a time, else code ``job-running``).
+database: a second snapshot of a busy VM raises BusyError, code ``vm-busy``). Snapshots,
+verifies and exports also run as jobs of the service (:meth:`Service.start_snapshot`,
+:meth:`Service.start_verify`, :meth:`Service.start_export`: one job per snapshot at a time,
+else code ``job-running``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 
 from freezeframe import lab as _lab
 from freezeframe import paths
-from freezeframe._aio import AsyncClosing
+from freezeframe._aio import AsyncClosing, shielded
 from freezeframe.catalog import Catalog, make_owner
 from freezeframe.engine import (
     DoctorReport,
@@ -43,7 +44,8 @@ from freezeframe.engine import (
     recover,
     verify_snapshot,
 )
-from freezeframe.engine.delete import delete_snapshot
+from freezeframe.engine.delete import DeleteProgress, DeleteResult, delete_snapshot
+from freezeframe.engine.export import ExportOutcome, check_export, export_snapshot
 from freezeframe.engine.images import BootImage, boot_images
 from freezeframe.engine.snapshot import new_snapshot_id
 from freezeframe.engine.verify import parse_user_checks
@@ -74,8 +76,11 @@ from freezeframe.models import (
     TimelineEvent,
     VmConfig,
 )
+from freezeframe.service import _schedules
 from freezeframe.service._config import Config
-from freezeframe.service._jobs import SnapshotJob, VerifyJob
+from freezeframe.service._export import ExportJobs, ExportProgressFn, job_running
+from freezeframe.service._jobs import ExportJob, SnapshotJob, VerifyJob
+from freezeframe.service._restore import RestoreResult, restore_snapshot
 from freezeframe.service._results import (
     CreateSnapshot,
     LabDownResult,
@@ -92,6 +97,7 @@ from freezeframe.service._results import (
     VmSpec,
     expected_level,
 )
+from freezeframe.service._schedules import PruneReport, ScheduleSpec, ScheduleView
 
 __all__ = ["ProgressFn", "Service"]
 
@@ -123,6 +129,7 @@ class Service(AsyncClosing):
         self._jobs: dict[str, SnapshotJob] = {}
         #: Verify jobs by snapshot id: the running ones and the last KEEP_VERIFY_JOBS ended.
         self._verify_jobs: dict[str, VerifyJob] = {}
+        self._exports = ExportJobs()
 
     @classmethod
     async def open(cls, config: Config) -> Service:
@@ -376,6 +383,7 @@ class Service(AsyncClosing):
                 j.task for j in self._jobs.values() if j.task is not None
             ]
             tasks += [j.task for j in self._verify_jobs.values() if j.task and not j.done]
+            tasks += self._exports.tasks()
             if not tasks:
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -402,13 +410,12 @@ class Service(AsyncClosing):
         rec = await self.get_snapshot(snapshot_id)
         sid = rec.id
         running = self._verify_jobs.get(sid)
-        if sid in self._jobs or (running is not None and not running.done):
-            raise BusyError(
-                f"snapshot {sid} has a job running in this server",
-                hint="wait until it ends (follow its events), then ask again",
-                code="job-running",
-                remedy=Remedy(Action.SHOW_SNAPSHOT, rec.vm, {"id": sid}),
-            )
+        if (
+            sid in self._jobs
+            or (running is not None and not running.done)
+            or self._exports.running(sid)
+        ):
+            raise job_running(rec)
         job = VerifyJob(sid, rec.vm)
         self._verify_jobs.pop(sid, None)  # the newest job of a snapshot is the one kept
         self._verify_jobs[sid] = job
@@ -438,6 +445,69 @@ class Service(AsyncClosing):
     def verify_job(self, snapshot_id: str) -> VerifyJob | None:
         """The verify job of ``snapshot_id`` (full id): running, or one of the last ended."""
         return self._verify_jobs.get(snapshot_id)
+
+    async def export_snapshot(
+        self,
+        snapshot_id: str,
+        to: str,
+        *,
+        fmt: str = "qcow2",
+        compress: bool = False,
+        verify: bool = False,
+        progress: ExportProgressFn | None = None,
+    ) -> ExportOutcome:
+        """Export snapshot ``snapshot_id`` into directory ``to``: one standalone image per disk
+        and ``metadata.json``, the snapshot held meanwhile; see
+        :func:`freezeframe.engine.export.export_snapshot` (what it raises, codes)."""
+        return await export_snapshot(
+            await self.catalog(),
+            snapshot_id,
+            to,
+            fmt=fmt,
+            compress=compress,
+            verify=verify,
+            progress=progress,
+        )
+
+    async def start_export(
+        self,
+        snapshot_id: str,
+        to: str,
+        *,
+        fmt: str = "qcow2",
+        compress: bool = False,
+        verify: bool = False,
+    ) -> ExportJob:
+        """Start :meth:`export_snapshot` as a job of this service, detached from the caller,
+        once what it would refuse at once has been checked (bad format or path, a snapshot
+        not done, a target that exists: raised here). Raises as
+        :func:`~freezeframe.engine.export.check_export`, and BusyError (code ``job-running``:
+        a snapshot, verify or export job of this snapshot runs in this service)."""
+        rec = await check_export(await self.catalog(), snapshot_id, to, fmt=fmt, compress=compress)
+        verifying = self._verify_jobs.get(rec.id)
+        if (
+            rec.id in self._jobs
+            or (verifying is not None and not verifying.done)
+            or self._exports.running(rec.id)
+        ):
+            raise job_running(rec)
+        what = f"to {to} as {fmt}" + (" (compressed)" if compress else "")
+        return self._exports.start(
+            rec,
+            what,
+            lambda progress: self.export_snapshot(
+                rec.id, to, fmt=fmt, compress=compress, verify=verify, progress=progress
+            ),
+        )
+
+    def export_job(self, snapshot_id: str) -> ExportJob | None:
+        """The export job of ``snapshot_id`` (full id): running, or one of the last ended."""
+        return self._exports.get(snapshot_id)
+
+    @property
+    def export_jobs(self) -> tuple[ExportJob, ...]:
+        """The running export jobs."""
+        return self._exports.active
 
     async def list_snapshots(
         self,
@@ -518,25 +588,87 @@ class Service(AsyncClosing):
         v = await verify_snapshot(await self.catalog(), snapshot_id, checks=checks, **kw)
         return VerifyOutcome(v)
 
-    async def delete_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+    async def delete_snapshot(
+        self,
+        snapshot_id: str,
+        *,
+        progress: Callable[[DeleteProgress], None] | None = None,
+        bandwidth: int = 0,
+    ) -> DeleteResult:
         """Delete snapshot ``snapshot_id`` (or the one its prefix names) under its VM's lock
-        (purpose ``delete``): every RBD snapshot it made, then its record (kept, with what is
-        left, when a removal fails). Returns the deleted record.
+        (purpose ``delete``): its qcow2 layers merged away (live while the VM runs, offline
+        when it is stopped), its RBD snapshots removed, then its record
+        (:mod:`freezeframe.engine.delete`); ``progress`` gets the bytes of each merge;
+        ``bandwidth`` caps each merge's copy in bytes per second (0: no limit; UsageError
+        ``bad-bandwidth`` when negative).
 
-        Raises NotFoundError, UsageError (code ``snapshot-running``; ``delete-needs-merge``: a
-        disk is a qcow2 layer, whose deletion needs a merge that is not built yet), BusyError
-        (code ``vm-busy``), StorageError (the record stays), DependencyError, CatalogError.
+        Raises NotFoundError, UsageError (codes ``snapshot-running``, ``layer-shared``,
+        ``image-written-by-vm``), BusyError (``vm-busy``; ``snapshot-in-use``: a verify or
+        export reads it), HypervisorError / ToolError (a merge failed: the record stays
+        ``deleting``, deleting again or recover finishes it), StorageError, DependencyError,
+        CatalogError.
         """
+        if bandwidth < 0:
+            raise UsageError(f"bandwidth must be >= 0, got {bandwidth}", code="bad-bandwidth")
         cat = await self.catalog()
         rec = await cat.get_snapshot(snapshot_id)
         owner = make_owner()
         await cat.acquire_vm_lock(rec.vm, owner, purpose="delete")
         try:
             rec = await cat.get_snapshot(rec.id)  # as it is now that nothing else runs
-            await delete_snapshot(cat, rec)
+            return await delete_snapshot(cat, rec, progress=progress, bandwidth=bandwidth)
         finally:
-            await cat.release_vm_lock(rec.vm, owner)
-        return rec
+            await shielded(cat.release_vm_lock(rec.vm, owner))
+
+    # ------------------------------------------------------------------ schedules
+
+    async def set_schedule(self, vm: str, spec: ScheduleSpec) -> ScheduleView:
+        """Create or replace ``vm``'s schedule (see :mod:`freezeframe.service._schedules`).
+        Raises UsageError (``invalid-interval``, ``invalid-keep-rule``), NotFoundError
+        (``vm-not-found``), CatalogError."""
+        return await _schedules.set_schedule(self, vm, spec)
+
+    async def get_schedule(self, vm: str) -> ScheduleView:
+        """``vm``'s schedule. Raises NotFoundError (``schedule-not-found``), CatalogError."""
+        return await _schedules.get_schedule(self, vm)
+
+    async def list_schedules(self) -> list[ScheduleView]:
+        """Every schedule, by VM name, with when each runs next. Raises CatalogError."""
+        return await _schedules.list_schedules(self)
+
+    async def remove_schedule(self, vm: str) -> None:
+        """Forget ``vm``'s schedule. Raises NotFoundError (``schedule-not-found``)."""
+        await _schedules.remove_schedule(self, vm)
+
+    async def prune(
+        self, vm: str | None = None, *, dry_run: bool = False, stop: asyncio.Event | None = None
+    ) -> PruneReport:
+        """Apply the keep rules of ``vm``'s schedule (every scheduled VM's when None): one
+        decision per snapshot with its reason code; pruned ones deleted with
+        :meth:`delete_snapshot` (a refusal keeps the snapshot, reported with its code), none
+        with ``dry_run``. Raises NotFoundError (``schedule-not-found``), CatalogError."""
+        return await _schedules.prune(self, vm, dry_run=dry_run, stop=stop)
+
+    async def restore_snapshot(
+        self,
+        snapshot_id: str,
+        *,
+        into: str | None = None,
+        yes: bool = False,
+        stop_timeout: float = 60.0,
+    ) -> RestoreResult:
+        """Restore a VM's disks to snapshot ``snapshot_id``: new overlays on the snapshot's
+        images (a lab VM or a libvirt domain restarted on them — a domain is destroyed after
+        ``stop_timeout`` s without a clean shutdown; ``into`` a new lab VM instead). See
+        :mod:`freezeframe.service._restore` for the rules and what it raises."""
+        if not 0 < stop_timeout <= 3600:
+            raise UsageError(
+                f"stop timeout must be in (0, 3600] seconds, got {stop_timeout:g}",
+                code="bad-stop-timeout",
+            )
+        return await restore_snapshot(
+            self, snapshot_id, into=into, yes=yes, stop_timeout=stop_timeout
+        )
 
     # ------------------------------------------------------------------ recover
 
@@ -768,6 +900,7 @@ class Service(AsyncClosing):
         for rec in records:
             with contextlib.suppress(NotFoundError):
                 await cat.delete_snapshot(rec.id)
+        await cat.forget_images(name, labdir)
         # A libvirt lab VM's agent is not a path in its directory but its domain's address.
         domain = (
             libvirt_agent_address(cfg.domain, cfg.connect_uri)

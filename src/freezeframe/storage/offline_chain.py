@@ -86,6 +86,7 @@ async def commit_into_backing(
     above: str | None = None,
     progress: ProgressFn | None = None,
     timeout: float | None = None,
+    rate: int = 0,
 ) -> str:
     """Write ``upper``'s data into its backing file and re-point ``above`` (the image whose
     backing file is ``upper``, if any) at that backing file. Returns the backing file
@@ -94,7 +95,8 @@ async def commit_into_backing(
 
     Raises UsageError (``upper`` has no backing file, ``above`` does not back onto
     ``upper``, formats other than qcow2 on top), NotFoundError, ToolError (``image-in-use``,
-    ``image-check-failed``, ``merge-failed``)."""
+    ``image-check-failed``, ``merge-failed``). ``rate``: the most bytes per second the commit
+    copies (``qemu-img commit -r``; 0: no limit)."""
     chain = await image_chain(upper, "qcow2")
     if len(chain) < 2 or not chain[0].backing:
         raise UsageError(f"{upper} has no backing file to commit into", code="not-a-layer")
@@ -114,6 +116,7 @@ async def commit_into_backing(
         "commit",
         "-p",
         "-d",
+        *(("-r", str(rate)) if rate > 0 else ()),
         "-f",
         "qcow2",
         upper,
