@@ -60,14 +60,7 @@ EXIT_CHANGED = 23
 def verdict_exit(v: Verification | None) -> int:
     """Exit code for a verification: 0 verified-consistent; 20 (EXIT_WEAKER) unchecked,
     needs-recovery or no verification; 21 check-failed; 22 corrupt; 23 changed-since-cut."""
-    if v is None:
-        return EXIT_WEAKER
-    return {
-        VerifyVerdict.CONSISTENT: 0,
-        VerifyVerdict.CHECK_FAILED: EXIT_CHECK_FAILED,
-        VerifyVerdict.CORRUPT: EXIT_CORRUPT,
-        VerifyVerdict.CHANGED: EXIT_CHANGED,
-    }.get(v.verdict, EXIT_WEAKER)
+    return EXIT_WEAKER if v is None else verdict_code(v.verdict.value)
 
 
 def _positive_seconds(value: float) -> float:
