@@ -11,6 +11,7 @@ import httpx
 
 from freezeframe.models import ConsistencyLevel, QuiescePolicy, SnapshotRecord, SnapshotStatus
 from freezeframe.service import Service
+from freezeframe.testing import FakeHost, FakeVm
 from tests.api.conftest import AUTH
 
 
@@ -56,3 +57,25 @@ async def test_delete_removes_a_record_without_parts_and_404s_after(
     again = await client.delete(f"/v1/snapshots/{rec.id}", headers=AUTH)
     assert again.status_code == 404
     assert again.json()["code"] == "snapshot-not-found"
+
+
+async def test_restore_refusals_are_409_and_change_nothing(
+    client: httpx.AsyncClient, svc: Service, host: FakeHost, web1: FakeVm
+) -> None:
+    rec = (await svc.create_snapshot("web1")).record
+    before = web1.chain("disk0")
+    url = f"/v1/snapshots/{rec.id}/restore"
+    r = await client.post(url, json={}, headers=AUTH)
+    assert (r.status_code, r.json()["code"]) == (409, "confirmation-required"), r.text
+    # a VM freezeframe cannot stop and start (here: the fake driver) must be stopped first
+    r = await client.post(url, json={"yes": True}, headers=AUTH)
+    assert (r.status_code, r.json()["code"]) == (409, "vm-running"), r.text
+    r = await client.post(url, json={"as": "web2"}, headers=AUTH)
+    assert (r.status_code, r.json()["code"]) == (409, "restore-as-unsupported"), r.text
+    r = await client.post(url, json={"yes": True, "stop_timeout": 0}, headers=AUTH)
+    assert (r.status_code, r.json()["code"]) == (400, "bad-stop-timeout"), r.text
+    r = await client.post(url, json={"yes": True, "bogus": 1}, headers=AUTH)
+    assert r.status_code == 422
+    assert web1.chain("disk0") == before
+    unknown = await client.post("/v1/snapshots/nope1234/restore", json={"yes": True}, headers=AUTH)
+    assert unknown.status_code == 404
