@@ -1,8 +1,9 @@
 """The snapshot lifecycle on real lab VMs (QEMU, qemu-ga, ext4/xfs): delete by live merge
 without losing a byte, restore, the chain's depth coming back.
 
-- Data safety: with the workload writing, three snapshots; what each one's images hold (the
-  workload's log read offline from the images at each cut) is recorded; the middle one, then
+- Data safety (a QEMU lab VM and a libvirt one): with the workload writing, three snapshots;
+  what each one's images hold (the workload's log read offline from the images at each cut) is
+  recorded; the middle one, then
   the oldest, then the newest are deleted through the real CLI while the VM keeps writing.
   After each delete the remaining snapshots' images hold exactly what they held, every image
   of the chain passes ``qemu-img check``, the guest keeps writing, and at the end (the VM
@@ -27,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from freezeframe.agent import GuestAgent
 from freezeframe.catalog import Catalog
+from freezeframe.hypervisor import open_agent
 from freezeframe.lab import LabVm
 from freezeframe.lab.workload import LOG_NAME, SEQ_PATH
 from freezeframe.models import QuiescePolicy, SnapshotRecord, SnapshotStatus, VerifyVerdict
@@ -100,8 +101,8 @@ def chain(image: str) -> list[str]:
 
 
 async def guest_sh(vm: LabVm, script: str) -> bytes:
-    assert vm.qga_path is not None
-    async with GuestAgent(str(vm.qga_path)) as ga:
+    assert vm.agent_address is not None  # a socket (QEMU), through libvirt (libvirt)
+    async with open_agent(vm.agent_address, timeout=30) as ga:
         res = await ga.exec("/bin/sh", ["-c", script], timeout=60)
     assert res.exitcode == 0, res
     return res.stdout
@@ -112,8 +113,8 @@ async def guest_seq(vm: LabVm) -> int:
 
 
 async def guest_log(vm: LabVm, disk: int) -> bytes:
-    assert vm.qga_path is not None
-    async with GuestAgent(str(vm.qga_path)) as ga:
+    assert vm.agent_address is not None
+    async with open_agent(vm.agent_address, timeout=30) as ga:
         return await ga.file_read(f"/mnt/disk{disk}/{LOG_NAME}", max_bytes=256 << 20)
 
 
@@ -129,10 +130,13 @@ async def snapshot(
     return out.record
 
 
+@pytest.mark.parametrize(
+    "driver", ["qmp", pytest.param("libvirt", marks=pytest.mark.libvirt)]
+)  # fmt: skip
 async def test_delete_middle_oldest_newest_while_the_vm_writes(
-    lab_vm: LabVmFactory, catalog: Catalog, lab_env: Path
+    lab_vm: LabVmFactory, catalog: Catalog, lab_env: Path, driver: str
 ) -> None:
-    vm = await lab_vm(disks=("ext4", "xfs"))
+    vm = await lab_vm(disks=("ext4", "xfs"), driver=driver)
     await catalog.add_vm(vm.vm_config(), replace=True)
     async with Service(Config.from_env()) as svc:
         recs = []
@@ -141,7 +145,8 @@ async def test_delete_middle_oldest_newest_while_the_vm_writes(
             recs.append(await snapshot(svc, vm.name))
     s1, s2, s3 = recs
     holds = {r.id: await held(r) for r in recs}
-    assert len({h["disk0"] for h in holds.values()}) == 3  # the workload wrote in between
+    first = s1.disks[0].device  # disk0 (QEMU), vda (libvirt)
+    assert len({h[first] for h in holds.values()}) == 3  # the workload wrote in between
 
     async def after_delete(gone: SnapshotRecord, kept: list[SnapshotRecord]) -> None:
         before = await guest_seq(vm)
@@ -165,7 +170,7 @@ async def test_delete_middle_oldest_newest_while_the_vm_writes(
     await after_delete(s1, [s3])
     await after_delete(s3, [])
     # the disks write to the original images again
-    assert {d.device: str(d.file) for d in vm.disks} == await active_images(catalog, vm.name)
+    assert {str(d.file) for d in vm.disks} == set((await active_images(catalog, vm.name)).values())
     seq = await guest_seq(vm)
     for i in range(2):
         log = await guest_log(vm, i)
@@ -176,7 +181,7 @@ async def test_delete_middle_oldest_newest_while_the_vm_writes(
     # and snapshots go on after the merges: the disks' images are what the catalog says
     async with Service(Config.from_env()) as svc:
         again = await snapshot(svc, vm.name)
-        assert [d.image for d in again.disks] == [str(d.file) for d in vm.disks]
+        assert {d.image for d in again.disks} == {str(d.file) for d in vm.disks}
         assert (await svc.verify_snapshot(again.id)).verification.verdict is (
             VerifyVerdict.CONSISTENT
         )
