@@ -38,6 +38,7 @@ import pytest
 from freezeframe.catalog import Catalog
 from freezeframe.engine import SnapshotRequest, Snapshotter, doctor, recover, verify_snapshot
 from freezeframe.engine.doctor import CheckStatus
+from freezeframe.engine.export import export_snapshot
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.errors import SnapshotFailedError, StorageError
 from freezeframe.hypervisor import HypervisorDriver
@@ -169,6 +170,22 @@ async def test_rbd_and_mixed_vm(
     assert len(seqs) == 3
     assert check_invariant(seqs), seqs
     assert await guest_state(catalog, vm.name) is FsFreezeState.THAWED
+    if driver == "qmp":  # export reads the RBD snapshots through QEMU's rbd driver
+        out = await export_snapshot(catalog, mixed.id, str(vmdir.parent / f"x-{mixed.id}"))
+        exported = []
+        for img in sorted(out.images, key=lambda i: i.device):
+            info = json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "--output=json", img.path],
+                    capture_output=True, text=True, check=True,
+                ).stdout
+            )  # fmt: skip
+            assert "backing-filename" not in info, info  # standalone
+            async with open_image(img.path, "qcow2") as view, mounted(view) as mnt:
+                exported.append(last_sequence((mnt / "ffwork.log").read_bytes()))
+        assert exported == seqs  # every disk as it was at the cut, RBD ones included
+        meta = json.loads(Path(out.metadata_path).read_text())
+        assert meta["level"] == "filesystem", meta
 
     # 3. No agent: required fails and leaves nothing in Ceph; preferred pauses the vCPUs.
     cfg = await catalog.get_vm(vm.name)

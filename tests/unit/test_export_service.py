@@ -221,10 +221,13 @@ async def test_a_failed_export_job_ends_with_its_error(svc: Service, tmp_path: P
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
-async def test_an_rbd_disk_is_refused_before_the_job(svc: Service, tmp_path: Path) -> None:
+async def test_a_disk_of_no_known_backend_is_refused_before_the_job(
+    svc: Service, tmp_path: Path
+) -> None:
+    # (RBD snapshots are exported through their backend: tests/integration/test_rbd_snapshots.py)
     rec = await recorded(svc, tmp_path)
-    rbd = dataclasses.replace(rec.disks[1], image="rbd:pool/img@ff-x", backend="rbd")
-    await (await svc.catalog()).finish_snapshot(dataclasses.replace(rec, disks=(rec.disks[0], rbd)))
+    odd = dataclasses.replace(rec.disks[1], image="nbd://host/export", backend="nbd")
+    await (await svc.catalog()).finish_snapshot(dataclasses.replace(rec, disks=(rec.disks[0], odd)))
     with pytest.raises(UsageError) as err:
         await svc.start_export(rec.id, str(tmp_path / "out"))
     assert err.value.code == "export-backend-unsupported"

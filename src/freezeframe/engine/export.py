@@ -26,7 +26,7 @@ from typing import Any
 
 from freezeframe import __version__
 from freezeframe.catalog import Catalog
-from freezeframe.engine.verify import changed_since_cut, verify_snapshot
+from freezeframe.engine.verify import changed_since_cut, readable_disks, verify_snapshot
 from freezeframe.errors import Action, AlreadyExistsError, Remedy, UsageError
 from freezeframe.models import SnapshotRecord, SnapshotStatus, Verification, VerifyVerdict
 from freezeframe.storage.export import (
@@ -126,11 +126,13 @@ def _check_record(rec: SnapshotRecord, to: str, fmt: str) -> None:
         )
     if not rec.disks:
         raise UsageError(f"snapshot {rec.id} has no disk images", code="snapshot-not-done")
-    remote = [d.device for d in rec.disks if not d.image.startswith("/")]
+    remote = [
+        d.device for d in rec.disks if not d.image.startswith("/") and d.backend != "rbd"
+    ]
     if remote:
         raise UsageError(
-            f"snapshot {rec.id}: disk(s) {', '.join(remote)} are no local image files (RBD "
-            "snapshots); exporting them is not supported yet",
+            f"snapshot {rec.id}: disk(s) {', '.join(remote)} are neither local image files nor "
+            "RBD snapshots; exporting them is not supported",
             code="export-backend-unsupported",
         )
     for name in [*_file_names(rec, fmt), METADATA_NAME]:
@@ -273,10 +275,15 @@ async def export_snapshot(
             )
         names = _file_names(rec, fmt)
         verification = _verification_doc(rec.verification, source)
+        # an RBD snapshot is read as its backend names it: json:{"driver": "rbd", ...,
+        # "snapshot": "ff-ID"} (read-only, raw), once the backend says it is there
+        readable = await readable_disks(catalog, rec)
         res = await export_snapshot_images(
             [
-                ExportDisk(d.device, d.image, d.format, name=name)
-                for d, name in zip(rec.disks, names, strict=True)
+                ExportDisk(
+                    d.device, d.image, "raw" if d.image.startswith("json:") else d.format, name
+                )
+                for d, name in zip(readable, names, strict=True)
             ],
             to,
             fmt=fmt,

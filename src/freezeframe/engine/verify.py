@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_CHECK_TIMEOUT",
     "changed_since_cut",
     "parse_user_checks",
+    "readable_disks",
     "verify_snapshot",
 ]
 
@@ -92,7 +93,7 @@ async def _verify_held(
     if rec.level.rank < ConsistencyLevel.FILESYSTEM.rank:
         unfrozen |= {d.device for d in rec.disks if d.device not in frozen}
     result = await verify_disks(
-        await _readable(catalog, rec),
+        await readable_disks(catalog, rec),
         user_checks=tuple(checks),
         expect=expect,
         user_check_timeout=check_timeout,
@@ -102,7 +103,7 @@ async def _verify_held(
     return result
 
 
-async def _readable(catalog: Catalog, rec: SnapshotRecord) -> tuple[SnapshotDisk, ...]:
+async def readable_disks(catalog: Catalog, rec: SnapshotRecord) -> tuple[SnapshotDisk, ...]:
     """``rec``'s disks with each image named as its backend reads it at the cut (an RBD
     snapshot: ``json:{"driver": "rbd", ..., "snapshot": "ff-ID"}``, read-only), once each
     backend has said what it made is there (bounded). Raises NotFoundError (the VM is gone:

@@ -193,6 +193,18 @@ def _output_name(disk: ExportDisk, prefix: str, fmt: str) -> str:
     return name
 
 
+def _source(d: ExportDisk) -> str:
+    """How qemu-img opens ``d``: its file, or for a ``json:`` protocol source (an RBD
+    snapshot: ``{"driver": "rbd", ...}``) that source under the format driver (``raw``),
+    which qemu-img's ``-f`` alone does not put on top of a json: protocol node."""
+    if not d.image.startswith("json:"):
+        return d.image
+    inner = json.loads(d.image[len("json:") :])
+    if inner.get("driver") == d.format:
+        return d.image
+    return "json:" + json.dumps({"driver": d.format, "file": inner}, separators=(",", ":"))
+
+
 def _validate(
     disks: Sequence[ExportDisk], fmt: str, compress: bool, prefix: str, metadata_name: str | None
 ) -> list[str]:
@@ -219,10 +231,11 @@ def _validate(
                 f"disk {d.device}: cannot export a {d.format!r} image (qcow2 or raw files only)",
                 code="export-backend-unsupported",
             )
+        if d.image.startswith("json:") and d.format == "raw":
+            continue  # a block driver's own source (an RBD snapshot), read-only
         if not d.image.startswith("/"):
             raise UsageError(
-                f"disk {d.device}: {d.image} is not a local file (exporting it is not "
-                "supported yet)",
+                f"disk {d.device}: {d.image} is not a local file nor a json: source",
                 code="export-backend-unsupported",
             )
         if not os.path.isfile(d.image):
@@ -269,7 +282,7 @@ async def export_snapshot_images(
     # sizes first (also refuses an image in use before anything is written)
     sizes = []
     for d in disks:
-        chain = await image_chain(d.image, d.format)
+        chain = await image_chain(_source(d), d.format)
         sizes.append(chain[0].virtual_size)
     total = sum(sizes)
     token = secrets.token_hex(4)
@@ -296,7 +309,7 @@ async def export_snapshot_images(
 
             await run_qemu_img(
                 *args,
-                d.image,
+                _source(d),
                 tmp,
                 on_percent=on_percent,
                 timeout=timeout,
