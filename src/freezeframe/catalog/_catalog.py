@@ -1534,6 +1534,13 @@ class Catalog(AsyncClosing):
             lambda: self._write(_images.merge_done, merge_id, fingerprint=fingerprint, mode=mode)
         )
 
+    async def refingerprint(
+        self, vm: str, location: str, fingerprint: ImageFingerprint | None, mode: int | None
+    ) -> None:
+        """Image ``location`` of ``vm`` was rewritten in place by a merge below it: the disks
+        of the snapshot it holds get ``fingerprint`` and ``mode``. Raises CatalogError."""
+        await self._run(lambda: self._write(_images.refingerprint, vm, location, fingerprint, mode))
+
     async def close_merge(self, merge_id: int) -> None:
         """Merge ``merge_id`` is over. Raises CatalogError."""
         await self._run(self._write, _images.close_merge, merge_id)

@@ -59,6 +59,7 @@ __all__ = [
     "merge_intent",
     "open_merge",
     "open_merges",
+    "refingerprint",
     "release_hold",
     "set_active_image",
     "take_hold",
@@ -364,6 +365,27 @@ def merge_done(
                 )
             )
     merge.state = MERGE_MERGED
+
+
+def refingerprint(
+    s: Session, vm: str, location: str, fingerprint: ImageFingerprint | None, mode: int | None
+) -> None:
+    """The image ``location`` of ``vm`` was rewritten in place (its backing pointer moved by
+    a merge below it): the disks of the snapshot it holds get ``fingerprint`` and ``mode``."""
+    row = _find(s, vm, location)
+    if row is None:
+        return
+    row.mode = mode
+    s.execute(
+        sa.update(SnapshotDiskRow)
+        .where(SnapshotDiskRow.image_id == row.id)
+        .values(
+            fp_size=fingerprint.size if fingerprint else None,
+            fp_mtime_ns=fingerprint.mtime_ns if fingerprint else None,
+            fp_inode=fingerprint.inode if fingerprint else None,
+            image_mode=mode,
+        )
+    )
 
 
 def close_merge(s: Session, merge_id: int) -> None:

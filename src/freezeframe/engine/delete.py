@@ -247,17 +247,23 @@ async def _merge_one(
     merge: MergeIntent,
     *,
     driver: HypervisorDriver | None,
-    above_above: str | None,
+    above: ChainImage | None,
     holds_snapshot: bool,
     progress: ProgressFn | None,
     bandwidth: int = 0,
 ) -> LayerMerged:
     """Run (or re-run) ``merge`` — live through ``driver`` when given, else offline — and
-    record it: data moved, the chain model updated, ``top`` removed. Raises FreezeframeError
-    (the merge stays open: deleting again or recover re-runs it)."""
+    record it: data moved, the chain model updated, ``top`` removed. ``above`` is the layer
+    whose backing file is ``top``: its header is rewritten to point at ``base`` (QEMU does it
+    live, an unsafe rebase offline), so when it holds a snapshot it gets its write bits for
+    that and is protected and fingerprinted again afterwards. Raises FreezeframeError (the
+    merge stays open: deleting again or recover re-runs it)."""
     start = time.monotonic()
     moved = 0
-    active = not holds_snapshot and above_above is None
+    active = not holds_snapshot and above is None
+    above_held = above is not None and above.snapshot_id is not None
+    if above is not None and above_held:
+        await _give_write_back(above)
     if driver is not None:
 
         def live_cb(p: MergeProgress) -> None:
@@ -273,15 +279,19 @@ async def _merge_one(
             if progress is not None:
                 progress(DeleteProgress(merge.device, "offline", p.done, p.total))
 
-        if await _offline_done(merge, above_above):
+        above_file = above.location if above is not None else None
+        if await _offline_done(merge, above_file):
             log.info("merge of %s into %s was already done", merge.top, merge.base)
         else:
             moved = await asyncio.to_thread(_allocated, merge.top)
             await commit_into_backing(
-                merge.top, above=above_above, progress=offline_cb, rate=bandwidth
+                merge.top, above=above_file, progress=offline_cb, rate=bandwidth
             )
     mode, fp = await _settle_base(merge.base, holds_snapshot)
     await catalog.merge_done(merge.id, fingerprint=fp, mode=mode)
+    if above is not None and above_held:
+        above_mode, above_fp = await _settle_base(above.location, True)
+        await catalog.refingerprint(merge.vm, above.location, above_fp, above_mode)
     await _remove_file(merge.top)
     await catalog.close_merge(merge.id)
     return LayerMerged(
@@ -421,7 +431,7 @@ async def _delete_layer(
         catalog,
         merge,
         driver=driver if live else None,
-        above_above=None if live or p.above_above is None else p.above_above.location,
+        above=p.above_above,
         holds_snapshot=p.above.snapshot_id is not None,
         progress=progress,
         bandwidth=bandwidth,
