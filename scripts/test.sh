@@ -10,7 +10,12 @@ ruff check .
 ruff format --check .
 mypy
 set +e
-python -m pytest "$@"
+# Two workers (pytest-xdist): the suite mostly waits on TCG guests, Ceph and subprocesses, so
+# two at once nearly halve its wall time on 2 cores. Session daemons are shared by the workers
+# and tests that share a costly fixture stay on one worker (tests/shared_daemons.py; that needs
+# --dist loadgroup). FF_TEST_WORKERS=0 runs it in one process; arguments given here come last
+# (`-n 0` works too).
+python -m pytest -n "${FF_TEST_WORKERS:-2}" --dist loadgroup "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

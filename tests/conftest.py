@@ -4,7 +4,8 @@
   (:class:`freezeframe.testing.postgres.PostgresServer`: initdb in a temporary directory, run as
   an unprivileged account, unix socket only, stopped by its PID at the end). Started on first
   use only; when PostgreSQL or psycopg is not installed, the tests that need it are skipped with
-  the Debian package to install.
+  the Debian package to install. Under pytest-xdist it is one server for the whole run, shared
+  by the workers (tests/shared_daemons.py), which also groups tests onto workers.
 - ``catalog_db``: a fresh, empty database of this test's own, as a :class:`CatalogDb` (URL plus
   raw-SQL helpers), parametrized over the backends: ids ``sqlite`` (a file in ``tmp_path``, not
   created yet) and ``postgresql`` (a database of the session's server, made by ``CREATE
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,26 @@ import pytest
 import sqlalchemy as sa
 
 from freezeframe.testing.postgres import PostgresError, PostgresServer, available
+from tests import shared_daemons
 
 #: The ids of the ``catalog_db`` parameters.
 BACKENDS = ("sqlite", "postgresql")
 _databases = itertools.count()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.has_plugin("xdist"):
+        shared_daemons.group_items(config, items)
+
+
+@pytest.hookimpl(trylast=True)  # after xdist has shut its workers down
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if shared_daemons.is_controller(session.config):
+        factory: pytest.TempPathFactory = getattr(session.config, "_tmp_path_factory")  # noqa: B009
+        left = shared_daemons.stop_recorded(factory.getbasetemp())
+        if left:
+            warnings.warn(f"shared test daemons not stopped: {left}", stacklevel=1)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -45,11 +63,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL server (see the module's docstring)."""
+def postgres(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (see the module's docstring). Under xdist one server
+    for the whole run, started by the first worker that needs it and stopped by the
+    controller (tests/shared_daemons.py)."""
     why = available()
     if why is not None:
         pytest.skip(why)
+    if shared_daemons.worker_id(request.config) is not None:
+        run = shared_daemons.run_dir(tmp_path_factory)
+        doc = shared_daemons.start_once(run, "postgres", shared_daemons.start_postgres)
+        yield shared_daemons.attach_postgres(doc)
+        return
     server = PostgresServer.start()
     try:
         yield server

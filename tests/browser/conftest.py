@@ -1,6 +1,8 @@
 """Fixtures of the browser test: a private FREEZEFRAME_HOME, one lab VM, one ``freezeframe
 serve`` process, and Debian's Chromium driven by Playwright (never ``playwright install``: no
-browser download). Skipped when Chromium or Playwright is not installed, or QEMU is not."""
+browser download). Skipped when Chromium or Playwright is not installed, or QEMU is not.
+The home, the VM and the server live for the module, not the session: an idle TCG guest
+costs ~10 % of a core for as long as it runs."""
 
 from __future__ import annotations
 
@@ -46,13 +48,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=why))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_home() -> Iterator[Path]:
     with private_home("ffbrowser-", REPO / ".state/cache") as home:
         yield home
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab(browser_home: Path) -> Iterator[str]:
     name = f"web{os.getpid() % 100000}"
     try:
@@ -62,7 +64,7 @@ def lab(browser_home: Path) -> Iterator[str]:
         lab_down(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(lab: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     srv = ServeProcess(tmp_path_factory.mktemp("serve") / "serve.log")
     try:

@@ -39,12 +39,12 @@ from freezeframe.catalog import Catalog
 from freezeframe.errors import UsageError
 from freezeframe.lab import LabVm, lab_down, lab_up
 from freezeframe.lab._model import domain_name
+from tests import shared_daemons
 from tests.integration.ceph_helpers import CephHandle, ceph_lab_session
 from tests.integration.libvirt_helpers import destroy_domain, private_home
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = Path("/usr/bin/qemu-system-x86_64")
-LIBVIRTD_SCRIPT = REPO / "scripts" / "libvirtd.sh"
 LIBVIRT_PACKAGES = (
     "libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu python3-libvirt"
 )
@@ -78,8 +78,16 @@ async def catalog(lab_env: Path) -> AsyncIterator[Catalog]:
 
 
 @pytest.fixture(scope="session")
-def ceph_lab(lab_env: Path) -> Iterator[CephHandle]:
-    """The lab Ceph of the session (see tests/integration/ceph_helpers.py)."""
+def ceph_lab(lab_env: Path, request: pytest.FixtureRequest) -> Iterator[CephHandle]:
+    """The lab Ceph of the session (see tests/integration/ceph_helpers.py). Under xdist its
+    tests are one group (tests/shared_daemons.py): a second worker asking for it fails."""
+    worker = shared_daemons.worker_id(request.config)
+    if worker is not None:
+        factory = request.getfixturevalue("tmp_path_factory")
+        owner = shared_daemons.claim(shared_daemons.run_dir(factory), "ceph", worker)
+        if owner is not None:
+            pytest.fail(f"the lab Ceph runs on worker {owner} already: its tests must share "
+                        "one worker (run with --dist loadgroup)", pytrace=False)  # fmt: skip
     yield from ceph_lab_session()
 
 
@@ -145,38 +153,39 @@ async def lab_vm(lab_env: Path, request: pytest.FixtureRequest) -> AsyncIterator
             destroy_domain(domain)
 
 
-def _libvirtd_script(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(LIBVIRTD_SCRIPT), command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="session")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``qemu:///system`` answering for the whole session (see the module's docstring)."""
+def libvirtd(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``qemu:///system`` answering for the whole session (see the module's docstring).
+    Under xdist the first worker that needs it runs ``scripts/libvirtd.sh start`` for the run
+    and the controller stops what that started (tests/shared_daemons.py)."""
     missing = [p for p in ("libvirtd", "virtlogd", "virsh") if shutil.which(p) is None]
     if missing or importlib.util.find_spec("libvirt") is None:
         pytest.skip(f"libvirt is not installed here (apt-get install -y {LIBVIRT_PACKAGES})")
     if os.geteuid() != 0:
         pytest.skip("libvirt tests run as root (qemu:///system)")
-    env = {
-        **os.environ,
-        "FF_LIBVIRTD_STATE": str(tmp_path_factory.mktemp("libvirtd") / "started.pids"),
-    }
-    started = _libvirtd_script("start", env)
-    if started.returncode != 0:
-        pytest.fail(f"scripts/libvirtd.sh start failed:\n{started.stderr}", pytrace=False)
+    if shared_daemons.worker_id(request.config) is not None:
+        run = shared_daemons.run_dir(tmp_path_factory)
+        shared_daemons.start_once(run, "libvirtd", lambda: _start_libvirtd(run / "libvirtd.pids"))
+        yield "qemu:///system"
+        return
+    state = _start_libvirtd(tmp_path_factory.mktemp("libvirtd") / "started.pids")["state"]
     try:
         yield "qemu:///system"
     finally:
-        stopped = _libvirtd_script("stop", env)
+        stopped = shared_daemons.libvirtd_script("stop", Path(state))
         if stopped.returncode != 0:
             warnings.warn(f"scripts/libvirtd.sh stop failed: {stopped.stderr}", stacklevel=1)
+
+
+def _start_libvirtd(state: Path) -> dict[str, str]:
+    """``scripts/libvirtd.sh start`` recording what it started in ``state``; fails the test
+    if it fails."""
+    started = shared_daemons.libvirtd_script("start", state)
+    if started.returncode != 0:
+        pytest.fail(f"scripts/libvirtd.sh start failed:\n{started.stderr}", pytrace=False)
+    return {"state": str(state)}
 
 
 async def kill_create_while_frozen(catalog: Catalog, vm: str, *extra: str) -> None:

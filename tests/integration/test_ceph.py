@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,6 +168,46 @@ async def test_error_codes_of_real_failures(ceph_lab: CephHandle, client: RbdCli
         await client.remove_image(ref)
     assert has_snaps.value.code == "rbd-busy"
     await client.remove_image(ref, with_snaps=True)
+
+
+#: A client that opens ``pool/image`` (a watch on its header), says so, and waits to be killed.
+_HOLDER = """
+import sys, time, rados, rbd
+cluster = rados.Rados(conffile=sys.argv[1])
+cluster.connect(timeout=20)
+ioctx = cluster.open_ioctx(sys.argv[2])
+image = rbd.Image(ioctx, sys.argv[3])
+print("open", flush=True)
+time.sleep(300)
+"""
+
+
+async def test_a_killed_clients_watch_is_evicted_at_once(
+    ceph_lab: CephHandle, client: RbdClient
+) -> None:
+    """``lab down --purge`` after a killed QEMU: the dead client's watch would keep the image
+    for Ceph's watch timeout (30 s); ``evict_watchers`` blocklists it, the removal goes at once."""
+    (ref,) = await new_images(client, ceph_lab.pool, 1)
+    assert await client.evict_watchers(ref) == ()  # nobody else watches it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(ceph_lab.conf), ref.pool, ref.image],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "open"
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(StorageError) as busy:  # the dead client still watches it
+        await client.remove_image(ref)
+    assert busy.value.code == "rbd-busy", busy.value
+    evicted = await client.evict_watchers(ref)
+    assert len(evicted) == 1, evicted
+    start = time.monotonic()
+    await client.remove_image(ref)
+    assert time.monotonic() - start < 10
+    assert not await client.image_exists(ref)
 
 
 async def test_unreachable_cluster_fails_fast_without_the_key(
