@@ -316,9 +316,7 @@ async def test_a_refused_delete_is_reported_and_the_prune_goes_on(
         ids[3]: (True, "keep-last", False, None),
     }
     assert report.code == "delete-refused"
-    assert report.summary() == (
-        "deleted 1, kept 3, refused 2 (layer-shared, snapshot-in-use)"
-    )
+    assert report.summary() == ("deleted 1, kept 3, refused 2 (layer-shared, snapshot-in-use)")
     doc = to_document(report)
     assert doc["code"] == "delete-refused"
     assert doc["items"][1]["refused"] == "snapshot-in-use"

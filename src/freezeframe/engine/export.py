@@ -126,9 +126,7 @@ def _check_record(rec: SnapshotRecord, to: str, fmt: str) -> None:
         )
     if not rec.disks:
         raise UsageError(f"snapshot {rec.id} has no disk images", code="snapshot-not-done")
-    remote = [
-        d.device for d in rec.disks if not d.image.startswith("/") and d.backend != "rbd"
-    ]
+    remote = [d.device for d in rec.disks if not d.image.startswith("/") and d.backend != "rbd"]
     if remote:
         raise UsageError(
             f"snapshot {rec.id}: disk(s) {', '.join(remote)} are neither local image files nor "
