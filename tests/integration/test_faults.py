@@ -89,11 +89,11 @@ async def test_the_catalog_filesystem_fills_between_cut_and_record(
 
         async def fill(_vm: str, _driver: HypervisorDriver) -> None:
             # After the thaw, before the finished record is written: the filesystem fills.
-            with filler.open("wb") as f:
+            # unbuffered: nothing is left in a buffer for close() to fail on once it is full
+            with filler.open("wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass  # full
 

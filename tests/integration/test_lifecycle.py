@@ -243,6 +243,9 @@ async def test_fifty_snapshots_back_to_four_layers(
 ) -> None:
     vm = await lab_vm(disks=("ext4",))
     await catalog.add_vm(vm.vm_config(), replace=True)
+    # crash-consistent cuts: the workload's log must be on disk (not only in the guest's page
+    # cache and journal) before the first one, or an early cut holds no log file at all
+    await guest_sh(vm, "sync")
     async with Service(Config.from_env()) as svc:
         recs = [await snapshot(svc, vm.name, QuiescePolicy.OFF) for _ in range(50)]
         (top,) = (await active_images(catalog, vm.name)).values()
