@@ -103,18 +103,12 @@ class ScheduleSpec:
 
     def rules(self) -> KeepRules:
         """The keep rules. Raises UsageError (``invalid-keep-rule``)."""
-        return KeepRules(
-            last=self.keep_last,
-            hourly=self.keep_hourly,
-            daily=self.keep_daily,
-            weekly=self.keep_weekly,
-            monthly=self.keep_monthly,
-            yearly=self.keep_yearly,
-        )
+        return rules_of(self)
 
 
-def rules_of(rec: ScheduleRecord) -> KeepRules:
-    """The keep rules of a stored schedule. Raises UsageError (``invalid-keep-rule``)."""
+def rules_of(rec: ScheduleRecord | ScheduleSpec) -> KeepRules:
+    """The keep rules of a schedule, asked or stored. Raises UsageError
+    (``invalid-keep-rule``)."""
     return KeepRules(
         last=rec.keep_last,
         hourly=rec.keep_hourly,
