@@ -295,7 +295,8 @@ async def boot_images(catalog: Catalog, vm: str) -> list[BootImage]:
             BootImage(
                 device=device,
                 boot_from=boot_from,
-                snapshot_id=newest[1] if newest else None,
+                # the snapshot whose cut made boot_from, when it did (not a restore's overlay)
+                snapshot_id=newest[1] if newest and newest[0] == boot_from else None,
                 running_on=running,
                 on_it=on_it,
                 checked=checked if live is None or device in live else "not listed by the VM",
