@@ -4,10 +4,12 @@ addresses, the <domainsnapshot> it sends. No libvirtd needed (python3-libvirt mu
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import pytest
 
 libvirt_mod = pytest.importorskip("freezeframe.hypervisor.libvirt")
+libvirt: Any = pytest.importorskip("libvirt")
 
 from freezeframe.errors import UsageError  # noqa: E402
 from freezeframe.hypervisor import driver_for_address, open_agent  # noqa: E402
@@ -185,3 +187,47 @@ def test_libvirt_driver_errors_become_hypervisor_errors() -> None:
     assert type(gone) is HypervisorUnavailableError
     other = libvirt_mod._hypervisor_error(_lv_error(libvirt.VIR_ERR_INTERNAL_ERROR, "boom"), "x")
     assert type(other) is HypervisorError
+
+
+def _gone() -> Exception:
+    """libvirt's error for a domain that does not exist (any more)."""
+    exc: Exception = libvirt.libvirtError("Domain not found")
+    exc.get_error_code = lambda: libvirt.VIR_ERR_NO_DOMAIN  # type: ignore[attr-defined]
+    return exc
+
+
+class _Dom:
+    def __init__(self, name: str, gone: bool = False) -> None:
+        self._name, self._gone = name, gone
+
+    def name(self) -> str:
+        if self._gone:
+            raise _gone()
+        return self._name
+
+    def UUIDString(self) -> str:
+        return "00000000-0000-0000-0000-00000000000" + str(len(self._name))
+
+    def isActive(self) -> int:
+        return 1
+
+    def XMLDesc(self, _flags: int) -> str:
+        return f"<domain><name>{self._name}</name><devices/></domain>"
+
+
+class _Conn:
+    def listAllDomains(self, _flags: int) -> list[_Dom]:
+        return [_Dom("a"), _Dom("vanished", gone=True), _Dom("bb")]
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_domain_that_vanishes_while_listed_is_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a busy host a transient domain can stop between listAllDomains and its reading."""
+    from freezeframe.hypervisor import libvirt as lv
+
+    monkeypatch.setattr(lv, "_open", lambda _uri: _Conn())
+    assert [d.name for d in await lv.list_domains("qemu:///test")] == ["a", "bb"]

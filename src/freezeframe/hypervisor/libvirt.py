@@ -509,7 +509,8 @@ class DomainSummary:
 
 
 async def list_domains(uri: str = DEFAULT_URI, ref: str | None = None) -> list[DomainSummary]:
-    """Every domain of ``uri`` (running or not), or only ``ref`` (UUID, name or id). Raises
+    """Every domain of ``uri`` (running or not; one that vanishes while being read is left
+    out), or only ``ref`` (UUID, name or id). Raises
     HypervisorUnavailableError (libvirtd unreachable, no such domain), UsageError (bad
     policy metadata)."""
 
@@ -517,7 +518,16 @@ async def list_domains(uri: str = DEFAULT_URI, ref: str | None = None) -> list[D
         conn = _open(uri)
         try:
             doms = [_lookup(conn, ref)] if ref is not None else conn.listAllDomains(0)
-            return [(d.name(), d.UUIDString(), bool(d.isActive()), d.XMLDesc(0)) for d in doms]
+            rows = []
+            for d in doms:
+                try:
+                    rows.append((d.name(), d.UUIDString(), bool(d.isActive()), d.XMLDesc(0)))
+                except libvirt.libvirtError as exc:
+                    # a transient domain that stopped between the list and its reading (on a
+                    # busy host instances come and go): not there any more, not an error
+                    if ref is not None or _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return rows
         finally:
             conn.close()
 
