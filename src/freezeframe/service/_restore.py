@@ -18,7 +18,6 @@ overlays and updates the chain model):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,8 +36,6 @@ from freezeframe.engine.restore import (
 from freezeframe.engine.snapshot import open_driver
 from freezeframe.errors import (
     AlreadyExistsError,
-    FreezeframeError,
-    HypervisorUnavailableError,
     NotFoundError,
     UsageError,
 )
@@ -64,29 +61,6 @@ class RestoreResult:
     into: str
     state: str
     disks: tuple[RestoredDisk, ...]
-
-
-async def _running(svc: Service, vm: str) -> bool:
-    """Whether ``vm``'s hypervisor answers (its driver connects)."""
-    cfg = await (await svc.catalog()).get_vm(vm)
-    driver = open_driver(cfg)
-    try:
-        async with asyncio.timeout(15):
-            await driver.connect()
-    except HypervisorUnavailableError:
-        return False
-    except TimeoutError:
-        return True  # a QEMU that holds its socket but does not answer still runs
-    with contextlib.suppress(FreezeframeError):
-        await driver.close()
-    return True
-
-
-async def _restartable(svc: Service, vm: str) -> bool:
-    """Whether freezeframe can stop and start ``vm`` itself: a persistent libvirt domain
-    (its driver has :meth:`restart_on`; a transient one is refused by it)."""
-    cfg = await (await svc.catalog()).get_vm(vm)
-    return cfg.driver == "libvirt"
 
 
 async def restore_snapshot(
@@ -119,19 +93,20 @@ async def restore_snapshot(
     await cat.acquire_vm_lock(rec.vm, owner, purpose="restore")
     try:
         async with cat.hold_snapshot(rec.id, "restore"):
-            restartable = not cfg.lab and await _restartable(svc, rec.vm)
+            # a persistent libvirt domain freezeframe stops and starts itself (restart_on)
+            restartable = not cfg.lab and cfg.driver == "libvirt"
             if cfg.lab:
-                await svc._refuse_if_maybe_frozen(rec.vm, force=False, warnings=[])
+                await svc.refuse_if_maybe_frozen(rec.vm, force=False, warnings=[])
                 with paths.using_state_dir(svc.config.state_dir):
                     await _lab.lab_down(rec.vm)
-            elif not restartable and await _running(svc, rec.vm):
+            elif not restartable and not await open_driver(cfg).is_gone():
                 raise UsageError(
                     f"VM {rec.vm} is running: freezeframe cannot stop and start it",
                     hint="shut it down, restore, then start it on the images this names",
                     code="vm-running",
                 )
             elif restartable:
-                await svc._refuse_if_maybe_frozen(rec.vm, force=False, warnings=[])
+                await svc.refuse_if_maybe_frozen(rec.vm, force=False, warnings=[])
             before = await cat.chain_images(rec.vm)
             made = await make_restore_overlays(cat, rec, rows)
             state = "boot-from"

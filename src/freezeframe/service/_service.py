@@ -770,7 +770,7 @@ class Service(AsyncClosing):
             warnings.append(f"{exc.message}; stopping {name} anyway (forced)")
             log.warning("%s", warnings[-1])
         try:
-            await self._refuse_if_maybe_frozen(name, force=force, warnings=warnings)
+            await self.refuse_if_maybe_frozen(name, force=force, warnings=warnings)
             try:
                 with paths.using_state_dir(self.config.state_dir):
                     await _lab.lab_down(name, purge=purge, force=force, save=save)
@@ -844,7 +844,7 @@ class Service(AsyncClosing):
                 exc.hint = _LAB_UP_HINT
                 exc.remedy = Remedy(Action.LAB_UP, vm)
 
-    async def _refuse_if_maybe_frozen(self, name: str, *, force: bool, warnings: list[str]) -> None:
+    async def refuse_if_maybe_frozen(self, name: str, *, force: bool, warnings: list[str]) -> None:
         """Raise RecoverError (code ``intent-open``) if the lab VM ``name`` runs and the
         catalog holds an open freeze intent of it (a snapshot died while its guest was frozen:
         stopping it now would skip the flush and leave the intent open); with ``force`` only
